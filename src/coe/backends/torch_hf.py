@@ -1,0 +1,374 @@
+"""torch backend for safetensors checkpoints of Llama / Qwen2 / Mistral shaped decoders.
+
+The model is a compact re-implementation with Hugging Face parameter names, so real HF
+checkpoints and coe's synthetic experts load the same way: built on the ``meta`` device and
+filled with ``load_state_dict(assign=True)``, which keeps allocation (``read``) and the copy to
+the device (``materialize``) separate and measurable.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.config import ExpertConfig
+from coe.errors import LoadError, MissingExtra
+from coe.models.info import describe
+from coe.models.safetensors_info import checkpoint_files
+from coe.types import SamplingParams
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
+BYTE_VOCAB_SIZE = 258  # 256 bytes + BOS + EOS, for checkpoints without a tokenizer.json
+DEFAULT_CONTEXT = 4096
+
+
+def _torch():
+    try:
+        import torch
+    except ImportError:
+        raise MissingExtra("torch", "torch") from None
+    return torch
+
+
+# ---- model -------------------------------------------------------------------------------------
+
+def build_model(cfg: dict):
+    """A decoder-only transformer module (created on whatever device is current)."""
+    torch = _torch()
+    nn, F = torch.nn, torch.nn.functional
+
+    hidden, num_heads = cfg["hidden_size"], cfg["num_attention_heads"]
+    num_kv_heads = cfg.get("num_key_value_heads") or num_heads
+    head_dim = cfg.get("head_dim") or hidden // num_heads
+    eps = cfg.get("rms_norm_eps", 1e-6)
+    qkv_bias = cfg.get("attention_bias", cfg.get("model_type") == "qwen2")
+
+    class RMSNorm(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.ones(hidden))
+
+        def forward(self, x):
+            variance = x.float().pow(2).mean(-1, keepdim=True)
+            return (x.float() * torch.rsqrt(variance + eps)).to(x.dtype) * self.weight
+
+    class Attention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj = nn.Linear(hidden, num_heads * head_dim, bias=qkv_bias)
+            self.k_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
+            self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
+            self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
+
+        def forward(self, x, cos, sin, cache_k, cache_v, start: int):
+            num_tokens = x.shape[0]  # x: [T, H]
+            q = self.q_proj(x).view(num_tokens, num_heads, head_dim).transpose(0, 1)  # [h, T, d]
+            k = self.k_proj(x).view(num_tokens, num_kv_heads, head_dim).transpose(0, 1)
+            v = self.v_proj(x).view(num_tokens, num_kv_heads, head_dim).transpose(0, 1)
+            q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+            cache_k[:, start:start + num_tokens] = k
+            cache_v[:, start:start + num_tokens] = v
+            keys, values = cache_k[:, :start + num_tokens], cache_v[:, :start + num_tokens]
+            out = F.scaled_dot_product_attention(
+                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
+                is_causal=num_tokens > 1 and start == 0, enable_gqa=num_kv_heads != num_heads)
+            return self.o_proj(out.squeeze(0).transpose(0, 1).reshape(num_tokens, num_heads * head_dim))
+
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            inner = cfg["intermediate_size"]
+            self.gate_proj = nn.Linear(hidden, inner, bias=False)
+            self.up_proj = nn.Linear(hidden, inner, bias=False)
+            self.down_proj = nn.Linear(inner, hidden, bias=False)
+
+        def forward(self, x):
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    class Layer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn, self.mlp = Attention(), MLP()
+            self.input_layernorm, self.post_attention_layernorm = RMSNorm(), RMSNorm()
+
+        def forward(self, x, cos, sin, cache_k, cache_v, start):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
+            return x + self.mlp(self.post_attention_layernorm(x))
+
+    class Body(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens = nn.Embedding(cfg["vocab_size"], hidden)
+            self.layers = nn.ModuleList(Layer() for _ in range(cfg["num_hidden_layers"]))
+            self.norm = RMSNorm()
+
+    class CausalLM(nn.Module):
+        num_layers, kv_heads, dim = cfg["num_hidden_layers"], num_kv_heads, head_dim
+        rope_theta = float(cfg.get("rope_theta", 10000.0))
+
+        def __init__(self):
+            super().__init__()
+            self.model = Body()
+            self.lm_head = nn.Linear(hidden, cfg["vocab_size"], bias=False)
+
+        def forward(self, input_ids, cache, start: int):
+            """input_ids: [T] -> logits of the last position [V]; cache: per layer (k, v) [h_kv, L, d]."""
+            x = self.model.embed_tokens(input_ids)  # [T, H]
+            positions = torch.arange(start, start + input_ids.shape[0], device=input_ids.device)
+            cos, sin = _rope(positions, head_dim, self.rope_theta, x.dtype)
+            for layer, (cache_k, cache_v) in zip(self.model.layers, cache):
+                x = layer(x, cos, sin, cache_k, cache_v, start)
+            return self.lm_head(self.model.norm(x[-1]))
+
+    return CausalLM()
+
+
+def _rope(positions, head_dim: int, theta: float, dtype):
+    torch = _torch()
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
+    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [T, d]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def _rotate(x, cos, sin):
+    torch = _torch()
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+def read_model_config(path: Path) -> dict:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{path / 'config.json'}: cannot read model config ({exc})") from None
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise LoadError(f"{path}: model_type {model_type!r} is not supported by torch_hf "
+                        f"(supported: {', '.join(SUPPORTED_MODEL_TYPES)})")
+    if cfg.get("rope_scaling"):
+        raise LoadError(f"{path}: rope_scaling is not supported by torch_hf yet")
+    missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                           "num_attention_heads") if k not in cfg]
+    if missing:
+        raise LoadError(f"{path / 'config.json'}: missing {', '.join(missing)}")
+    return cfg
+
+
+# ---- tokenizers --------------------------------------------------------------------------------
+
+class ByteVocab(Vocab):
+    """Token i < 256 is byte i; 256 is BOS, 257 EOS. For synthetic checkpoints without a tokenizer."""
+
+    BOS, EOS = 256, 257
+
+    def __init__(self, chat_template: str | None = None):
+        self.chat_template = chat_template
+
+    def encode(self, text: str) -> list[int]:
+        return [self.BOS, *text.encode("utf-8")]
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return bytes([token_id]) if token_id < 256 else b""
+
+    def is_end(self, token_id: int) -> bool:
+        return token_id == self.EOS
+
+
+class HFTokenizerVocab(Vocab):
+    """A tokenizer.json (byte-level BPE or sentencepiece-style) via the `tokenizers` library."""
+
+    def __init__(self, path: Path, tokenizer_config: dict, generation_config: dict):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise MissingExtra("tokenizers", "torch") from None
+        self._tok = Tokenizer.from_file(str(path / "tokenizer.json"))
+        self.chat_template = tokenizer_config.get("chat_template")
+        self.bos_text = _token_text(tokenizer_config.get("bos_token"))
+        self.eos_text = _token_text(tokenizer_config.get("eos_token"))
+        self._add_bos = bool(tokenizer_config.get("add_bos_token", False)) and bool(self.bos_text)
+        self._end_ids = self._end_token_ids(generation_config)
+        self._bytes = _byte_table(self._tok)
+
+    def _end_token_ids(self, generation_config: dict) -> frozenset[int]:
+        ids = generation_config.get("eos_token_id", [])
+        ids = set(ids if isinstance(ids, list) else [ids])
+        for text in (self.eos_text, "<|im_end|>", "<|eot_id|>", "<|endoftext|>", "<end_of_turn>"):
+            token_id = self._tok.token_to_id(text) if text else None
+            if token_id is not None:
+                ids.add(token_id)
+        return frozenset(ids)
+
+    def encode(self, text: str) -> list[int]:
+        ids = self._tok.encode(text, add_special_tokens=False).ids
+        if self._add_bos and not text.startswith(self.bos_text):
+            ids = [self._tok.token_to_id(self.bos_text), *ids]
+        return ids
+
+    def token_bytes(self, token_id: int) -> bytes:
+        return self._bytes[token_id] if token_id < len(self._bytes) else b""
+
+    def is_end(self, token_id: int) -> bool:
+        return token_id in self._end_ids
+
+
+def _token_text(token) -> str:
+    if isinstance(token, dict):
+        return token.get("content", "")
+    return token or ""
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = list(printable), 0
+    for b in range(256):
+        if b not in printable:
+            printable.append(b)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars)}
+
+
+def _byte_table(tok) -> list[bytes]:
+    """Bytes of every token id, for byte-exact incremental decoding."""
+    size = tok.get_vocab_size(with_added_tokens=True)
+    decoder = _gpt2_byte_decoder()
+    byte_level = "ByteLevel" in tok.to_str()[:20000]
+    special = {t.content for t in tok.get_added_tokens_decoder().values() if t.special}
+    table = []
+    for token_id in range(size):
+        piece = tok.id_to_token(token_id) or ""
+        if piece in special:
+            table.append(b"")
+        elif byte_level and all(ch in decoder for ch in piece):
+            table.append(bytes(decoder[ch] for ch in piece))
+        elif piece.startswith("<0x") and piece.endswith(">") and len(piece) == 6:
+            table.append(bytes([int(piece[3:5], 16)]))
+        else:
+            table.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return table
+
+
+def load_vocab(path: Path, vocab_size: int) -> Vocab:
+    tokenizer_config = _optional_json(path / "tokenizer_config.json")
+    if (path / "tokenizer.json").exists():
+        return HFTokenizerVocab(path, tokenizer_config, _optional_json(path / "generation_config.json"))
+    if vocab_size < BYTE_VOCAB_SIZE:
+        raise LoadError(f"{path}: no tokenizer.json, and vocab_size {vocab_size} is too small for "
+                        f"the byte tokenizer ({BYTE_VOCAB_SIZE})")
+    return ByteVocab(tokenizer_config.get("chat_template"))
+
+
+def _optional_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text()) if path.exists() else {}
+    except (OSError, ValueError) as exc:
+        raise LoadError(f"{path}: unreadable JSON ({exc})") from None
+
+
+# ---- backend -----------------------------------------------------------------------------------
+
+class TorchRunner(Runner):
+    def __init__(self, expert: ExpertConfig, vocab: Vocab, model, cfg: dict, device, num_bytes: int,
+                 context_length: int):
+        super().__init__(expert, vocab, context_length, num_bytes)
+        self.model, self.cfg, self.device = model, cfg, device
+
+    def _new_cache(self, length: int):
+        torch = _torch()
+        dtype = next(self.model.parameters()).dtype
+        shape = (self.model.kv_heads, length, self.model.dim)
+        return [(torch.empty(shape, dtype=dtype, device=self.device),
+                 torch.empty(shape, dtype=dtype, device=self.device)) for _ in range(self.model.num_layers)]
+
+    def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
+        torch = _torch()
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        cache = self._new_cache(len(prompt_ids) + sampling.max_tokens)
+        ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
+        start = 0
+        with torch.inference_mode():
+            while True:
+                logits = self.model(ids, cache, start)  # [V]
+                start += ids.shape[0]
+                token_id = _pick(logits.float().cpu(), sampling, generator)
+                yield token_id
+                ids = torch.tensor([token_id], dtype=torch.long, device=self.device)
+
+    def close(self) -> None:
+        self.model = None
+
+
+def _pick(logits, sampling: SamplingParams, generator) -> int:
+    torch = _torch()
+    if sampling.temperature == 0.0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, descending=True)
+        keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < sampling.top_p
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+class TorchHFBackend(Backend):
+    """Expert params: dtype (float32 | bfloat16 | float16), device (cpu | cuda | cuda:N), n_ctx."""
+
+    name = "torch_hf"
+
+    def read(self, expert: ExpertConfig, path: Path) -> HostWeights:
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise MissingExtra("safetensors", "torch") from None
+        cfg = read_model_config(path)
+        dtype = _dtype(expert)
+        state = {}
+        for file in checkpoint_files(path):
+            for name, tensor in load_file(str(file), device="cpu").items():
+                state[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
+        if _device(expert).type == "cuda":
+            state = {name: tensor.pin_memory() for name, tensor in state.items()}
+        return HostWeights(expert=expert, info=describe(path), payload=(cfg, state))
+
+    def materialize(self, host: HostWeights) -> Runner:
+        torch = _torch()
+        cfg, state = host.payload
+        device = _device(host.expert)
+        with torch.device("meta"):
+            model = build_model(cfg)
+        state = {name: tensor.to(device, non_blocking=True) for name, tensor in state.items()}
+        if "lm_head.weight" not in state and cfg.get("tie_word_embeddings", True):
+            state["lm_head.weight"] = state.get("model.embed_tokens.weight")
+        try:
+            model.load_state_dict(state, assign=True, strict=True)
+        except (RuntimeError, TypeError) as exc:
+            raise LoadError(f"{host.info.path}: weights do not match config.json ({exc})") from None
+        model.eval()
+        path = Path(host.info.path)
+        context = min(int(host.expert.params.get("n_ctx", DEFAULT_CONTEXT)),
+                      int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT))
+        return TorchRunner(host.expert, load_vocab(path, cfg["vocab_size"]), model, cfg, device,
+                           host.num_bytes, context)
+
+
+def _dtype(expert: ExpertConfig):
+    torch = _torch()
+    name = expert.params.get("dtype", "float32")
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise LoadError(f"expert {expert.name}: params.dtype {name!r} is not a torch float dtype")
+    return dtype
+
+
+def _device(expert: ExpertConfig):
+    torch = _torch()
+    name = str(expert.params.get("device", "cpu"))
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LoadError(f"expert {expert.name}: params.device is {name!r} but CUDA is not available")
+    return torch.device(name)
+

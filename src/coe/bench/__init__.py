@@ -1,0 +1,45 @@
+"""Benchmarks: each is a `coe bench ...` command that prints a table and writes JSON.
+
+Results are ratios against a baseline measured in the same run. Run benchmarks alone on the
+machine: parallel builds or tests distort them.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+BENCHES = {
+    "overhead": ("coe.bench.overhead", "coe's generation path vs llama-cpp-python called directly"),
+}
+
+
+def add_bench_parser(sub) -> None:
+    parser = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
+    benches = parser.add_subparsers(dest="bench", required=True)
+    for name, (module, help_text) in BENCHES.items():
+        p = benches.add_parser(name, help=help_text)
+        p.add_argument("--out", default=f"bench-results/{name}.json", help="where to write the JSON results")
+        _import(module).add_arguments(p)
+
+
+def run_bench(args) -> int:
+    module = _import(BENCHES[args.bench][0])
+    result = module.run(args)
+    write_json(Path(args.out), args.bench, result)
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+def write_json(path: Path, name: str, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    record = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
+              "processor": platform.processor(), **result}
+    path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def _import(module: str):
+    import importlib
+
+    return importlib.import_module(module)

@@ -1,0 +1,246 @@
+"""Frozen configuration dataclasses. YAML is read only here, in ``from_yaml``.
+
+Every validation error is a ConfigError whose message names the field; ``from_yaml`` adds the file.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from coe.errors import ConfigError
+
+BACKENDS = ("auto", "llama_cpp", "torch_hf")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
+_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+ROUTED_MODEL = "coe"
+
+
+def parse_bytes(value: Any, field_name: str) -> int:
+    """An int, or a string like '4GiB' / '512MB'."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{field_name}: expected a size in bytes, got {value!r}", param=field_name)
+    if isinstance(value, int):
+        if value < 0:
+            raise ConfigError(f"{field_name}: expected a size >= 0, got {value}", param=field_name)
+        return value
+    match = _SIZE.match(str(value))
+    if not match:
+        raise ConfigError(f"{field_name}: expected a size like 4GiB or 512MB, got {value!r}", param=field_name)
+    return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
+
+
+def _require(ok: bool, field_name: str, expected: str, got: Any) -> None:
+    if not ok:
+        raise ConfigError(f"{field_name}: expected {expected}, got {got!r}", param=field_name)
+
+
+def _positive_int(value: Any, field_name: str) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
+             field_name, "an integer > 0", value)
+
+
+@dataclass(frozen=True)
+class ExpertConfig:
+    """One expert. ``source`` is a packaged model id (see `coe experts`) or a path."""
+
+    name: str
+    source: str
+    backend: str = "auto"
+    description: str = ""
+    params: dict = field(default_factory=dict)  # backend options, e.g. n_ctx, n_threads
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.name, str) and bool(_NAME.match(self.name)) and self.name != ROUTED_MODEL,
+                 "name", f"letters, digits, '.', '_', ':' or '-' (not {ROUTED_MODEL!r})", self.name)
+        _require(isinstance(self.source, str) and self.source != "", "source",
+                 "a packaged model id or a path", self.source)
+        _require(self.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS), self.backend)
+        _require(isinstance(self.params, dict), "params", "a mapping", self.params)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """Until the router lands, model 'coe' goes to ``default_expert`` (first expert if unset)."""
+
+    default_expert: str | None = None
+
+
+@dataclass(frozen=True)
+class CacheConfig:
+    """How many bytes of expert weights may stay loaded at once (least recently used is evicted)."""
+
+    resident_bytes: int = 4 * 2**30
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "resident_bytes", parse_bytes(self.resident_bytes, "resident_bytes"))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_batch_size: int = 8
+    max_queue: int = 256
+
+    def __post_init__(self) -> None:
+        _positive_int(self.max_batch_size, "max_batch_size")
+        _positive_int(self.max_queue, "max_queue")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_tokens_limit: int = 4096
+    default_max_tokens: int = 256
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.host, str) and self.host != "", "host", "a host name or address", self.host)
+        _require(isinstance(self.port, int) and 0 <= self.port < 65536, "port", "an integer in 0..65535", self.port)
+        _positive_int(self.max_tokens_limit, "max_tokens_limit")
+        _positive_int(self.default_max_tokens, "default_max_tokens")
+
+
+@dataclass(frozen=True)
+class CoEConfig:
+    experts: tuple[ExpertConfig, ...]
+    router: RouterConfig = field(default_factory=RouterConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+
+    def __post_init__(self) -> None:
+        _require(len(self.experts) > 0, "experts", "at least one expert", self.experts)
+        names = [e.name for e in self.experts]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        _require(not duplicates, "experts", "unique names", duplicates)
+        default = self.router.default_expert
+        _require(default is None or default in names, "router.default_expert",
+                 "one of " + ", ".join(names), default)
+
+    def expert(self, name: str) -> ExpertConfig:
+        for expert in self.experts:
+            if expert.name == name:
+                return expert
+        raise KeyError(name)
+
+    @property
+    def default_expert(self) -> str:
+        return self.router.default_expert or self.experts[0].name
+
+
+def default_config() -> CoEConfig:
+    """The four packaged experts."""
+    return CoEConfig(experts=(
+        ExpertConfig("smollm2-135m", "smollm2-135m", description="small generalist chat"),
+        ExpertConfig("gemma3-270m", "gemma3-270m", description="base model, plain completion"),
+        ExpertConfig("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", description="code"),
+        ExpertConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b", description="code and reasoning"),
+    ), router=RouterConfig(default_expert="smollm2-135m"))
+
+
+# ---- YAML edge --------------------------------------------------------------------------------
+
+_SECTIONS = {"router": RouterConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+
+
+def from_yaml(path: str | Path) -> CoEConfig:
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    try:
+        return from_dict(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc.message}", param=exc.param) from None
+
+
+def from_dict(data: Any) -> CoEConfig:
+    if not isinstance(data, dict):
+        raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}")
+    _reject_unknown(data, {"experts", *_SECTIONS}, "")
+    raw_experts = data.get("experts")
+    if not isinstance(raw_experts, list):
+        raise ConfigError(f"experts: expected a list of experts, got {raw_experts!r}", param="experts")
+    experts = tuple(_build(ExpertConfig, item, f"experts[{i}]") for i, item in enumerate(raw_experts))
+    sections = {key: _build(cls, data.get(key) or {}, key) for key, cls in _SECTIONS.items()}
+    return _construct(CoEConfig, {"experts": experts, **sections}, "")
+
+
+def _build(cls, item: Any, where: str):
+    if not isinstance(item, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {item!r}", param=where)
+    names = {f.name for f in dataclasses.fields(cls)}
+    _reject_unknown(item, names, where)
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if name not in item]
+    if missing:
+        raise ConfigError(f"{where}.{missing[0]}: required field is missing", param=f"{where}.{missing[0]}")
+    return _construct(cls, item, where)
+
+
+def _construct(cls, kwargs: dict, where: str):
+    try:
+        return cls(**kwargs)
+    except ConfigError as exc:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(prefix + exc.message, param=prefix + (exc.param or "")) from None
+
+
+def _reject_unknown(item: dict, known: set, where: str) -> None:
+    unknown = sorted(str(k) for k in item if k not in known)
+    if unknown:
+        prefix = f"{where}." if where else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (expected one of {', '.join(sorted(known))})",
+                          param=prefix + unknown[0])
+
+
+DEFAULT_YAML = """\
+# coe configuration. Every field is optional except experts[].name and experts[].source.
+# Sizes take bytes or units: 512MB, 4GiB.
+
+experts:
+  # source: a packaged model id (`coe experts` lists them), a .gguf file, or a safetensors folder.
+  # backend: auto (from the source), llama_cpp (GGUF) or torch_hf (safetensors checkpoints).
+  # params: backend options; llama_cpp takes n_ctx, n_threads, n_batch, use_mmap;
+  #         torch_hf takes dtype (float32, bfloat16), device (cpu, cuda), n_ctx.
+  - name: smollm2-135m
+    source: smollm2-135m
+    description: small generalist chat
+  - name: gemma3-270m
+    source: gemma3-270m
+    description: base model, plain completion
+  - name: qwen2.5-coder-0.5b
+    source: qwen2.5-coder-0.5b
+    description: code
+  - name: qwen2.5-coder-1.5b
+    source: qwen2.5-coder-1.5b
+    description: code and reasoning
+
+router:
+  # Requests for model "coe" go here until a trained router is configured.
+  default_expert: smollm2-135m
+
+cache:
+  # Bytes of expert weights kept loaded at once; the least recently used expert is unloaded.
+  resident_bytes: 4GiB
+
+scheduler:
+  max_batch_size: 8   # requests for the same expert served together
+  max_queue: 256      # waiting requests beyond this are refused with 429
+
+server:
+  host: 127.0.0.1
+  port: 8000
+  max_tokens_limit: 4096    # largest max_tokens a request may ask for
+  default_max_tokens: 256   # used when a request does not say
+"""

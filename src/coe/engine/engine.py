@@ -1,0 +1,125 @@
+"""The engine loop: schedule -> activate -> run -> deliver, on one background thread."""
+from __future__ import annotations
+
+import queue
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from coe.cache import ModelCache
+from coe.config import ROUTED_MODEL, CoEConfig
+from coe.engine.scheduler import FifoScheduler
+from coe.errors import CoEError, GenerationError, UnknownExpert
+from coe.models.catalog import ModelStore
+from coe.types import Request, RouteDecision, StreamEvent
+
+_IDLE_WAIT_S = 0.5
+
+
+class Engine:
+    """Owns the request loop. ``submit`` and ``stream`` are safe from any thread."""
+
+    def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: FifoScheduler | None = None):
+        self.config = config
+        self.cache = cache
+        self.scheduler = scheduler or FifoScheduler(config.scheduler.max_batch_size, config.scheduler.max_queue)
+        self._work = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self.num_served = 0
+
+    @classmethod
+    def from_config(cls, config: CoEConfig, home: str | Path) -> "Engine":
+        """An engine with a model cache whose packaged weights live under ``home`` (COE_HOME)."""
+        return cls(config, ModelCache(config, ModelStore(home)))
+
+    # -- routing ---------------------------------------------------------------------------------
+    def expert_names(self) -> list[str]:
+        return [e.name for e in self.config.experts]
+
+    def resolve(self, model: str) -> tuple[str, RouteDecision | None]:
+        """The expert for a requested model name; 'coe' goes to the default expert for now."""
+        if model == ROUTED_MODEL:
+            expert = self.config.default_expert
+            return expert, RouteDecision(category="general", confidence=1.0, expert=expert,
+                                         fallback=True, reason="no router configured: default expert")
+        if model in self.expert_names():
+            return model, None
+        raise UnknownExpert(f"the model {model!r} does not exist; available: "
+                            f"{', '.join([ROUTED_MODEL, *self.expert_names()])}", param="model")
+
+    # -- submission ------------------------------------------------------------------------------
+    def submit(self, request: Request) -> None:
+        if request.expert not in self.expert_names():
+            raise UnknownExpert(f"no expert named {request.expert!r}", param="model")
+        with self._work:
+            self.scheduler.add(request)
+            self._work.notify()
+
+    def stream(self, request: Request) -> Iterator[StreamEvent]:
+        """Submit and yield the request's events on the calling thread (CLI, benchmarks)."""
+        events: queue.Queue[StreamEvent] = queue.Queue()
+        request.sink = events.put
+        self.submit(request)
+        if self._thread is None:
+            while self.step():
+                if not events.empty() and events.queue[-1].is_final:
+                    break
+        while True:
+            event = events.get()
+            yield event
+            if event.is_final:
+                return
+
+    # -- the loop --------------------------------------------------------------------------------
+    def step(self) -> bool:
+        """Serve one batch. Returns False when there was nothing to do."""
+        with self._work:
+            batch = self.scheduler.next_batch()
+        if batch is None:
+            return False
+        try:
+            runner = self.cache.activate(batch.expert)
+            for event in runner.generate(batch.requests):
+                self._deliver(batch.requests, event)
+        except CoEError as exc:
+            self._fail(batch.requests, exc)
+        except Exception as exc:  # keep serving: one failed batch must not kill the loop
+            self._fail(batch.requests, GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+        self.num_served += len(batch.requests)
+        return True
+
+    def _deliver(self, requests, event: StreamEvent) -> None:
+        for request in requests:
+            if request.id == event.request_id:
+                request.sink(event)
+                return
+
+    def _fail(self, requests, error: Exception) -> None:
+        for request in requests:
+            request.sink(StreamEvent(request.id, error=error))
+
+    def _run(self) -> None:
+        while not self._stopping:
+            if not self.step():
+                with self._work:
+                    if not self._stopping and len(self.scheduler) == 0:
+                        self._work.wait(_IDLE_WAIT_S)
+
+    def start(self) -> None:
+        if self._thread is None:
+            self._stopping = False
+            self._thread = threading.Thread(target=self._run, name="coe-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        with self._work:
+            self._stopping = True
+            self._work.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        self.cache.close()
+
+    def queue_depth(self) -> int:
+        return len(self.scheduler)

@@ -1,0 +1,96 @@
+"""One error tree for the whole system.
+
+Every error carries the HTTP status and OpenAI error ``type``/``code`` it maps to, so the
+server translates it in exactly one handler and the CLI prints its message without a trace.
+"""
+from __future__ import annotations
+
+
+class CoEError(Exception):
+    """Base of every error coe raises on purpose."""
+
+    http_status: int = 500
+    error_type: str = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def to_openai(self) -> dict:
+        """The OpenAI wire format: {"error": {"message", "type", "param", "code"}}."""
+        return {"error": {"message": self.message, "type": self.error_type,
+                          "param": self.param, "code": self.code}}
+
+
+class ConfigError(CoEError):
+    """A config file or value is wrong; the message names the file and the field."""
+
+    http_status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_config"
+
+
+class InvalidRequest(CoEError):
+    http_status = 400
+    error_type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class UnknownExpert(CoEError):
+    http_status = 404
+    error_type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RoutingError(CoEError):
+    http_status = 500
+    error_type = "routing_error"
+
+
+class ModelNotAvailable(CoEError):
+    """The weights of a packaged model are not installed or fail their checksum."""
+
+    http_status = 503
+    error_type = "model_unavailable"
+    code = "model_unavailable"
+
+
+class LoadError(CoEError):
+    http_status = 503
+    error_type = "load_error"
+    code = "load_failed"
+
+
+class CacheFull(CoEError):
+    http_status = 503
+    error_type = "cache_full"
+    code = "cache_full"
+
+
+class Overloaded(CoEError):
+    http_status = 429
+    error_type = "rate_limit_error"
+    code = "overloaded"
+
+
+class MissingExtra(CoEError):
+    """An optional dependency is missing; the message names the extra to install."""
+
+    http_status = 500
+    error_type = "missing_dependency"
+
+    def __init__(self, module: str, extra: str):
+        super().__init__(f"{module!r} is not installed: pip install 'coe[{extra}]'")
+
+
+class GenerationError(CoEError):
+    http_status = 500
+    error_type = "generation_error"

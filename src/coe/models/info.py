@@ -1,0 +1,61 @@
+"""What a weights file is: bytes, parameters, architecture, quantisation, chat template."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from coe.errors import ModelNotAvailable
+from coe.models.gguf import read_gguf_header
+from coe.models.safetensors_info import read_checkpoint_info
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    format: str  # gguf | safetensors
+    num_bytes: int
+    num_params: int
+    architecture: str
+    quantization: str
+    chat_template: str | None
+    context_length: int | None
+
+    @property
+    def chat_tuned(self) -> bool:
+        return self.chat_template is not None
+
+
+def describe(path: str | Path) -> ModelInfo:
+    """Read a GGUF file or a safetensors checkpoint folder's headers (no weights are loaded)."""
+    path = Path(path)
+    if path.is_dir():
+        return _describe_checkpoint(path)
+    if not path.is_file():
+        raise ModelNotAvailable(f"{path}: no such file or folder")
+    header = read_gguf_header(path)
+    return ModelInfo(path=path, format="gguf", num_bytes=path.stat().st_size,
+                     num_params=header.num_params, architecture=header.architecture,
+                     quantization=header.quantization, chat_template=header.chat_template,
+                     context_length=header.context_length)
+
+
+def _describe_checkpoint(path: Path) -> ModelInfo:
+    info = read_checkpoint_info(path)
+    config = _read_json(path / "config.json")
+    tokenizer_config = _read_json(path / "tokenizer_config.json")
+    architectures = config.get("architectures") or [config.get("model_type", "unknown")]
+    return ModelInfo(path=path, format="safetensors", num_bytes=info.num_bytes,
+                     num_params=info.num_params, architecture=str(architectures[0]),
+                     quantization="/".join(info.dtypes),
+                     chat_template=tokenizer_config.get("chat_template"),
+                     context_length=config.get("max_position_embeddings"))
+
+
+def _read_json(path: Path) -> dict:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelNotAvailable(f"{path}: unreadable JSON ({exc})") from exc

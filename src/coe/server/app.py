@@ -1,0 +1,285 @@
+"""The OpenAI-compatible HTTP server: ``create_app(engine)`` builds it; nothing runs at import."""
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import AsyncIterator
+
+from fastapi import FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from coe.config import ROUTED_MODEL
+from coe.engine import Engine
+from coe.errors import CoEError, GenerationError, InvalidRequest
+from coe.server.protocol import ChatCompletionRequest, CompletionRequest
+from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
+
+
+def create_app(engine: Engine) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        engine.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(engine.stop)
+
+    app = FastAPI(title="coe", version="0.1.0", lifespan=lifespan)
+    app.state.engine = engine
+    app.state.started_s = int(time.time())
+    _install_error_handlers(app)
+    _install_routes(app, engine)
+    return app
+
+
+# ---- errors: one translation to the OpenAI format ----------------------------------------------
+
+def _error_response(status: int, message: str, error_type: str, code: str | None, param: str | None = None):
+    return JSONResponse({"error": {"message": message, "type": error_type, "param": param, "code": code}},
+                        status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(CoEError)
+    async def coe_error(_: HTTPRequest, exc: CoEError):
+        return JSONResponse(exc.to_openai(), status_code=exc.http_status)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: HTTPRequest, exc: RequestValidationError):
+        message, param = _describe_validation(exc.errors())
+        return _error_response(400, message, "invalid_request_error", "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: HTTPRequest, exc: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return _error_response(exc.status_code, str(exc.detail), "invalid_request_error", code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: HTTPRequest, exc: Exception):
+        return _error_response(500, f"internal error: {type(exc).__name__}", "internal_error", None)
+
+
+# ---- routes ------------------------------------------------------------------------------------
+
+def _install_routes(app: FastAPI, engine: Engine) -> None:
+    @app.get("/health")
+    async def health():
+        states = await asyncio.to_thread(engine.cache.states)
+        return {"status": "ok", "queue_depth": engine.queue_depth(),
+                "experts": {s.name: s.state for s in states}}
+
+    @app.get("/v1/models")
+    async def list_models():
+        return {"object": "list", "data": await asyncio.to_thread(_model_cards, engine, app.state.started_s)}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str):
+        for card in await asyncio.to_thread(_model_cards, engine, app.state.started_s):
+            if card["id"] == model_id:
+                return card
+        engine.resolve(model_id)  # raises UnknownExpert with the list of models
+        raise InvalidRequest(f"model {model_id!r} not found")
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(http: HTTPRequest):
+        body = await _parse_body(http, ChatCompletionRequest)
+        messages = tuple(ChatMessage(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        return await _serve(engine, body, http, "chat.completion", max_tokens, messages=messages)
+
+    @app.post("/v1/completions")
+    async def completions(http: HTTPRequest):
+        body = await _parse_body(http, CompletionRequest)
+        prompt = body.prompt_text()
+        if prompt is None:
+            raise InvalidRequest("prompt: exactly one prompt string per request is supported", param="prompt")
+        return await _serve(engine, body, http, "text_completion", body.max_tokens, prompt=prompt)
+
+
+async def _parse_body(http: HTTPRequest, schema: type[BaseModel]):
+    """JSON body -> schema, whatever the content-type; every failure is a 400 naming the field."""
+    raw = await http.body()
+    try:
+        data = json.loads(raw)
+    except UnicodeDecodeError:
+        raise InvalidRequest("the request body is not UTF-8 text") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
+                             f"column {exc.colno}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        return schema.model_validate(data)
+    except ValidationError as exc:
+        message, param = _describe_validation(exc.errors())
+        raise InvalidRequest(message, param=param) from None
+
+
+def _describe_validation(errors: list) -> tuple[str, str | None]:
+    """The first pydantic error as (message, param)."""
+    first = errors[0] if errors else {}
+    param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
+    return f"{param or 'body'}: {first.get('msg', 'invalid value')}", param
+
+
+def _model_cards(engine: Engine, created_s: int) -> list[dict]:
+    cards = [{"id": ROUTED_MODEL, "object": "model", "created": created_s, "owned_by": "coe",
+              "coe": {"routed": True, "default_expert": engine.config.default_expert}}]
+    for state in engine.cache.states():
+        expert = engine.config.expert(state.name)
+        cards.append({"id": state.name, "object": "model", "created": created_s, "owned_by": "coe",
+                      "coe": {"source": expert.source, "backend": state.backend, "state": state.state,
+                              "num_params": state.num_params, "num_bytes": state.num_bytes,
+                              "description": expert.description}})
+    return cards
+
+
+class _AsyncSink:
+    """Carries StreamEvents from the engine thread into the request's event loop."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+
+    def put(self, event: StreamEvent) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
+        except RuntimeError:  # the loop is closed: the client is gone
+            pass
+
+    async def get(self) -> StreamEvent:
+        return await self._queue.get()
+
+
+async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens: int | None, *,
+                 messages=None, prompt=None):
+    limits = engine.config.server
+    if max_tokens is not None and max_tokens > limits.max_tokens_limit:
+        raise InvalidRequest(f"max_tokens must be <= {limits.max_tokens_limit}, got {max_tokens}",
+                             param="max_tokens")
+    expert, route = engine.resolve(body.model)
+    sampling = SamplingParams(max_tokens=max_tokens or limits.default_max_tokens, temperature=body.temperature,
+                              top_p=body.top_p, stop=body.stop_tuple(), seed=body.seed)
+    sink = _AsyncSink()
+    request = Request(expert=expert, sampling=sampling, messages=messages, prompt=prompt, sink=sink.put, route=route)
+    engine.submit(request)
+    try:
+        first = await sink.get()
+    except asyncio.CancelledError:
+        request.cancel()
+        raise
+    _raise_if_error(first)
+    reply = _Reply(kind, body.model, request)
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        return StreamingResponse(_sse(reply, first, sink, include_usage), media_type="text/event-stream",
+                                 headers=reply.headers())
+    event, parts = first, []
+    while True:
+        parts.append(event.delta)
+        if event.is_final:
+            break
+        event = await sink.get()
+        _raise_if_error(event)
+    return JSONResponse(reply.full(event.completion, "".join(parts)), headers=reply.headers())
+
+
+def _raise_if_error(event: StreamEvent) -> None:
+    if event.error is None:
+        return
+    if isinstance(event.error, CoEError):
+        raise event.error
+    raise GenerationError(str(event.error))
+
+
+class _Reply:
+    """Builds OpenAI response bodies for one request."""
+
+    def __init__(self, kind: str, model: str, request: Request):
+        self.kind, self.model, self.request = kind, model, request
+        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
+        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def coe_info(self) -> dict:
+        info = {"expert": self.request.expert}
+        route: RouteDecision | None = self.request.route
+        if route is not None:
+            info.update(category=route.category, confidence=round(route.confidence, 4),
+                        fallback=route.fallback, reason=route.reason,
+                        alternatives=[{"expert": e, "score": s} for e, s in route.alternatives])
+        return info
+
+    def headers(self) -> dict[str, str]:
+        headers = {"x-coe-expert": self.request.expert}
+        if self.request.route is not None:
+            headers["x-coe-category"] = self.request.route.category
+            headers["x-coe-confidence"] = f"{self.request.route.confidence:.4f}"
+        return headers
+
+    def _envelope(self, obj: str, choices: list, usage: dict | None = None) -> dict:
+        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
+                "choices": choices, "coe": self.coe_info()}
+        if usage is not None:
+            body["usage"] = usage
+        return body
+
+    def full(self, completion: Completion, text: str) -> dict:
+        if self.kind == "chat.completion":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": completion.finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": completion.finish_reason}
+        return self._envelope(self.kind, [choice], _usage(completion))
+
+    def chunk(self, delta: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
+        if self.kind == "chat.completion":
+            content = {} if delta is None else {"content": delta}
+            if first:
+                content = {"role": "assistant", **content}
+            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            return self._envelope("chat.completion.chunk", [choice])
+        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
+        return self._envelope("text_completion", [choice])
+
+    def usage_chunk(self, completion: Completion) -> dict:
+        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
+        return self._envelope(obj, [], _usage(completion))
+
+
+def _usage(completion: Completion) -> dict:
+    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+
+
+def _sse_data(payload: dict | str) -> bytes:
+    text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
+    return f"data: {text}\n\n".encode("utf-8")
+
+
+async def _sse(reply: _Reply, first: StreamEvent, sink: _AsyncSink, include_usage: bool) -> AsyncIterator[bytes]:
+    event, is_first = first, True
+    try:
+        while True:
+            if event.error is not None:
+                error = event.error if isinstance(event.error, CoEError) else GenerationError(str(event.error))
+                yield _sse_data(error.to_openai())
+                break
+            if event.delta or is_first:
+                yield _sse_data(reply.chunk(event.delta, first=is_first))
+                is_first = False
+            if event.completion is not None:
+                yield _sse_data(reply.chunk(None, finish_reason=event.completion.finish_reason))
+                if include_usage:
+                    yield _sse_data(reply.usage_chunk(event.completion))
+                break
+            event = await sink.get()
+        yield _sse_data("[DONE]")
+    finally:
+        reply.request.cancel()  # no-op when finished; stops generation when the client left

@@ -1,0 +1,113 @@
+"""Plain dataclasses shared by every layer. No torch, no I/O."""
+from __future__ import annotations
+
+import itertools
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+from coe.errors import InvalidRequest
+
+MAX_STOP_SEQUENCES = 4
+_ids = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    role: str  # system | user | assistant | tool
+    content: str
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 means greedy."""
+
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
+                                 param="max_tokens")
+        if not 0.0 <= self.temperature <= 2.0:
+            raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}",
+                                 param="temperature")
+        if not 0.0 < self.top_p <= 1.0:
+            raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
+        if len(self.stop) > MAX_STOP_SEQUENCES or any(not s for s in self.stop):
+            raise InvalidRequest(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings",
+                                 param="stop")
+
+
+@dataclass(frozen=True)
+class RouteDecision:
+    """Why a request went to an expert; travels with the request and back to the client."""
+
+    category: str
+    confidence: float
+    expert: str
+    alternatives: tuple[tuple[str, float], ...] = ()
+    fallback: bool = False
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class Completion:
+    """The end of one request's generation."""
+
+    text: str
+    finish_reason: str  # stop | length | cancelled
+    prompt_tokens: int
+    completion_tokens: int
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One step of a request's output: a text delta, or the final completion, or an error."""
+
+    request_id: str
+    delta: str = ""
+    completion: Completion | None = None
+    error: Exception | None = None
+
+    @property
+    def is_final(self) -> bool:
+        return self.completion is not None or self.error is not None
+
+
+def _no_sink(event: StreamEvent) -> None:
+    return None
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation request: either chat ``messages`` or a plain ``prompt``.
+
+    ``sink`` receives every StreamEvent for this request, from the engine thread; it must not block.
+    """
+
+    expert: str
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    sink: Callable[[StreamEvent], None] = _no_sink
+    route: RouteDecision | None = None
+    id: str = field(default_factory=lambda: f"req-{next(_ids)}")
+    arrival_s: float = field(default_factory=time.monotonic)
+    _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    def __post_init__(self) -> None:
+        if (self.messages is None) == (self.prompt is None):
+            raise InvalidRequest("a request takes either messages or a prompt")
+
+    def cancel(self) -> None:
+        """Safe from any thread; the runner stops at its next token."""
+        self._cancelled.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancelled.is_set()

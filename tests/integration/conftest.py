@@ -1,0 +1,104 @@
+"""Integration fixtures: a real `coe serve` process on a free port with the real packaged experts."""
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+STARTUP_TIMEOUT_S = 120
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, process: subprocess.Popen, base_url: str, log: Path):
+        self.process, self.base_url, self.log = process, base_url, log
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+
+def start_server(tmp_path: Path, config_text: str | None) -> Server:
+    port = _free_port()
+    args = [sys.executable, "-m", "coe", "serve", "--port", str(port), "--log-level", "warning"]
+    if config_text is not None:
+        config = tmp_path / "coe.yaml"
+        config.write_text(config_text)
+        args += ["--config", str(config)]
+    log = tmp_path / "server.log"
+    process = subprocess.Popen(args, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=tmp_path,
+                               start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(process, f"http://127.0.0.1:{port}", log)
+    deadline = time.monotonic() + STARTUP_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if not server.alive():
+            raise RuntimeError(f"coe serve exited early:\n{log.read_text()}")
+        try:
+            if httpx.get(server.base_url + "/health", timeout=2).status_code == 200:
+                return server
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    stop_server(server)
+    raise RuntimeError(f"coe serve did not answer /health in {STARTUP_TIMEOUT_S} s:\n{log.read_text()}")
+
+
+def stop_server(server: Server) -> None:
+    if server.alive():
+        os.killpg(server.process.pid, signal.SIGTERM)
+        try:
+            server.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.process.pid, signal.SIGKILL)
+            server.process.wait()
+
+
+SMOLLM_CONFIG = """
+experts:
+  - name: smollm2-135m
+    source: smollm2-135m
+  - name: gemma3-270m
+    source: gemma3-270m
+router:
+  default_expert: smollm2-135m
+server:
+  max_tokens_limit: 2048
+"""
+
+
+@pytest.fixture(scope="module")
+def smollm_server(tmp_path_factory):
+    """The real SmolLM2 (and Gemma base) experts behind a real server process."""
+    server = start_server(tmp_path_factory.mktemp("smollm"), SMOLLM_CONFIG)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def default_server(tmp_path_factory):
+    """`coe serve` with no config: the built-in default of four packaged experts."""
+    server = start_server(tmp_path_factory.mktemp("default"), None)
+    yield server
+    stop_server(server)
+
+
+@pytest.fixture(scope="session")
+def coe_home() -> Path:
+    """The same COE_HOME the CLI uses, where `make setup` assembled the packaged models."""
+    from coe.cli import coe_home as home
+
+    return home()

@@ -1,0 +1,27 @@
+"""`coe serve` with no config answers a chat completion from each of the four packaged experts."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from coe.config import default_config
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.parametrize("expert", [e.name for e in default_config().experts])
+def test_each_default_expert_answers(default_server, expert):
+    client = openai.OpenAI(base_url=default_server.v1, api_key="unused", max_retries=0, timeout=300)
+    reply = client.chat.completions.create(
+        model=expert, messages=[{"role": "user", "content": "What is 2 + 2? Answer briefly."}],
+        max_tokens=12, temperature=0)
+    assert reply.choices[0].message.content.strip() != ""
+    assert reply.usage.completion_tokens >= 1
+
+
+def test_default_models_are_listed_with_header_facts(default_server):
+    client = openai.OpenAI(base_url=default_server.v1, api_key="unused", max_retries=0)
+    cards = {m.id: m.model_extra.get("coe", {}) for m in client.models.list().data}
+    assert set(cards) == {"coe", "smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
+    assert 1.7e9 < cards["qwen2.5-coder-1.5b"]["num_params"] < 1.8e9
+    assert cards["gemma3-270m"]["backend"] == "llama_cpp"
