@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     from coe.bench import add_bench_parser
-    add_bench_parser(sub)
+    add_bench_parser(sub).set_defaults(func=cmd_bench)
     return parser
 
 

@@ -55,7 +55,7 @@ class ExpertConfig:
     params: dict = field(default_factory=dict)  # backend options, e.g. n_ctx, n_threads
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.name, str) and bool(_NAME.match(self.name)) and self.name != ROUTED_MODEL,
+        _require(isinstance(self.name, str) and bool(_NAME.fullmatch(self.name)) and self.name != ROUTED_MODEL,
                  "name", f"letters, digits, '.', '_', ':' or '-' (not {ROUTED_MODEL!r})", self.name)
         _require(isinstance(self.source, str) and self.source != "", "source",
                  "a packaged model id or a path", self.source)
@@ -99,7 +99,8 @@ class ServerConfig:
 
     def __post_init__(self) -> None:
         _require(isinstance(self.host, str) and self.host != "", "host", "a host name or address", self.host)
-        _require(isinstance(self.port, int) and 0 <= self.port < 65536, "port", "an integer in 0..65535", self.port)
+        _require(isinstance(self.port, int) and not isinstance(self.port, bool) and 0 <= self.port < 65536,
+                 "port", "an integer in 0..65535", self.port)
         _positive_int(self.max_tokens_limit, "max_tokens_limit")
         _positive_int(self.default_max_tokens, "default_max_tokens")
 

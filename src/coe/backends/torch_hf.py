@@ -287,7 +287,10 @@ class TorchRunner(Runner):
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
         torch = _torch()
         generator = torch.Generator(device="cpu")
-        generator.manual_seed(sampling.seed if sampling.seed is not None else torch.seed())
+        if sampling.seed is not None:
+            generator.manual_seed(sampling.seed)
+        else:
+            generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
         cache = self._new_cache(len(prompt_ids) + sampling.max_tokens)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         start = 0

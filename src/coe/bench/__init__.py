@@ -12,16 +12,19 @@ from pathlib import Path
 
 BENCHES = {
     "overhead": ("coe.bench.overhead", "coe's generation path vs llama-cpp-python called directly"),
+    "load": ("coe.bench.load", "torch expert load bandwidth (disk->host->device) vs raw copies"),
 }
 
 
-def add_bench_parser(sub) -> None:
+def add_bench_parser(sub):
+    """Add `bench <name>` subcommands; returns the `bench` parser."""
     parser = sub.add_parser("bench", help="run a benchmark (prints a table, writes JSON)")
     benches = parser.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in BENCHES.items():
         p = benches.add_parser(name, help=help_text)
         p.add_argument("--out", default=f"bench-results/{name}.json", help="where to write the JSON results")
         _import(module).add_arguments(p)
+    return parser
 
 
 def run_bench(args) -> int:

@@ -57,14 +57,18 @@ class Engine:
             self._work.notify()
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
-        """Submit and yield the request's events on the calling thread (CLI, benchmarks)."""
+        """Submit and yield the request's events on the calling thread (CLI, benchmarks).
+
+        Without a running loop thread, the calling thread serves the queue itself.
+        """
         events: queue.Queue[StreamEvent] = queue.Queue()
         request.sink = events.put
         self.submit(request)
         if self._thread is None:
             while self.step():
-                if not events.empty() and events.queue[-1].is_final:
-                    break
+                pass
+            if events.empty() or not events.queue[-1].is_final:
+                events.put(StreamEvent(request.id, error=GenerationError("the request was cancelled before it ran")))
         while True:
             event = events.get()
             yield event

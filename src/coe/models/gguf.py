@@ -86,7 +86,7 @@ def _read(f: BinaryIO) -> GGUFHeader:
         name = _read_string(f)
         num_dims = _unpack(f, "<I")
         shapes[name] = tuple(_unpack(f, "<Q") for _ in range(num_dims))
-        f.read(4 + 8)  # ggml type (u32), data offset (u64)
+        _unpack(f, "<I"), _unpack(f, "<Q")  # ggml type, data offset
     return GGUFHeader(version=version, metadata=metadata, tensor_shapes=shapes)
 
 
@@ -100,6 +100,10 @@ def _unpack(f: BinaryIO, fmt: str):
 
 def _read_string(f: BinaryIO) -> str:
     length = _unpack(f, "<Q")
+    position = f.tell()
+    if length > f.seek(0, 2) - position:  # a corrupt length must not be allocated
+        raise ValueError("truncated string")
+    f.seek(position)
     data = f.read(length)
     if len(data) != length:
         raise ValueError("truncated string")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from functools import lru_cache
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,12 +28,28 @@ class ModelInfo:
 
 
 def describe(path: str | Path) -> ModelInfo:
-    """Read a GGUF file or a safetensors checkpoint folder's headers (no weights are loaded)."""
+    """Read a GGUF file or a safetensors checkpoint folder's headers (no weights are loaded).
+
+    Results are cached per (path, size, mtime), so listing models stays cheap.
+    """
     path = Path(path)
+    try:
+        stamp = _stamp(path)
+    except OSError:
+        raise ModelNotAvailable(f"{path}: no such file or folder") from None
+    return _describe_cached(path, stamp)
+
+
+def _stamp(path: Path) -> tuple:
+    """Size and mtime of the file, or of every file in a checkpoint folder."""
+    files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+
+
+@lru_cache(maxsize=64)
+def _describe_cached(path: Path, stamp: tuple) -> ModelInfo:
     if path.is_dir():
         return _describe_checkpoint(path)
-    if not path.is_file():
-        raise ModelNotAvailable(f"{path}: no such file or folder")
     header = read_gguf_header(path)
     return ModelInfo(path=path, format="gguf", num_bytes=path.stat().st_size,
                      num_params=header.num_params, architecture=header.architecture,

@@ -1,0 +1,144 @@
+import textwrap
+
+import pytest
+
+from coe.config import (DEFAULT_YAML, CacheConfig, CoEConfig, ExpertConfig, RouterConfig, ServerConfig,
+                        default_config, from_yaml, parse_bytes)
+from coe.errors import ConfigError
+
+GOOD_EXPERTS = """\
+experts:
+  - name: a
+    source: /models/a
+  - name: b
+    source: /models/b
+"""
+
+
+def write(tmp_path, text: str, name: str = "coe.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def config_error(path) -> ConfigError:
+    with pytest.raises(ConfigError) as info:
+        from_yaml(path)
+    return info.value
+
+
+def test_default_config_has_the_four_packaged_experts():
+    config = default_config()
+    assert [e.name for e in config.experts] == ["smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b",
+                                                "qwen2.5-coder-1.5b"]
+    assert all(e.backend == "auto" and e.source == e.name for e in config.experts)
+    assert config.default_expert == "smollm2-135m"
+    assert config.cache.resident_bytes == 4 * 2**30
+    assert config.scheduler.max_batch_size == 8
+    assert config.server.port == 8000
+
+
+def test_init_template_parses_to_exactly_the_default_config(tmp_path):
+    assert from_yaml(write(tmp_path, DEFAULT_YAML)) == default_config()
+
+
+def test_minimal_yaml_fills_defaults_and_default_expert_is_the_first(tmp_path):
+    config = from_yaml(write(tmp_path, GOOD_EXPERTS + "cache:\n  resident_bytes: 512MB\n"))
+    assert config.default_expert == "a"
+    assert config.expert("b").source == "/models/b"
+    assert config.cache.resident_bytes == 512 * 10**6
+    assert config.server == ServerConfig()
+
+
+def test_expert_params_are_kept(tmp_path):
+    config = from_yaml(write(tmp_path, """\
+        experts:
+          - name: t
+            source: /x
+            backend: torch_hf
+            params: {n_ctx: 64, dtype: bfloat16}
+        """))
+    assert config.expert("t").params == {"n_ctx": 64, "dtype": "bfloat16"}
+    assert config.expert("t").backend == "torch_hf"
+
+
+def test_missing_file_names_the_file(tmp_path):
+    path = tmp_path / "nope.yaml"
+    error = config_error(path)
+    assert str(path) in error.message
+    assert "cannot read" in error.message
+
+
+def test_invalid_yaml_names_the_file(tmp_path):
+    path = write(tmp_path, "experts: [\n  - name: a\n")
+    error = config_error(path)
+    assert str(path) in error.message
+    assert "not valid YAML" in error.message
+
+
+def test_top_level_must_be_a_mapping(tmp_path):
+    path = write(tmp_path, "- just\n- a list\n")
+    assert str(path) in config_error(path).message
+
+
+@pytest.mark.parametrize("text, field", [
+    (GOOD_EXPERTS + "scheduler:\n  max_batch_size: 0\n", "scheduler.max_batch_size"),
+    (GOOD_EXPERTS + "scheduler:\n  max_queue: true\n", "scheduler.max_queue"),
+    (GOOD_EXPERTS.replace("source: /models/b", "source: /models/b\n    backend: bogus"), "experts[1].backend"),
+    (GOOD_EXPERTS + "cache:\n  resident_bytes: lots\n", "cache.resident_bytes"),
+    (GOOD_EXPERTS + "cache:\n  resident_bytes: -1\n", "cache.resident_bytes"),
+    (GOOD_EXPERTS + "server:\n  port: 70000\n", "server.port"),
+    (GOOD_EXPERTS + "server:\n  port: true\n", "server.port"),
+    (GOOD_EXPERTS + "server:\n  max_tokens_limit: many\n", "server.max_tokens_limit"),
+    (GOOD_EXPERTS.replace("source: /models/a", "source: /models/a\n    params: [1, 2]"), "experts[0].params"),
+    (GOOD_EXPERTS.replace("name: a", "name: coe"), "experts[0].name"),
+    (GOOD_EXPERTS.replace("name: a", "name: 'has space'"), "experts[0].name"),
+    (GOOD_EXPERTS.replace("name: a", 'name: "a\\n"'), "experts[0].name"),
+    (GOOD_EXPERTS.replace("    source: /models/a\n", ""), "experts[0].source"),
+    (GOOD_EXPERTS.replace("name: b", "name: a"), "experts"),
+    (GOOD_EXPERTS + "router:\n  default_expert: zzz\n", "router.default_expert"),
+    (GOOD_EXPERTS + "colour: blue\n", "colour"),
+    (GOOD_EXPERTS + "server:\n  hots: 0.0.0.0\n", "server.hots"),
+    (GOOD_EXPERTS.replace("source: /models/a", "source: /models/a\n    sorce: x"), "experts[0].sorce"),
+    (GOOD_EXPERTS + "router: [1]\n", "router"),
+    ("experts: {}\n", "experts"),
+    ("experts: []\n", "experts"),
+    ("experts:\n  - just-a-string\n", "experts[0]"),
+])
+def test_errors_name_the_file_and_the_field(tmp_path, text, field):
+    path = write(tmp_path, text)
+    error = config_error(path)
+    assert error.message.startswith(f"{path}: {field}"), error.message
+    assert error.param == field
+
+
+def test_unknown_field_lists_the_known_ones(tmp_path):
+    message = config_error(write(tmp_path, GOOD_EXPERTS + "server:\n  hots: x\n")).message
+    assert "unknown field" in message and "host" in message
+
+
+def test_duplicate_names_are_named(tmp_path):
+    message = config_error(write(tmp_path, GOOD_EXPERTS.replace("name: b", "name: a"))).message
+    assert "unique" in message and "'a'" in message
+
+
+def test_dataclasses_validate_without_yaml():
+    with pytest.raises(ConfigError, match="backend"):
+        ExpertConfig("x", "/y", backend="vllm")
+    with pytest.raises(ConfigError, match="router.default_expert"):
+        CoEConfig(experts=(ExpertConfig("x", "/y"),), router=RouterConfig(default_expert="z"))
+    assert CacheConfig(resident_bytes="1KiB").resident_bytes == 1024
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("4GiB", 4 * 2**30), ("512MB", 512 * 10**6), ("1.5KiB", 1536), ("10 kb", 10_000), ("7", 7),
+    ("2tib", 2 * 2**40), (123, 123), (0, 0),
+])
+def test_parse_bytes(value, expected):
+    assert parse_bytes(value, "f") == expected
+
+
+@pytest.mark.parametrize("value", ["lots", "4 GiBs", "-3MB", "", True, -1, None, [1]])
+def test_parse_bytes_rejects(value):
+    with pytest.raises(ConfigError, match="^f: "):
+        parse_bytes(value, "f")

@@ -1,0 +1,197 @@
+"""Engine + ModelCache with tiny torch experts (real checkpoints, real generation)."""
+import shutil
+
+import pytest
+
+from coe.cache import ModelCache
+from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, SchedulerConfig
+from coe.engine import Engine
+from coe.errors import CacheFull, ModelNotAvailable, Overloaded, UnknownExpert
+from coe.models import ModelStore
+from coe.types import ChatMessage, Request, RouteDecision, SamplingParams
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints(tiny_checkpoint, tmp_path_factory):
+    second = tmp_path_factory.mktemp("second") / "ckpt"
+    shutil.copytree(tiny_checkpoint, second)
+    return tiny_checkpoint, second
+
+
+def checkpoint_bytes(path) -> int:
+    return (path / "model.safetensors").stat().st_size
+
+
+def make_engine(tmp_path, experts, **sections) -> Engine:
+    config = CoEConfig(experts=tuple(experts), **sections)
+    return Engine(config, ModelCache(config, ModelStore(tmp_path / "home")))
+
+
+def torch_expert(name, path, **params) -> ExpertConfig:
+    return ExpertConfig(name, str(path), backend="torch_hf", params=params)
+
+
+def run(engine, expert, prompt="Hello", **sampling):
+    sampling.setdefault("max_tokens", 4)
+    sampling.setdefault("temperature", 0.0)
+    return list(engine.stream(Request(expert=expert, sampling=SamplingParams(**sampling), prompt=prompt)))
+
+
+def test_stream_ends_with_a_completion(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    events = run(engine, "tiny", max_tokens=6)
+    final = events[-1]
+    assert final.completion is not None and final.error is None
+    assert all(e.completion is None and e.error is None for e in events[:-1])
+    assert "".join(e.delta for e in events) == final.completion.text
+    assert final.completion.finish_reason in ("length", "stop")
+    assert len({e.request_id for e in events}) == 1
+    assert engine.num_served == 1
+    assert engine.cache.is_resident("tiny")
+
+
+def test_chat_request(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    request = Request("tiny", SamplingParams(max_tokens=3, temperature=0.0), messages=(ChatMessage("user", "hi"),))
+    events = list(engine.stream(request))
+    assert events[-1].completion.prompt_tokens == len("User: hi\nAssistant:") + 1
+
+
+def test_engine_thread_serves_and_stops(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    engine.start()
+    try:
+        first = run(engine, "tiny", max_tokens=5)
+        second = run(engine, "tiny", max_tokens=5)
+    finally:
+        engine.stop()
+    assert first[-1].completion.text == second[-1].completion.text  # greedy
+    assert not engine.cache.is_resident("tiny")  # stop() unloads
+    assert engine._thread is None
+
+
+def test_unknown_model(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    with pytest.raises(UnknownExpert, match="available: coe, tiny") as info:
+        engine.resolve("gpt-4")
+    assert info.value.http_status == 404
+    with pytest.raises(UnknownExpert):
+        engine.submit(Request("gpt-4", prompt="x"))
+    assert engine.queue_depth() == 0
+
+
+def test_resolve(tmp_path, two_checkpoints):
+    a, b = two_checkpoints
+    engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
+                         router=RouterConfig(default_expert="b"))
+    assert engine.resolve("a") == ("a", None)
+    expert, route = engine.resolve("coe")
+    assert expert == "b"
+    assert isinstance(route, RouteDecision)
+    assert route.fallback and route.expert == "b"
+    assert make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)]).resolve("coe")[0] == "a"
+
+
+def test_cache_evicts_the_least_recently_used_expert(tmp_path, two_checkpoints):
+    a, b = two_checkpoints
+    budget = checkpoint_bytes(a) + checkpoint_bytes(b) - 1  # one fits, not both
+    engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
+                         cache=CacheConfig(resident_bytes=budget))
+    cache = engine.cache
+    assert run(engine, "a")[-1].completion is not None
+    runner_a = cache.activate("a")
+    assert cache.is_resident("a") and not cache.is_resident("b")
+
+    assert run(engine, "b")[-1].completion is not None
+    assert cache.is_resident("b") and not cache.is_resident("a")
+    assert runner_a.model is None  # the evicted runner was closed
+
+    states = {s.name: s.state for s in cache.states()}
+    assert states == {"a": "ready", "b": "resident"}
+    assert run(engine, "a")[-1].completion is not None
+    assert {s.name: s.state for s in cache.states()} == {"a": "resident", "b": "ready"}
+
+
+def test_both_fit_when_the_budget_allows(tmp_path, two_checkpoints):
+    a, b = two_checkpoints
+    engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
+                         cache=CacheConfig(resident_bytes=checkpoint_bytes(a) + checkpoint_bytes(b)))
+    run(engine, "a")
+    run(engine, "b")
+    assert engine.cache.is_resident("a") and engine.cache.is_resident("b")
+
+
+def test_expert_bigger_than_the_budget_is_cache_full(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)],
+                         cache=CacheConfig(resident_bytes=checkpoint_bytes(tiny_checkpoint) - 1))
+    (event,) = run(engine, "tiny")
+    assert isinstance(event.error, CacheFull)
+    assert "cache.resident_bytes" in event.error.message
+    assert not engine.cache.is_resident("tiny")
+
+
+def test_a_failing_expert_does_not_stop_the_engine(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("broken", tmp_path / "does-not-exist"),
+                                    torch_expert("tiny", tiny_checkpoint)])
+    engine.start()
+    try:
+        (event,) = run(engine, "broken")
+        assert isinstance(event.error, ModelNotAvailable)
+        assert "does-not-exist" in event.error.message
+        assert run(engine, "tiny")[-1].completion is not None
+        (again,) = run(engine, "broken")
+        assert isinstance(again.error, ModelNotAvailable)
+    finally:
+        engine.stop()
+    assert engine.num_served == 3
+
+
+def test_a_crashing_runner_becomes_an_error_event(tmp_path, tiny_checkpoint, monkeypatch):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+
+    def explode(name):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(engine.cache, "activate", explode)
+    (event,) = run(engine, "tiny")
+    assert event.error.http_status == 500
+    assert "disk on fire" in event.error.message
+    monkeypatch.undo()
+    assert run(engine, "tiny")[-1].completion is not None
+
+
+def test_requests_for_one_expert_are_batched(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    seen = []
+    requests = [Request("tiny", SamplingParams(max_tokens=2, temperature=0.0), prompt=f"p{i}", sink=seen.append)
+                for i in range(3)]
+    for request in requests:
+        engine.submit(request)
+    assert engine.queue_depth() == 3
+    assert engine.step() is True
+    assert engine.step() is False
+    finals = [e for e in seen if e.is_final]
+    assert [e.request_id for e in finals] == [r.id for r in requests]
+    assert all(e.completion is not None for e in finals)
+
+
+def test_full_queue_is_overloaded(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)],
+                         scheduler=SchedulerConfig(max_queue=1))
+    engine.submit(Request("tiny", prompt="a"))
+    with pytest.raises(Overloaded):
+        engine.submit(Request("tiny", prompt="b"))
+
+
+def test_states_of_missing_and_unreadable_sources(tmp_path, tiny_checkpoint):
+    unreadable = tmp_path / "junk.gguf"
+    unreadable.write_bytes(b"not gguf")
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint),
+                                    ExpertConfig("gone", str(tmp_path / "gone.gguf")),
+                                    ExpertConfig("junk", str(unreadable))])
+    states = {s.name: s for s in engine.cache.states()}
+    assert states["tiny"].state == "ready" and states["tiny"].backend == "torch_hf"
+    assert states["tiny"].num_bytes == checkpoint_bytes(tiny_checkpoint)
+    assert states["tiny"].num_params > 0 and states["tiny"].load_s is None
+    assert states["gone"].state == "missing" and states["gone"].num_bytes is None
+    assert states["junk"].state == "unreadable" and states["junk"].num_params is None

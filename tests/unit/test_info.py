@@ -1,0 +1,62 @@
+"""describe() and the safetensors header reader on a tiny checkpoint folder."""
+import json
+import struct
+
+import pytest
+
+from coe.errors import ModelNotAvailable
+from coe.models import describe
+from coe.models.safetensors_info import read_checkpoint_info, read_safetensors_header
+
+
+def test_describe_a_checkpoint_folder(tiny_checkpoint):
+    from safetensors.torch import load_file
+
+    state = load_file(str(tiny_checkpoint / "model.safetensors"))
+    info = describe(tiny_checkpoint)
+    assert info.format == "safetensors"
+    assert info.num_params == sum(t.numel() for t in state.values())
+    assert info.num_bytes == (tiny_checkpoint / "model.safetensors").stat().st_size
+    assert info.architecture == "LlamaForCausalLM"
+    assert info.quantization == "F32"
+    assert info.context_length == 512
+    assert info.chat_template is None and not info.chat_tuned
+
+
+def test_sharded_checkpoint_is_summed(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"a": torch.zeros(2, 3)}, str(tmp_path / "model-00001-of-00002.safetensors"))
+    save_file({"b": torch.zeros(4, dtype=torch.bfloat16)}, str(tmp_path / "model-00002-of-00002.safetensors"))
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"}))
+    info = describe(tmp_path)
+    assert info.num_params == 10
+    assert info.quantization == "BF16/F32"
+    assert info.architecture == "qwen2"
+    assert info.chat_tuned
+    assert read_checkpoint_info(tmp_path).tensors["b"] == ("BF16", (4,))
+
+
+def test_folder_without_safetensors(tmp_path):
+    with pytest.raises(ModelNotAvailable, match="no \\*.safetensors"):
+        describe(tmp_path)
+
+
+@pytest.mark.parametrize("data", [b"", b"\x01", struct.pack("<Q", 2**40) + b"{}", struct.pack("<Q", 5) + b"{nope"])
+def test_unreadable_safetensors_header(tmp_path, data):
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(ModelNotAvailable, match="not a readable safetensors"):
+        read_safetensors_header(path)
+
+
+def test_unreadable_config_json(tiny_checkpoint, tmp_path):
+    import shutil
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_checkpoint, folder)
+    (folder / "config.json").write_text("{")
+    with pytest.raises(ModelNotAvailable, match="unreadable JSON"):
+        describe(folder)
