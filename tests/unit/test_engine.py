@@ -195,3 +195,20 @@ def test_states_of_missing_and_unreadable_sources(tmp_path, tiny_checkpoint):
     assert states["tiny"].num_params > 0 and states["tiny"].load_s is None
     assert states["gone"].state == "missing" and states["gone"].num_bytes is None
     assert states["junk"].state == "unreadable" and states["junk"].num_params is None
+
+
+def test_stop_fails_queued_requests_instead_of_dropping_them(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    events = []
+    request = Request(expert="tiny", prompt="queued", sink=events.append)
+    engine.submit(request)
+    engine.stop()
+    assert len(events) == 1 and isinstance(events[0].error, Overloaded)
+    assert engine.queue_depth() == 0
+
+
+def test_stopped_engine_takes_no_new_batch(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    engine.stop()
+    engine.submit(Request(expert="tiny", prompt="late"))
+    assert engine.step() is False

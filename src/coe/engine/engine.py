@@ -9,7 +9,7 @@ from typing import Iterator
 from coe.cache import ModelCache
 from coe.config import ROUTED_MODEL, CoEConfig
 from coe.engine.scheduler import FifoScheduler
-from coe.errors import CoEError, GenerationError, UnknownExpert
+from coe.errors import CoEError, GenerationError, Overloaded, UnknownExpert
 from coe.models.catalog import ModelStore
 from coe.types import Request, RouteDecision, StreamEvent
 
@@ -26,6 +26,7 @@ class Engine:
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
+        self._running: tuple[Request, ...] = ()
         self.num_served = 0
 
     @classmethod
@@ -79,9 +80,10 @@ class Engine:
     def step(self) -> bool:
         """Serve one batch. Returns False when there was nothing to do."""
         with self._work:
-            batch = self.scheduler.next_batch()
-        if batch is None:
-            return False
+            batch = None if self._stopping else self.scheduler.next_batch()
+            if batch is None:
+                return False
+            self._running = batch.requests
         try:
             runner = self.cache.activate(batch.expert)
             for event in runner.generate(batch.requests):
@@ -90,6 +92,8 @@ class Engine:
             self._fail(batch.requests, exc)
         except Exception as exc:  # keep serving: one failed batch must not kill the loop
             self._fail(batch.requests, GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+        finally:
+            self._running = ()
         self.num_served += len(batch.requests)
         return True
 
@@ -117,12 +121,20 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
+        """Stop the loop: the batch in flight is cancelled at its next token, queued requests get an error."""
         with self._work:
             self._stopping = True
+            for request in self._running:
+                request.cancel()
             self._work.notify_all()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
+        with self._work:
+            leftover = []
+            while (batch := self.scheduler.next_batch()) is not None:
+                leftover.extend(batch.requests)
+        self._fail(leftover, Overloaded("the server is shutting down"))
         self.cache.close()
 
     def queue_depth(self) -> int:
