@@ -14,7 +14,7 @@ from typing import Iterator
 from coe.backends.base import Backend, HostWeights, Runner, Vocab
 from coe.config import ExpertConfig
 from coe.errors import LoadError, MissingExtra
-from coe.models.info import describe
+from coe.models.info import describe, read_json
 from coe.models.safetensors_info import checkpoint_files
 from coe.types import SamplingParams
 
@@ -253,20 +253,13 @@ def _byte_table(tok) -> list[bytes]:
 
 
 def load_vocab(path: Path, vocab_size: int) -> Vocab:
-    tokenizer_config = _optional_json(path / "tokenizer_config.json")
+    tokenizer_config = read_json(path / "tokenizer_config.json")
     if (path / "tokenizer.json").exists():
-        return HFTokenizerVocab(path, tokenizer_config, _optional_json(path / "generation_config.json"))
+        return HFTokenizerVocab(path, tokenizer_config, read_json(path / "generation_config.json"))
     if vocab_size < BYTE_VOCAB_SIZE:
         raise LoadError(f"{path}: no tokenizer.json, and vocab_size {vocab_size} is too small for "
                         f"the byte tokenizer ({BYTE_VOCAB_SIZE})")
     return ByteVocab(tokenizer_config.get("chat_template"))
-
-
-def _optional_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text()) if path.exists() else {}
-    except (OSError, ValueError) as exc:
-        raise LoadError(f"{path}: unreadable JSON ({exc})") from None
 
 
 # ---- backend -----------------------------------------------------------------------------------

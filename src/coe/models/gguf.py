@@ -4,6 +4,7 @@ Format: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md (little-endian
 """
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +39,7 @@ class GGUFHeader:
 
     @property
     def num_params(self) -> int:
-        total = 0
-        for shape in self.tensor_shapes.values():
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
+        return sum(math.prod(shape) for shape in self.tensor_shapes.values())
 
     @property
     def quantization(self) -> str:

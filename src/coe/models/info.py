@@ -59,8 +59,8 @@ def _describe_cached(path: Path, stamp: tuple) -> ModelInfo:
 
 def _describe_checkpoint(path: Path) -> ModelInfo:
     info = read_checkpoint_info(path)
-    config = _read_json(path / "config.json")
-    tokenizer_config = _read_json(path / "tokenizer_config.json")
+    config = read_json(path / "config.json")
+    tokenizer_config = read_json(path / "tokenizer_config.json")
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
     return ModelInfo(path=path, format="safetensors", num_bytes=info.num_bytes,
                      num_params=info.num_params, architecture=str(architectures[0]),
@@ -69,7 +69,8 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
                      context_length=config.get("max_position_embeddings"))
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A JSON object file, or {} when it does not exist; unreadable files raise ModelNotAvailable."""
     if not path.exists():
         return {}
     try:

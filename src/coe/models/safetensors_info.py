@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +21,7 @@ class SafetensorsInfo:
 
     @property
     def num_params(self) -> int:
-        total = 0
-        for _, shape in self.tensors.values():
-            count = 1
-            for dim in shape:
-                count *= dim
-            total += count
-        return total
+        return sum(math.prod(shape) for _, shape in self.tensors.values())
 
     @property
     def dtypes(self) -> tuple[str, ...]:
