@@ -81,7 +81,7 @@ def _read(f: BinaryIO) -> GGUFHeader:
         name = _read_string(f)
         num_dims = _unpack(f, "<I")
         shapes[name] = tuple(_unpack(f, "<Q") for _ in range(num_dims))
-        _unpack(f, "<I"), _unpack(f, "<Q")  # ggml type, data offset
+        _unpack(f, "<IQ")  # ggml type (u32) and data offset (u64): checked for truncation, unused
     return GGUFHeader(version=version, metadata=metadata, tensor_shapes=shapes)
 
 

@@ -30,7 +30,7 @@ class ModelInfo:
 def describe(path: str | Path) -> ModelInfo:
     """Read a GGUF file or a safetensors checkpoint folder's headers (no weights are loaded).
 
-    Results are cached per (path, size, mtime), so listing models stays cheap.
+    Results are cached per path and the size and mtime of its file(s), so listing models stays cheap.
     """
     path = Path(path)
     try:
@@ -43,7 +43,8 @@ def describe(path: str | Path) -> ModelInfo:
 def _stamp(path: Path) -> tuple:
     """Size and mtime of the file, or of every file in a checkpoint folder."""
     files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
-    return tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    stats = [(p.name, p.stat()) for p in files]
+    return tuple((name, st.st_size, st.st_mtime_ns) for name, st in stats)
 
 
 @lru_cache(maxsize=64)
