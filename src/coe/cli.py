@@ -70,6 +70,7 @@ def cmd_serve(args) -> int:
     config = load_config(args.config)
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
+    ensure_router(config)
     engine = Engine.from_config(config, coe_home())
     print(f"coe serving {len(config.experts)} experts ({', '.join(e.name for e in config.experts)}) "
           f"on http://{host}:{port}/v1", flush=True)
@@ -78,11 +79,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_experts(args) -> int:
-    from coe.cache import ModelCache
-    from coe.models import ModelStore
-
     config = load_config(args.config)
-    states = ModelCache(config, ModelStore(coe_home())).states()
+    states = _states(config)
     rows = [[s.name, _human_params(s.num_params), _human_bytes(s.num_bytes), s.backend, s.state,
              config.expert(s.name).source] for s in states]
     print_table(rows, ["name", "params", "bytes", "backend", "state", "source"])
@@ -135,6 +133,155 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _progress(stage: str, done: int, total: int) -> None:
+    """A one-line progress bar on stderr."""
+    width = 30
+    filled = int(width * done / total) if total else width
+    end = "\n" if done >= total else ""
+    print(f"\r{stage:<6} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
+          file=sys.stderr, flush=True)
+
+
+def router_folder(config: CoEConfig) -> Path:
+    from coe.router.service import default_artifact_dir
+
+    return Path(config.router.artifact) if config.router.artifact else default_artifact_dir(coe_home())
+
+
+def ensure_router(config: CoEConfig) -> None:
+    """First use: train the default router when no artifact exists yet (a few minutes, offline)."""
+    if not config.router.enabled or config.router.artifact:
+        return
+    from coe.router.train import ensure_trained, is_current
+
+    folder = router_folder(config)
+    if not is_current(folder):
+        print(f"coe: no current trained router in {folder}; training the default one now "
+              f"(offline, a few minutes)", file=sys.stderr, flush=True)
+        ensure_trained(folder, coe_home() / "router" / "cache", _progress)
+
+
+def build_expert_router(config: CoEConfig):
+    from coe.router.service import load_expert_router
+
+    ensure_router(config)
+    params = {s.name: s.num_params for s in _states(config)}
+    return load_expert_router(config.router, coe_home(), params, config.default_expert)
+
+
+def cmd_router_train(args) -> int:
+    from coe.router.train import TrainSettings, format_evaluation, is_current, train_and_save
+
+    config = load_config(args.config)
+    out = Path(args.out) if args.out else router_folder(config)
+    if args.if_missing and not args.data and is_current(out):
+        print(f"router in {out} is current; nothing to do")
+        return 0
+    settings = TrainSettings(**{k: v for k, v in (("epochs", args.epochs),
+                                                   ("hidden_size", args.hidden)) if v is not None})
+    result = train_and_save(out, coe_home() / "router" / "cache", args.data, settings,
+                            config.router.fallback_category, _progress)
+    meta = result.head.meta
+    print(f"trained on {meta.data['train']} prompts in {result.seconds:.0f} s; categories: "
+          f"{', '.join(meta.categories)}; temperature {meta.temperature:.3f}; fallback below "
+          f"confidence {meta.threshold:.2f} -> {config.router.fallback_category!r}")
+    for evaluation in result.evaluations.values():
+        print(format_evaluation(evaluation))
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_router_map(args) -> int:
+    import dataclasses
+
+    from coe.router.mapping import format_frontier, pareto_frontier
+    from coe.router.service import load_score_table, map_problem
+
+    config = load_config(args.config)
+    changes = {k: v for k, v in (("scores", args.scores), ("budget_params", args.budget)) if v}
+    config = dataclasses.replace(config, router=dataclasses.replace(config.router, **changes))
+    router = build_expert_router(config)
+    table = load_score_table(config.router.scores)
+    print(f"scores: {table.source}")
+    params = {s.name: s.num_params for s in _states(config)}
+    problem = map_problem(config.router, router.router.categories, params, table,
+                          config.default_expert)
+    if problem is None:
+        print(f"no configured expert has scores and a known size: every category goes to "
+              f"{config.default_expert}")
+    else:
+        print("Pareto frontier (average active parameters -> expected score):")
+        print(format_frontier(pareto_frontier(problem.table, problem.params, problem.frequencies,
+                                              problem.pins)))
+    budget = config.router.budget_params
+    print(f"chosen map ({f'budget {budget:.3g} params' if budget else 'no budget'}):")
+    print_table([[c, e] for c, e in router.assignment.items()], ["category", "expert"])
+    return 0
+
+
+def _states(config: CoEConfig):
+    from coe.cache import ModelCache
+    from coe.models import ModelStore
+
+    return ModelCache(config, ModelStore(coe_home())).states()
+
+
+def cmd_route(args) -> int:
+    config = load_config(args.config)
+    router = build_expert_router(config)
+    if args.jsonl:
+        return _route_jsonl(router)
+    if not args.prompt:
+        raise CoEError("give a prompt, or --jsonl to read {\"prompt\": ...} lines from stdin")
+    decision = router.route_prompt(args.prompt)
+    probabilities = router.router.probabilities([args.prompt])[0]
+    ranked = sorted(zip(router.router.categories, probabilities), key=lambda kv: -kv[1])
+    print_table([[c, f"{p:.3f}", router.assignment.get(c, "")] for c, p in ranked],
+                ["category", "probability", "expert"])
+    print(f"category: {decision.category}  confidence: {decision.confidence:.3f}  "
+          f"expert: {decision.expert}" + (f"  (fallback: {decision.reason})" if decision.fallback else ""))
+    print("alternatives: " + ", ".join(f"{c} -> {e} ({p:.3f})" for c, e, p in decision.alternatives))
+    return 0
+
+
+def _route_jsonl(router) -> int:
+    """One JSON decision per input line; a bad line gets an error object and the rest go on."""
+    import json
+
+    failed = 0
+    for number, raw in enumerate(sys.stdin.buffer, start=1):
+        if not raw.strip():
+            continue
+        try:
+            prompt = _jsonl_prompt(raw, number)
+            d = router.route_prompt(prompt)
+            out = {"category": d.category, "confidence": round(d.confidence, 4), "expert": d.expert,
+                   "fallback": d.fallback, "reason": d.reason,
+                   "alternatives": [{"category": c, "expert": e, "probability": p}
+                                    for c, e, p in d.alternatives]}
+        except CoEError as exc:
+            failed += 1
+            out = {"line": number, "error": {"message": exc.message, "type": exc.error_type}}
+        print(json.dumps(out), flush=True)
+    return 1 if failed else 0
+
+
+def _jsonl_prompt(raw: bytes, number: int) -> str:
+    import json
+
+    from coe.errors import InvalidRequest
+
+    try:
+        row = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise InvalidRequest(f"stdin line {number}: not UTF-8 (byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"stdin line {number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
+        raise InvalidRequest(f"stdin line {number}: expected an object with a string field 'prompt'")
+    return row["prompt"]
+
+
 def cmd_bench(args) -> int:
     from coe.bench import run_bench
 
@@ -179,6 +326,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int)
     p.add_argument("--raw", action="store_true", help="plain completion: no chat template")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("router", help="train the router or show the category-to-expert map")
+    router_sub = p.add_subparsers(dest="router_command", required=True)
+    p = router_sub.add_parser("train", help="train the router on packaged datasets or your own")
+    p.add_argument("--data", help="labelled prompts: JSONL with prompt+category, or CSV")
+    p.add_argument("--out", help="artifact folder (default: the config's router.artifact or "
+                                 "$COE_HOME/router/default)")
+    p.add_argument("--config")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--hidden", type=int, help="hidden units of the head (0: softmax regression)")
+    p.add_argument("--if-missing", action="store_true",
+                   help="do nothing when a current default router is already there")
+    p.set_defaults(func=cmd_router_train)
+    p = router_sub.add_parser("map", help="print the Pareto frontier and the chosen map")
+    p.add_argument("--config")
+    p.add_argument("--scores", help="score table JSON (category -> expert -> score)")
+    p.add_argument("--budget", type=float, help="average active parameters allowed")
+    p.set_defaults(func=cmd_router_map)
+
+    p = sub.add_parser("route", help="route a prompt: category probabilities and the chosen expert")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--jsonl", action="store_true", help='read {"prompt": ...} lines on stdin')
+    p.add_argument("--config")
+    p.set_defaults(func=cmd_route)
 
     from coe.bench import add_bench_parser
     add_bench_parser(sub).set_defaults(func=cmd_bench)

@@ -34,6 +34,25 @@ def parse_bytes(value: Any, field_name: str) -> int:
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
 
 
+_COUNT = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([KMBT]?)\s*$", re.IGNORECASE)
+_COUNT_UNITS = {"": 1, "k": 1e3, "m": 1e6, "b": 1e9, "t": 1e12}
+
+
+def parse_count(value: Any, field_name: str) -> float:
+    """A positive number, or a string like '1.5B', '500M' or '1e9' (parameter counts)."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    else:
+        match = _COUNT.match(str(value)) if isinstance(value, str) else None
+        if not match:
+            raise ConfigError(f"{field_name}: expected a count like 1.5B, 500M or 1e9, got {value!r}",
+                              param=field_name)
+        number = float(match.group(1)) * _COUNT_UNITS[match.group(2).lower()]
+    if not number > 0:
+        raise ConfigError(f"{field_name}: expected a positive count, got {value!r}", param=field_name)
+    return number
+
+
 def _require(ok: bool, field_name: str, expected: str, got: Any) -> None:
     if not ok:
         raise ConfigError(f"{field_name}: expected {expected}, got {got!r}", param=field_name)
@@ -65,9 +84,43 @@ class ExpertConfig:
 
 @dataclass(frozen=True)
 class RouterConfig:
-    """Until the router lands, model 'coe' goes to ``default_expert`` (first expert if unset)."""
+    """How model "coe" picks an expert: category router, then the category-to-expert map."""
 
-    default_expert: str | None = None
+    enabled: bool = True                 # false: every "coe" request goes to default_expert
+    artifact: str | None = None          # trained router folder (default: COE_HOME/router/default)
+    default_expert: str | None = None    # the generalist: fallback category and router-off target
+    fallback_category: str = "chat"      # where prompts go when the router is unsure
+    threshold: float | None = None       # override the calibrated confidence threshold
+    scores: str | None = None            # category x expert score table (JSON); default: placeholder
+    budget_params: float | None = None   # average active parameters allowed; None = best score
+    pins: dict = field(default_factory=dict)         # category -> expert, fixed by hand
+    frequencies: dict = field(default_factory=dict)  # category -> weight (default: uniform)
+    stay_margin: float = 0.2             # a conversation changes expert only when the router is
+                                         # this much more confident in the new category
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.enabled, bool), "enabled", "true or false", self.enabled)
+        for name in ("artifact", "scores", "default_expert"):
+            value = getattr(self, name)
+            _require(value is None or (isinstance(value, str) and value != ""), name, "a string", value)
+        _require(isinstance(self.fallback_category, str) and self.fallback_category != "",
+                 "fallback_category", "a category name", self.fallback_category)
+        _require(self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),
+                 "threshold", "a number between 0 and 1", self.threshold)
+        if self.budget_params is not None:
+            object.__setattr__(self, "budget_params", parse_count(self.budget_params, "budget_params"))
+        _require(isinstance(self.pins, dict) and all(isinstance(k, str) and isinstance(v, str)
+                                                     for k, v in self.pins.items()),
+                 "pins", "a mapping of category -> expert name", self.pins)
+        _require(isinstance(self.frequencies, dict) and all(
+            isinstance(k, str) and _is_number(v) and v >= 0 for k, v in self.frequencies.items()),
+                 "frequencies", "a mapping of category -> non-negative weight", self.frequencies)
+        _require(_is_number(self.stay_margin) and 0 <= self.stay_margin <= 1, "stay_margin",
+                 "a number between 0 and 1", self.stay_margin)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)
@@ -121,6 +174,8 @@ class CoEConfig:
         default = self.router.default_expert
         _require(default is None or default in names, "router.default_expert",
                  "one of " + ", ".join(names), default)
+        for category, expert in self.router.pins.items():
+            _require(expert in names, f"router.pins.{category}", "one of " + ", ".join(names), expert)
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:
@@ -133,6 +188,9 @@ class CoEConfig:
         return self.router.default_expert or self.experts[0].name
 
 
+DEFAULT_BUDGET_PARAMS = 1.0e9  # average active parameters of the default composition
+
+
 def default_config() -> CoEConfig:
     """The four packaged experts."""
     return CoEConfig(experts=(
@@ -140,7 +198,7 @@ def default_config() -> CoEConfig:
         ExpertConfig("gemma3-270m", "gemma3-270m", description="base model, plain completion"),
         ExpertConfig("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", description="code"),
         ExpertConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b", description="code and reasoning"),
-    ), router=RouterConfig(default_expert="smollm2-135m"))
+    ), router=RouterConfig(default_expert="smollm2-135m", budget_params=DEFAULT_BUDGET_PARAMS))
 
 
 # ---- YAML edge --------------------------------------------------------------------------------
@@ -228,8 +286,17 @@ experts:
     description: code and reasoning
 
 router:
-  # Requests for model "coe" go here until a trained router is configured.
-  default_expert: smollm2-135m
+  # model "coe": a trained router picks a category, the category-to-expert map picks the expert.
+  enabled: true
+  default_expert: smollm2-135m   # the generalist: gets the fallback category "chat"
+  fallback_category: chat        # where prompts go when the router's confidence is low
+  # artifact: path/to/router     # default: $COE_HOME/router/default (`coe router train`)
+  # threshold: 0.45              # default: the threshold calibrated at training time
+  # scores: scores.json          # category x expert scores; default: a documented placeholder
+  budget_params: 1B              # average active parameters allowed (remove for no limit)
+  pins: {}                       # e.g. {code: qwen2.5-coder-1.5b}
+  frequencies: {}                # category weights for the budget; default: uniform
+  stay_margin: 0.2               # conversations change expert only when clearly better elsewhere
 
 cache:
   # Bytes of expert weights kept loaded at once; the least recently used expert is unloaded.

@@ -55,6 +55,14 @@ class RoutingError(CoEError):
     error_type = "routing_error"
 
 
+class RouterUnavailable(CoEError):
+    """The router's trained artifact is missing or corrupt; the message says how to fix it."""
+
+    http_status = 503
+    error_type = "router_unavailable"
+    code = "router_unavailable"
+
+
 class ModelNotAvailable(CoEError):
     """The weights of a packaged model are not installed or fail their checksum."""
 

@@ -50,7 +50,7 @@ class RouteDecision:
     category: str
     confidence: float
     expert: str
-    alternatives: tuple[tuple[str, float], ...] = ()
+    alternatives: tuple[tuple[str, str, float], ...] = ()  # (category, expert, probability)
     fallback: bool = False
     reason: str = ""
 

@@ -34,6 +34,7 @@ class Server:
 
 
 def start_server(tmp_path: Path, config_text: str | None) -> Server:
+    tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
     args = [sys.executable, "-m", "coe", "serve", "--port", str(port), "--log-level", "warning"]
     if config_text is not None:
@@ -88,6 +89,31 @@ def smollm_server(tmp_path_factory):
     stop_server(server)
 
 
+ROUTED_CONFIG = """
+experts:
+  - name: smollm2-135m
+    source: smollm2-135m
+  - name: gemma3-270m
+    source: gemma3-270m
+router:
+  default_expert: smollm2-135m
+  pins: {code: gemma3-270m}
+"""
+
+
+@pytest.fixture
+def routed_config() -> str:
+    return ROUTED_CONFIG
+
+
+@pytest.fixture(scope="module")
+def routed_server(tmp_path_factory):
+    """Model "coe" routed by the trained default router; code is pinned to Gemma."""
+    server = start_server(tmp_path_factory.mktemp("routed"), ROUTED_CONFIG)
+    yield server
+    stop_server(server)
+
+
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """`coe serve` with no config: the built-in default of four packaged experts."""
@@ -102,3 +128,18 @@ def coe_home() -> Path:
     from coe.cli import coe_home as home
 
     return home()
+
+
+@pytest.fixture
+def server_with_config(tmp_path):
+    """Start `coe serve` with a given config text; every server started is stopped afterwards."""
+    started: list[Server] = []
+
+    def start(config_text: str | None) -> Server:
+        server = start_server(tmp_path / f"server{len(started)}", config_text)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        stop_server(server)

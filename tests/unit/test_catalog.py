@@ -72,7 +72,7 @@ def test_ensure_assembles_verifies_and_records(site, register, tmp_path):
 
     assert path == tmp_path / "home" / "models" / model.filename
     assert path.read_bytes() == b"".join(CHUNKS)
-    record = (tmp_path / "home" / "verified" / f"{model.id}.sha256").read_text().split()
+    record = store._record_path(model).read_text().split()
     assert record[:3] == [model.sha256, str(path), str(len(b"".join(CHUNKS)))]
     assert sorted(p.name for p in path.parent.iterdir()) == [model.filename]  # no temporary left
 
@@ -124,7 +124,7 @@ def test_wrong_sha256_raises_and_leaves_no_file(site, register, tmp_path):
     assert model.id in info.value.message
     models_dir = tmp_path / "home" / "models"
     assert not models_dir.exists() or list(models_dir.iterdir()) == []
-    assert not (tmp_path / "home" / "verified" / f"{model.id}.sha256").exists()
+    assert not list((tmp_path / "home" / "verified").glob(f"{model.id}*"))
     assert store.status(model.id) == "not assembled"
 
 

@@ -70,7 +70,8 @@ def test_models_lists_coe_and_the_experts(client):
     assert body["object"] == "list"
     cards = {card["id"]: card for card in body["data"]}
     assert list(cards) == ["coe", "tiny", "other"]
-    assert cards["coe"]["coe"]["routed"] is True
+    assert cards["coe"]["coe"]["routed"] is False  # no trained router in this engine
+    assert cards["coe"]["coe"]["unavailable_reason"]
     assert cards["coe"]["coe"]["default_expert"] == "tiny"
     assert cards["tiny"]["object"] == "model"
     assert cards["tiny"]["coe"]["backend"] == "torch_hf"
@@ -125,11 +126,11 @@ def test_default_max_tokens_from_the_config(client):
     assert usage["completion_tokens"] == 8 or response.json()["choices"][0]["finish_reason"] == "stop"
 
 
-def test_routed_model_goes_to_the_default_expert(client):
+def test_routed_model_without_router_goes_to_the_default_expert(client):
     response = chat(client, model="coe")
     assert response.status_code == 200
     assert response.headers["x-coe-expert"] == "tiny"
-    assert response.headers["x-coe-category"] == "general"
+    assert response.headers["x-coe-category"] == "chat"  # the fallback category
     body = response.json()
     assert body["model"] == "coe"
     assert body["coe"]["fallback"] is True and body["coe"]["expert"] == "tiny"

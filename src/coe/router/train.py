@@ -1,0 +1,297 @@
+"""Train, calibrate and evaluate the router's head on labelled prompts.
+
+Steps: embed every prompt once (embeddings are cached on disk per encoder), fit the head on the
+train split with class-balanced cross-entropy, keep the epoch with the best validation accuracy,
+fit a temperature on validation logits, pick the fallback threshold on validation, then report
+accuracy, per-category precision/recall and the confusion matrix on the test split and on
+MT-Bench.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from coe.errors import ConfigError
+from coe.router.data import GENERALIST, Example, by_split
+from coe.router.encoder import ENCODER_DIST, ENCODER_VERSION, SentenceEncoder
+from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total)
+FEATURES_VERSION = 1  # bump when the features the head reads change
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    hidden_size: int = 0
+    epochs: int = 40
+    batch_size: int = 256
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    dropout: float = 0.1
+    seed: int = 0
+    min_steps: int = 1000  # small datasets train for more epochs
+    min_fallback_accuracy: float = 0.5  # below the threshold, the top category is right less often
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    name: str
+    n: int
+    accuracy: float
+    fallback_rate: float
+    categories: tuple[str, ...]
+    confusion: list[list[int]]  # rows: true category, columns: predicted
+
+    def per_category(self) -> dict[str, dict[str, float]]:
+        out = {}
+        for i, cat in enumerate(self.categories):
+            tp = self.confusion[i][i]
+            predicted = sum(row[i] for row in self.confusion)
+            actual = sum(self.confusion[i])
+            out[cat] = {"precision": tp / predicted if predicted else 0.0,
+                        "recall": tp / actual if actual else 0.0, "n": actual}
+        return out
+
+    def to_dict(self) -> dict:
+        return {"n": self.n, "accuracy": self.accuracy, "fallback_rate": self.fallback_rate,
+                "per_category": self.per_category(), "confusion": self.confusion}
+
+
+# -- embeddings -----------------------------------------------------------------------------------
+class EmbeddingStore:
+    """Embeddings of training prompts kept on disk, keyed by text, so retraining skips the encoder."""
+
+    def __init__(self, encoder: SentenceEncoder, folder: Path | None):
+        self.encoder = encoder
+        tag = f"{ENCODER_DIST}-{ENCODER_VERSION}-{encoder.max_tokens}-{encoder.precision}"
+        self.path = folder / f"embeddings-{tag}.pt" if folder else None
+        self.rows: dict[str, torch.Tensor] = {}
+        if self.path and self.path.is_file():
+            try:
+                self.rows = torch.load(self.path, weights_only=True)
+            except Exception:  # a damaged cache is rebuilt, never trusted
+                self.rows = {}
+
+    def embed(self, texts: Sequence[str], progress: Progress | None = None,
+              chunk: int = 512) -> torch.Tensor:
+        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+                for t in texts]
+        todo = sorted({k: t for k, t in zip(keys, texts) if k not in self.rows}.items())
+        for start in range(0, len(todo), chunk):
+            part = todo[start:start + chunk]
+            rows = self.encoder._encode_uncached([t for _, t in part])
+            self.rows.update({k: row.clone() for (k, _), row in zip(part, rows)})
+            if progress:
+                progress("embed", min(start + chunk, len(todo)), len(todo))
+        if self.path and (todo or len(self.rows) > len(set(keys))):
+            self.rows = {k: self.rows[k] for k in keys}  # keep only what this data set uses
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            torch.save(self.rows, self.path.with_suffix(".tmp"))
+            self.path.with_suffix(".tmp").replace(self.path)
+        return torch.stack([self.rows[k] for k in keys]) if keys else torch.empty(0, self.encoder.dim)
+
+
+# -- fitting --------------------------------------------------------------------------------------
+def fit_head(train: Features, y: torch.Tensor, val: Features, yv: torch.Tensor,
+             num_classes: int, settings: TrainSettings,
+             progress: Progress | None = None) -> HeadNet:
+    torch.manual_seed(settings.seed)
+    net = HeadNet(train.embeddings.shape[1], settings.hidden_size, num_classes, settings.dropout)
+    counts = torch.bincount(y, minlength=num_classes).clamp(min=1).float()
+    weights = counts.sum() / (num_classes * counts)
+    opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
+    best, best_state = -1.0, None
+    batch_size = min(settings.batch_size, max(16, len(y) // 20))  # >= ~20 steps per epoch
+    epochs = max(settings.epochs, math.ceil(settings.min_steps / math.ceil(len(y) / batch_size)))
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(len(y)).tolist()
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            loss = F.cross_entropy(net(train.select(idx)), y[idx], weight=weights,
+                                   label_smoothing=0.05)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+        accuracy = _accuracy(net, val, yv)
+        if accuracy >= best:  # ties: the later, better-fitted epoch
+            best, best_state = accuracy, {k: v.clone() for k, v in net.state_dict().items()}
+        if progress:
+            progress("train", epoch + 1, epochs)
+    net.load_state_dict(best_state)
+    return net.eval()
+
+
+def _accuracy(net: HeadNet, x: Features, y: torch.Tensor) -> float:
+    net.eval()
+    with torch.inference_mode():
+        return (net(x).argmax(-1) == y).float().mean().item() if len(y) else 0.0
+
+
+def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
+    """The temperature minimising validation NLL (grid over 0.05..20, log-spaced)."""
+    grid = torch.logspace(math.log10(0.05), math.log10(20), 200)
+    nll = [F.cross_entropy(logits / t, y).item() for t in grid]
+    return float(grid[min(range(len(grid)), key=nll.__getitem__)])
+
+
+def fit_threshold(confidence: torch.Tensor, correct: torch.Tensor, min_accuracy: float,
+                  min_count: int = 20) -> float:
+    """The highest confidence t such that predictions below t are right less than ``min_accuracy``
+    of the time (measured on at least ``min_count`` validation prompts); 0 if none is."""
+    best = 0.0
+    for t in torch.arange(0.05, 0.96, 0.05).tolist():
+        below = confidence < t
+        if below.sum() >= min_count and correct[below].float().mean() < min_accuracy:
+            best = t
+    return round(best, 2)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def evaluate(name: str, probs: torch.Tensor, y: torch.Tensor, categories: tuple[str, ...],
+             threshold: float, fallback: str) -> Evaluation:
+    """Top-1 accuracy of the router's category (the fallback counts when it is the label)."""
+    conf, pred = probs.max(-1)
+    low = conf < threshold
+    if fallback in categories:
+        low &= pred != categories.index(fallback)
+    confusion = [[0] * len(categories) for _ in categories]
+    for t, p in zip(y.tolist(), pred.tolist()):
+        confusion[t][p] += 1
+    n = len(y)
+    return Evaluation(name, n, (pred == y).float().mean().item() if n else 0.0,
+                      low.float().mean().item() if n else 0.0, categories, confusion)
+
+
+# -- the whole run --------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    head: Head
+    evaluations: dict[str, Evaluation]
+    seconds: float
+
+
+def train_router(examples: list[Example], heldout: list[Example], encoder: SentenceEncoder,
+                 cache_dir: Path | None, settings: TrainSettings = TrainSettings(),
+                 fallback: str = GENERALIST, progress: Progress | None = None) -> TrainResult:
+    started = time.perf_counter()
+    splits = by_split(examples)
+    categories = tuple(sorted({e.category for e in examples}, key=_category_order))
+    _check_splits(splits, categories)
+    store = EmbeddingStore(encoder, cache_dir)
+    every = [*examples, *heldout]
+    embedded = store.embed([e.text for e in every], progress)
+    index = {id(e): i for i, e in enumerate(every)}
+
+    def xy(part: list[Example]) -> tuple[Features, torch.Tensor]:
+        known = [e for e in part if e.category in categories]
+        features = Features(embedded[[index[id(e)] for e in known]],
+                            [ngram_bag(e.text) for e in known])
+        return features, torch.tensor([categories.index(e.category) for e in known],
+                                      dtype=torch.long)
+
+    (x, y), (xv, yv), (xt, yt) = (xy(splits.get(s, [])) for s in ("train", "val", "test"))
+    net = fit_head(x, y, xv, yv, len(categories), settings, progress)
+    with torch.inference_mode():
+        temperature = fit_temperature(net(xv), yv)
+        val_probs = torch.softmax(net(xv) / temperature, -1)
+    conf, pred = val_probs.max(-1)
+    threshold = fit_threshold(conf, pred == yv, settings.min_fallback_accuracy)
+    meta = HeadMeta(categories, x.embeddings.shape[1], settings.hidden_size, temperature, threshold,
+                    encoder={"dist": ENCODER_DIST, "version": ENCODER_VERSION,
+                             "max_tokens": encoder.max_tokens, "precision": encoder.precision},
+                    data={"train": len(y), "val": len(yv), "test": len(yt), "heldout": len(heldout),
+                          "sources": sorted({e.source for e in examples})})
+    head = Head(net, meta)
+    evaluations = {"val": evaluate("val", val_probs, yv, categories, threshold, fallback)}
+    for name, (xe, ye) in (("test", (xt, yt)), ("mtbench", xy(heldout))):
+        if len(ye):
+            evaluations[name] = evaluate(name, head.probabilities(xe), ye, categories, threshold,
+                                         fallback)
+    head.meta.metrics.update({k: v.to_dict() for k, v in evaluations.items()})
+    return TrainResult(head, evaluations, time.perf_counter() - started)
+
+
+def _category_order(name: str) -> tuple[int, str]:
+    from coe.router.data import CATEGORIES
+
+    names = list(CATEGORIES)
+    return (names.index(name), name) if name in names else (len(names), name)
+
+
+def _check_splits(splits: dict[str, list[Example]], categories: tuple[str, ...]) -> None:
+    if len(categories) < 2:
+        raise ConfigError("training data: at least two categories are needed")
+    for name in ("train", "val"):
+        if not splits.get(name):
+            raise ConfigError(f"training data: the {name} split is empty; give more prompts "
+                              f"(about 10% of groups go to validation, 10% to test)")
+
+
+# -- entry points for the CLI ---------------------------------------------------------------------
+def train_and_save(out: Path, cache_dir: Path, data_file: str | None = None,
+                   settings: TrainSettings = TrainSettings(), fallback: str = GENERALIST,
+                   progress: Progress | None = None) -> TrainResult:
+    """Train on the packaged datasets (or a user's labelled file) and write the artifact to ``out``.
+    MT-Bench is the held-out chat test whenever its categories are among the trained ones."""
+    from coe.router.data import default_examples, load_labelled, mtbench_examples
+
+    examples = load_labelled(data_file) if data_file else default_examples()
+    version = f"user:{Path(data_file).name}" if data_file else data_version()
+    trained = {e.category for e in examples}
+    heldout = [e for e in mtbench_examples() if e.category in trained]
+    result = train_router(examples, heldout, SentenceEncoder(), cache_dir, settings, fallback,
+                          progress)
+    result.head.meta.data["version"] = version
+    result.head.save(out)
+    return result
+
+
+def ensure_trained(out: Path, cache_dir: Path, progress: Progress | None = None) -> bool:
+    """Train the default router into ``out`` unless an artifact of this data version is there."""
+    if is_current(out):
+        return False
+    train_and_save(out, cache_dir, progress=progress)
+    return True
+
+
+def is_current(folder: Path) -> bool:
+    from coe.router.head import read_meta_quietly
+
+    meta = read_meta_quietly(folder)
+    return meta is not None and meta.data.get("version") == data_version()
+
+
+def data_version() -> str:
+    """Changes whenever the default taxonomy, sources or training recipe change."""
+    from coe.router import data
+
+    recipe = repr((sorted(data.CATEGORIES), [(s.name, s.category, s.cap, s.eval_shared)
+                                            for s in data.default_sources()],
+                   data.EVAL_SHARE, TrainSettings(), FEATURES_VERSION))
+    return hashlib.blake2b(recipe.encode(), digest_size=6).hexdigest()
+
+
+def format_evaluation(ev: Evaluation) -> str:
+    short = [c[:5] for c in ev.categories]
+    lines = [f"{ev.name}: accuracy {ev.accuracy:.1%} on {ev.n} prompts "
+             f"(below the confidence threshold, {ev.fallback_rate:.1%} would go to the fallback)",
+             f"  {'category':<12} {'precision':>9} {'recall':>7} {'n':>5}"]
+    for cat, row in ev.per_category().items():
+        if row["n"]:
+            lines.append(f"  {cat:<12} {row['precision']:>9.2f} {row['recall']:>7.2f} {row['n']:>5}")
+    lines.append("  confusion (rows: true, columns: predicted)")
+    lines.append("  " + " " * 12 + " ".join(f"{s:>5}" for s in short))
+    for cat, row in zip(ev.categories, ev.confusion):
+        if sum(row):
+            lines.append(f"  {cat:<12}" + " ".join(f"{v:>5}" for v in row))
+    return "\n".join(lines)
