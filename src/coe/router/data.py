@@ -38,6 +38,7 @@ CATEGORIES: dict[str, str] = {
     "chat": "general assistance and conversation: the generalist fallback, not a trained class",
 }
 GENERALIST = "chat"
+RECIPE = 3  # bump when prompt rendering or a source's reading changes (retrains the default)
 SPLITS = ("train", "val", "test")
 EVAL_SHARE = 0.5
 MTBENCH_CATEGORIES = {"writing": "writing", "roleplay": "writing", "reasoning": "reasoning",
@@ -321,17 +322,6 @@ def _healthbench() -> Iterator[Item]:
         yield Item(f"healthbench:{row['prompt_id']}", "\n\n".join(turns))
 
 
-def _open_questions(relative: str, name: str) -> Iterator[Item]:
-    for i, row in enumerate(_arrow_rows(relative)):
-        yield Item(f"{name}:{row.get('question_id', i)}", row["question"])
-
-
-def _jeopardy() -> Iterator[Item]:
-    for doc in _task_docs("jeopardy/bpb_5shot"):
-        clue = doc["query"].split("Question:", 1)[-1].rsplit("Answer:", 1)[0].strip()
-        yield Item(f"jeopardy:{doc['index']}", f"{doc['category'].title()}: {clue}")
-
-
 def _csqa() -> Iterator[Item]:
     for row in _arrow_rows("tau/commonsense_qa/none/validation"):
         group = f"csqa:{row['id']}"
@@ -455,12 +445,6 @@ def _bfcl_items() -> Iterator[Item]:
         for row in _jsonl(_bfcl() / f"BFCL_v4_{name}.json"):
             turns = [m["content"] for turn in row["question"] for m in turn if m.get("role") == "user"]
             yield Item(f"bfcl:{row['id']}", with_tools("\n".join(turns), row["function"]))
-
-
-def _alpaca() -> Iterator[Item]:
-    rows = json.loads((_framework() / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json").read_text())
-    for i, row in enumerate(rows):
-        yield Item(f"alpaca:{i}", row["instruction"])
 
 
 def default_sources() -> list[Source]:

@@ -151,11 +151,18 @@ def format_params(count: float) -> str:
 
 def format_frontier(frontier: list[ExpertMap]) -> str:
     """A plain-text table of the frontier: avg active params, expected score, the map."""
-    rows = [("avg params", "score", "map")]
+    rows = [("avg params", "score", "map (expert: categories)")]
     rows += [(format_params(m.avg_active_params), f"{m.expected_score:.3f}",
-              ", ".join(f"{c}={e}" for c, e in m.assignment.items())) for m in frontier]
+              _grouped(m.assignment)) for m in frontier]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     return "\n".join(f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}".rstrip() for r in rows)
+
+
+def _grouped(assignment: dict[str, str]) -> str:
+    by_expert: dict[str, list[str]] = {}
+    for category, expert in assignment.items():
+        by_expert.setdefault(expert, []).append(category)
+    return " | ".join(f"{e}: {','.join(cats)}" for e, cats in by_expert.items())
 
 
 def _options(cat: str, table: ScoreTable, cost: dict[str, float], freq: float,

@@ -1,7 +1,6 @@
 """What the router reads: one string per prompt, built the same way in training and in serving."""
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 
 from coe.types import ChatMessage
@@ -34,7 +33,3 @@ def user_turns(messages: Sequence[ChatMessage]) -> list[str]:
 def conversation_text(messages: Sequence[ChatMessage]) -> str:
     """All user turns, oldest first; the encoder keeps the head and the tail of long texts."""
     return "\n\n".join(user_turns(messages))
-
-
-def json_compact(value: object) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))

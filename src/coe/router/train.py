@@ -277,7 +277,7 @@ def data_version() -> str:
 
     recipe = repr((sorted(data.CATEGORIES), [(s.name, s.category, s.cap, s.eval_shared)
                                             for s in data.default_sources()],
-                   data.EVAL_SHARE, TrainSettings(), FEATURES_VERSION))
+                   data.EVAL_SHARE, data.RECIPE, TrainSettings(), FEATURES_VERSION))
     return hashlib.blake2b(recipe.encode(), digest_size=6).hexdigest()
 
 
