@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from coe.errors import ConfigError
 from coe.router.data import GENERALIST, Example, by_split
-from coe.router.encoder import ENCODER_DIST, ENCODER_VERSION, SentenceEncoder
+from coe.router.encoder import DEFAULT_PRECISION, ENCODER_DIST, ENCODER_VERSION, SentenceEncoder
 from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -240,17 +240,19 @@ def _check_splits(splits: dict[str, list[Example]], categories: tuple[str, ...])
 # -- entry points for the CLI ---------------------------------------------------------------------
 def train_and_save(out: Path, cache_dir: Path, data_file: str | None = None,
                    settings: TrainSettings = TrainSettings(), fallback: str = GENERALIST,
-                   progress: Progress | None = None) -> TrainResult:
+                   progress: Progress | None = None,
+                   precision: str = DEFAULT_PRECISION) -> TrainResult:
     """Train on the packaged datasets (or a user's labelled file) and write the artifact to ``out``.
     MT-Bench is the held-out chat test whenever its categories are among the trained ones."""
     from coe.router.data import default_examples, load_labelled, mtbench_examples
 
     examples = load_labelled(data_file) if data_file else default_examples()
-    version = f"user:{Path(data_file).name}" if data_file else data_version()
+    version = (f"user:{Path(data_file).name}" if data_file
+               else data_version() if precision == DEFAULT_PRECISION else f"{data_version()}-{precision}")
     trained = {e.category for e in examples}
     heldout = [e for e in mtbench_examples() if e.category in trained]
-    result = train_router(examples, heldout, SentenceEncoder(), cache_dir, settings, fallback,
-                          progress)
+    result = train_router(examples, heldout, SentenceEncoder(precision=precision), cache_dir,
+                          settings, fallback, progress)
     result.head.meta.data["version"] = version
     result.head.save(out)
     return result
