@@ -174,7 +174,7 @@ def cmd_router_train(args) -> int:
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else router_folder(config)
-    if args.if_missing and not args.data and args.precision == "float32" and is_current(out):
+    if args.if_missing and not args.data and args.precision == "int8" and is_current(out):
         print(f"router in {out} is current; nothing to do")
         return 0
     settings = TrainSettings(**{k: v for k, v in (("epochs", args.epochs),
@@ -336,8 +336,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--epochs", type=int)
     p.add_argument("--hidden", type=int, help="hidden units of the head (0: softmax regression)")
-    p.add_argument("--precision", default="float32", choices=["float32", "int8"],
-                   help="encoder precision; int8 is faster but batch-dependent (see README)")
+    p.add_argument("--precision", default="int8", choices=["int8", "float32"],
+                   help="encoder precision (int8: per-row int8 linears, the default)")
     p.add_argument("--if-missing", action="store_true",
                    help="do nothing when a current default router is already there")
     p.set_defaults(func=cmd_router_train)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import httpx
+import torch
 import pytest
 
 from coe.router import data
@@ -155,3 +156,20 @@ def test_server_without_artifact_falls_back_and_says_why(tmp_path, server_with_c
     info = reply.json()["coe"]
     assert info["expert"] == "smollm2-135m" and info["fallback"] is True
     assert "router unavailable" in info["reason"]
+
+
+def test_real_encoder_int8_matches_float_and_ignores_batch_neighbours():
+    from coe.router.encoder import SentenceEncoder
+
+    texts = ["What is the derivative of x^2 sin x?", "Write a haiku about autumn.",
+             "A 45-year-old man presents with chest pain radiating to his left arm.",
+             "Which treaty ended the Thirty Years' War?", "word " * 500]
+    exact = SentenceEncoder(precision="float32", cache_entries=0).encode(texts)
+    int8 = SentenceEncoder(precision="int8", cache_entries=0)
+    batched = int8.encode(texts)
+    assert (exact * batched).sum(-1).min() > 0.99
+    alone = torch.cat([int8.encode([t]) for t in texts])
+    assert (alone * batched).sum(-1).min() > 0.9999
+    similar = exact[0] @ SentenceEncoder(precision="float32").encode(
+        ["Differentiate x squared times sine of x."])[0]
+    assert similar > exact[0] @ exact[1]  # meaning, not noise

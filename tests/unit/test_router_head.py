@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from coe.errors import RouterUnavailable
-from coe.router.encoder import ENCODER_DIST, ENCODER_VERSION
+from coe.router.encoder import ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION
 from coe.router.head import (FORMAT_VERSION, MAX_NGRAM_CHARS, META_FILE, NGRAM_BUCKETS, WEIGHTS_FILE,
                              Features, Head, HeadMeta, HeadNet, load_head, ngram_bag)
 from coe.router.learned import LearnedRouter
@@ -24,7 +24,8 @@ def one_torch_thread():
 
 DIM = 8
 CATS = ("math", "code", "writing")
-ENCODER = {"dist": ENCODER_DIST, "version": ENCODER_VERSION, "max_tokens": 16, "precision": "float32"}
+ENCODER = {"dist": ENCODER_DIST, "version": ENCODER_VERSION, "max_tokens": 16, "precision": "float32",
+           "impl": ENCODER_IMPL}
 
 
 def bucket(gram: str) -> int:

@@ -394,11 +394,12 @@ class FakeEncoder:
 
 
 def saved_head(folder, categories=("math", "code")):
-    from coe.router.encoder import ENCODER_DIST, ENCODER_VERSION
+    from coe.router.encoder import ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION
     from coe.router.head import Head, HeadMeta, HeadNet
 
     meta = HeadMeta(tuple(categories), 4, 0, 1.0, 0.25,
-                    {"dist": ENCODER_DIST, "version": ENCODER_VERSION, "max_tokens": 16})
+                    {"dist": ENCODER_DIST, "version": ENCODER_VERSION, "max_tokens": 16,
+                     "impl": ENCODER_IMPL})
     return Head(HeadNet(4, 0, len(categories)), meta).save(folder)
 
 

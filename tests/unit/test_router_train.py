@@ -9,7 +9,7 @@ import torch
 
 from coe.errors import ConfigError
 from coe.router.data import Example, split_of
-from coe.router.encoder import ENCODER_DIST, ENCODER_VERSION
+from coe.router.encoder import ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION
 from coe.router.head import Features, Head, load_head, ngram_bag
 from coe.router.learned import LearnedRouter
 from coe.router.train import (EmbeddingStore, Evaluation, TrainSettings, data_version, evaluate,
@@ -179,7 +179,7 @@ def test_format_evaluation_skips_categories_without_prompts():
 def test_embedding_store_caches_on_disk(tmp_path):
     encoder = FakeEncoder()
     store = EmbeddingStore(encoder, tmp_path)
-    assert store.path.name == f"embeddings-{ENCODER_DIST}-{ENCODER_VERSION}-16-float32.pt"
+    assert store.path.name == f"embeddings-{ENCODER_DIST}-{ENCODER_VERSION}-16-float32-impl{ENCODER_IMPL}.pt"
     first = store.embed(["a poem", "a bug", "a poem"])
     assert first.shape == (3, 8)
     assert torch.equal(first[0], first[2])
@@ -213,7 +213,7 @@ def test_train_router_learns_the_synthetic_categories(trained):
     assert meta.categories == ("math", "code", "writing")  # taxonomy order
     assert meta.dim == 8 and meta.hidden_size == 0
     assert meta.encoder == {"dist": ENCODER_DIST, "version": ENCODER_VERSION, "max_tokens": 16,
-                            "precision": "float32"}
+                            "precision": "float32", "impl": ENCODER_IMPL}
     sizes = {s: sum(e.split == s for e in examples) for s in ("train", "val", "test")}
     assert min(sizes.values()) >= 10
     assert meta.data == {**sizes, "heldout": len(heldout), "sources": ["synthetic"]}

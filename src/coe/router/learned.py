@@ -5,7 +5,7 @@ from pathlib import Path
 
 from coe.errors import RouterUnavailable
 from coe.router.base import Router
-from coe.router.encoder import ENCODER_DIST, ENCODER_VERSION, SentenceEncoder
+from coe.router.encoder import ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION, SentenceEncoder
 from coe.router.head import Features, Head, load_head, ngram_bag
 
 
@@ -23,11 +23,13 @@ class LearnedRouter(Router):
              encoder: SentenceEncoder | None = None) -> "LearnedRouter":
         head = load_head(folder)
         wanted = head.meta.encoder
-        if (wanted.get("dist"), wanted.get("version")) != (ENCODER_DIST, ENCODER_VERSION):
+        ours = (ENCODER_DIST, ENCODER_VERSION, ENCODER_IMPL)
+        if (wanted.get("dist"), wanted.get("version"), wanted.get("impl", 1)) != ours:
             raise RouterUnavailable(f"{folder}: trained with encoder {wanted}, this coe has "
-                                    f"{ENCODER_DIST}=={ENCODER_VERSION}; run `coe router train`")
+                                    f"{ENCODER_DIST}=={ENCODER_VERSION} (implementation "
+                                    f"{ENCODER_IMPL}); run `coe router train`")
         encoder = encoder or SentenceEncoder(max_tokens=int(wanted.get("max_tokens", 128)),
-                                             precision=str(wanted.get("precision", "float32")))
+                                             precision=str(wanted.get("precision", "int8")))
         return cls(encoder, head, fallback_category, threshold)
 
     def probabilities(self, texts: list[str]) -> list[list[float]]:

@@ -20,7 +20,8 @@ import torch.nn.functional as F
 
 from coe.errors import ConfigError
 from coe.router.data import GENERALIST, Example, by_split
-from coe.router.encoder import DEFAULT_PRECISION, ENCODER_DIST, ENCODER_VERSION, SentenceEncoder
+from coe.router.encoder import (DEFAULT_PRECISION, ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION,
+                                SentenceEncoder)
 from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -70,7 +71,8 @@ class EmbeddingStore:
 
     def __init__(self, encoder: SentenceEncoder, folder: Path | None):
         self.encoder = encoder
-        tag = f"{ENCODER_DIST}-{ENCODER_VERSION}-{encoder.max_tokens}-{encoder.precision}"
+        tag = (f"{ENCODER_DIST}-{ENCODER_VERSION}-{encoder.max_tokens}-{encoder.precision}"
+               f"-impl{ENCODER_IMPL}")
         self.path = folder / f"embeddings-{tag}.pt" if folder else None
         self.rows: dict[str, torch.Tensor] = {}
         if self.path and self.path.is_file():
@@ -208,7 +210,8 @@ def train_router(examples: list[Example], heldout: list[Example], encoder: Sente
     threshold = fit_threshold(conf, pred == yv, settings.min_fallback_accuracy)
     meta = HeadMeta(categories, x.embeddings.shape[1], settings.hidden_size, temperature, threshold,
                     encoder={"dist": ENCODER_DIST, "version": ENCODER_VERSION,
-                             "max_tokens": encoder.max_tokens, "precision": encoder.precision},
+                             "max_tokens": encoder.max_tokens, "precision": encoder.precision,
+                             "impl": ENCODER_IMPL},
                     data={"train": len(y), "val": len(yv), "test": len(yt), "heldout": len(heldout),
                           "sources": sorted({e.source for e in examples})})
     head = Head(net, meta)
@@ -248,7 +251,8 @@ def train_and_save(out: Path, cache_dir: Path, data_file: str | None = None,
 
     examples = load_labelled(data_file) if data_file else default_examples()
     version = (f"user:{Path(data_file).name}" if data_file
-               else data_version() if precision == DEFAULT_PRECISION else f"{data_version()}-{precision}")
+               else data_version() if precision == DEFAULT_PRECISION
+               else f"{data_version()}-{precision}")
     trained = {e.category for e in examples}
     heldout = [e for e in mtbench_examples() if e.category in trained]
     result = train_router(examples, heldout, SentenceEncoder(precision=precision), cache_dir,
@@ -279,7 +283,8 @@ def data_version() -> str:
 
     recipe = repr((sorted(data.CATEGORIES), [(s.name, s.category, s.cap, s.eval_shared)
                                             for s in data.default_sources()],
-                   data.EVAL_SHARE, data.RECIPE, TrainSettings(), FEATURES_VERSION))
+                   data.EVAL_SHARE, data.RECIPE, TrainSettings(), FEATURES_VERSION,
+                   ENCODER_IMPL, DEFAULT_PRECISION))
     return hashlib.blake2b(recipe.encode(), digest_size=6).hexdigest()
 
 
