@@ -133,8 +133,19 @@ def cmd_generate(args) -> int:
     return 0
 
 
+_LOGGED: dict[str, int] = {}  # the last quarter of each stage written to a log
+
+
 def _progress(stage: str, done: int, total: int) -> None:
-    """A one-line progress bar on stderr."""
+    """A one-line progress bar on a terminal; in logs, a line per quarter."""
+    if not sys.stderr.isatty():
+        step = 4 * done // total if total else 4
+        if step > _LOGGED.get(stage, 0) or done == 1:
+            _LOGGED[stage] = step
+            print(f"{stage} {done}/{total}", file=sys.stderr, flush=True)
+        if done >= total:
+            _LOGGED.pop(stage, None)
+        return
     width = 30
     filled = int(width * done / total) if total else width
     end = "\n" if done >= total else ""
