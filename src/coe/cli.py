@@ -172,11 +172,12 @@ def ensure_router(config: CoEConfig) -> None:
         ensure_trained(folder, coe_home() / "router" / "cache", _progress)
 
 
-def build_expert_router(config: CoEConfig):
+def build_expert_router(config: CoEConfig, params: dict[str, int | None] | None = None):
     from coe.router.service import load_expert_router
 
     ensure_router(config)
-    params = {s.name: s.num_params for s in _states(config)}
+    if params is None:
+        params = {s.name: s.num_params for s in _states(config)}
     return load_expert_router(config.router, coe_home(), params, config.default_expert)
 
 
@@ -211,10 +212,10 @@ def cmd_router_map(args) -> int:
     config = load_config(args.config)
     changes = {k: v for k, v in (("scores", args.scores), ("budget_params", args.budget)) if v}
     config = dataclasses.replace(config, router=dataclasses.replace(config.router, **changes))
-    router = build_expert_router(config)
+    params = {s.name: s.num_params for s in _states(config)}
+    router = build_expert_router(config, params)
     table = load_score_table(config.router.scores)
     print(f"scores: {table.source}")
-    params = {s.name: s.num_params for s in _states(config)}
     problem = map_problem(config.router, router.router.categories, params, table,
                           config.default_expert)
     if problem is None:
@@ -244,10 +245,8 @@ def cmd_route(args) -> int:
         return _route_jsonl(router)
     if not args.prompt:
         raise CoEError("give a prompt, or --jsonl to read {\"prompt\": ...} lines from stdin")
-    decision = router.route_prompt(args.prompt)
-    probabilities = router.router.probabilities([args.prompt])[0]
-    ranked = sorted(zip(router.router.categories, probabilities), key=lambda kv: -kv[1])
-    print_table([[c, f"{p:.3f}", router.assignment.get(c, "")] for c, p in ranked],
+    decision, category = router.explain_prompt(args.prompt)
+    print_table([[c, f"{p:.3f}", router.assignment.get(c, "")] for c, p in category.ranked()],
                 ["category", "probability", "expert"])
     print(f"category: {decision.category}  confidence: {decision.confidence:.3f}  "
           f"expert: {decision.expert}" + (f"  (fallback: {decision.reason})" if decision.fallback else ""))
@@ -355,7 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = router_sub.add_parser("map", help="print the Pareto frontier and the chosen map")
     p.add_argument("--config")
     p.add_argument("--scores", help="score table JSON (category -> expert -> score)")
-    p.add_argument("--budget", type=float, help="average active parameters allowed")
+    p.add_argument("--budget", help="average active parameters allowed: 1B, 500M, 1e9")
     p.set_defaults(func=cmd_router_map)
 
     p = sub.add_parser("route", help="route a prompt: category probabilities and the chosen expert")

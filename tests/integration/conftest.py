@@ -7,6 +7,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -68,6 +70,15 @@ def stop_server(server: Server) -> None:
             server.process.wait()
 
 
+@contextmanager
+def running(tmp_path: Path, config_text: str | None) -> Iterator[Server]:
+    server = start_server(tmp_path, config_text)
+    try:
+        yield server
+    finally:
+        stop_server(server)
+
+
 SMOLLM_CONFIG = """
 experts:
   - name: smollm2-135m
@@ -84,9 +95,8 @@ server:
 @pytest.fixture(scope="module")
 def smollm_server(tmp_path_factory):
     """The real SmolLM2 (and Gemma base) experts behind a real server process."""
-    server = start_server(tmp_path_factory.mktemp("smollm"), SMOLLM_CONFIG)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("smollm"), SMOLLM_CONFIG) as server:
+        yield server
 
 
 ROUTED_CONFIG = """
@@ -109,17 +119,15 @@ def routed_config() -> str:
 @pytest.fixture(scope="module")
 def routed_server(tmp_path_factory):
     """Model "coe" routed by the trained default router; code is pinned to Gemma."""
-    server = start_server(tmp_path_factory.mktemp("routed"), ROUTED_CONFIG)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("routed"), ROUTED_CONFIG) as server:
+        yield server
 
 
 @pytest.fixture(scope="module")
 def default_server(tmp_path_factory):
     """`coe serve` with no config: the built-in default of four packaged experts."""
-    server = start_server(tmp_path_factory.mktemp("default"), None)
-    yield server
-    stop_server(server)
+    with running(tmp_path_factory.mktemp("default"), None) as server:
+        yield server
 
 
 @pytest.fixture(scope="session")

@@ -13,13 +13,7 @@ from coe.router.head import (FORMAT_VERSION, MAX_NGRAM_CHARS, META_FILE, NGRAM_B
                              Features, Head, HeadMeta, HeadNet, load_head, ngram_bag)
 from coe.router.learned import LearnedRouter
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 DIM = 8

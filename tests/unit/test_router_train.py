@@ -16,13 +16,7 @@ from coe.router.train import (EmbeddingStore, Evaluation, TrainSettings, data_ve
                               fit_temperature, fit_threshold, format_evaluation, is_current,
                               train_router)
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Tiny tensors: one thread is fastest, and avoids oversubscription on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 KEYWORDS = {

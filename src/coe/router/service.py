@@ -96,8 +96,13 @@ class ExpertRouter:
     score_source: str = ""
 
     def route_prompt(self, prompt: str, tools: Sequence[dict] | None = None) -> RouteDecision:
+        return self.explain_prompt(prompt, tools)[0]
+
+    def explain_prompt(self, prompt: str, tools: Sequence[dict] | None = None
+                       ) -> tuple[RouteDecision, CategoryDecision]:
+        """The decision and the category probabilities behind it."""
         decision = self.router.classify([with_tools(check_prompt(prompt), tools)])[0]
-        return self._decision(decision)
+        return self._decision(decision), decision
 
     def route_prompts(self, prompts: list[str]) -> list[RouteDecision]:
         return [self._decision(d) for d in self.router.classify(prompts)]
