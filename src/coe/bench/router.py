@@ -10,17 +10,21 @@ Measured per workload in one run:
 - single: one prompt per call, p50/p99 latency (target p50 <= 15 ms on 2 CPU cores);
 - batched: calls of 64 prompts, prompts/s (target >= 300 prompts/s), against the single-prompt
   rate as baseline;
-- encoder: the sentence encoder alone on the same batches, to show what the head adds.
+- encoder: the sentence encoder alone on the same batches, to show what the head adds;
+- concurrent: ``--clients`` threads each routing one prompt at a time, as the server's request
+  threads do, straight to the router vs through ``BatchingRouter`` (what the server uses).
 """
 from __future__ import annotations
 
 import json
 import random
 import statistics
+import threading
 import time
 
 import torch
 
+from coe.router.batching import BatchingRouter
 from coe.router.data import mtbench_path
 from coe.router.learned import LearnedRouter
 from coe.router.service import default_artifact_dir
@@ -35,6 +39,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--batches", type=int, default=15, help="batches of --batch-size timed")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--clients", type=int, default=16, help="concurrent routing threads")
 
 
 def workloads() -> dict[str, list[str]]:
@@ -62,9 +67,12 @@ def run(args) -> dict:
     folder = args.artifact or default_artifact_dir(args.home)
     router = LearnedRouter.load(folder, "chat")
     router.encoder._cache_entries = 0  # time the work, not the cache
-    results = {name: _measure(router, prompts, args) for name, prompts in workloads().items()}
+    prompts = workloads()
+    results = {name: _measure(router, texts, args) for name, texts in prompts.items()}
+    concurrent = _concurrent(router, prompts["chat"][:640], args.clients)
     result = {"threads": args.threads, "max_tokens": router.encoder.max_tokens,
               "precision": router.encoder.precision, "workloads": results,
+              "concurrent": concurrent,
               "targets": {"p50_ms": TARGET_P50_MS, "prompts_per_s": TARGET_PROMPTS_PER_S}}
     _print(result)
     return result
@@ -94,6 +102,32 @@ def _measure(router: LearnedRouter, prompts: list[str], args) -> dict:
                              "router_vs_encoder": batched_rate / encoder_rate}}
 
 
+def _concurrent(router: LearnedRouter, prompts: list[str], clients: int) -> dict:
+    """Prompts/s when ``clients`` threads route single prompts at once."""
+    batching = BatchingRouter(router)
+    direct_rate = _threaded_rate(router, prompts, clients)
+    batched_rate = _threaded_rate(batching, prompts, clients)
+    return {"clients": clients, "prompts": len(prompts), "direct_prompts_per_s": direct_rate,
+            "batching_prompts_per_s": batched_rate, "batching_vs_direct": batched_rate / direct_rate,
+            "inner_calls": batching.calls}
+
+
+def _threaded_rate(router, prompts: list[str], clients: int) -> float:
+    shares = [prompts[i::clients] for i in range(clients)]
+
+    def client(share: list[str]) -> None:
+        for prompt in share:
+            router.classify([prompt])
+
+    threads = [threading.Thread(target=client, args=(share,)) for share in shares]
+    started = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return len(prompts) / (time.perf_counter() - started)
+
+
 def _rate(fn, batches: list[list[str]]) -> float:
     started = time.perf_counter()
     for batch in batches:
@@ -118,3 +152,8 @@ def _print(r: dict) -> None:
     for row in rows:
         print("  " + "  ".join(cell.rjust(w) if i else cell.ljust(w)
                                for i, (cell, w) in enumerate(zip(row, widths))))
+    c = r["concurrent"]
+    print(f"  {c['clients']} concurrent clients, one chat prompt per call: "
+          f"{c['direct_prompts_per_s']:.0f} prompts/s straight to the router, "
+          f"{c['batching_prompts_per_s']:.0f} through BatchingRouter "
+          f"({c['batching_vs_direct']:.2f}x; {c['prompts']} prompts in {c['inner_calls']} encoder calls)")

@@ -159,8 +159,10 @@ def load_expert_router(config: RouterConfig, home: str | Path, params: dict[str,
     category-to-expert map. Raises RouterUnavailable when the artifact is missing or corrupt."""
     from coe.router.learned import LearnedRouter
 
+    from coe.router.batching import BatchingRouter
+
     folder = Path(config.artifact) if config.artifact else default_artifact_dir(home)
-    router = LearnedRouter.load(folder, config.fallback_category, config.threshold)
+    router = BatchingRouter(LearnedRouter.load(folder, config.fallback_category, config.threshold))
     check_categories(config, router.categories)
     table = load_score_table(config.scores)
     assignment, plan = build_map(config, router.categories, params, default_expert, table)
