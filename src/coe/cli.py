@@ -163,13 +163,13 @@ def ensure_router(config: CoEConfig) -> None:
     """First use: train the default router when no artifact exists yet (a few minutes, offline)."""
     if not config.router.enabled or config.router.artifact:
         return
-    from coe.router.train import ensure_trained, is_current
+    from coe.router.train import is_current, train_and_save
 
     folder = router_folder(config)
     if not is_current(folder):
         print(f"coe: no current trained router in {folder}; training the default one now "
               f"(offline, a few minutes)", file=sys.stderr, flush=True)
-        ensure_trained(folder, coe_home() / "router" / "cache", _progress)
+        train_and_save(folder, coe_home() / "router" / "cache", progress=_progress)
 
 
 def build_expert_router(config: CoEConfig, params: dict[str, int | None] | None = None):
@@ -264,11 +264,7 @@ def _route_jsonl(router) -> int:
             continue
         try:
             prompt = _jsonl_prompt(raw, number)
-            d = router.route_prompt(prompt)
-            out = {"category": d.category, "confidence": round(d.confidence, 4), "expert": d.expert,
-                   "fallback": d.fallback, "reason": d.reason,
-                   "alternatives": [{"category": c, "expert": e, "probability": p}
-                                    for c, e, p in d.alternatives]}
+            out = router.route_prompt(prompt).to_dict()
         except CoEError as exc:
             failed += 1
             out = {"line": number, "error": {"message": exc.message, "type": exc.error_type}}

@@ -105,7 +105,7 @@ class RouterConfig:
             _require(value is None or (isinstance(value, str) and value != ""), name, "a string", value)
         _require(isinstance(self.fallback_category, str) and self.fallback_category != "",
                  "fallback_category", "a category name", self.fallback_category)
-        _require(self.threshold is None or (_is_number(self.threshold) and 0 <= self.threshold <= 1),
+        _require(self.threshold is None or (is_number(self.threshold) and 0 <= self.threshold <= 1),
                  "threshold", "a number between 0 and 1", self.threshold)
         if self.budget_params is not None:
             object.__setattr__(self, "budget_params", parse_count(self.budget_params, "budget_params"))
@@ -113,13 +113,14 @@ class RouterConfig:
                                                      for k, v in self.pins.items()),
                  "pins", "a mapping of category -> expert name", self.pins)
         _require(isinstance(self.frequencies, dict) and all(
-            isinstance(k, str) and _is_number(v) and v >= 0 for k, v in self.frequencies.items()),
+            isinstance(k, str) and is_number(v) and v >= 0 for k, v in self.frequencies.items()),
                  "frequencies", "a mapping of category -> non-negative weight", self.frequencies)
-        _require(_is_number(self.stay_margin) and 0 <= self.stay_margin <= 1, "stay_margin",
+        _require(is_number(self.stay_margin) and 0 <= self.stay_margin <= 1, "stay_margin",
                  "a number between 0 and 1", self.stay_margin)
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
+    """An int or float, but not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 

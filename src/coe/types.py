@@ -54,6 +54,13 @@ class RouteDecision:
     fallback: bool = False
     reason: str = ""
 
+    def to_dict(self) -> dict:
+        """The JSON shape clients see (the server's `coe` field, `coe route --jsonl`)."""
+        return {"category": self.category, "confidence": round(self.confidence, 4),
+                "expert": self.expert, "fallback": self.fallback, "reason": self.reason,
+                "alternatives": [{"category": c, "expert": e, "probability": p}
+                                 for c, e, p in self.alternatives]}
+
 
 @dataclass(frozen=True)
 class Completion:

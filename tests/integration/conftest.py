@@ -79,7 +79,7 @@ def running(tmp_path: Path, config_text: str | None) -> Iterator[Server]:
         stop_server(server)
 
 
-SMOLLM_CONFIG = """
+TWO_EXPERTS = """
 experts:
   - name: smollm2-135m
     source: smollm2-135m
@@ -87,7 +87,8 @@ experts:
     source: gemma3-270m
 router:
   default_expert: smollm2-135m
-server:
+"""
+SMOLLM_CONFIG = TWO_EXPERTS + """server:
   max_tokens_limit: 2048
 """
 
@@ -99,16 +100,7 @@ def smollm_server(tmp_path_factory):
         yield server
 
 
-ROUTED_CONFIG = """
-experts:
-  - name: smollm2-135m
-    source: smollm2-135m
-  - name: gemma3-270m
-    source: gemma3-270m
-router:
-  default_expert: smollm2-135m
-  pins: {code: gemma3-270m}
-"""
+ROUTED_CONFIG = TWO_EXPERTS + "  pins: {code: gemma3-270m}\n"  # router section last: tests append to it
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ cancellation, usage counts) is written once here; a runner only samples token id
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from coe.config import is_number
 from coe.errors import RouterUnavailable
 
 WEIGHTS_FILE = "head.safetensors"
@@ -169,19 +170,15 @@ def _check_meta(meta: HeadMeta, path: Path) -> None:
     problems = []
     if len(meta.categories) < 2 or len(set(meta.categories)) != len(meta.categories):
         problems.append("'categories' must list at least two distinct names")
-    if not (_number(meta.temperature) and math.isfinite(meta.temperature) and meta.temperature > 0):
+    if not (is_number(meta.temperature) and math.isfinite(meta.temperature) and meta.temperature > 0):
         problems.append("'temperature' must be a positive finite number")
-    if not (_number(meta.threshold) and 0 <= meta.threshold <= 1):
+    if not (is_number(meta.threshold) and 0 <= meta.threshold <= 1):
         problems.append("'threshold' must be between 0 and 1")
     if not (_integer(meta.dim) and meta.dim > 0 and _integer(meta.hidden_size)
             and meta.hidden_size >= 0):
         problems.append("'dim' must be a positive integer and 'hidden_size' a non-negative one")
     if problems:
         raise RouterUnavailable(f"{path}: " + "; ".join(problems))
-
-
-def _number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _integer(value: object) -> bool:

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from coe.config import is_number
 from coe.errors import ConfigError
 
 EPS = 1e-12
@@ -35,7 +36,7 @@ class ScoreTable:
             row = self.scores.get(cat, {})
             for expert in self.experts:
                 value = row.get(expert)
-                if not _is_number(value) or not math.isfinite(value):
+                if not is_number(value) or not math.isfinite(value):
                     raise ConfigError(f"score table: no valid score for category {cat!r}, "
                                       f"expert {expert!r} (got {value!r})", param="scores")
 
@@ -129,7 +130,7 @@ def best_map(table: ScoreTable, params: dict[str, float], frequencies: dict[str,
     frontier = pareto_frontier(table, params, frequencies, pins)
     if budget_params is None:
         return frontier[-1]
-    if not _is_number(budget_params) or math.isnan(budget_params):
+    if not is_number(budget_params) or math.isnan(budget_params):
         raise ConfigError(f"budget must be a number of params, got {budget_params!r}", param="budget_params")
     fitting = [m for m in frontier if m.avg_active_params <= budget_params * (1 + 1e-9) + EPS]
     if not fitting:
@@ -192,7 +193,7 @@ def _prune(states: list[tuple[float, float, tuple[int, ...]]]) -> list[tuple[flo
 def _normalised(frequencies: dict[str, float], table: ScoreTable) -> dict[str, float]:
     _check_known(set(frequencies), table.categories, "category", "frequencies")
     for cat, freq in frequencies.items():
-        if not _is_number(freq) or not math.isfinite(freq) or freq < 0:
+        if not is_number(freq) or not math.isfinite(freq) or freq < 0:
             raise ConfigError(f"frequency of category {cat!r} must be a number >= 0, got {freq!r}",
                               param="frequencies")
     total = sum(frequencies.get(c, 0.0) for c in table.categories)
@@ -204,7 +205,7 @@ def _normalised(frequencies: dict[str, float], table: ScoreTable) -> dict[str, f
 def _checked_params(params: dict[str, float], table: ScoreTable) -> dict[str, float]:
     for expert in table.experts:
         value = params.get(expert)
-        if not _is_number(value) or not math.isfinite(value) or value < 0:
+        if not is_number(value) or not math.isfinite(value) or value < 0:
             raise ConfigError(f"active params of expert {expert!r} must be a number >= 0, got {value!r}",
                               param="params")
     return params
@@ -221,7 +222,3 @@ def _check_known(names: set, known: tuple[str, ...], kind: str, param: str) -> N
     if unknown:
         raise ConfigError(f"{param}: unknown {kind} {', '.join(map(repr, unknown))} "
                           f"(known: {', '.join(known)})", param=param)
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -45,10 +45,9 @@ class MapProblem:
 
 def map_problem(config: RouterConfig, categories: Sequence[str], params: dict[str, int | None],
                 table: ScoreTable, default_expert: str) -> MapProblem | None:
-    """The fallback category is pinned to the generalist (unless pinned elsewhere by hand)."""
     wanted = _wanted(config, categories)
     scored = [e for e in table.experts if params.get(e)]
-    wanted_pins = {config.fallback_category: default_expert, **config.pins}
+    wanted_pins = _pins(config, default_expert)
     # a category pinned to an expert the optimiser cannot price is decided by its pin alone
     covered = [c for c in wanted if c in table.categories
                and (c not in wanted_pins or wanted_pins[c] in scored)]
@@ -77,9 +76,13 @@ def build_map(config: RouterConfig, categories: Sequence[str], params: dict[str,
     assignment = {c: default_expert for c in _wanted(config, categories)}
     if chosen:
         assignment.update(chosen.assignment)
-    assignment[config.fallback_category] = config.pins.get(config.fallback_category, default_expert)
-    assignment.update({c: e for c, e in config.pins.items() if c in assignment})
+    assignment.update({c: e for c, e in _pins(config, default_expert).items() if c in assignment})
     return assignment, chosen
+
+
+def _pins(config: RouterConfig, default_expert: str) -> dict[str, str]:
+    """The fallback category belongs to the generalist unless a pin says otherwise."""
+    return {config.fallback_category: default_expert, **config.pins}
 
 
 def _wanted(config: RouterConfig, categories: Sequence[str]) -> list[str]:

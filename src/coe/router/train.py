@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from coe.errors import ConfigError
-from coe.router.data import GENERALIST, Example, by_split
+from coe.router.data import CATEGORIES, GENERALIST, Example, by_split
 from coe.router.encoder import (DEFAULT_PRECISION, ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION,
                                 SentenceEncoder)
 from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
@@ -225,8 +225,6 @@ def train_router(examples: list[Example], heldout: list[Example], encoder: Sente
 
 
 def _category_order(name: str) -> tuple[int, str]:
-    from coe.router.data import CATEGORIES
-
     names = list(CATEGORIES)
     return (names.index(name), name) if name in names else (len(names), name)
 
@@ -260,14 +258,6 @@ def train_and_save(out: Path, cache_dir: Path, data_file: str | None = None,
     result.head.meta.data["version"] = version
     result.head.save(out)
     return result
-
-
-def ensure_trained(out: Path, cache_dir: Path, progress: Progress | None = None) -> bool:
-    """Train the default router into ``out`` unless an artifact of this data version is there."""
-    if is_current(out):
-        return False
-    train_and_save(out, cache_dir, progress=progress)
-    return True
 
 
 def is_current(folder: Path) -> bool:

@@ -214,14 +214,8 @@ class _Reply:
         self.created = int(time.time())
 
     def coe_info(self) -> dict:
-        info = {"expert": self.request.expert}
         route: RouteDecision | None = self.request.route
-        if route is not None:
-            info.update(category=route.category, confidence=round(route.confidence, 4),
-                        fallback=route.fallback, reason=route.reason,
-                        alternatives=[{"category": c, "expert": e, "probability": p}
-                                      for c, e, p in route.alternatives])
-        return info
+        return route.to_dict() if route is not None else {"expert": self.request.expert}
 
     def headers(self) -> dict[str, str]:
         headers = {"x-coe-expert": self.request.expert}
