@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from pathlib import Path
 
 from coe.config import DEFAULT_YAML, CoEConfig, default_config, from_yaml
-from coe.errors import CoEError
+from coe.errors import CoEError, ConfigError
 
 DEFAULT_CONFIG_NAME = "coe.yaml"
 
@@ -79,12 +80,44 @@ def cmd_serve(args) -> int:
 
 
 def cmd_experts(args) -> int:
-    config = load_config(args.config)
-    states = _states(config)
-    rows = [[s.name, _human_params(s.num_params), _human_bytes(s.num_bytes), s.backend, s.state,
-             config.expert(s.name).source] for s in states]
-    print_table(rows, ["name", "params", "bytes", "backend", "state", "source"])
+    """The experts with their tier and measured footprints: of a running server (--url), or as
+    this machine has them on disk."""
+    if args.url:
+        snapshot = _fetch_experts(args.url)
+        experts, sources = snapshot["experts"], {}
+    else:
+        config = load_config(args.config)
+        experts = [s.to_dict() for s in _states(config)]
+        sources = {e.name: e.source for e in config.experts}
+    rows = [[e["name"], _human_params(e["num_params"]), _human_bytes(e["weight_bytes"]), e["backend"],
+             e["tier"], e["state"], _human_bytes(e["host_bytes"] or None), _human_bytes(e["device_bytes"] or None),
+             "yes" if e["pinned"] else "", sources.get(e["name"], "")] for e in experts]
+    print_table(rows, ["name", "params", "weights", "backend", "tier", "state", "host", "device", "pinned",
+                       "source"])
+    if args.url:
+        _print_cache_summary(snapshot)
     return 0
+
+
+def _fetch_experts(url: str) -> dict:
+    import urllib.error
+    import urllib.request
+
+    endpoint = url.rstrip("/") + ("/experts" if url.rstrip("/").endswith("/v1") else "/v1/experts")
+    try:
+        with urllib.request.urlopen(endpoint, timeout=10) as response:
+            return json.loads(response.read())
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(f"--url: cannot read {endpoint} ({exc})", param="url") from None
+
+
+def _print_cache_summary(snapshot: dict) -> None:
+    for name, tier in snapshot["tiers"].items():
+        print(f"{name} tier: {_human_bytes(tier['used_bytes'])} of {_human_bytes(tier['budget_bytes'])}")
+    stats = snapshot["stats"]
+    print(f"policy {snapshot['policy']}: {stats['activations']} activations, {stats['hits']} hot hits, "
+          f"{stats['warm_hits']} warm hits, {stats['misses']} misses, {stats['switches']} switches, "
+          f"{_human_bytes(stats['bytes_moved']['disk->host'])} read from disk")
 
 
 def cmd_models(args) -> int:
@@ -256,8 +289,6 @@ def cmd_route(args) -> int:
 
 def _route_jsonl(router) -> int:
     """One JSON decision per input line; a bad line gets an error object and the rest go on."""
-    import json
-
     failed = 0
     for number, raw in enumerate(sys.stdin.buffer, start=1):
         if not raw.strip():
@@ -273,8 +304,6 @@ def _route_jsonl(router) -> int:
 
 
 def _jsonl_prompt(raw: bytes, number: int) -> str:
-    import json
-
     from coe.errors import InvalidRequest
 
     try:
@@ -314,8 +343,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("experts", help="list the configured experts")
+    p = sub.add_parser("experts", help="list the configured experts, their tier and footprint")
     p.add_argument("--config")
+    p.add_argument("--url", help="a running server (http://HOST:PORT) to show its cache instead")
     p.set_defaults(func=cmd_experts)
 
     p = sub.add_parser("models", help="packaged models: list, or assemble and verify")

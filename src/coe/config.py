@@ -124,14 +124,32 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+CACHE_POLICIES = ("gdsf", "lru")
+PREFETCH_TIERS = ("host", "device", "none")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
-    """How many bytes of expert weights may stay loaded at once (least recently used is evicted)."""
+    """The three tiers: disk (cold), host RAM (warm), device (hot). Budgets left out are derived
+    from the machine's free memory at start-up."""
 
-    resident_bytes: int = 4 * 2**30
+    device_bytes: int | None = None   # hot experts' runtimes (GPU memory on CUDA)
+    host_bytes: int | None = None     # warm experts' weights in RAM (pinned on CUDA)
+    policy: str = "gdsf"              # gdsf (cost-aware) or lru
+    prefetch: str = "host"            # where a routed request's expert is moved while it queues
+    pins: tuple = ()                  # experts loaded hot at start-up and never evicted
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "resident_bytes", parse_bytes(self.resident_bytes, "resident_bytes"))
+        for name in ("device_bytes", "host_bytes"):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, parse_bytes(value, name))
+        _require(self.policy in CACHE_POLICIES, "policy", "one of " + ", ".join(CACHE_POLICIES), self.policy)
+        _require(self.prefetch in PREFETCH_TIERS, "prefetch", "one of " + ", ".join(PREFETCH_TIERS), self.prefetch)
+        pins = self.pins
+        _require(isinstance(pins, (list, tuple)) and all(isinstance(n, str) for n in pins),
+                 "pins", "a list of expert names", pins)
+        object.__setattr__(self, "pins", tuple(pins))
 
 
 @dataclass(frozen=True)
@@ -177,6 +195,8 @@ class CoEConfig:
                  "one of " + ", ".join(names), default)
         for category, expert in self.router.pins.items():
             _require(expert in names, f"router.pins.{category}", "one of " + ", ".join(names), expert)
+        for i, expert in enumerate(self.cache.pins):
+            _require(expert in names, f"cache.pins[{i}]", "one of " + ", ".join(names), expert)
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:
@@ -300,8 +320,13 @@ router:
   stay_margin: 0.2               # conversations change expert only when clearly better elsewhere
 
 cache:
-  # Bytes of expert weights kept loaded at once; the least recently used expert is unloaded.
-  resident_bytes: 4GiB
+  # Three tiers: disk (cold) -> host RAM (warm) -> device (hot, ready to generate).
+  # Budgets default to shares of the memory free at start-up; set them to cap coe's memory.
+  # device_bytes: 2GiB   # hot experts' runtimes (GPU memory on CUDA; contexts and buffers on CPU)
+  # host_bytes: 8GiB     # warm experts' weights in RAM (page cache for GGUF, pinned buffers on CUDA)
+  policy: gdsf         # gdsf: weighs reload cost, size and popularity; lru: least recently used
+  prefetch: host       # move a routed request's expert up while it queues: host, device or none
+  pins: []             # experts made hot at start-up and never evicted
 
 scheduler:
   max_batch_size: 8   # requests for the same expert served together

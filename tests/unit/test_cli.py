@@ -27,7 +27,8 @@ def tiny_config(tmp_path, tiny_checkpoint):
             backend: torch_hf
             description: tiny test expert
         cache:
-          resident_bytes: 64MB
+          host_bytes: 64MB
+          device_bytes: 64MB
         """))
     return path
 
@@ -59,12 +60,78 @@ def test_init_default_path_is_coe_yaml_in_the_working_directory(tmp_path):
 def test_experts_table(tiny_config, tiny_checkpoint, capsys):
     assert main(["experts", "--config", str(tiny_config)]) == 0
     header, row = capsys.readouterr().out.splitlines()
-    assert header.split() == ["name", "params", "bytes", "backend", "state", "source"]
+    assert header.split() == ["name", "params", "weights", "backend", "tier", "state", "host", "device", "pinned",
+                              "source"]
+    assert row.index("disk") == header.index("tier")  # the tier column lines up with its header
     cells = row.split()
     assert cells[0] == "tiny"
     assert re.fullmatch(r"\d+\.\dM", cells[1])
     size_kb = (tiny_checkpoint / "model.safetensors").stat().st_size / 1000
-    assert cells[2:] == [f"{size_kb:.1f}", "KB", "torch_hf", "ready", str(tiny_checkpoint)]
+    # nothing is loaded by `coe experts`: on disk, no host or device bytes, not pinned (empty cell)
+    assert cells[2:] == [f"{size_kb:.1f}", "KB", "torch_hf", "disk", "ready", "-", "-", str(tiny_checkpoint)]
+
+
+def serve_json(payload: dict):
+    """A one-route HTTP server on a free port answering GET /v1/experts with ``payload``."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = json.dumps(payload).encode()
+            self.send_response(200 if self.path == "/v1/experts" else 404)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def test_experts_url_shows_a_running_servers_cache(tiny_config, capsys):
+    from coe.cache import ModelCache
+    from coe.models import ModelStore
+
+    cache = ModelCache(from_yaml(tiny_config), ModelStore("unused"))
+    cache.activate("tiny")
+    snapshot = cache.snapshot()
+    cache.close()
+    server = serve_json(snapshot)
+    try:
+        for url in (f"http://127.0.0.1:{server.server_port}", f"http://127.0.0.1:{server.server_port}/v1/"):
+            assert main(["experts", "--url", url]) == 0
+            lines = capsys.readouterr().out.splitlines()
+            header, row = lines[0].split(), lines[1].split()
+            assert header[:6] == ["name", "params", "weights", "backend", "tier", "state"]
+            assert row[0] == "tiny" and row[5:7] == ["device", "hot"]  # weights take two cells: "68.2 KB"
+            assert "device tier:" in lines[2] and "of 64.0 MB" in lines[2]
+            assert lines[3].startswith("host tier:") and "of 64.0 MB" in lines[3]
+            assert lines[4].startswith("policy gdsf: 1 activations, 0 hot hits, 0 warm hits, 1 misses")
+    finally:
+        server.shutdown()
+
+
+def test_experts_url_without_a_server_is_a_clear_error(capsys):
+    assert main(["experts", "--url", "http://127.0.0.1:1"]) == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("coe: error: --url: cannot read http://127.0.0.1:1/v1/experts")
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_experts_url_that_is_not_a_coe_server(capsys):
+    server = serve_json({})
+    try:
+        assert main(["experts", "--url", f"http://127.0.0.1:{server.server_port}/elsewhere"]) == 2
+    finally:
+        server.shutdown()
+    assert "--url: cannot read" in capsys.readouterr().err
 
 
 def test_experts_uses_coe_yaml_from_the_working_directory(tmp_path, tiny_config, capsys):

@@ -33,7 +33,7 @@ def test_default_config_has_the_four_packaged_experts():
                                                 "qwen2.5-coder-1.5b"]
     assert all(e.backend == "auto" and e.source == e.name for e in config.experts)
     assert config.default_expert == "smollm2-135m"
-    assert config.cache.resident_bytes == 4 * 2**30
+    assert config.cache == CacheConfig(device_bytes=None, host_bytes=None, policy="gdsf", prefetch="host", pins=())
     assert config.scheduler.max_batch_size == 8
     assert config.server.port == 8000
 
@@ -43,10 +43,12 @@ def test_init_template_parses_to_exactly_the_default_config(tmp_path):
 
 
 def test_minimal_yaml_fills_defaults_and_default_expert_is_the_first(tmp_path):
-    config = from_yaml(write(tmp_path, GOOD_EXPERTS + "cache:\n  resident_bytes: 512MB\n"))
+    config = from_yaml(write(tmp_path, GOOD_EXPERTS + "cache:\n  host_bytes: 512MB\n"))
     assert config.default_expert == "a"
     assert config.expert("b").source == "/models/b"
-    assert config.cache.resident_bytes == 512 * 10**6
+    assert config.cache.host_bytes == 512 * 10**6
+    assert config.cache.device_bytes is None  # derived from free memory at start-up
+    assert config.cache.policy == "gdsf" and config.cache.prefetch == "host" and config.cache.pins == ()
     assert config.server == ServerConfig()
 
 
@@ -85,8 +87,17 @@ def test_top_level_must_be_a_mapping(tmp_path):
     (GOOD_EXPERTS + "scheduler:\n  max_batch_size: 0\n", "scheduler.max_batch_size"),
     (GOOD_EXPERTS + "scheduler:\n  max_queue: true\n", "scheduler.max_queue"),
     (GOOD_EXPERTS.replace("source: /models/b", "source: /models/b\n    backend: bogus"), "experts[1].backend"),
-    (GOOD_EXPERTS + "cache:\n  resident_bytes: lots\n", "cache.resident_bytes"),
-    (GOOD_EXPERTS + "cache:\n  resident_bytes: -1\n", "cache.resident_bytes"),
+    (GOOD_EXPERTS + "cache:\n  host_bytes: lots\n", "cache.host_bytes"),
+    (GOOD_EXPERTS + "cache:\n  host_bytes: -1\n", "cache.host_bytes"),
+    (GOOD_EXPERTS + "cache:\n  device_bytes: 2 apples\n", "cache.device_bytes"),
+    (GOOD_EXPERTS + "cache:\n  resident_bytes: 4GiB\n", "cache.resident_bytes"),
+    (GOOD_EXPERTS + "cache:\n  policy: fifo\n", "cache.policy"),
+    (GOOD_EXPERTS + "cache:\n  prefetch: gpu\n", "cache.prefetch"),
+    (GOOD_EXPERTS + "cache:\n  prefetch: false\n", "cache.prefetch"),
+    (GOOD_EXPERTS + "cache:\n  pins: a\n", "cache.pins"),
+    (GOOD_EXPERTS + "cache:\n  pins: [a, 3]\n", "cache.pins"),
+    (GOOD_EXPERTS + "cache:\n  pins: [zzz]\n", "cache.pins[0]"),
+    (GOOD_EXPERTS + "cache:\n  pins: [a, zzz]\n", "cache.pins[1]"),
     (GOOD_EXPERTS + "server:\n  port: 70000\n", "server.port"),
     (GOOD_EXPERTS + "server:\n  port: true\n", "server.port"),
     (GOOD_EXPERTS + "server:\n  max_tokens_limit: many\n", "server.max_tokens_limit"),
@@ -127,7 +138,30 @@ def test_dataclasses_validate_without_yaml():
         ExpertConfig("x", "/y", backend="vllm")
     with pytest.raises(ConfigError, match="router.default_expert"):
         CoEConfig(experts=(ExpertConfig("x", "/y"),), router=RouterConfig(default_expert="z"))
-    assert CacheConfig(resident_bytes="1KiB").resident_bytes == 1024
+    assert CacheConfig(host_bytes="1KiB").host_bytes == 1024
+    assert CacheConfig(device_bytes="2KB").device_bytes == 2000
+    with pytest.raises(ConfigError, match="cache.pins\\[0\\]: expected one of x, got 'z'"):
+        CoEConfig(experts=(ExpertConfig("x", "/y"),), cache=CacheConfig(pins=("z",)))
+
+
+def test_cache_section(tmp_path):
+    config = from_yaml(write(tmp_path, GOOD_EXPERTS + "cache:\n  device_bytes: 1GiB\n  host_bytes: 6GiB\n"
+                                                      "  policy: lru\n  prefetch: device\n  pins: [b]\n"))
+    assert config.cache == CacheConfig(device_bytes=2**30, host_bytes=6 * 2**30, policy="lru", prefetch="device",
+                                       pins=("b",))
+    assert from_yaml(write(tmp_path, GOOD_EXPERTS + "cache:\n  prefetch: none\n", "b.yaml")).cache.prefetch == "none"
+
+
+def test_unknown_cache_pin_names_the_field_and_the_experts(tmp_path):
+    error = config_error(write(tmp_path, GOOD_EXPERTS + "cache:\n  pins: [a, nope]\n"))
+    assert error.param == "cache.pins[1]"
+    assert "one of a, b" in error.message and "'nope'" in error.message
+
+
+def test_the_old_resident_bytes_field_is_an_unknown_field(tmp_path):
+    error = config_error(write(tmp_path, GOOD_EXPERTS + "cache:\n  resident_bytes: 4GiB\n"))
+    assert "unknown field" in error.message
+    assert "host_bytes" in error.message and "device_bytes" in error.message
 
 
 @pytest.mark.parametrize("value, expected", [

@@ -4,6 +4,7 @@ import shutil
 import pytest
 
 from coe.cache import ModelCache
+from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, SchedulerConfig
 from coe.engine import Engine
 from coe.errors import CacheFull, ModelNotAvailable, Overloaded, UnknownExpert
@@ -22,9 +23,9 @@ def checkpoint_bytes(path) -> int:
     return (path / "model.safetensors").stat().st_size
 
 
-def make_engine(tmp_path, experts, **sections) -> Engine:
+def make_engine(tmp_path, experts, budgets=None, **sections) -> Engine:
     config = CoEConfig(experts=tuple(experts), **sections)
-    return Engine(config, ModelCache(config, ModelStore(tmp_path / "home")))
+    return Engine(config, ModelCache(config, ModelStore(tmp_path / "home"), budgets=budgets))
 
 
 def torch_expert(name, path, **params) -> ExpertConfig:
@@ -94,9 +95,9 @@ def test_resolve(tmp_path, two_checkpoints):
 
 def test_cache_evicts_the_least_recently_used_expert(tmp_path, two_checkpoints):
     a, b = two_checkpoints
-    budget = checkpoint_bytes(a) + checkpoint_bytes(b) - 1  # one fits, not both
+    budget = checkpoint_bytes(a) + checkpoint_bytes(b) - 1  # one fits in the host tier, not both
     engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
-                         cache=CacheConfig(resident_bytes=budget))
+                         cache=CacheConfig(host_bytes=budget, device_bytes=2**30, policy="lru"))
     cache = engine.cache
     assert run(engine, "a")[-1].completion is not None
     runner_a = cache.activate("a")
@@ -107,27 +108,49 @@ def test_cache_evicts_the_least_recently_used_expert(tmp_path, two_checkpoints):
     assert runner_a.model is None  # the evicted runner was closed
 
     states = {s.name: s.state for s in cache.states()}
-    assert states == {"a": "ready", "b": "resident"}
+    assert states == {"a": "ready", "b": "hot"}
+    assert {s.name: s.tier for s in cache.states()} == {"a": "disk", "b": "device"}
     assert run(engine, "a")[-1].completion is not None
-    assert {s.name: s.state for s in cache.states()} == {"a": "resident", "b": "ready"}
+    assert {s.name: s.state for s in cache.states()} == {"a": "hot", "b": "ready"}
+    assert cache.stats.evictions["host"] == 2
+    assert cache.tiers["host"].used_bytes <= budget
+
+
+def test_a_tight_device_tier_keeps_the_other_expert_warm(tmp_path, two_checkpoints):
+    a, b = two_checkpoints
+    both = checkpoint_bytes(a) + checkpoint_bytes(b)
+    engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
+                         budgets=Budgets(device_bytes=2**30, host_bytes=both, device_kind="cpu"))
+    cache = engine.cache
+    run(engine, "a")
+    run(engine, "b")
+    cache.evict("a", "device")
+    assert {s.name: s.state for s in cache.states()} == {"a": "warm", "b": "hot"}
+    before = cache.stats.bytes_moved["disk->host"]
+    assert run(engine, "a")[-1].completion is not None  # warm -> hot: no read from disk
+    assert cache.stats.bytes_moved["disk->host"] == before
+    assert cache.stats.warm_hits >= 1
 
 
 def test_both_fit_when_the_budget_allows(tmp_path, two_checkpoints):
     a, b = two_checkpoints
     engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
-                         cache=CacheConfig(resident_bytes=checkpoint_bytes(a) + checkpoint_bytes(b)))
+                         budgets=Budgets(device_bytes=2**30, host_bytes=checkpoint_bytes(a) + checkpoint_bytes(b),
+                                         device_kind="cpu"))
     run(engine, "a")
     run(engine, "b")
     assert engine.cache.is_resident("a") and engine.cache.is_resident("b")
+    assert engine.cache.stats.evictions == {"device": 0, "host": 0}
 
 
 def test_expert_bigger_than_the_budget_is_cache_full(tmp_path, tiny_checkpoint):
     engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)],
-                         cache=CacheConfig(resident_bytes=checkpoint_bytes(tiny_checkpoint) - 1))
+                         cache=CacheConfig(host_bytes=checkpoint_bytes(tiny_checkpoint) - 1, device_bytes=2**30))
     (event,) = run(engine, "tiny")
     assert isinstance(event.error, CacheFull)
-    assert "cache.resident_bytes" in event.error.message
+    assert "cache.host_bytes" in event.error.message
     assert not engine.cache.is_resident("tiny")
+    assert engine.cache.tier_of("tiny") == "disk"
 
 
 def test_a_failing_expert_does_not_stop_the_engine(tmp_path, tiny_checkpoint):
@@ -212,3 +235,44 @@ def test_stopped_engine_takes_no_new_batch(tmp_path, tiny_checkpoint):
     engine.stop()
     engine.submit(Request(expert="tiny", prompt="late"))
     assert engine.step() is False
+
+
+def test_submit_prefetches_the_expert_while_it_queues(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)], cache=CacheConfig(prefetch="host"))
+    engine.submit(Request("tiny", SamplingParams(max_tokens=2), prompt="queued"))
+    assert engine.cache.stats.prefetches == 1
+    engine.cache.prefetch("tiny", "host").result(timeout=60)  # the same move, or a no-op after it
+    assert engine.cache.tier_of("tiny") == "host"
+    assert engine.step() is True
+    assert engine.cache.tier_of("tiny") == "device"
+    assert engine.cache.stats.warm_hits == 1 and engine.cache.stats.misses == 0
+    engine.stop()
+
+
+def test_prefetch_none_leaves_the_expert_on_disk_until_it_runs(tmp_path, tiny_checkpoint):
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)], cache=CacheConfig(prefetch="none"))
+    engine.submit(Request("tiny", SamplingParams(max_tokens=2), prompt="queued"))
+    assert engine.cache.stats.prefetches == 0
+    assert engine.cache.tier_of("tiny") == "disk"
+    assert engine.step() is True
+    assert engine.cache.stats.misses == 1
+    engine.stop()
+
+
+def test_config_pins_are_made_hot_and_pinned_at_start(tmp_path, tiny_checkpoint):
+    import time
+
+    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)], cache=CacheConfig(pins=("tiny",)))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not engine.cache.states()[0].pinned and time.monotonic() < deadline:
+            time.sleep(0.02)
+        (state,) = engine.cache.states()
+        assert state.pinned and state.state == "hot"
+        with pytest.raises(CacheFull, match="pinned"):
+            engine.cache.evict("tiny")
+        assert run(engine, "tiny")[-1].completion is not None
+    finally:
+        engine.stop()
+    assert engine.cache.tier_of("tiny") == "disk"  # stop() unloads pins too

@@ -1,29 +1,89 @@
 import pytest
 
-from coe.cache.policy import Resident, choose_victims
+from coe.cache.policy import POLICIES, Candidate, Eviction, choose_victims, priority
+
+GB = 10**9
+
+
+def lru(name, num_bytes, last_used_s, pinned=False) -> Candidate:
+    return Candidate(name, num_bytes, priority("lru", clock=0.0, recency=last_used_s, frequency=1, reload_s=1.0,
+                                               num_bytes=num_bytes), pinned=pinned)
 
 
 def test_nothing_evicted_when_it_fits():
-    resident = [Resident("a", 40, last_used_s=1.0), Resident("b", 40, last_used_s=2.0)]
-    assert choose_victims(resident, 20, budget_bytes=100) == []
-    assert choose_victims([], 100, budget_bytes=100) == []
+    resident = [lru("a", 40, 1.0), lru("b", 40, 2.0)]
+    assert choose_victims(resident, 20, free_bytes=20) == Eviction((), 0.0)
+    assert choose_victims([], 100, free_bytes=100, clock=3.5) == Eviction((), 3.5)
+    assert choose_victims([], 0, free_bytes=0).victims == ()
+
+
+def test_lru_priority_is_the_time_of_last_use():
+    assert priority("lru", clock=99.0, recency=12.5, frequency=7, reload_s=3.0, num_bytes=GB) == 12.5
 
 
 def test_least_recently_used_goes_first():
-    resident = [Resident("new", 30, 3.0), Resident("old", 30, 1.0), Resident("mid", 30, 2.0)]
-    assert choose_victims(resident, 20, budget_bytes=100) == ["old"]
-    assert choose_victims(resident, 50, budget_bytes=100) == ["old", "mid"]
-    assert choose_victims(resident, 100, budget_bytes=100) == ["old", "mid", "new"]
+    resident = [lru("new", 30, 3.0), lru("old", 30, 1.0), lru("mid", 30, 2.0)]  # budget 100: 10 free
+    assert choose_victims(resident, 20, free_bytes=10).victims == ("old",)
+    assert choose_victims(resident, 50, free_bytes=10).victims == ("old", "mid")
+    assert choose_victims(resident, 100, free_bytes=10).victims == ("old", "mid", "new")
+
+
+def test_equal_priorities_are_broken_by_name():
+    resident = [lru("b", 10, 1.0), lru("a", 10, 1.0)]
+    assert choose_victims(resident, 10, free_bytes=0).victims == ("a",)
+
+
+def test_gdsf_priority_formula():
+    # clock + frequency x reload_s / size in GB
+    assert priority("gdsf", clock=0.0, recency=5.0, frequency=1, reload_s=2.0, num_bytes=GB) == pytest.approx(2.0)
+    assert priority("gdsf", clock=1.5, recency=5.0, frequency=3, reload_s=2.0, num_bytes=2 * GB) == pytest.approx(4.5)
+    # the time of use does not matter, only the clock
+    assert priority("gdsf", clock=1.0, recency=0.0, frequency=1, reload_s=1.0, num_bytes=GB) == \
+        priority("gdsf", clock=1.0, recency=1e9, frequency=1, reload_s=1.0, num_bytes=GB)
+    # zero bytes does not divide by zero
+    assert priority("gdsf", clock=0.0, recency=0.0, frequency=1, reload_s=1.0, num_bytes=0) > 0
+
+
+def test_gdsf_prefers_to_keep_frequent_costly_small_experts():
+    def p(frequency, reload_s, num_bytes):
+        return priority("gdsf", clock=0.0, recency=0.0, frequency=frequency, reload_s=reload_s, num_bytes=num_bytes)
+
+    assert p(5, 1.0, GB) > p(1, 1.0, GB)        # more popular
+    assert p(1, 2.0, GB) > p(1, 1.0, GB)        # costlier to reload
+    assert p(1, 1.0, GB) > p(1, 1.0, 4 * GB)    # smaller
+    resident = [Candidate("popular", GB, p(5, 1.0, GB)), Candidate("rare", GB, p(1, 1.0, GB))]
+    assert choose_victims(resident, GB, free_bytes=0).victims == ("rare",)
+
+
+def test_gdsf_clock_rises_to_the_victims_priority():
+    resident = [Candidate("a", 10, 2.0), Candidate("b", 10, 5.0), Candidate("c", 10, 9.0)]
+    assert choose_victims(resident, 10, free_bytes=0, clock=1.0) == Eviction(("a",), 2.0)
+    assert choose_victims(resident, 20, free_bytes=0, clock=1.0) == Eviction(("a", "b"), 5.0)
+    # the clock never goes down
+    assert choose_victims(resident, 10, free_bytes=0, clock=7.0) == Eviction(("a",), 7.0)
+
+
+def test_aging_through_the_clock_lets_a_new_expert_outrank_an_old_popular_one():
+    old_popular = priority("gdsf", clock=0.0, recency=0.0, frequency=10, reload_s=1.0, num_bytes=GB)  # 10
+    clock = choose_victims([Candidate("x", GB, 9.5)], GB, free_bytes=0).clock
+    newcomer = priority("gdsf", clock=clock, recency=0.0, frequency=1, reload_s=1.0, num_bytes=GB)
+    assert newcomer > old_popular
 
 
 def test_pinned_experts_are_skipped():
-    resident = [Resident("old", 30, 1.0, pinned=True), Resident("mid", 30, 2.0), Resident("new", 30, 3.0)]
-    assert choose_victims(resident, 40, budget_bytes=100) == ["mid"]
-    assert choose_victims(resident, 50, budget_bytes=100) == ["mid", "new"]
+    resident = [lru("old", 30, 1.0, pinned=True), lru("mid", 30, 2.0), lru("new", 30, 3.0)]
+    assert choose_victims(resident, 40, free_bytes=10).victims == ("mid",)
+    assert choose_victims(resident, 50, free_bytes=10).victims == ("mid", "new")
 
 
 def test_impossible_fit_raises():
     with pytest.raises(ValueError, match="do not fit"):
-        choose_victims([], 101, budget_bytes=100)
-    with pytest.raises(ValueError, match="30 bytes pinned"):
-        choose_victims([Resident("p", 30, 1.0, pinned=True), Resident("q", 30, 2.0)], 80, budget_bytes=100)
+        choose_victims([], 101, free_bytes=100)
+    with pytest.raises(ValueError, match="40 bytes free"):  # 10 free + q's 30; p is pinned
+        choose_victims([lru("p", 30, 1.0, pinned=True), lru("q", 30, 2.0)], 80, free_bytes=10)
+
+
+def test_unknown_policy():
+    assert POLICIES == ("gdsf", "lru")
+    with pytest.raises(ValueError, match="unknown cache policy 'fifo'"):
+        priority("fifo", clock=0.0, recency=0.0, frequency=1, reload_s=1.0, num_bytes=1)

@@ -8,6 +8,8 @@ from typing import Iterator
 import pytest
 from fastapi.testclient import TestClient
 
+from fakes import LetterVocab
+
 from coe.backends.base import Runner, Vocab
 from coe.cache import ModelCache
 from coe.config import CoEConfig, ExpertConfig, ServerConfig
@@ -89,6 +91,33 @@ def test_health(client):
     body = client.get("/health").json()
     assert body["status"] == "ok"
     assert set(body["experts"]) == {"tiny", "other"}
+
+
+def test_experts_shows_tiers_budgets_and_counters(client, tiny_checkpoint):
+    assert chat(client, max_tokens=2).status_code == 200  # tiny is hot now
+    response = client.get("/v1/experts")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["policy"] == "gdsf" and body["device_kind"] in ("cpu", "cuda")
+    assert set(body["tiers"]) == {"device", "host"}
+    for tier in body["tiers"].values():
+        assert tier["budget_bytes"] > 0 and 0 <= tier["used_bytes"] <= tier["budget_bytes"]
+    assert body["tiers"]["host"]["used_bytes"] > 0
+    stats = body["stats"]
+    assert stats["activations"] >= 1 and stats["prefetches"] >= 1  # queued requests prefetch to host
+    assert stats["misses"] + stats["warm_hits"] >= 1
+    assert set(stats["bytes_moved"]) == {"disk->host", "host->device"}
+    assert stats["bytes_moved"]["disk->host"] >= (tiny_checkpoint / "model.safetensors").stat().st_size
+    assert set(stats["evictions"]) == {"device", "host"}
+    experts = {e["name"]: e for e in body["experts"]}
+    assert list(experts) == ["tiny", "other"]
+    tiny = experts["tiny"]
+    assert tiny["tier"] == "device" and tiny["state"] == "hot" and tiny["backend"] == "torch_hf"
+    assert tiny["weight_bytes"] == (tiny_checkpoint / "model.safetensors").stat().st_size
+    assert tiny["host_bytes"] >= tiny["weight_bytes"] and tiny["requests"] >= 1 and tiny["pinned"] is False
+    assert tiny["read_s"] > 0 and tiny["materialize_s"] > 0
+    assert experts["other"]["weight_bytes"] == tiny["weight_bytes"]
+    assert experts["other"]["tier"] in ("disk", "host", "device")
 
 
 def test_chat_completion(client):
@@ -242,21 +271,6 @@ def test_max_completion_tokens_wins(client):
 
 
 # ---- a scripted runner to fail in the middle of a stream ----------------------------------------
-
-class LetterVocab(Vocab):
-    """Token i is the i-th lowercase letter. A chat template, so no stop string holds text back."""
-
-    chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
-
-    def encode(self, text: str) -> list[int]:
-        return [0] * len(text)
-
-    def token_bytes(self, token_id: int) -> bytes:
-        return bytes([ord("a") + token_id])
-
-    def is_end(self, token_id: int) -> bool:
-        return False
-
 
 class FailingRunner(Runner):
     """Yields 'a', 'b', 'c' and then fails, like a backend crashing mid-generation."""

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from coe.backends import backend_name_for, get_backend
+from coe.backends.memory import HostBufferPool
 from coe.backends.torch_hf import ByteVocab, TorchHFBackend, TorchRunner
 from coe.config import ExpertConfig
 from coe.errors import ConfigError, ContextLengthExceeded, LoadError
@@ -20,7 +21,7 @@ def expert_for(path, **params) -> ExpertConfig:
 
 def load(path, **params) -> TorchRunner:
     backend = TorchHFBackend()
-    return backend.materialize(backend.read(expert_for(path, **params), path))
+    return backend.materialize(backend.read(expert_for(path, **params), path, HostBufferPool()))
 
 
 def generate(runner, prompt=PROMPT, messages=None, **sampling):
@@ -51,13 +52,94 @@ def qwen2_runner(tiny_qwen2_checkpoint):
 # ---- read and materialize ----------------------------------------------------------------------
 
 def test_read_keeps_weights_on_the_host(tiny_checkpoint):
-    host = TorchHFBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint)
+    host = TorchHFBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
     cfg, state = host.payload
     assert cfg["model_type"] == "llama"
     assert host.info.format == "safetensors"
     assert host.num_bytes == (tiny_checkpoint / "model.safetensors").stat().st_size
     assert "lm_head.weight" not in state
     assert all(t.device.type == "cpu" and t.dtype == torch.float32 for t in state.values())
+
+
+def test_read_fills_one_pooled_buffer_and_views_it_without_copies(tiny_checkpoint):
+    pool = HostBufferPool()
+    host = TorchHFBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, pool)
+    size = (tiny_checkpoint / "model.safetensors").stat().st_size
+    assert host.footprint_bytes == size  # one buffer, float32 checkpoint read as float32: no conversion
+    assert pool.num_allocated == 1 and pool.free_bytes == 0
+    _, state = host.payload
+    buffer_ptr = next(iter(state.values())).untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == buffer_ptr for t in state.values())
+    from safetensors.torch import load_file
+    saved = load_file(str(tiny_checkpoint / "model.safetensors"))
+    assert set(state) == set(saved)
+    assert all(torch.equal(state[name], saved[name]) for name in saved)
+
+
+def test_release_returns_the_buffer_and_the_next_read_reuses_it(tiny_checkpoint, make_checkpoint):
+    pool = HostBufferPool()
+    backend = TorchHFBackend()
+    first = backend.read(expert_for(tiny_checkpoint), tiny_checkpoint, pool)
+    first.release()
+    first.release()  # twice is harmless
+    assert first.payload is None
+    size = (tiny_checkpoint / "model.safetensors").stat().st_size
+    assert pool.free_bytes == size
+    other = make_checkpoint("same-shape", seed=5)  # the same size, other weights
+    second = backend.read(expert_for(other), other, pool)
+    assert pool.num_reused == 1 and pool.num_allocated == 1 and pool.free_bytes == 0
+    from safetensors.torch import load_file
+    saved = load_file(str(other / "model.safetensors"))
+    assert all(torch.equal(second.payload[1][name], saved[name]) for name in saved)  # no stale bytes
+    text, _ = generate(backend.materialize(second), max_tokens=3, temperature=0.0)
+    assert isinstance(text, str)
+
+
+def test_materialize_on_cpu_shares_the_host_buffer(tiny_checkpoint):
+    backend = TorchHFBackend()
+    host = backend.read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
+    runner = backend.materialize(host)
+    buffer_ptr = next(iter(host.payload[1].values())).untyped_storage().data_ptr()
+    assert {p.untyped_storage().data_ptr() for p in runner.model.parameters()} == {buffer_ptr}
+    assert runner.footprint_bytes >= 0
+
+
+def test_a_dtype_conversion_counts_in_the_footprint(tiny_checkpoint):
+    host = TorchHFBackend().read(expert_for(tiny_checkpoint, dtype="bfloat16"), tiny_checkpoint, HostBufferPool())
+    size = (tiny_checkpoint / "model.safetensors").stat().st_size
+    _, state = host.payload
+    assert {t.dtype for t in state.values()} == {torch.bfloat16}
+    assert host.footprint_bytes == size + sum(t.nbytes for t in state.values())
+
+
+def test_a_corrupt_safetensors_header_is_a_load_error_and_the_buffer_goes_back(tiny_checkpoint, tmp_path):
+    folder = tmp_path / "corrupt"
+    shutil.copytree(tiny_checkpoint, folder)
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[8:16] = b"not json"
+    weights.write_bytes(bytes(data))
+    pool = HostBufferPool()
+    with pytest.raises(LoadError, match="not a readable safetensors file"):
+        TorchHFBackend().read(expert_for(folder), folder, pool)
+    assert pool.free_bytes == len(data)
+
+
+def test_tensors_in_copies_a_misaligned_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from coe.backends.torch_hf import tensors_in
+
+    path = tmp_path / "t.safetensors"
+    save_file({"w": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.ones(3, dtype=torch.uint8)}, str(path))
+    raw = path.read_bytes()
+    aligned = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    tensors = tensors_in(aligned, path)
+    assert torch.equal(tensors["w"], torch.arange(6, dtype=torch.float32).view(2, 3))
+    assert torch.equal(tensors["b"], torch.ones(3, dtype=torch.uint8))
+    shifted = torch.frombuffer(bytearray(b"\0" + raw), dtype=torch.uint8)[1:]  # every offset off by one
+    moved = tensors_in(shifted, path)
+    assert torch.equal(moved["w"], tensors["w"]) and torch.equal(moved["b"], tensors["b"])
 
 
 def test_materialize_builds_on_meta_and_loads_every_parameter(runner, tiny_checkpoint):
@@ -286,7 +368,7 @@ def with_config(tiny_checkpoint, tmp_path, **changes):
 def test_unsupported_config_is_a_load_error(tiny_checkpoint, tmp_path, changes, match):
     folder = with_config(tiny_checkpoint, tmp_path, **changes)
     with pytest.raises(LoadError, match=match):
-        TorchHFBackend().read(expert_for(folder), folder)
+        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
 
 
 def test_unreadable_config_is_a_load_error(tiny_checkpoint, tmp_path):
@@ -294,10 +376,10 @@ def test_unreadable_config_is_a_load_error(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, folder)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(LoadError, match="config.json"):
-        TorchHFBackend().read(expert_for(folder), folder)
+        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
     (folder / "config.json").unlink()
     with pytest.raises(LoadError, match="config.json"):
-        TorchHFBackend().read(expert_for(folder), folder)
+        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
 
 
 @pytest.mark.parametrize("changes", [{"hidden_size": 32}, {"num_hidden_layers": 3}, {"intermediate_size": 64},
@@ -305,7 +387,7 @@ def test_unreadable_config_is_a_load_error(tiny_checkpoint, tmp_path):
 def test_weights_not_matching_config_are_a_load_error(tiny_checkpoint, tmp_path, changes):
     folder = with_config(tiny_checkpoint, tmp_path, **changes)
     backend = TorchHFBackend()
-    host = backend.read(expert_for(folder), folder)
+    host = backend.read(expert_for(folder), folder, HostBufferPool())
     with pytest.raises(LoadError, match="weights do not match config.json"):
         backend.materialize(host)
 
@@ -314,7 +396,7 @@ def test_untied_checkpoint_without_lm_head_is_a_load_error(tiny_checkpoint, tmp_
     folder = with_config(tiny_checkpoint, tmp_path, tie_word_embeddings=False)
     backend = TorchHFBackend()
     with pytest.raises(LoadError, match="lm_head"):
-        backend.materialize(backend.read(expert_for(folder), folder))
+        backend.materialize(backend.read(expert_for(folder), folder, HostBufferPool()))
 
 
 def test_small_vocab_without_tokenizer_is_a_load_error(make_checkpoint):
@@ -328,7 +410,7 @@ def test_folder_without_weights_is_not_loadable(tiny_checkpoint, tmp_path):
     folder.mkdir()
     shutil.copy(tiny_checkpoint / "config.json", folder)
     with pytest.raises(Exception) as info:
-        TorchHFBackend().read(expert_for(folder), folder)
+        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
     assert "no *.safetensors" in str(info.value)
 
 
@@ -375,3 +457,24 @@ def test_tokenizer_json_checkpoint_generates_chat(bpe_runner):
     assert completion.prompt_tokens == len(bpe_runner.vocab.encode(
         "<|im_start|>user\nhello café<|im_end|>\n<|im_start|>assistant\n"))
     assert text == completion.text
+
+
+def test_sharded_checkpoint_whose_first_shard_has_an_odd_size(tiny_checkpoint, tmp_path):
+    """Shards are read back to back into one buffer: the second one starts at an odd offset, so its
+    float tensors cannot be viewed in place and are copied."""
+    from safetensors.torch import load_file, save_file
+
+    folder = tmp_path / "sharded"
+    shutil.copytree(tiny_checkpoint, folder)
+    saved = load_file(str(folder / "model.safetensors"))
+    (folder / "model.safetensors").unlink()
+    names = sorted(saved)
+    save_file({names[0]: saved[names[0]], "odd.marker": torch.ones(3, dtype=torch.uint8)},
+              str(folder / "model-00001-of-00002.safetensors"))
+    save_file({name: saved[name] for name in names[1:]}, str(folder / "model-00002-of-00002.safetensors"))
+    assert (folder / "model-00001-of-00002.safetensors").stat().st_size % 2 == 1
+    host = TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
+    _, state = host.payload
+    assert all(torch.equal(state[name], saved[name]) for name in saved)
+    del state["odd.marker"]
+    assert generate(TorchHFBackend().materialize(host), max_tokens=3, temperature=0.0)[1].completion_tokens >= 0

@@ -1,7 +1,10 @@
 """Backend and Runner interfaces.
 
-A Backend turns an expert's source into weights in host memory (``read``) and host weights into
-a ready ``Runner`` (``materialize``); the cache decides when either happens. A Runner generates.
+A Backend turns an expert's source into weights in host memory (``read``: the host tier, "warm")
+and host weights into a ready ``Runner`` (``materialize``: the device tier, "hot"); the cache
+decides when either happens. Both report the bytes they hold as measured by the operating system
+(page cache residency, anonymous RSS or device memory deltas, owned allocations), never the file
+size. A Runner generates.
 The policy common to every runner (prompt rendering, context check, stop strings, max_tokens,
 cancellation, usage counts) is written once here; a runner only samples token ids.
 """
@@ -10,27 +13,39 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 from coe.backends.chat import PLAIN_STOP, render_chat
+from coe.backends.memory import HostBufferPool
 from coe.backends.text import TextAssembler
 from coe.config import ExpertConfig
 from coe.errors import CoEError, ContextLengthExceeded, GenerationError
-from coe.models.info import ModelInfo
+from coe.models.info import ModelInfo, describe
 from coe.types import Completion, Request, SamplingParams, StreamEvent
 
 
 @dataclass
 class HostWeights:
-    """An expert's weights readable from host memory (or the page cache); ``payload`` is backend-specific."""
+    """An expert's weights in host memory (an owned buffer or the page cache); ``payload`` is
+    backend-specific. ``footprint_bytes`` is measured; ``release`` gives the memory back and may be
+    called twice."""
 
     expert: ExpertConfig
     info: ModelInfo
     payload: Any = None
+    footprint_bytes: int = 0
+    read_s: float = 0.0  # time spent reading the file (0 when it was already in memory)
+    on_release: Callable[[], None] | None = None
 
     @property
     def num_bytes(self) -> int:
+        """Bytes of weights on disk."""
         return self.info.num_bytes
+
+    def release(self) -> None:
+        callback, self.on_release, self.payload = self.on_release, None, None
+        if callback is not None:
+            callback()
 
 
 class Vocab(ABC):
@@ -63,7 +78,8 @@ class Runner(ABC):
         self.expert = expert
         self.vocab = vocab
         self.context_length = context_length
-        self.num_bytes = num_bytes
+        self.num_bytes = num_bytes  # weights on disk
+        self.footprint_bytes = 0    # measured memory this runner holds beyond its host weights
 
     @abstractmethod
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
@@ -144,14 +160,20 @@ class Runner(ABC):
 class Backend(ABC):
     """Reads an expert's weights into host memory and materialises them as a Runner.
 
-    Contract: ``read`` does disk I/O only and may run on any thread; ``materialize`` allocates
-    the runtime copy (llama.cpp context, torch modules on the device).
+    Contract: ``read`` may run on any thread and takes host buffers from ``pool`` when it owns
+    memory; ``materialize`` builds the runtime (llama.cpp context, torch module on the device),
+    warms it up, and leaves ``host`` valid: the runner may share its memory, so the cache releases
+    host weights only after closing their runner.
     """
 
     name: str = ""
 
     @abstractmethod
-    def read(self, expert: ExpertConfig, path: Path) -> HostWeights: ...
+    def read(self, expert: ExpertConfig, path: Path, pool: HostBufferPool) -> HostWeights: ...
+
+    def weight_bytes(self, path: Path) -> int:
+        """Bytes of weights on disk (from the headers; nothing is read)."""
+        return describe(path).num_bytes
 
     @abstractmethod
     def materialize(self, host: HostWeights) -> Runner: ...

@@ -1,25 +1,36 @@
-"""llama.cpp backend for GGUF experts (llama-cpp-python).
+"""llama.cpp backend for GGUF experts (llama-cpp-python's low-level wrappers).
 
-The GGUF file carries the tokenizer and chat template. ``read`` asks the kernel to bring the
-file into the page cache (the host tier); ``materialize`` creates the llama.cpp model and context.
-Expert params: n_ctx, n_threads, n_batch, use_mmap, top_k, min_p, repeat_penalty.
+Tiers: **warm** (``read``) is the file's bytes in the page cache, mapped by a loaded llama.cpp
+model (mmap, no weight repacking), so the weights stay shared with the page cache and the model's
+vocabulary and tensors are already parsed; **hot** (``materialize``) adds a context (KV cache and
+compute buffers) warmed up by one decode. Making a warm expert hot therefore costs one context
+creation, not a model load. The GGUF file carries the tokenizer and chat template.
+
+Expert params: n_ctx, n_threads, n_batch, use_mmap (default true), repack (llama.cpp's extra
+buffer types: weights copied into repacked CPU buffers; default false, see `coe bench switch`),
+top_k, min_p, repeat_penalty.
 """
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 from typing import Iterator
 
 from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.memory import HostBufferPool, anon_rss_bytes, read_sequential, resident_file_bytes
 from coe.config import ExpertConfig
 from coe.errors import LoadError, MissingExtra
 from coe.models.info import describe
 from coe.types import SamplingParams
 
 DEFAULT_CONTEXT = 4096
+DEFAULT_BATCH = 512
 # llama.cpp's own server defaults; OpenAI requests carry only temperature and top_p.
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
+PENALTY_LAST_N = 64
 
 
 def _llama_cpp():
@@ -27,89 +38,170 @@ def _llama_cpp():
         import llama_cpp
     except ImportError:
         raise MissingExtra("llama_cpp", "llama") from None
+    quiet = logging.getLogger("llama-cpp-python")
+    if quiet.level == logging.NOTSET:  # llama.cpp logs every context creation to stderr otherwise
+        quiet.setLevel(logging.ERROR)
     return llama_cpp
 
 
+def model_params(params: dict):
+    """llama.cpp model parameters from an expert's params (mmap, repacking)."""
+    lib = _llama_cpp()
+    model = lib.llama_model_default_params()
+    model.n_gpu_layers = int(params.get("n_gpu_layers", 0))
+    model.load_mode = lib.LLAMA_LOAD_MODE_MMAP if params.get("use_mmap", True) else lib.LLAMA_LOAD_MODE_NONE
+    model.use_extra_bufts = bool(params.get("repack", False))
+    return model
+
+
+def context_params(params: dict, context_length: int | None):
+    lib = _llama_cpp()
+    ctx = lib.llama_context_default_params()
+    ctx.n_ctx = int(params.get("n_ctx", min(DEFAULT_CONTEXT, context_length or DEFAULT_CONTEXT)))
+    ctx.n_batch = ctx.n_ubatch = int(params.get("n_batch", DEFAULT_BATCH))
+    ctx.n_threads = ctx.n_threads_batch = int(params.get("n_threads", os.cpu_count() or 1))
+    return ctx
+
+
 class LlamaVocab(Vocab):
-    def __init__(self, llm, chat_template: str | None):
+    """Tokenizer of a loaded llama.cpp model (``_internals.LlamaModel``)."""
+
+    def __init__(self, model, chat_template: str | None):
         lib = _llama_cpp()
-        self._llm = llm
-        self._vocab = llm._model.vocab
+        self._model = model
+        self._vocab = model.vocab
         self.chat_template = chat_template
-        self._bos_id = llm.token_bos()
-        self._add_bos = bool(lib.llama_vocab_get_add_bos(self._vocab)) and self._bos_id >= 0
+        self._bos_id = model.token_bos()
+        self._add_bos = bool(model.add_bos_token()) and self._bos_id >= 0
         self.bos_text = self._special_text(self._bos_id)
-        self.eos_text = self._special_text(llm.token_eos())
+        self.eos_text = self._special_text(model.token_eos())
         self._is_eog = lib.llama_vocab_is_eog
 
     def _special_text(self, token_id: int) -> str:
         if token_id < 0:
             return ""
-        return self._llm.detokenize([token_id], special=True).decode("utf-8", errors="replace")
+        return self._model.detokenize([token_id], special=True).decode("utf-8", errors="replace")
 
     def encode(self, text: str) -> list[int]:
-        ids = self._llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        ids = self._model.tokenize(text.encode("utf-8"), add_bos=False, special=True)
         if self._add_bos and (not ids or ids[0] != self._bos_id):
             ids.insert(0, self._bos_id)
         return ids
 
     def token_bytes(self, token_id: int) -> bytes:
-        return self._llm.detokenize([token_id])
+        return self._model.detokenize([token_id])
 
     def is_end(self, token_id: int) -> bool:
         return bool(self._is_eog(self._vocab, token_id))
 
 
 class LlamaRunner(Runner):
-    def __init__(self, expert: ExpertConfig, llm, num_bytes: int, chat_template: str | None):
-        super().__init__(expert, LlamaVocab(llm, chat_template), llm.n_ctx(), num_bytes)
-        self.llm = llm
+    """A llama.cpp context on a warm model. Contract: ``close`` frees the context only; the model
+    belongs to the host weights."""
+
+    def __init__(self, expert: ExpertConfig, model, ctx, num_bytes: int, chat_template: str | None):
+        lib = _llama_cpp()
+        from llama_cpp import _internals
+
+        super().__init__(expert, LlamaVocab(model, chat_template), ctx.n_ctx(), num_bytes)
+        self.model, self.ctx = model, ctx
+        self._n_batch = int(ctx.params.n_batch)
+        self.batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
+        self._lib = lib
         params = expert.params
         self._top_k = int(params.get("top_k", DEFAULT_TOP_K))
         self._min_p = float(params.get("min_p", DEFAULT_MIN_P))
         self._repeat_penalty = float(params.get("repeat_penalty", 1.0))
 
+    def warm_up(self) -> None:
+        """One single-token decode, so the first request does not pay first-use costs."""
+        self._eval([self.model.token_bos() if self.model.token_bos() >= 0 else 0], 0)
+        self.ctx.kv_cache_clear()
+
+    def _eval(self, ids: list[int], n_past: int) -> int:
+        for i in range(0, len(ids), self._n_batch):
+            chunk = ids[i:i + self._n_batch]
+            self.batch.set_batch(chunk, n_past, False)
+            self.ctx.decode(self.batch)
+            n_past += len(chunk)
+        return n_past
+
+    def _sampler(self, sampling: SamplingParams):
+        from llama_cpp import _internals
+
+        sampler = _internals.LlamaSampler()
+        if self._repeat_penalty != 1.0:
+            sampler.add_penalties(self.model.n_vocab(), PENALTY_LAST_N, self._repeat_penalty, 0.0, 0.0)
+        if sampling.temperature == 0.0:
+            sampler.add_greedy()
+            return sampler
+        seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little")
+        sampler.add_top_k(self._top_k)
+        sampler.add_top_p(sampling.top_p, 1)
+        sampler.add_min_p(self._min_p, 1)
+        sampler.add_temp(sampling.temperature)
+        sampler.add_dist(seed)
+        return sampler
+
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
-        self.llm.set_seed(sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(4), "little"))
-        return self.llm.generate(prompt_ids, top_k=self._top_k, top_p=sampling.top_p, min_p=self._min_p,
-                                 temp=sampling.temperature, repeat_penalty=self._repeat_penalty, reset=True)
+        sampler = self._sampler(sampling)
+        try:
+            self.ctx.kv_cache_clear()
+            n_past = self._eval(prompt_ids, 0)
+            while True:
+                token_id = self._lib.llama_sampler_sample(sampler.sampler, self.ctx.ctx, -1)
+                yield token_id
+                n_past = self._eval([token_id], n_past)
+        finally:
+            sampler.close()
 
     def close(self) -> None:
-        if self.llm is not None:
-            self.llm.close()
-            self.llm = None
+        if self.ctx is not None:
+            self.batch.close()
+            self.ctx.close()
+            self.ctx = None
 
 
 class LlamaCppBackend(Backend):
     name = "llama_cpp"
 
-    def read(self, expert: ExpertConfig, path: Path) -> HostWeights:
+    def read(self, expert: ExpertConfig, path: Path, pool: HostBufferPool) -> HostWeights:
+        """Fill the page cache from disk (if needed) and load the model over it."""
+        from llama_cpp import _internals
+
         info = describe(path)
         if info.format != "gguf":
             raise LoadError(f"expert {expert.name}: llama_cpp needs a .gguf file, got {path}")
-        _advise_willneed(path)
-        return HostWeights(expert=expert, info=info)
+        read_s = 0.0
+        if (resident_file_bytes(path) or 0) < info.num_bytes:
+            started = time.perf_counter()
+            read_sequential(path)
+            read_s = time.perf_counter() - started
+        anon_before = anon_rss_bytes()
+        try:
+            model = _internals.LlamaModel(path_model=str(path), params=model_params(expert.params), verbose=False)
+        except (ValueError, RuntimeError, OSError) as exc:
+            raise LoadError(f"expert {expert.name}: llama.cpp could not load {path}: {exc}") from None
+        owned_bytes = _delta(anon_before)
+        mapped_bytes = (resident_file_bytes(path) or info.num_bytes) if expert.params.get("use_mmap", True) else 0
+        return HostWeights(expert=expert, info=info, payload=model, footprint_bytes=mapped_bytes + owned_bytes,
+                           read_s=read_s, on_release=model.close)
 
     def materialize(self, host: HostWeights) -> Runner:
-        lib = _llama_cpp()
-        params = host.expert.params
-        n_ctx = int(params.get("n_ctx", min(DEFAULT_CONTEXT, host.info.context_length or DEFAULT_CONTEXT)))
-        n_threads = int(params.get("n_threads", os.cpu_count() or 1))
+        from llama_cpp import _internals
+
+        anon_before = anon_rss_bytes()
         try:
-            llm = lib.Llama(model_path=str(host.info.path), n_ctx=n_ctx, n_threads=n_threads,
-                            n_threads_batch=n_threads, n_batch=int(params.get("n_batch", 512)),
-                            use_mmap=bool(params.get("use_mmap", True)), verbose=False)
-        except (ValueError, RuntimeError, OSError) as exc:
-            raise LoadError(f"expert {host.expert.name}: llama.cpp could not load {host.info.path}: {exc}") from None
-        return LlamaRunner(host.expert, llm, host.num_bytes, host.info.chat_template)
+            ctx = _internals.LlamaContext(model=host.payload, params=context_params(
+                host.expert.params, host.info.context_length), verbose=False)
+        except (ValueError, RuntimeError) as exc:
+            raise LoadError(f"expert {host.expert.name}: llama.cpp could not create a context: {exc}") from None
+        runner = LlamaRunner(host.expert, host.payload, ctx, host.num_bytes, host.info.chat_template)
+        runner.warm_up()
+        runner.footprint_bytes = _delta(anon_before)
+        return runner
 
 
-def _advise_willneed(path: Path) -> None:
-    """Start reading the file into the page cache in the background (Linux)."""
-    if not hasattr(os, "posix_fadvise"):
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-    finally:
-        os.close(fd)
+def _delta(anon_before: int | None) -> int:
+    after = anon_rss_bytes()
+    return max(0, after - anon_before) if after is not None and anon_before is not None else 0

@@ -8,10 +8,12 @@ the device (``materialize``) separate and measurable.
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Iterator
 
 from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.memory import HostBufferPool, anon_rss_bytes, read_sequential
 from coe.config import ExpertConfig
 from coe.errors import LoadError, MissingExtra
 from coe.models.info import describe, read_json
@@ -311,32 +313,81 @@ def _pick(logits, sampling: SamplingParams, generator) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
+_SAFETENSORS_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16",
+                       "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool"}
+
+
+def tensors_in(buffer, path: Path) -> dict:
+    """Views into ``buffer`` (a uint8 tensor holding one safetensors file) for every tensor in it.
+
+    No copy: the host tier keeps one allocation per expert. A tensor whose offset does not suit
+    its dtype's alignment is copied out instead.
+    """
+    torch = _torch()
+    header_bytes = int.from_bytes(bytes(buffer[:8].numpy()), "little")
+    try:
+        header = json.loads(bytes(buffer[8:8 + header_bytes].numpy()))
+    except ValueError as exc:
+        raise LoadError(f"{path}: not a readable safetensors file ({exc})") from None
+    data_start = 8 + header_bytes
+    tensors = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        dtype = getattr(torch, _SAFETENSORS_DTYPES.get(entry["dtype"], ""), None)
+        if dtype is None:
+            raise LoadError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
+        begin, end = (data_start + offset for offset in entry["data_offsets"])
+        raw = buffer[begin:end]
+        if raw.storage_offset() % dtype.itemsize:  # where it lies in the whole buffer (shards follow each other)
+            raw = raw.clone()
+        tensors[name] = raw.view(dtype).view(entry["shape"])
+    return tensors
+
+
 class TorchHFBackend(Backend):
-    """Expert params: dtype (float32 | bfloat16 | float16), device (cpu | cuda | cuda:N), n_ctx."""
+    """Expert params: dtype (float32 | bfloat16 | float16), device (cpu | cuda | cuda:N), n_ctx.
+
+    Warm: the checkpoint's files read into one reusable host buffer (pinned on CUDA) and viewed as
+    tensors in place. Hot: the module built on ``meta`` and given those tensors with
+    ``assign=True`` (CPU: no copy) or copied to the device with non-blocking transfers (CUDA).
+    """
 
     name = "torch_hf"
 
-    def read(self, expert: ExpertConfig, path: Path) -> HostWeights:
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise MissingExtra("safetensors", "torch") from None
+    def read(self, expert: ExpertConfig, path: Path, pool: HostBufferPool) -> HostWeights:
         cfg = read_model_config(path)
         dtype = _dtype(expert)
-        state = {}
-        for file in checkpoint_files(path):
-            for name, tensor in load_file(str(file), device="cpu").items():
-                state[name] = tensor if tensor.dtype == dtype else tensor.to(dtype)
-        if _device(expert).type == "cuda":
-            state = {name: tensor.pin_memory() for name, tensor in state.items()}
-        return HostWeights(expert=expert, info=describe(path), payload=(cfg, state))
+        files = checkpoint_files(path)
+        sizes = [file.stat().st_size for file in files]
+        buffer = pool.acquire(sum(sizes))
+        state, offset, converted_bytes = {}, 0, 0
+        started = time.perf_counter()
+        try:
+            for file, size in zip(files, sizes):
+                view = buffer[offset:offset + size]
+                read_sequential(file, memoryview(view.numpy()))
+                state.update(tensors_in(view, file))
+                offset += size
+        except BaseException:
+            pool.release(buffer)
+            raise
+        read_s = time.perf_counter() - started
+        for name, tensor in state.items():
+            if tensor.is_floating_point() and tensor.dtype != dtype:
+                state[name] = tensor.to(dtype)  # a checkpoint in another dtype costs one copy here
+                converted_bytes += state[name].nbytes
+        return HostWeights(expert=expert, info=describe(path), payload=(cfg, state),
+                           footprint_bytes=buffer.numel() + converted_bytes, read_s=read_s,
+                           on_release=lambda: pool.release(buffer))
 
     def materialize(self, host: HostWeights) -> Runner:
         torch = _torch()
         cfg, state = host.payload
         device = _device(host.expert)
         with torch.device("meta"):
-            model = build_model(cfg)
+            model = build_model(cfg)  # no memory; but the first one in a process imports torch._dynamo (~70 MB)
+        before = _allocated_bytes(torch, device)
         state = {name: tensor.to(device, non_blocking=True) for name, tensor in state.items()}
         if "lm_head.weight" not in state and cfg.get("tie_word_embeddings", True):
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
@@ -344,12 +395,23 @@ class TorchHFBackend(Backend):
             model.load_state_dict(state, assign=True, strict=True)
         except (RuntimeError, TypeError) as exc:
             raise LoadError(f"{host.info.path}: weights do not match config.json ({exc})") from None
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the host buffer may be reused once this returns
         model.eval()
         path = Path(host.info.path)
         context = min(int(host.expert.params.get("n_ctx", DEFAULT_CONTEXT)),
                       int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT))
-        return TorchRunner(host.expert, load_vocab(path, cfg["vocab_size"]), model, cfg, device,
-                           host.num_bytes, context)
+        runner = TorchRunner(host.expert, load_vocab(path, cfg["vocab_size"]), model, cfg, device,
+                             host.num_bytes, context)
+        runner.footprint_bytes = max(0, _allocated_bytes(torch, device) - before)
+        return runner
+
+
+def _allocated_bytes(torch, device) -> int:
+    """Device memory held by torch (CUDA), or this process's anonymous RSS (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return anon_rss_bytes() or 0
 
 
 def _dtype(expert: ExpertConfig):

@@ -14,6 +14,7 @@ BENCHES = {
     "overhead": ("coe.bench.overhead", "coe's generation path vs llama-cpp-python called directly"),
     "load": ("coe.bench.load", "torch expert load bandwidth (disk->host->device) vs raw copies"),
     "router": ("coe.bench.router", "router latency (one prompt) and throughput (batches of 64)"),
+    "switch": ("coe.bench.switch", "expert switch time (cold/warm -> hot) vs on-demand loading; LRU vs GDSF replay"),
 }
 
 
@@ -23,7 +24,8 @@ def add_bench_parser(sub):
     benches = parser.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in BENCHES.items():
         p = benches.add_parser(name, help=help_text)
-        p.add_argument("--out", default=f"bench-results/{name}.json", help="where to write the JSON results")
+        p.add_argument("--out", "--json", dest="out", default=f"bench-results/{name}.json",
+                       help="where to write the JSON results")
         _import(module).add_arguments(p)
     return parser
 

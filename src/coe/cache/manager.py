@@ -1,55 +1,139 @@
-"""ModelCache: the only code that moves expert weights (disk -> host -> runtime).
+"""ModelCache: the only code that moves expert weights between disk, host (warm) and device (hot).
 
-This first version keeps whole experts resident up to ``cache.resident_bytes`` and unloads the
-least recently used one to make room. The three-tier cache replaces it behind the same calls.
+Tiers are inclusive: a hot expert is also warm (its runner may share the host memory: torch on
+CPU assigns the host tensors, llama.cpp maps the page cache), so demoting hot -> warm only frees
+the runtime and a warm expert evicted to disk is demoted from the device first.
+Footprints are what the backends measure after a move; before a move the cache reserves an
+estimate (the last measurement, else the file size) and settles on the measurement after it.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
-from coe.backends import Runner, backend_name_for, get_backend
-from coe.cache.policy import Resident, choose_victims
+from coe.backends import Backend, HostWeights, Runner, backend_name_for, get_backend
+from coe.backends.memory import HostBufferPool
+from coe.cache import policy
+from coe.cache.tiers import Budgets, Tier, resolve_budgets
 from coe.config import CoEConfig, ExpertConfig
-from coe.errors import CacheFull, ModelNotAvailable, UnknownExpert
+from coe.errors import CacheFull, CoEError, ModelNotAvailable, UnknownExpert
 from coe.models.catalog import PACKAGED, ModelStore
 from coe.models.info import ModelInfo, describe
+
+TIERS = ("device", "host")
+POOL_KEY = "(reusable buffers)"
+# Reload-cost estimates before an expert's own moves have been measured.
+DEFAULT_DISK_GBPS = 1.0
+DEFAULT_MATERIALIZE_S = 0.05
 
 
 @dataclass(frozen=True)
 class ExpertState:
     name: str
     backend: str
-    state: str  # resident | ready | not assembled | not installed | missing
+    state: str  # hot | warm | ready (on disk) | not assembled | not installed | missing | unreadable
     num_bytes: int | None
     num_params: int | None
-    load_s: float | None
+    read_s: float | None          # last disk -> host move, seconds
+    materialize_s: float | None   # last host -> device move, seconds
+    host_bytes: int = 0           # measured footprint in the host tier
+    device_bytes: int = 0         # measured footprint in the device tier
+    pinned: bool = False
+    requests: int = 0
+
+    @property
+    def load_s(self) -> float | None:
+        return None if self.read_s is None else self.read_s + (self.materialize_s or 0.0)
+
+    @property
+    def tier(self) -> str:
+        return {"hot": "device", "warm": "host"}.get(self.state, "disk")
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "backend": self.backend, "tier": self.tier, "state": self.state,
+                "weight_bytes": self.num_bytes, "num_params": self.num_params,
+                "host_bytes": self.host_bytes, "device_bytes": self.device_bytes,
+                "pinned": self.pinned, "requests": self.requests, "read_s": self.read_s,
+                "materialize_s": self.materialize_s}
 
 
 @dataclass
-class _Entry:
-    runner: Runner
-    load_s: float
-    last_used_s: float
+class _Slot:
+    expert: ExpertConfig
+    host: HostWeights | None = None
+    backend: Backend | None = None  # the one that read the host weights
+    runner: Runner | None = None
+    pinned: bool = False
+    leases: int = 0
+    requests: int = 0
+    last_used: int = 0  # request sequence number of its last use
+    priority: dict = field(default_factory=lambda: {tier: 0.0 for tier in TIERS})
+    read_s: float | None = None        # last measured disk -> host move
+    materialize_s: float | None = None  # last measured host -> device move
+    host_bytes_seen: int | None = None
+    device_bytes_seen: int | None = None
+
+    @property
+    def busy(self) -> bool:
+        return self.pinned or self.leases > 0
+
+
+@dataclass
+class CacheStats:
+    activations: int = 0
+    hits: int = 0         # already hot
+    warm_hits: int = 0    # warm -> hot
+    misses: int = 0       # cold -> hot
+    switches: int = 0     # activation of another expert than the previous one
+    prefetches: int = 0
+    evictions: dict = field(default_factory=lambda: {tier: 0 for tier in TIERS})
+    bytes_moved: dict = field(default_factory=lambda: {"disk->host": 0, "host->device": 0})
+    seconds_moving: dict = field(default_factory=lambda: {"disk->host": 0.0, "host->device": 0.0})
+
+    def to_dict(self) -> dict:
+        return {"activations": self.activations, "hits": self.hits, "warm_hits": self.warm_hits,
+                "misses": self.misses, "switches": self.switches, "prefetches": self.prefetches,
+                "evictions": dict(self.evictions), "bytes_moved": dict(self.bytes_moved),
+                "seconds_moving": {k: round(v, 6) for k, v in self.seconds_moving.items()}}
 
 
 class ModelCache:
-    """Contract: ``activate``/``evict``/``close`` run on the engine thread; ``states`` and
-    ``is_resident`` are safe from any thread. Nothing is pinned yet; any resident expert may be
-    evicted when another needs its bytes."""
+    """Contract: every method is safe from any thread. Moves are serialised (one at a time);
+    activating an already hot expert never waits for a move. Pinned experts and experts held by
+    a ``lease`` are never evicted; anything else may be, when another expert needs its bytes.
+    """
 
-    def __init__(self, config: CoEConfig, store: ModelStore):
+    def __init__(self, config: CoEConfig, store: ModelStore, *, backends: dict[str, Backend] | None = None,
+                 budgets: Budgets | None = None, timer: Callable[[], float] = time.perf_counter):
         self.config = config
         self.store = store
-        self._resident: dict[str, _Entry] = {}
-        self._lock = threading.Lock()
-        self._last_load_s: dict[str, float] = {}
+        self._backends = dict(backends or {})
+        if budgets is None:
+            uses_cuda = any(str(e.params.get("device", "cpu")).startswith("cuda") for e in config.experts)
+            budgets = resolve_budgets(config.cache.device_bytes, config.cache.host_bytes, uses_cuda)
+        self.budgets = budgets
+        self.policy = config.cache.policy
+        self.tiers = {"device": Tier("device", budgets.device_bytes), "host": Tier("host", budgets.host_bytes)}
+        self._clock = {tier: 0.0 for tier in TIERS}
+        self.pool = HostBufferPool(pin=budgets.device_kind == "cuda")
+        self.stats = CacheStats()
+        self._timer = timer
+        self._slots = {e.name: _Slot(e) for e in config.experts}
+        self._state = threading.RLock()   # slots, tiers, stats: held briefly
+        self._moving = threading.RLock()  # one move at a time; held for the duration of a load
+        self._previous: str | None = None
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="coe-prefetch")
+        self._pending: dict[tuple[str, str], Future] = {}
 
-    def _expert(self, name: str) -> ExpertConfig:
+    # -- sources -----------------------------------------------------------------------------------
+    def _slot(self, name: str) -> _Slot:
         try:
-            return self.config.expert(name)
+            return self._slots[name]
         except KeyError:
             raise UnknownExpert(f"no expert named {name!r}") from None
 
@@ -63,60 +147,321 @@ class ModelCache:
                                     f"packaged model ({', '.join(sorted(PACKAGED))}) nor an existing path")
         return path
 
+    def _backend(self, expert: ExpertConfig, path: Path) -> Backend:
+        name = backend_name_for(expert.backend, path)
+        if name not in self._backends:
+            self._backends[name] = get_backend(name)
+        return self._backends[name]
+
+    # -- the public moves --------------------------------------------------------------------------
     def activate(self, name: str) -> Runner:
-        """Return a ready Runner for the expert, loading it (and evicting others) if needed."""
-        entry = self._resident.get(name)
-        if entry is not None:
-            entry.last_used_s = time.monotonic()
-            return entry.runner
-        expert = self._expert(name)
-        path = self.path_of(expert)
-        backend = get_backend(backend_name_for(expert.backend, path))
-        started = time.perf_counter()
-        host = backend.read(expert, path)
-        self._make_room(name, host.num_bytes)
-        runner = backend.materialize(host)
-        load_s = time.perf_counter() - started
-        with self._lock:
-            self._resident[name] = _Entry(runner, load_s, time.monotonic())
-            self._last_load_s[name] = load_s
-        return runner
+        """A ready Runner for the expert, moving it up from wherever it is. The runner stays valid
+        until a later move needs its room; hold a ``lease`` to keep it."""
+        slot = self._slot(name)
+        with self._state:
+            self._count_request(slot)
+            if slot.runner is not None:
+                self.stats.hits += 1
+                self._touch(slot, "device")
+                return slot.runner
+        with self._moving:
+            with self._state:
+                if slot.runner is not None:  # a concurrent activation or prefetch loaded it
+                    self.stats.hits += 1
+                    return slot.runner
+                if slot.host is None:
+                    self.stats.misses += 1
+                else:
+                    self.stats.warm_hits += 1
+            self._to_host(slot)
+            return self._to_device(slot)
 
-    def _make_room(self, name: str, incoming_bytes: int) -> None:
-        resident = [Resident(n, e.runner.num_bytes, e.last_used_s) for n, e in self._resident.items()]
+    @contextlib.contextmanager
+    def lease(self, name: str) -> Iterator[Runner]:
+        """Activate and keep the expert hot (not evictable) until the block ends."""
+        slot = self._slot(name)
+        with self._state:
+            slot.leases += 1
         try:
-            victims = choose_victims(resident, incoming_bytes, self.config.cache.resident_bytes)
-        except ValueError:
-            raise CacheFull(f"expert {name} needs {incoming_bytes} bytes, more than cache.resident_bytes "
-                            f"({self.config.cache.resident_bytes}); raise the budget in the config") from None
-        for victim in victims:
-            self.evict(victim)
+            yield self.activate(name)
+        finally:
+            with self._state:
+                slot.leases -= 1
 
-    def evict(self, name: str) -> None:
-        with self._lock:
-            entry = self._resident.pop(name, None)
-        if entry is not None:
-            entry.runner.close()
+    def prefetch(self, name: str, tier: str = "host") -> Future:
+        """Start moving the expert up to ``tier`` in the background; returns at once. Repeated
+        hints for a move already queued share it."""
+        self._slot(name)
+        _check_tier(tier)
+        key = (name, tier)
+        with self._state:
+            pending = self._pending.get(key)
+            if pending is not None and not pending.done():
+                return pending
+            self.stats.prefetches += 1
+            future = self._prefetcher.submit(self._prefetch_now, name, tier)
+            self._pending[key] = future
+            return future
 
-    def is_resident(self, name: str) -> bool:
-        return name in self._resident
+    def _prefetch_now(self, name: str, tier: str) -> None:
+        slot = self._slot(name)
+        with self._moving:
+            self._to_host(slot)
+            if tier == "device":
+                self._to_device(slot)
+
+    def pin(self, name: str, tier: str = "device") -> None:
+        """Bring the expert up to ``tier`` and keep it there until ``unpin``."""
+        _check_tier(tier)
+        slot = self._slot(name)
+        with self._moving:
+            self._to_host(slot)
+            if tier == "device":
+                self._to_device(slot)
+            with self._state:
+                slot.pinned = True
+
+    def unpin(self, name: str) -> None:
+        slot = self._slot(name)
+        with self._state:
+            slot.pinned = False
+
+    def evict(self, name: str, tier: str = "host") -> None:
+        """Demote the expert out of ``tier``: out of "device" leaves it warm, out of "host" sends it
+        back to disk. Pinned or leased experts raise CacheFull (unpin first)."""
+        _check_tier(tier)
+        slot = self._slot(name)
+        with self._moving, self._state:
+            if slot.busy:
+                raise CacheFull(f"expert {name} is pinned or in use and cannot be evicted")
+            self._demote(slot, tier)
 
     def close(self) -> None:
-        for name in list(self._resident):
-            self.evict(name)
+        """Unload everything (pins included)."""
+        self._prefetcher.shutdown(wait=True, cancel_futures=True)
+        self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="coe-prefetch")
+        with self._moving, self._state:
+            for slot in self._slots.values():
+                slot.pinned = False
+                self._demote(slot, "host")
+            self.pool.trim(0)
+            self._sync_pool()
+
+    # -- moves (callers hold self._moving) ---------------------------------------------------------
+    def _to_host(self, slot: _Slot) -> None:
+        if slot.host is not None:
+            return
+        expert = slot.expert
+        path = self.path_of(expert)
+        backend = self._backend(expert, path)
+        weight_bytes = backend.weight_bytes(path)
+        estimate = slot.host_bytes_seen or weight_bytes
+        with self._state:
+            reuse_bytes = self.pool.fitting_bytes(weight_bytes) if backend.name == "torch_hf" else 0
+            self._make_room("host", slot, 0 if reuse_bytes else estimate, reuse_bytes)
+        started = self._timer()
+        try:
+            host = backend.read(expert, path, self.pool)
+        except BaseException:
+            self._unreserve("host", slot)
+            raise
+        elapsed = self._timer() - started
+        with self._state:
+            try:
+                self._settle("host", slot, host.footprint_bytes)
+            except CacheFull:
+                host.release()
+                self._sync_pool()
+                raise
+            slot.host, slot.backend, slot.read_s, slot.host_bytes_seen = host, backend, elapsed, host.footprint_bytes
+            self._sync_pool()
+            self._touch(slot, "host")
+            self.stats.bytes_moved["disk->host"] += weight_bytes
+            self.stats.seconds_moving["disk->host"] += elapsed
+
+    def _to_device(self, slot: _Slot) -> Runner:
+        if slot.runner is not None:
+            return slot.runner
+        estimate = slot.device_bytes_seen
+        if estimate is None:  # first time: on CUDA the weights, on CPU the runtime is small
+            estimate = slot.host.footprint_bytes if self.budgets.device_kind == "cuda" else 0
+        with self._state:
+            self._make_room("device", slot, estimate)
+        started = self._timer()
+        try:
+            runner = slot.backend.materialize(slot.host)
+        except BaseException:
+            self._unreserve("device", slot)
+            raise
+        elapsed = self._timer() - started
+        with self._state:
+            try:
+                self._settle("device", slot, runner.footprint_bytes)
+            except CacheFull:
+                runner.close()
+                raise
+            slot.runner, slot.materialize_s, slot.device_bytes_seen = runner, elapsed, runner.footprint_bytes
+            self._touch(slot, "device")
+            self.stats.bytes_moved["host->device"] += slot.host.num_bytes
+            self.stats.seconds_moving["host->device"] += elapsed
+            return runner
+
+    def _make_room(self, tier: str, slot: _Slot, incoming_bytes: int, reuse_bytes: int = 0) -> None:
+        """Evict by policy until ``incoming_bytes`` fit in ``tier`` and reserve them for ``slot``.
+        In the host tier, unused pooled buffers go before any expert (except one of ``reuse_bytes``,
+        which the coming read will take)."""
+        room = self.tiers[tier]
+        if tier == "host":
+            self._trim_pool(incoming_bytes, reuse_bytes)
+        candidates = [self._candidate(other, tier) for other in self._slots.values()
+                      if other is not slot and other.expert.name in room]
+        reclaimable = self.pool.free_bytes - reuse_bytes if tier == "host" else 0
+        try:
+            eviction = policy.choose_victims(candidates, incoming_bytes, room.free_bytes + reclaimable,
+                                             self._clock[tier])
+        except ValueError:
+            raise CacheFull(f"expert {slot.expert.name} needs {incoming_bytes} bytes in the {tier} tier "
+                            f"(budget cache.{tier}_bytes = {room.budget_bytes}); {room.used_bytes} bytes are "
+                            f"held and only pinned or in-use experts are left to evict. Raise "
+                            f"cache.{tier}_bytes or unpin experts.") from None
+        self._clock[tier] = eviction.clock
+        for victim in eviction.victims:
+            self._demote(self._slots[victim], tier)
+            self.stats.evictions[tier] += 1
+        if tier == "host":
+            self._trim_pool(incoming_bytes, reuse_bytes)
+        room.hold(slot.expert.name, room.held(slot.expert.name) + incoming_bytes)
+
+    def _unreserve(self, tier: str, slot: _Slot) -> None:
+        """A move failed: drop the reservation ``_make_room`` made for it, or it would stay held
+        (and grow with every retry) with nothing in the tier."""
+        with self._state:
+            self.tiers[tier].drop(slot.expert.name)
+            if tier == "host":
+                self._sync_pool()
+
+    def _trim_pool(self, incoming_bytes: int, reuse_bytes: int) -> None:
+        room = self.tiers["host"]
+        shortfall = incoming_bytes - room.free_bytes
+        if shortfall > 0:
+            self.pool.trim(max(0, self.pool.free_bytes - shortfall), protect_bytes=reuse_bytes)
+            self._sync_pool()
+
+    def _settle(self, tier: str, slot: _Slot, measured_bytes: int) -> None:
+        """Replace the reservation with the measured footprint, evicting more if it grew."""
+        room = self.tiers[tier]
+        name = slot.expert.name
+        reserved = room.held(name)
+        if tier == "host":
+            self._sync_pool()
+        if measured_bytes > reserved + room.free_bytes:
+            room.drop(name)
+            try:
+                self._make_room(tier, slot, measured_bytes)
+            except CacheFull:
+                raise CacheFull(f"expert {name} measured {measured_bytes} bytes in the {tier} tier after "
+                                f"loading, more than fits in cache.{tier}_bytes = {room.budget_bytes}") from None
+        room.hold(name, measured_bytes)
+
+    def _demote(self, slot: _Slot, tier: str) -> None:
+        """Out of the device tier (close the runner); out of host also releases the host weights."""
+        name = slot.expert.name
+        if slot.runner is not None:
+            slot.runner.close()
+            slot.runner = None
+        self.tiers["device"].drop(name)
+        if tier == "host":
+            if slot.host is not None:
+                slot.host.release()
+                slot.host = None
+            self.tiers["host"].drop(name)
+            self._sync_pool()
+
+    def _sync_pool(self) -> None:
+        host = self.tiers["host"]
+        host.drop(POOL_KEY)
+        free = self.pool.free_bytes
+        if free:
+            host.hold(POOL_KEY, free)
+
+    # -- popularity and priorities -----------------------------------------------------------------
+    def _count_request(self, slot: _Slot) -> None:
+        self.stats.activations += 1
+        name = slot.expert.name
+        if self._previous is not None and self._previous != name:
+            self.stats.switches += 1
+        self._previous = name
+        slot.requests += 1
+        slot.last_used = self.stats.activations
+
+    def _touch(self, slot: _Slot, tier: str) -> None:
+        """Refresh the expert's priority in ``tier`` (and in host, since hot implies warm)."""
+        for level in ("device", "host") if tier == "device" else ("host",):
+            slot.priority[level] = policy.priority(
+                self.policy, clock=self._clock[level], recency=slot.last_used,
+                frequency=max(slot.requests, 1), reload_s=self._reload_s(slot, level),
+                num_bytes=slot.host.num_bytes if slot.host else 1)
+
+    def _reload_s(self, slot: _Slot, tier: str) -> float:
+        """What evicting the expert from ``tier`` would cost to undo."""
+        materialize_s = slot.materialize_s if slot.materialize_s is not None else DEFAULT_MATERIALIZE_S
+        if tier == "device":
+            return materialize_s
+        read_s = slot.read_s
+        if read_s is None or read_s <= 0:
+            weight_bytes = slot.host.num_bytes if slot.host else 0
+            read_s = weight_bytes / (DEFAULT_DISK_GBPS * 1e9)
+        return read_s + materialize_s
+
+    def _candidate(self, slot: _Slot, tier: str) -> policy.Candidate:
+        name = slot.expert.name
+        return policy.Candidate(name, self.tiers[tier].held(name), slot.priority[tier], pinned=slot.busy)
+
+    # -- visibility --------------------------------------------------------------------------------
+    def is_resident(self, name: str) -> bool:
+        """Hot: activating it costs nothing."""
+        return self._slot(name).runner is not None
+
+    def tier_of(self, name: str) -> str:
+        slot = self._slot(name)
+        return "device" if slot.runner is not None else "host" if slot.host is not None else "disk"
+
+    def tier_usage(self) -> dict:
+        with self._state:
+            return {name: {"budget_bytes": tier.budget_bytes, "used_bytes": tier.used_bytes}
+                    for name, tier in self.tiers.items()}
+
+    def snapshot(self) -> dict:
+        """Everything `GET /v1/experts` shows."""
+        states = self.states()
+        with self._state:
+            return {"policy": self.policy, "device_kind": self.budgets.device_kind,
+                    "tiers": {name: {"budget_bytes": t.budget_bytes, "used_bytes": t.used_bytes}
+                              for name, t in self.tiers.items()},
+                    "reusable_buffer_bytes": self.pool.free_bytes,
+                    "stats": self.stats.to_dict(),
+                    "experts": [state.to_dict() for state in states]}
 
     def states(self) -> list[ExpertState]:
-        return [self._state(expert) for expert in self.config.experts]
+        return [self._state_of(expert) for expert in self.config.experts]
 
-    def _state(self, expert: ExpertConfig) -> ExpertState:
+    def _state_of(self, expert: ExpertConfig) -> ExpertState:
         info, state = self._disk_info(expert)
-        if self.is_resident(expert.name):
-            state = "resident"
-        backend = expert.backend
-        if info is not None:
-            backend = backend_name_for(expert.backend, info.path)
+        slot = self._slots[expert.name]
+        with self._state:
+            if slot.runner is not None:
+                state = "hot"
+            elif slot.host is not None:
+                state = "warm"
+            host_bytes = self.tiers["host"].held(expert.name)
+            device_bytes = self.tiers["device"].held(expert.name)
+        backend = backend_name_for(expert.backend, info.path) if info is not None else expert.backend
         return ExpertState(expert.name, backend, state, info.num_bytes if info else None,
-                           info.num_params if info else None, self._last_load_s.get(expert.name))
+                           info.num_params if info else None, slot.read_s, slot.materialize_s,
+                           host_bytes, device_bytes, slot.pinned, slot.requests)
+
+    def state_of(self, name: str) -> ExpertState:
+        return self._state_of(self._slot(name).expert)
 
     def _disk_info(self, expert: ExpertConfig) -> tuple[ModelInfo | None, str]:
         """Header facts without assembling anything."""
@@ -138,3 +483,8 @@ class ModelCache:
             return describe(path), "ready"
         except ModelNotAvailable:
             return None, "unreadable"
+
+
+def _check_tier(tier: str) -> None:
+    if tier not in TIERS:
+        raise CoEError(f"unknown tier {tier!r} (expected device or host)")

@@ -1,30 +1,58 @@
-"""Pure eviction decisions: no I/O, no torch."""
+"""Pure eviction decisions: no I/O, no torch, no clocks of their own.
+
+Every resident expert has a priority per tier; eviction takes the lowest priorities first,
+skipping pinned and in-use experts, until the incoming bytes fit.
+
+- ``lru``: priority is the sequence number of the last use (the baseline).
+- ``gdsf``: GreedyDual-Size-Frequency. Priority = clock + frequency x reload_s / size, where
+  reload_s is what bringing the expert back would cost from the tier it would fall to (host ->
+  device for a device victim, disk -> host -> device for a host victim). The tier's clock rises
+  to the priority of each victim, so experts that stop being used age out.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+POLICIES = ("gdsf", "lru")
+_GB = 1e9
+
 
 @dataclass(frozen=True)
-class Resident:
+class Candidate:
     name: str
     num_bytes: int
-    last_used_s: float
-    pinned: bool = False
+    priority: float
+    pinned: bool = False  # pinned by the user, in use by a runner, or being moved
 
 
-def choose_victims(resident: list[Resident], incoming_bytes: int, budget_bytes: int) -> list[str]:
-    """Least recently used first, skipping pinned experts, until ``incoming_bytes`` fits.
+@dataclass(frozen=True)
+class Eviction:
+    victims: tuple[str, ...]
+    clock: float  # the tier's clock after these evictions (gdsf)
 
-    Returns the names to evict; raises ValueError if the incoming expert cannot fit at all.
-    """
-    used = sum(r.num_bytes for r in resident)
-    if used + incoming_bytes <= budget_bytes:
-        return []
+
+def priority(policy: str, *, clock: float, recency: float, frequency: float, reload_s: float,
+             num_bytes: int) -> float:
+    """The priority an expert gets when it is used (or arrives) in a tier."""
+    if policy == "lru":
+        return recency
+    if policy == "gdsf":
+        return clock + frequency * reload_s / max(num_bytes / _GB, 1e-9)
+    raise ValueError(f"unknown cache policy {policy!r} (expected one of {', '.join(POLICIES)})")
+
+
+def choose_victims(candidates: list[Candidate], incoming_bytes: int, free_bytes: int,
+                   clock: float = 0.0) -> Eviction:
+    """Lowest priority first, skipping pinned candidates, until ``incoming_bytes`` fit in
+    ``free_bytes`` plus what the victims free. Raises ValueError when they cannot fit at all."""
+    if incoming_bytes <= free_bytes:
+        return Eviction((), clock)
     victims = []
-    for candidate in sorted((r for r in resident if not r.pinned), key=lambda r: r.last_used_s):
+    for candidate in sorted((c for c in candidates if not c.pinned), key=lambda c: (c.priority, c.name)):
         victims.append(candidate.name)
-        used -= candidate.num_bytes
-        if used + incoming_bytes <= budget_bytes:
-            return victims
-    raise ValueError(f"{incoming_bytes} bytes do not fit in a budget of {budget_bytes} bytes "
-                     f"with {used} bytes pinned")
+        free_bytes += candidate.num_bytes
+        clock = max(clock, candidate.priority)
+        if incoming_bytes <= free_bytes:
+            return Eviction(tuple(victims), clock)
+    raise ValueError(f"{incoming_bytes} bytes do not fit: {free_bytes} bytes free after evicting "
+                     f"every expert that is not pinned or in use")

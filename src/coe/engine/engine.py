@@ -79,11 +79,14 @@ class Engine:
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
+        """Queue the request and hint the cache to start moving its expert up while it waits."""
         if request.expert not in self.expert_names():
             raise UnknownExpert(f"no expert named {request.expert!r}", param="model")
         with self._work:
             self.scheduler.add(request)
             self._work.notify()
+        if self.config.cache.prefetch != "none" and not self.cache.is_resident(request.expert):
+            self.cache.prefetch(request.expert, self.config.cache.prefetch)
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
         """Submit and yield the request's events on the calling thread (CLI, benchmarks).
@@ -113,9 +116,9 @@ class Engine:
                 return False
             self._running = batch.requests
         try:
-            runner = self.cache.activate(batch.expert)
-            for event in runner.generate(batch.requests):
-                self._deliver(batch.requests, event)
+            with self.cache.lease(batch.expert) as runner:
+                for event in runner.generate(batch.requests):
+                    self._deliver(batch.requests, event)
         except CoEError as exc:
             self._fail(batch.requests, exc)
         except Exception as exc:  # keep serving: one failed batch must not kill the loop
@@ -143,10 +146,19 @@ class Engine:
                         self._work.wait(_IDLE_WAIT_S)
 
     def start(self) -> None:
+        """Start the loop thread; experts pinned in the config start moving to the device."""
+        for name in self.config.cache.pins:
+            self.cache.prefetch(name, "device").add_done_callback(lambda _, name=name: self._pin(name))
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._run, name="coe-engine", daemon=True)
             self._thread.start()
+
+    def _pin(self, name: str) -> None:
+        try:
+            self.cache.pin(name)
+        except CoEError as exc:
+            log.warning("cache.pins: could not pin %s: %s", name, exc.message)
 
     def stop(self) -> None:
         """Stop the loop: the batch in flight is cancelled at its next token, queued requests get an error."""

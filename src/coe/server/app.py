@@ -74,6 +74,11 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
         return {"status": "ok", "queue_depth": engine.queue_depth(),
                 "experts": {s.name: s.state for s in states}}
 
+    @app.get("/v1/experts")
+    async def list_experts():
+        """Each expert's tier and measured footprint, the tier budgets and the cache's counters."""
+        return await asyncio.to_thread(engine.cache.snapshot)
+
     @app.get("/v1/models")
     async def list_models():
         return {"object": "list", "data": await asyncio.to_thread(_model_cards, engine, app.state.started_s)}

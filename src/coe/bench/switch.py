@@ -1,0 +1,481 @@
+"""`coe bench switch`: how fast coe switches experts, against loading on demand, in one run.
+
+1. Hardware: memcpy bandwidth into existing memory, and sequential disk read bandwidth with the
+   file dropped from the page cache (posix_fadvise; O_DIRECT where the kernel keeps it).
+2. Per expert (the default packaged GGUF experts and 12+ synthetic safetensors experts from 100M
+   to 1.5B parameters, written by this bench): time to first token for
+   - naive: load the file on demand with default settings (llama-cpp-python ``Llama(path)``;
+     for safetensors ``load_file`` + build + load_state_dict), file not in the page cache;
+   - cold->hot: through ModelCache from disk; warm->hot: the expert demoted to the host tier;
+   - hot: the steady-state TTFT of a loaded expert (the floor every switch pays).
+3. Replay: a Zipf(1.0) request sequence over 16 experts with room for 3 hot and 8 more warm, run
+   through the real ModelCache with simulated moves whose durations are the ones measured in
+   step 2 (a virtual clock, so the replay takes seconds): total switch time and hit rates for LRU
+   and for the cost-aware policy.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.memory import drop_file_cache, read_sequential
+from coe.cache.manager import ModelCache
+from coe.cache.tiers import Budgets
+from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, default_config
+from coe.models.info import ModelInfo
+from coe.types import Request, SamplingParams
+
+PROMPTS = ["Hi there", "Name a color", "Say hello", "Count to three", "What is two plus two",
+           "Pick a number", "Tell me a fact", "Greet me"]
+SYNTHETIC_PARAMS = (0.1e9, 0.15e9, 0.2e9, 0.3e9, 0.4e9, 0.5e9, 0.6e9, 0.75e9, 0.9e9, 1.1e9, 1.3e9, 1.5e9)
+REPLAY_EXPERTS, REPLAY_HOT, REPLAY_WARM = 16, 3, 8
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--synthetic", type=int, default=len(SYNTHETIC_PARAMS),
+                        help="how many synthetic experts (100M..1.5B parameters)")
+    parser.add_argument("--workdir", help="where synthetic checkpoints are written (default: a temp dir)")
+    parser.add_argument("--requests", type=int, default=2000, help="requests in the Zipf replay")
+    parser.add_argument("--seeds", type=int, default=5, help="replay sequences averaged")
+    parser.add_argument("--no-llama-settings", action="store_true", help="skip the llama.cpp settings table")
+
+
+# ---- hardware --------------------------------------------------------------------------------------
+
+def memcpy_gbps(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    import torch
+
+    src = torch.ones(num_bytes, dtype=torch.uint8)
+    dst = torch.zeros(num_bytes, dtype=torch.uint8)
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        dst.copy_(src)
+        times.append(time.perf_counter() - started)
+    return num_bytes / statistics.median(times) / 1e9
+
+
+def disk_gbps(path: Path, repeats: int = 3) -> tuple[float, str]:
+    """Sequential read of ``path`` into existing memory with its pages dropped from the cache."""
+    import torch
+
+    size = path.stat().st_size
+    target = torch.empty(size, dtype=torch.uint8)
+    target.fill_(0)
+    times, method = [], "fadvise-dontneed"
+    for _ in range(repeats):
+        if not drop_file_cache(path):
+            return _direct_read_gbps(path, size), "o_direct"
+        started = time.perf_counter()
+        read_sequential(path, memoryview(target.numpy()))
+        times.append(time.perf_counter() - started)
+    return size / statistics.median(times) / 1e9, method
+
+
+def _direct_read_gbps(path: Path, size: int) -> float:
+    import mmap
+
+    chunk = 16 * 2**20
+    buffer = mmap.mmap(-1, chunk)  # page-aligned, as O_DIRECT needs
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0))
+    try:
+        started = time.perf_counter()
+        done = 0
+        while (n := os.readv(fd, [buffer])):
+            done += n
+        return done / (time.perf_counter() - started) / 1e9
+    finally:
+        os.close(fd)
+
+
+# ---- synthetic experts -----------------------------------------------------------------------------
+
+def synthetic_shapes(count: int) -> list[tuple[str, dict]]:
+    """``count`` Llama/Qwen2-shaped configs spread over 100M..1.5B parameters."""
+    from coe.bench.synthetic import synthetic_config
+
+    targets = SYNTHETIC_PARAMS if count == len(SYNTHETIC_PARAMS) else [
+        0.1e9 * (15 ** (i / max(count - 1, 1))) for i in range(count)]
+    shapes = []
+    for i, target in enumerate(targets):
+        hidden = 768 if target < 0.25e9 else 1024 if target < 0.55e9 else 1536
+        inter = int(hidden * 2.75) // 256 * 256
+        heads = hidden // 64
+        per_layer = 2 * hidden * hidden + 2 * hidden * (hidden // 4) + 3 * hidden * inter
+        layers = max(2, round(target / per_layer))
+        model_type = "llama" if i % 2 == 0 else "qwen2"
+        cfg = synthetic_config("tiny", model_type, hidden_size=hidden, intermediate_size=inter,
+                               num_hidden_layers=layers, num_attention_heads=heads,
+                               num_key_value_heads=max(1, heads // 4))
+        shapes.append((f"syn-{target / 1e9:.2f}b-{model_type}", cfg))
+    return shapes
+
+
+def write_fast_checkpoint(folder: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
+    """A real safetensors checkpoint with N(0, 0.02) weights tiled from one random block, streamed
+    to disk (writing 1.5B random parameters one by one would dominate the bench)."""
+    import torch
+
+    from coe.backends.torch_hf import build_model
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with torch.device("meta"):
+        shapes = {name: tuple(t.shape) for name, t in build_model(cfg).state_dict().items()
+                  if not (cfg.get("tie_word_embeddings") and name == "lm_head.weight")}
+    torch_dtype = getattr(torch, dtype)
+    item = torch_dtype.itemsize
+    header, offset = {}, 0
+    for name, shape in shapes.items():
+        size = math.prod(shape) * item
+        header[name] = {"dtype": {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[dtype],
+                        "shape": list(shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    block = torch.randn(8 * 2**20, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(torch_dtype)
+    block_bytes = block.view(torch.uint8).numpy().tobytes()
+    with (folder / "model.safetensors").open("wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        left = offset
+        while left > 0:
+            f.write(block_bytes[:min(left, len(block_bytes))])
+            left -= min(left, len(block_bytes))
+        f.flush()
+        os.fsync(f.fileno())  # dirty pages cannot be dropped, and writeback would compete with the reads
+    (folder / "config.json").write_text(json.dumps(cfg, indent=2))
+    return folder
+
+
+# ---- measurements per expert -----------------------------------------------------------------------
+
+def first_token_s(runner: Runner, prompt: str) -> float:
+    """Time until the runner produces its first token for a chat request."""
+    request = Request(expert=runner.expert.name, sampling=SamplingParams(max_tokens=1, temperature=0.0),
+                      prompt=prompt)
+    started = time.perf_counter()
+    for event in runner.generate([request]):
+        if event.error is not None:
+            raise event.error
+        if event.is_final:
+            break
+    return time.perf_counter() - started
+
+
+def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
+    """cold->hot, warm->hot and steady TTFT of one expert through the real cache."""
+    cache.evict(name, "host")
+    drop_file_cache(path if path.is_file() else path / "model.safetensors")
+    started = time.perf_counter()
+    runner = cache.activate(name)
+    cold_activate_s = time.perf_counter() - started
+    cold_to_hot_s = cold_activate_s + first_token_s(runner, next(prompts))
+    moved = cache.state_of(name)
+    hot_ttft_s = statistics.median(first_token_s(runner, next(prompts)) for _ in range(3))
+    warm = []
+    for _ in range(3):
+        cache.evict(name, "device")
+        started = time.perf_counter()
+        runner = cache.activate(name)
+        activate_s = time.perf_counter() - started
+        warm.append((activate_s + first_token_s(runner, next(prompts)), activate_s))
+    warm_to_hot_s, warm_activate_s = sorted(warm)[1]
+    return {"cold_to_hot_s": cold_to_hot_s, "cold_activate_s": cold_activate_s, "read_s": moved.read_s,
+            "warm_to_hot_s": warm_to_hot_s, "warm_activate_s": warm_activate_s,
+            "hot_ttft_s": hot_ttft_s, "host_bytes": moved.host_bytes, "device_bytes": moved.device_bytes}
+
+
+def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
+    """llama-cpp-python's defaults: Llama(path) (mmap, repacking on), then the first token."""
+    import llama_cpp
+
+    from coe.backends.llama_cpp import _llama_cpp
+
+    _llama_cpp()
+    if cached:
+        read_sequential(path)
+    else:
+        drop_file_cache(path)
+    started = time.perf_counter()
+    llm = llama_cpp.Llama(model_path=str(path), n_ctx=int(params.get("n_ctx", 4096)),
+                          n_threads=os.cpu_count(), verbose=False)
+    ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
+    next(iter(llm.generate(ids, temp=0.0)))
+    elapsed = time.perf_counter() - started
+    llm.close()
+    return elapsed
+
+
+def naive_torch_s(folder: Path, prompt: str, cached: bool) -> float:
+    """safetensors ``load_file`` into fresh memory, meta build, load_state_dict, first token."""
+    import torch
+    from safetensors.torch import load_file
+
+    from coe.backends.torch_hf import TorchRunner, build_model, load_vocab, read_model_config
+
+    file = folder / "model.safetensors"
+    if cached:
+        read_sequential(file)
+    else:
+        drop_file_cache(file)
+    started = time.perf_counter()
+    cfg = read_model_config(folder)
+    state = load_file(str(file))
+    with torch.device("meta"):
+        model = build_model(cfg)
+    state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
+    model.load_state_dict(state, assign=True)
+    runner = TorchRunner(ExpertConfig("naive", str(folder)), load_vocab(folder, cfg["vocab_size"]), model,
+                         cfg, torch.device("cpu"), file.stat().st_size, 4096)
+    first_token_s(runner, prompt)
+    return time.perf_counter() - started
+
+
+def llama_settings(path: Path, prompt: str) -> list[dict]:
+    """Load time, first token and tokens/s for mmap on/off x repacking on/off (file cached)."""
+    from coe.backends.llama_cpp import LlamaCppBackend
+    from coe.backends.memory import HostBufferPool
+
+    rows = []
+    for use_mmap in (True, False):
+        for repack in (False, True):
+            expert = ExpertConfig("settings", str(path), params={"use_mmap": use_mmap, "repack": repack})
+            read_sequential(path)
+            started = time.perf_counter()
+            host = LlamaCppBackend().read(expert, path, HostBufferPool())
+            runner = LlamaCppBackend().materialize(host)
+            load_s = time.perf_counter() - started
+            ttft_s = first_token_s(runner, prompt)
+            request = Request(expert="settings", sampling=SamplingParams(max_tokens=48, temperature=0.0),
+                              prompt=prompt)
+            started = time.perf_counter()
+            final = [e for e in runner.generate([request]) if e.is_final][-1]
+            gen_s = time.perf_counter() - started
+            tokens = final.completion.completion_tokens if final.completion else 0
+            rows.append({"use_mmap": use_mmap, "repack": repack, "load_s": load_s, "ttft_s": ttft_s,
+                         "tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+                         "host_bytes": host.footprint_bytes, "device_bytes": runner.footprint_bytes})
+            runner.close()
+            host.release()
+    return rows
+
+
+# ---- replay ----------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SimExpert:
+    name: str
+    weight_bytes: int
+    read_s: float         # disk -> host
+    materialize_s: float  # host -> device
+
+
+class _VirtualClock:
+    def __init__(self):
+        self.now_s = 0.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+class _SimRunner(Runner):
+    def _sample(self, prompt_ids, sampling):
+        yield 0
+
+
+class _SimVocab(Vocab):
+    def encode(self, text):
+        return [0]
+
+    def token_bytes(self, token_id):
+        return b""
+
+    def is_end(self, token_id):
+        return True
+
+
+class SimulatedBackend(Backend):
+    """Moves that take the measured time on a virtual clock; footprints are the weight bytes
+    in both tiers (as on a GPU box, where hot means the weights are on the device)."""
+
+    name = "llama_cpp"
+
+    def __init__(self, experts: dict[str, SimExpert], clock: _VirtualClock):
+        self.experts, self.clock = experts, clock
+
+    def weight_bytes(self, path: Path) -> int:
+        return self.experts[path.stem].weight_bytes
+
+    def read(self, expert, path, pool):
+        sim = self.experts[expert.name]
+        self.clock.now_s += sim.read_s
+        info = ModelInfo(path=path, format="sim", num_bytes=sim.weight_bytes, num_params=0, architecture="sim",
+                         quantization="-", chat_template=None, context_length=None)
+        return HostWeights(expert=expert, info=info, footprint_bytes=sim.weight_bytes, read_s=sim.read_s)
+
+    def materialize(self, host):
+        sim = self.experts[host.expert.name]
+        self.clock.now_s += sim.materialize_s
+        runner = _SimRunner(host.expert, _SimVocab(), 1, sim.weight_bytes)
+        runner.footprint_bytes = sim.weight_bytes
+        return runner
+
+
+def zipf_sequence(num_experts: int, num_requests: int, seed: int, exponent: float = 1.0) -> list[int]:
+    rng = random.Random(seed)
+    ranks = list(range(num_experts))
+    rng.shuffle(ranks)  # popularity independent of size
+    weights = [1.0 / (rank + 1) ** exponent for rank in ranks]
+    return rng.choices(range(num_experts), weights=weights, k=num_requests)
+
+
+def replay(experts: list[SimExpert], sequence: list[int], policy_name: str, folder: Path) -> dict:
+    mean_bytes = statistics.mean(e.weight_bytes for e in experts)
+    largest = max(e.weight_bytes for e in experts)
+    budgets = Budgets(device_bytes=max(int(REPLAY_HOT * mean_bytes), largest),
+                      host_bytes=max(int((REPLAY_HOT + REPLAY_WARM) * mean_bytes), largest), device_kind="sim")
+    for e in experts:
+        (folder / f"{e.name}.bin").touch()
+    config = CoEConfig(experts=tuple(ExpertConfig(e.name, str(folder / f"{e.name}.bin"), backend="llama_cpp")
+                                     for e in experts),
+                       router=RouterConfig(enabled=False), cache=CacheConfig(policy=policy_name, prefetch="none"))
+    clock = _VirtualClock()
+    backend = SimulatedBackend({e.name: e for e in experts}, clock)
+    cache = ModelCache(config, store=None, backends={"llama_cpp": backend}, budgets=budgets, timer=clock)
+    for index in sequence:
+        cache.activate(experts[index].name)
+    stats = cache.stats
+    cache.close()
+    return {"switch_s": clock.now_s, "hit_rate": stats.hits / len(sequence),
+            "warm_hit_rate": stats.warm_hits / len(sequence), "miss_rate": stats.misses / len(sequence)}
+
+
+def run_replay(experts: list[SimExpert], num_requests: int, seeds: int) -> dict:
+    results = {"lru": [], "gdsf": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in range(seeds):
+            sequence = zipf_sequence(len(experts), num_requests, seed)
+            for policy_name in results:
+                results[policy_name].append(replay(experts, sequence, policy_name, Path(tmp)))
+    mean = lambda rows, key: statistics.mean(r[key] for r in rows)  # noqa: E731
+    lru, gdsf = results["lru"], results["gdsf"]
+    return {"experts": len(experts), "requests": num_requests, "seeds": seeds, "zipf_exponent": 1.0,
+            "hot_slots": REPLAY_HOT, "warm_slots": REPLAY_WARM,
+            "lru_switch_s": mean(lru, "switch_s"), "policy_switch_s": mean(gdsf, "switch_s"),
+            "reduction": 1 - mean(gdsf, "switch_s") / mean(lru, "switch_s"),
+            "lru": {k: mean(lru, k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")},
+            "policy": {k: mean(gdsf, k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")},
+            "per_seed": {"lru_switch_s": [r["switch_s"] for r in lru],
+                         "policy_switch_s": [r["switch_s"] for r in gdsf]}}
+
+
+# ---- the run ---------------------------------------------------------------------------------------
+
+def _prompts():
+    i = 0
+    while True:
+        yield f"{PROMPTS[i % len(PROMPTS)]} ({i})"
+        i += 1
+
+
+def run(args) -> dict:
+    import torch
+
+    from coe.models import ModelStore
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    prompts = _prompts()
+    rows, settings = [], {}
+    memcpy = memcpy_gbps()
+    store = ModelStore(args.home)
+    defaults = default_config()
+    cache = ModelCache(CoEConfig(experts=defaults.experts, router=RouterConfig(enabled=False),
+                                 cache=CacheConfig(prefetch="none")), store)
+    for expert in defaults.experts:
+        path = cache.path_of(expert)
+        row = {"name": expert.name, "kind": "packaged", "backend": "llama_cpp", "weight_bytes": path.stat().st_size}
+        row["naive_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=False)
+        row["naive_cached_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=True)
+        row.update(measure_cache(cache, expert.name, path, prompts))
+        cache.evict(expert.name, "host")
+        rows.append(row)
+        print(f"  measured {expert.name}", flush=True)
+        if not args.no_llama_settings:
+            settings[expert.name] = llama_settings(path, next(prompts))
+    cache.close()
+    disk, method = None, None
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for name, cfg in synthetic_shapes(args.synthetic):
+            folder = write_fast_checkpoint(Path(tmp) / name, cfg)
+            file = folder / "model.safetensors"
+            if disk is None and file.stat().st_size > 1e9:
+                disk, method = disk_gbps(file)
+            expert = ExpertConfig(name, str(folder), backend="torch_hf", params={"dtype": "bfloat16"})
+            syn_cache = ModelCache(CoEConfig(experts=(expert,), router=RouterConfig(enabled=False),
+                                             cache=CacheConfig(prefetch="none")), store)
+            row = {"name": name, "kind": "synthetic", "backend": "torch_hf", "weight_bytes": file.stat().st_size,
+                   "num_params": sum(math.prod(s) for s in _shapes(cfg))}
+            row["naive_s"] = naive_torch_s(folder, next(prompts), cached=False)
+            row["naive_cached_s"] = naive_torch_s(folder, next(prompts), cached=True)
+            row.update(measure_cache(syn_cache, name, folder, prompts))
+            syn_cache.close()
+            rows.append(row)
+            print(f"  measured {name}", flush=True)
+            for leftover in folder.iterdir():
+                leftover.unlink()
+    if disk is None:
+        disk, method = disk_gbps(cache.path_of(defaults.experts[-1]))
+    for row in rows:
+        row["cold_read_gbps"] = row["weight_bytes"] / row["read_s"] / 1e9 if row["read_s"] else None
+        row["bound_s"] = row["weight_bytes"] / (memcpy * 1e9) + row["hot_ttft_s"]
+        row["warm_speedup"] = row["naive_s"] / row["warm_to_hot_s"]
+        row["warm_vs_bound"] = row["warm_to_hot_s"] / row["bound_s"]
+        row["cold_read_vs_disk"] = (row["cold_read_gbps"] or 0) / disk
+    sims = [SimExpert(r["name"], r["weight_bytes"], r["read_s"] or r["weight_bytes"] / (disk * 1e9),
+                      r["warm_activate_s"]) for r in rows[:REPLAY_EXPERTS]]
+    replay_result = run_replay(sims, args.requests, args.seeds)
+    result = {"memcpy_gbps": memcpy, "disk_gbps": disk, "disk_method": method, "threads": os.cpu_count(),
+              "experts": rows, "llama_settings": settings, "replay": replay_result}
+    print_report(result)
+    return result
+
+
+def _shapes(cfg: dict):
+    import torch
+
+    from coe.backends.torch_hf import build_model
+
+    with torch.device("meta"):
+        return [tuple(t.shape) for n, t in build_model(cfg).state_dict().items()
+                if not (cfg.get("tie_word_embeddings") and n == "lm_head.weight")]
+
+
+def print_report(result: dict) -> None:
+    print(f"\nmemcpy {result['memcpy_gbps']:.2f} GB/s, disk {result['disk_gbps']:.2f} GB/s "
+          f"({result['disk_method']}), {result['threads']} threads")
+    header = (f"{'expert':<26} {'GB':>5} {'naive s':>8} {'cold s':>7} {'read/disk':>9} {'warm s':>7} "
+              f"{'hot ttft':>8} {'naive/warm':>10} {'warm/bound':>10}")
+    print(header)
+    for r in result["experts"]:
+        print(f"{r['name']:<26} {r['weight_bytes'] / 1e9:>5.2f} {r['naive_s']:>8.3f} {r['cold_to_hot_s']:>7.3f} "
+              f"{r['cold_read_vs_disk']:>9.2f} {r['warm_to_hot_s']:>7.3f} {r['hot_ttft_s']:>8.3f} "
+              f"{r['warm_speedup']:>10.1f} {r['warm_vs_bound']:>10.2f}")
+    for name, rows in result["llama_settings"].items():
+        print(f"llama.cpp settings, {name}: " + "; ".join(
+            f"mmap={int(r['use_mmap'])} repack={int(r['repack'])}: load {r['load_s']:.2f}s, "
+            f"{r['tokens_per_s']:.0f} tok/s" for r in rows))
+    rp = result["replay"]
+    print(f"replay: Zipf(1.0), {rp['experts']} experts, {rp['requests']} requests x {rp['seeds']} seeds, "
+          f"room for {rp['hot_slots']} hot + {rp['warm_slots']} warm")
+    print(f"  lru  switch {rp['lru_switch_s']:.1f}s  hit {rp['lru']['hit_rate']:.2f} warm {rp['lru']['warm_hit_rate']:.2f}"
+          f" miss {rp['lru']['miss_rate']:.2f}")
+    print(f"  gdsf switch {rp['policy_switch_s']:.1f}s  hit {rp['policy']['hit_rate']:.2f} "
+          f"warm {rp['policy']['warm_hit_rate']:.2f} miss {rp['policy']['miss_rate']:.2f}  "
+          f"({rp['reduction'] * 100:.0f}% less switch time)")

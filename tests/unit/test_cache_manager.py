@@ -1,0 +1,729 @@
+"""ModelCache with fake backends: the three tiers, budgets, eviction policies, pins, leases, prefetch
+and counters, without torch or llama.cpp.
+
+Expert sources are real (tiny safetensors files in tmp folders), so ``describe`` and ``states`` work
+as in production; a fake backend "reads" them into HostWeights whose footprint the test chooses and
+"materialises" a runner that yields letters. Runners and host weights check that nobody uses them
+after the cache let go of them.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import struct
+import threading
+import time
+from collections import Counter
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from fakes import LetterVocab
+
+from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.memory import HostBufferPool
+from coe.cache import ModelCache
+from coe.cache.tiers import Budgets
+from coe.config import CacheConfig, CoEConfig, ExpertConfig
+from coe.errors import CacheFull, CoEError, LoadError, UnknownExpert
+from coe.models import ModelStore
+from coe.models.info import describe
+from coe.types import Request, SamplingParams
+
+KB = 1000
+
+
+# ---- fakes -------------------------------------------------------------------------------------
+
+def write_weights(folder: Path, num_bytes: int) -> Path:
+    """A real safetensors checkpoint folder holding one uint8 tensor of ``num_bytes``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"w": {"dtype": "U8", "shape": [num_bytes], "data_offsets": [0, num_bytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(num_bytes))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1000}))
+    return folder
+
+
+class FakeRunner(Runner):
+    def __init__(self, host: HostWeights, footprint_bytes: int):
+        super().__init__(host.expert, LetterVocab(), context_length=1000, num_bytes=host.num_bytes)
+        self.host = host
+        self.footprint_bytes = footprint_bytes
+        self.closed = False
+
+    def _sample(self, prompt_ids: list[int], sampling) -> Iterator[int]:
+        assert not self.closed, f"runner of {self.expert.name} used after close()"
+        assert self.host.payload is not None, f"runner of {self.expert.name} used after its host weights were released"
+        yield from itertools.cycle((0, 1, 2))
+
+    def close(self) -> None:
+        self.closed = True
+
+
+@dataclass
+class Footprint:
+    host: int | None = None  # None: the weights' size on disk
+    device: int = 0
+
+
+class FakeBackend(Backend):
+    """Counts every move; ``gate`` (an Event) holds reads until set; ``fail`` names experts whose
+    read raises LoadError."""
+
+    name = "fake"
+
+    def __init__(self, footprints: dict[str, Footprint] | None = None, read_delay_s: float = 0.0):
+        self.footprints = footprints or {}
+        self.read_delay_s = read_delay_s
+        self.reads: Counter = Counter()
+        self.materializes: Counter = Counter()
+        self.releases: Counter = Counter()
+        self.live: set[str] = set()  # experts whose host weights are not released
+        self.runners: list[FakeRunner] = []
+        self.fail: set[str] = set()
+        self.gate: threading.Event | None = None
+        self._lock = threading.Lock()
+
+    def read(self, expert: ExpertConfig, path: Path, pool: HostBufferPool) -> HostWeights:
+        with self._lock:
+            self.reads[expert.name] += 1
+        if self.gate is not None:
+            assert self.gate.wait(10)
+        time.sleep(self.read_delay_s)
+        if expert.name in self.fail:
+            raise LoadError(f"expert {expert.name}: fake read failed")
+        info = describe(path)
+        footprint = self.footprints.get(expert.name, Footprint())
+        with self._lock:
+            assert expert.name not in self.live, f"{expert.name} read twice without a release"
+            self.live.add(expert.name)
+        return HostWeights(expert=expert, info=info, payload=object(),
+                           footprint_bytes=info.num_bytes if footprint.host is None else footprint.host,
+                           on_release=lambda: self._released(expert.name))
+
+    def _released(self, name: str) -> None:
+        with self._lock:
+            self.releases[name] += 1
+            self.live.discard(name)
+
+    def materialize(self, host: HostWeights) -> Runner:
+        assert host.payload is not None, "materialize of released host weights"
+        with self._lock:
+            self.materializes[host.expert.name] += 1
+        runner = FakeRunner(host, self.footprints.get(host.expert.name, Footprint()).device)
+        self.runners.append(runner)
+        return runner
+
+
+def generates(runner: Runner) -> str:
+    events = list(runner.generate([Request(runner.expert.name, SamplingParams(max_tokens=3), prompt="hi")]))
+    final = events[-1]
+    assert final.error is None, final.error
+    assert final.completion.text == "abc"
+    return final.completion.text
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    """Six checkpoints of different sizes on disk (their size is the cache's first estimate)."""
+    root = tmp_path_factory.mktemp("fake-experts")
+    sizes = {"a": 1000, "b": 1000, "c": 1000, "d": 2000, "e": 3000, "f": 500}
+    return {name: write_weights(root / name, size) for name, size in sizes.items()}
+
+
+def weight_bytes(folder: Path) -> int:
+    return describe(folder).num_bytes
+
+
+def make_cache(folders, names="abc", *, host, device=10**9, kind="cpu", policy="gdsf", footprints=None,
+               backend=None, clock=None, pins=()) -> ModelCache:
+    backend = backend or FakeBackend(footprints)
+    experts = tuple(ExpertConfig(n, str(folders[n]), backend="torch_hf") for n in names)
+    config = CoEConfig(experts=experts, cache=CacheConfig(policy=policy, pins=pins))
+    ticks = itertools.count()
+    cache = ModelCache(config, ModelStore("unused"), backends={"torch_hf": backend},
+                       budgets=Budgets(device_bytes=device, host_bytes=host, device_kind=kind),
+                       timer=clock or (lambda: float(next(ticks))))
+    cache.fake = backend
+    return cache
+
+
+def tiers(cache) -> dict[str, str]:
+    return {s.name: s.tier for s in cache.states()}
+
+
+def check_budgets(cache) -> None:
+    for tier in cache.tiers.values():
+        assert 0 <= tier.used_bytes <= tier.budget_bytes, (tier.name, tier.used_bytes, tier.budget_bytes)
+
+
+# ---- tiers -------------------------------------------------------------------------------------
+
+def test_activate_makes_an_expert_hot_and_therefore_warm(folders):
+    cache = make_cache(folders, host=10 * KB, footprints={"a": Footprint(host=1500, device=300)})
+    assert tiers(cache) == {"a": "disk", "b": "disk", "c": "disk"}
+    runner = cache.activate("a")
+    generates(runner)
+    (a, *_) = cache.states()
+    assert (a.state, a.tier, a.host_bytes, a.device_bytes) == ("hot", "device", 1500, 300)
+    assert cache.tier_of("a") == "device" and cache.is_resident("a")
+    assert cache.tiers["host"].used_bytes == 1500 and cache.tiers["device"].used_bytes == 300
+    assert cache.activate("a") is runner
+    assert cache.fake.reads["a"] == 1 and cache.fake.materializes["a"] == 1
+
+
+def test_evict_from_the_device_leaves_the_expert_warm(folders):
+    cache = make_cache(folders, host=10 * KB, footprints={"a": Footprint(host=1500, device=300)})
+    runner = cache.activate("a")
+    cache.evict("a", "device")
+    assert runner.closed
+    assert cache.tier_of("a") == "host" and not cache.is_resident("a")
+    (a, *_) = cache.states()
+    assert (a.state, a.host_bytes, a.device_bytes) == ("warm", 1500, 0)
+    assert cache.tiers["device"].used_bytes == 0 and cache.tiers["host"].used_bytes == 1500
+    assert cache.fake.releases["a"] == 0
+    again = cache.activate("a")  # warm -> hot: no read
+    generates(again)
+    assert again is not runner
+    assert cache.fake.reads["a"] == 1 and cache.fake.materializes["a"] == 2
+
+
+def test_evict_from_the_host_sends_the_expert_to_disk(folders):
+    cache = make_cache(folders, host=10 * KB)
+    runner = cache.activate("a")
+    cache.evict("a")  # default tier: host
+    assert runner.closed and cache.fake.releases["a"] == 1 and cache.fake.live == set()
+    assert cache.tier_of("a") == "disk"
+    assert {t: cache.tiers[t].used_bytes for t in ("host", "device")} == {"host": 0, "device": 0}
+    assert cache.states()[0].state == "ready"
+    cache.evict("a", "host")  # already on disk: nothing to do
+    cache.evict("b", "device")
+    generates(cache.activate("a"))
+    assert cache.fake.reads["a"] == 2
+
+
+def test_unknown_expert_and_unknown_tier(folders):
+    cache = make_cache(folders, host=10 * KB)
+    for call in (lambda: cache.activate("zz"), lambda: cache.evict("zz"), lambda: cache.prefetch("zz"),
+                 lambda: cache.pin("zz"), lambda: cache.tier_of("zz")):
+        with pytest.raises(UnknownExpert, match="'zz'"):
+            call()
+    for call in (lambda: cache.evict("a", "disk"), lambda: cache.prefetch("a", "gpu"), lambda: cache.pin("a", "ram")):
+        with pytest.raises(CoEError, match="unknown tier"):
+            call()
+
+
+def test_close_unloads_everything_and_the_cache_still_works(folders):
+    cache = make_cache(folders, host=10 * KB, footprints={"a": Footprint(device=10), "b": Footprint(device=10)})
+    a = cache.activate("a")
+    cache.pin("b")
+    cache.prefetch("c").result(timeout=10)
+    cache.close()
+    assert a.closed and all(r.closed for r in cache.fake.runners)
+    assert cache.fake.live == set()
+    assert set(tiers(cache).values()) == {"disk"} and not any(s.pinned for s in cache.states())
+    assert cache.tiers["host"].used_bytes == 0 and cache.tiers["device"].used_bytes == 0
+    generates(cache.activate("a"))
+    assert cache.prefetch("b").result(timeout=10) is None  # a fresh prefetch thread after close
+    cache.close()
+
+
+def test_a_failed_read_leaves_nothing_reserved(folders):
+    cache = make_cache(folders, host=10 * KB)
+    cache.fake.fail.add("a")
+    with pytest.raises(LoadError, match="fake read failed"):
+        cache.activate("a")
+    assert cache.tier_of("a") == "disk"
+    assert cache.tiers["host"].used_bytes == 0 and cache.tiers["host"].keys() == []
+    cache.fake.fail.clear()
+    generates(cache.activate("a"))
+    assert cache.tiers["host"].used_bytes == weight_bytes(folders["a"])
+
+
+def test_a_failed_materialize_leaves_nothing_reserved(folders):
+    class Broken(FakeBackend):
+        def materialize(self, host):
+            raise LoadError("no device today")
+
+    cache = make_cache(folders, host=10 * KB, kind="cuda", backend=Broken())  # cuda: reserves the weights first
+    with pytest.raises(LoadError, match="no device today"):
+        cache.activate("a")
+    assert cache.tier_of("a") == "host"
+    assert cache.tiers["device"].used_bytes == 0 and cache.tiers["device"].keys() == []
+
+
+# ---- budgets -----------------------------------------------------------------------------------
+
+def test_an_expert_that_cannot_fit_is_cache_full_with_the_numbers(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=size - 1)
+    with pytest.raises(CacheFull) as info:
+        cache.activate("a")
+    message = info.value.message
+    assert f"needs {size} bytes in the host tier" in message
+    assert f"cache.host_bytes = {size - 1}" in message
+    assert "0 bytes are held" in message
+    assert info.value.http_status == 503 and info.value.code == "cache_full"
+    assert cache.tier_of("a") == "disk" and cache.fake.reads["a"] == 0  # refused before reading
+
+
+def test_device_budget_too_small_keeps_the_expert_warm(folders):
+    cache = make_cache(folders, host=10 * KB, device=500, footprints={"a": Footprint(device=800)})
+    with pytest.raises(CacheFull) as info:
+        cache.activate("a")
+    assert "measured 800 bytes in the device tier" in info.value.message
+    assert "cache.device_bytes = 500" in info.value.message
+    assert cache.tier_of("a") == "host" and cache.tiers["device"].used_bytes == 0
+    assert cache.fake.runners[0].closed  # the runner that did not fit was closed
+    with pytest.raises(CacheFull):
+        cache.activate("a")
+    assert cache.tier_of("a") == "host" and cache.tiers["device"].used_bytes == 0
+
+
+def test_host_footprint_larger_than_the_estimate_evicts_more(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=3 * size, footprints={"c": Footprint(host=2 * size + 10)})
+    cache.activate("a")
+    cache.activate("b")
+    assert cache.tiers["host"].used_bytes == 2 * size
+    generates(cache.activate("c"))  # estimated at `size` (one eviction), measured at 2 x size + 10
+    assert tiers(cache) == {"a": "disk", "b": "disk", "c": "device"}
+    assert cache.tiers["host"].used_bytes == 2 * size + 10
+    assert cache.stats.evictions["host"] == 2
+    check_budgets(cache)
+
+
+def test_host_footprint_larger_than_the_budget_is_cache_full_and_released(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=2 * size, footprints={"c": Footprint(host=2 * size + 1)})
+    cache.activate("a")
+    with pytest.raises(CacheFull, match=f"measured {2 * size + 1} bytes in the host tier"):
+        cache.activate("c")
+    assert cache.fake.releases["c"] == 1 and "c" not in cache.fake.live
+    assert cache.tier_of("c") == "disk"
+    assert cache.tiers["host"].keys() == ["a"] and cache.tier_of("a") == "device"  # nothing evicted in vain
+    check_budgets(cache)
+
+
+def test_device_footprint_larger_than_the_estimate_evicts_more(folders):
+    cache = make_cache(folders, host=10 * KB, device=1000,
+                       footprints={"a": Footprint(device=400), "b": Footprint(device=400),
+                                   "c": Footprint(device=700)})
+    a, b = cache.activate("a"), cache.activate("b")
+    generates(cache.activate("c"))  # estimated at 0 on a CPU device tier, measured 700: both others go
+    assert a.closed and b.closed
+    assert tiers(cache) == {"a": "host", "b": "host", "c": "device"}
+    assert cache.tiers["device"].used_bytes == 700
+    assert cache.stats.evictions == {"device": 2, "host": 0}
+
+
+@pytest.mark.parametrize("kind, a_after", [("cuda", "host"), ("cpu", "device")])
+def test_on_cuda_the_first_device_estimate_is_the_host_footprint(folders, kind, a_after):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=10 * KB, device=size + size // 2, kind=kind,
+                       footprints={"a": Footprint(device=size), "b": Footprint(device=10)})
+    cache.activate("a")
+    # b measures 10 bytes, but on CUDA the cache first reserves its weights (`size`): a must leave
+    # the device; on CPU the first estimate is 0 and both fit
+    generates(cache.activate("b"))
+    assert tiers(cache) == {"a": a_after, "b": "device", "c": "disk"}
+    assert cache.tiers["device"].used_bytes == 10 + (size if a_after == "device" else 0)
+
+
+# ---- pins and leases ---------------------------------------------------------------------------
+
+def test_pinned_experts_are_never_evicted(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=size + size // 2)  # room for one expert
+    cache.pin("a")
+    assert cache.tier_of("a") == "device" and cache.states()[0].pinned
+    with pytest.raises(CacheFull, match="pinned or in use"):
+        cache.evict("a")
+    with pytest.raises(CacheFull, match="pinned or in use"):
+        cache.evict("a", "device")
+    with pytest.raises(CacheFull, match=r"needs \d+ bytes in the host tier.*unpin"):
+        cache.activate("b")
+    with pytest.raises(CacheFull):
+        cache.prefetch("b", "host").result(timeout=10)
+    assert cache.tier_of("a") == "device" and not cache.fake.runners[0].closed
+    cache.unpin("a")
+    generates(cache.activate("b"))
+    assert tiers(cache) == {"a": "disk", "b": "device", "c": "disk"}
+
+
+def test_pin_to_the_host_tier_keeps_the_expert_warm(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=2 * size + size // 2, device=1000, policy="lru",
+                       footprints={n: Footprint(device=600) for n in "abc"})
+    cache.pin("a", "host")
+    assert cache.tier_of("a") == "host"
+    cache.activate("b")
+    cache.activate("c")  # b leaves the host tier; a stays
+    assert tiers(cache) == {"a": "host", "b": "disk", "c": "device"}
+    generates(cache.activate("a"))  # pinned and now hot: c leaves the device
+    assert tiers(cache) == {"a": "device", "b": "disk", "c": "host"}
+    with pytest.raises(CacheFull):
+        cache.activate("b")  # the device has room only for a, which is pinned
+    assert tiers(cache)["a"] == "device"
+
+
+def test_a_lease_keeps_its_expert_hot_until_the_block_ends(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=size + size // 2)
+    with cache.lease("a") as runner:
+        with pytest.raises(CacheFull, match="only pinned or in-use experts are left"):
+            cache.activate("b")
+        with pytest.raises(CacheFull, match="in use"):
+            cache.evict("a")
+        generates(runner)  # not closed under our feet
+        with cache.lease("a") as same:  # leases nest
+            assert same is runner
+        with pytest.raises(CacheFull):
+            cache.activate("b")
+    generates(cache.activate("b"))
+    assert runner.closed and tiers(cache)["a"] == "disk"
+
+
+def test_a_failed_lease_releases_its_hold(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=size + size // 2)
+    cache.fake.fail.add("a")
+    with pytest.raises(LoadError):
+        with cache.lease("a"):
+            pass
+    cache.fake.fail.clear()
+    cache.activate("a")
+    cache.evict("a")  # not left "in use"
+
+
+# ---- prefetch ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tier, expected", [("host", "host"), ("device", "device")])
+def test_prefetch_returns_a_future_and_moves_the_expert(folders, tier, expected):
+    cache = make_cache(folders, host=10 * KB)
+    future = cache.prefetch("a", tier)
+    assert isinstance(future, Future)
+    assert future.result(timeout=10) is None
+    assert cache.tier_of("a") == expected
+    assert cache.stats.prefetches == 1
+    runner = cache.activate("a")
+    generates(runner)
+    assert cache.fake.reads["a"] == 1
+    assert (cache.stats.warm_hits, cache.stats.hits, cache.stats.misses) == \
+        ((1, 0, 0) if tier == "host" else (0, 1, 0))
+
+
+def test_prefetch_returns_at_once_and_repeated_hints_share_the_move(folders):
+    backend = FakeBackend()
+    backend.gate = threading.Event()
+    cache = make_cache(folders, host=10 * KB, backend=backend)
+    first = cache.prefetch("a")
+    assert not first.done()
+    assert cache.prefetch("a") is first
+    second = cache.prefetch("a", "device")
+    assert second is not first  # another tier is another move
+    assert cache.prefetch("a", "device") is second
+    backend.gate.set()
+    first.result(timeout=10)
+    second.result(timeout=10)
+    assert cache.tier_of("a") == "device"
+    assert backend.reads["a"] == 1 and cache.stats.prefetches == 2
+    cache.close()
+
+
+def test_a_failed_prefetch_reports_through_its_future(folders):
+    cache = make_cache(folders, host=10 * KB)
+    cache.fake.fail.add("a")
+    with pytest.raises(LoadError):
+        cache.prefetch("a").result(timeout=10)
+    assert cache.tier_of("a") == "disk"
+
+
+# ---- concurrency -------------------------------------------------------------------------------
+
+def test_concurrent_activations_of_one_expert_load_it_once(folders):
+    backend = FakeBackend(read_delay_s=0.05)
+    cache = make_cache(folders, host=10 * KB, backend=backend)
+    barrier = threading.Barrier(8)
+    runners, errors = [], []
+
+    def activate():
+        barrier.wait()
+        try:
+            runners.append(cache.activate("a"))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=activate) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert errors == []
+    assert len(runners) == 8 and len({id(r) for r in runners}) == 1
+    assert backend.reads["a"] == 1 and backend.materializes["a"] == 1
+    stats = cache.stats
+    assert (stats.activations, stats.misses, stats.hits, stats.warm_hits, stats.switches) == (8, 1, 7, 0, 0)
+
+
+def test_activation_and_prefetch_of_one_expert_race_to_one_load(folders):
+    backend = FakeBackend(read_delay_s=0.05)
+    cache = make_cache(folders, host=10 * KB, backend=backend)
+    future = cache.prefetch("a", "device")
+    runner = cache.activate("a")
+    future.result(timeout=10)
+    assert cache.activate("a") is runner
+    assert backend.reads["a"] == 1 and backend.materializes["a"] == 1
+
+
+# ---- counters ----------------------------------------------------------------------------------
+
+def test_stats_count_hits_misses_switches_evictions_and_bytes(folders):
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, host=2 * size, policy="lru")
+    cache.activate("a")            # miss
+    cache.activate("a")            # hit
+    cache.evict("a", "device")     # explicit: not counted as a policy eviction
+    cache.activate("a")            # warm hit
+    cache.activate("b")            # miss, switch
+    cache.activate("c")            # miss, switch, evicts a (least recently used) from the host
+    cache.activate("b")            # hit, switch
+    stats = cache.stats
+    assert (stats.activations, stats.hits, stats.warm_hits, stats.misses, stats.switches) == (6, 2, 1, 3, 3)
+    assert stats.evictions == {"device": 0, "host": 1}
+    assert stats.bytes_moved == {"disk->host": 3 * size, "host->device": 4 * size}
+    assert all(v > 0 for v in stats.seconds_moving.values())  # the fake clock ticks once per call
+    assert tiers(cache) == {"a": "disk", "b": "device", "c": "device"}
+    d = stats.to_dict()
+    assert d["misses"] == 3 and d["evictions"] == {"device": 0, "host": 1}
+    assert cache.snapshot()["stats"] == d
+    assert {s.name: s.requests for s in cache.states()} == {"a": 3, "b": 2, "c": 1}
+
+
+def test_snapshot(folders):
+    cache = make_cache(folders, host=10 * KB, device=5 * KB, footprints={"a": Footprint(device=77)})
+    cache.activate("a")
+    cache.pin("b", "host")
+    snapshot = cache.snapshot()
+    assert snapshot["policy"] == "gdsf" and snapshot["device_kind"] == "cpu"
+    assert snapshot["tiers"] == {"device": {"budget_bytes": 5 * KB, "used_bytes": 77},
+                                 "host": {"budget_bytes": 10 * KB, "used_bytes": 2 * weight_bytes(folders["a"])}}
+    assert snapshot["reusable_buffer_bytes"] == 0
+    experts = {e["name"]: e for e in snapshot["experts"]}
+    assert experts["a"]["tier"] == "device" and experts["a"]["device_bytes"] == 77
+    assert experts["b"]["tier"] == "host" and experts["b"]["pinned"] is True
+    assert experts["c"]["tier"] == "disk" and experts["c"]["weight_bytes"] == weight_bytes(folders["c"])
+    json.dumps(snapshot)  # what the server sends
+
+
+# ---- policies ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("policy, victim", [("lru", "popular"), ("gdsf", "recent")])
+def test_gdsf_keeps_a_popular_older_expert_that_lru_evicts(tmp_path, policy, victim):
+    names = ("popular", "recent", "new")
+    folders = {n: write_weights(tmp_path / n, 1000) for n in names}
+    size = weight_bytes(folders["popular"])
+    backend = FakeBackend()
+    experts = tuple(ExpertConfig(n, str(folders[n]), backend="torch_hf") for n in names)
+    ticks = itertools.count()
+    cache = ModelCache(CoEConfig(experts=experts, cache=CacheConfig(policy=policy)), ModelStore("unused"),
+                       backends={"torch_hf": backend}, timer=lambda: float(next(ticks)),
+                       budgets=Budgets(device_bytes=10**9, host_bytes=2 * size, device_kind="cpu"))
+    for _ in range(5):
+        cache.activate("popular")
+    cache.activate("recent")  # used last, but once
+    cache.activate("new")     # one of the two must leave the host tier
+    assert {s.name: s.tier for s in cache.states()} == {
+        "popular": "disk" if victim == "popular" else "device",
+        "recent": "disk" if victim == "recent" else "device",
+        "new": "device"}
+    assert cache.stats.evictions["host"] == 1
+
+
+def test_gdsf_ages_out_an_expert_that_stopped_being_used(folders):
+    """The tier's clock rises with each eviction, so newcomers eventually outrank old popularity."""
+    size = weight_bytes(folders["a"])
+    cache = make_cache(folders, names="abc", host=2 * size)
+    for _ in range(3):
+        cache.activate("a")
+    for _ in range(6):  # b and c take turns; a is never used again
+        cache.activate("b")
+        cache.activate("c")
+    assert tiers(cache)["a"] == "disk"
+
+
+# ---- property: random moves never break a budget -----------------------------------------------
+
+NAMES = "abcdef"
+MOVES = st.one_of(
+    st.tuples(st.just("activate"), st.sampled_from(NAMES)),
+    st.tuples(st.just("prefetch"), st.sampled_from(NAMES), st.sampled_from(("host", "device"))),
+    st.tuples(st.just("evict"), st.sampled_from(NAMES), st.sampled_from(("host", "device"))),
+    st.tuples(st.just("pin"), st.sampled_from(NAMES), st.sampled_from(("host", "device"))),
+    st.tuples(st.just("unpin"), st.sampled_from(NAMES)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(host_footprints=st.lists(st.one_of(st.none(), st.integers(0, 6 * KB)), min_size=6, max_size=6),
+       device_footprints=st.lists(st.integers(0, 3 * KB), min_size=6, max_size=6),
+       host_budget=st.one_of(st.integers(0, 2 * KB), st.integers(2 * KB, 16 * KB)),
+       device_budget=st.one_of(st.integers(0, KB), st.integers(KB, 8 * KB)),
+       kind=st.sampled_from(("cpu", "cuda")), policy=st.sampled_from(("gdsf", "lru")),
+       broken=st.sets(st.sampled_from(NAMES), max_size=1),
+       moves=st.lists(MOVES, min_size=8, max_size=40))
+def test_random_moves_keep_every_tier_within_budget(folders, host_footprints, device_footprints, host_budget,
+                                                     device_budget, kind, policy, broken, moves):
+    """Footprints None are the weights' size on disk; a ``broken`` expert's read fails."""
+    footprints = {n: Footprint(h, d) for n, h, d in zip(NAMES, host_footprints, device_footprints)}
+    cache = make_cache(folders, names=NAMES, host=host_budget, device=device_budget, kind=kind, policy=policy,
+                       footprints=footprints)
+    cache.fake.fail.update(broken)
+    model = CacheModel(cache, folders, footprints, kind)
+    try:
+        for move in moves:
+            model.apply(move)
+            model.check()
+    finally:
+        cache.close()
+    assert cache.fake.live == set()
+    assert all(r.closed for r in cache.fake.runners)
+
+
+class CacheModel:
+    """What a move must do, predicted from the public state before it, and the invariants after it."""
+
+    def __init__(self, cache: ModelCache, folders, footprints: dict[str, Footprint], kind: str):
+        self.cache, self.footprints, self.kind = cache, footprints, kind
+        self.weight_bytes = {n: weight_bytes(folders[n]) for n in NAMES}
+        self.host_seen: dict[str, int] = {}    # the last measured footprint: the next estimate
+        self.device_seen: dict[str, int] = {}
+        self.pinned: dict[str, str] = {}       # name -> the tier it was pinned to
+        self.runners: dict[str, Runner] = {}   # the last runner handed out per expert
+
+    def _room(self, name: str) -> tuple[int, int]:
+        """Bytes of each tier that ``name`` could have after evicting every expert not pinned."""
+        others = [s for s in self.cache.states() if s.pinned and s.name != name]
+        return (self.cache.tiers["host"].budget_bytes - sum(s.host_bytes for s in others),
+                self.cache.tiers["device"].budget_bytes - sum(s.device_bytes for s in others))
+
+    def _fits(self, name: str, tier: str) -> bool:
+        """Whether moving ``name`` up to ``tier`` must succeed: every reservation (the estimate,
+        then the measurement) fits next to the pinned experts."""
+        host_room, device_room = self._room(name)
+        current = self.cache.tier_of(name)
+        footprint = self.footprints[name]
+        host_bytes = footprint.host if footprint.host is not None else self.weight_bytes[name]
+        if current == "disk":
+            estimate = self.host_seen.get(name) or self.weight_bytes[name]
+            if max(estimate, host_bytes) > host_room:
+                return False
+        if tier == "device" and current != "device":
+            estimate = self.device_seen.get(name)
+            if estimate is None:
+                estimate = host_bytes if self.kind == "cuda" else 0
+            if max(estimate, footprint.device) > device_room:
+                return False
+        return True
+
+    def _record(self, name: str) -> None:
+        tier = self.cache.tier_of(name)
+        if tier in ("host", "device"):
+            footprint = self.footprints[name]
+            self.host_seen[name] = footprint.host if footprint.host is not None else self.weight_bytes[name]
+        if tier == "device":
+            self.device_seen[name] = self.footprints[name].device
+
+    def _move(self, name: str, tier: str, call) -> tuple[bool, object]:
+        """(whether it moved, what ``call`` returned)."""
+        fits = self._fits(name, tier)
+        before = self.cache.tier_of(name)
+        broken = name in self.cache.fake.fail and before == "disk"
+        if broken:  # the read fails once its estimate is reserved; nothing is measured
+            fits = (self.host_seen.get(name) or self.weight_bytes[name]) <= self._room(name)[0]
+        try:
+            result = call()
+        except LoadError:
+            assert broken and fits, f"LoadError moving {name} to {tier}"
+            event("LoadError")
+            assert self.cache.tier_of(name) == "disk"
+            return False, None
+        except CacheFull:
+            event("CacheFull")
+            assert not fits, f"CacheFull moving {name} to {tier} though it fits"
+            after = self.cache.tier_of(name)
+            if tier == "device" and before == "disk":
+                assert after in ("disk", "host")  # the host move may have succeeded
+            else:
+                assert after == before
+            self._record(name)
+            return False, None
+        assert fits and not broken, f"{name} moved to {tier} though it cannot fit"
+        event(f"moved to {tier} from {before}")
+        expected = ("device", "host") if tier == "host" and before == "device" else (tier,)
+        assert self.cache.tier_of(name) in expected
+        self._record(name)
+        return True, result
+
+    def apply(self, move) -> None:
+        op, name, *rest = move
+        cache = self.cache
+        if op == "activate":
+            moved, runner = self._move(name, "device", lambda: cache.activate(name))
+            if moved:
+                generates(runner)
+                self.runners[name] = runner
+        elif op == "prefetch":
+            self._move(name, rest[0], lambda: cache.prefetch(name, rest[0]).result(timeout=30))
+        elif op == "pin":
+            tier = rest[0]
+            moved, _ = self._move(name, tier, lambda: cache.pin(name, tier))
+            if moved:
+                # a pin keeps the highest tier asked for
+                self.pinned[name] = "device" if "device" in (tier, self.pinned.get(name)) else "host"
+        elif op == "unpin":
+            cache.unpin(name)
+            self.pinned.pop(name, None)
+        elif op == "evict":
+            tier = rest[0]
+            before = cache.tier_of(name)
+            if name in self.pinned:
+                with pytest.raises(CacheFull):
+                    cache.evict(name, tier)
+                assert cache.tier_of(name) == before
+            else:
+                cache.evict(name, tier)
+                assert cache.tier_of(name) == ("disk" if tier == "host" else "host" if before != "disk" else "disk")
+
+    def check(self) -> None:
+        cache = self.cache
+        check_budgets(cache)
+        states = {s.name: s for s in cache.states()}
+        for name, state in states.items():
+            footprint = self.footprints[name]
+            host_bytes = footprint.host if footprint.host is not None else self.weight_bytes[name]
+            assert state.pinned == (name in self.pinned)
+            if state.state == "hot":  # inclusive: hot experts are warm too
+                assert (state.host_bytes, state.device_bytes) == (host_bytes, footprint.device)
+                assert name in cache.fake.live
+            elif state.state == "warm":
+                assert (state.host_bytes, state.device_bytes) == (host_bytes, 0)
+                assert name in cache.fake.live
+            else:
+                assert state.state == "ready" and (state.host_bytes, state.device_bytes) == (0, 0)
+                assert name not in cache.fake.live
+            if name in self.pinned:
+                assert state.tier in (("device",) if self.pinned[name] == "device" else ("host", "device"))
+            runner = self.runners.get(name)
+            if runner is not None and state.state != "hot":
+                assert runner.closed
+        # nothing is held but the experts' measured footprints: no stray reservation
+        assert cache.tiers["host"].used_bytes == sum(s.host_bytes for s in states.values())
+        assert cache.tiers["device"].used_bytes == sum(s.device_bytes for s in states.values())
+        assert sum(not r.closed for r in cache.fake.runners) == sum(s.state == "hot" for s in states.values())
