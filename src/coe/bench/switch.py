@@ -119,17 +119,24 @@ def synthetic_shapes(count: int) -> list[tuple[str, dict]]:
     return shapes
 
 
+def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape of the checkpoint coe's module saves (tied lm_head left out)."""
+    import torch
+
+    from coe.backends.torch_hf import build_model
+
+    with torch.device("meta"):
+        return {name: tuple(t.shape) for name, t in build_model(cfg).state_dict().items()
+                if not (cfg.get("tie_word_embeddings") and name == "lm_head.weight")}
+
+
 def write_fast_checkpoint(folder: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
     """A real safetensors checkpoint with N(0, 0.02) weights tiled from one random block, streamed
     to disk (writing 1.5B random parameters one by one would dominate the bench)."""
     import torch
 
-    from coe.backends.torch_hf import build_model
-
     folder.mkdir(parents=True, exist_ok=True)
-    with torch.device("meta"):
-        shapes = {name: tuple(t.shape) for name, t in build_model(cfg).state_dict().items()
-                  if not (cfg.get("tie_word_embeddings") and name == "lm_head.weight")}
+    shapes = checkpoint_shapes(cfg)
     torch_dtype = getattr(torch, dtype)
     item = torch_dtype.itemsize
     header, offset = {}, 0
@@ -421,7 +428,7 @@ def run(args) -> dict:
             syn_cache = ModelCache(CoEConfig(experts=(expert,), router=RouterConfig(enabled=False),
                                              cache=CacheConfig(prefetch="none")), store)
             row = {"name": name, "kind": "synthetic", "backend": "torch_hf", "weight_bytes": file.stat().st_size,
-                   "num_params": sum(math.prod(s) for s in _shapes(cfg))}
+                   "num_params": sum(math.prod(s) for s in checkpoint_shapes(cfg).values())}
             row["naive_s"] = naive_torch_s(folder, next(prompts), cached=False)
             row["naive_cached_s"] = naive_torch_s(folder, next(prompts), cached=True)
             row.update(measure_cache(syn_cache, name, folder, prompts))
@@ -447,14 +454,6 @@ def run(args) -> dict:
     return result
 
 
-def _shapes(cfg: dict):
-    import torch
-
-    from coe.backends.torch_hf import build_model
-
-    with torch.device("meta"):
-        return [tuple(t.shape) for n, t in build_model(cfg).state_dict().items()
-                if not (cfg.get("tie_word_embeddings") and n == "lm_head.weight")]
 
 
 def print_report(result: dict) -> None:

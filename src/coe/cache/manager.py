@@ -259,20 +259,9 @@ class ModelCache:
         with self._state:
             reuse_bytes = self.pool.fitting_bytes(weight_bytes) if backend.name == "torch_hf" else 0
             self._make_room("host", slot, 0 if reuse_bytes else estimate, reuse_bytes)
-        started = self._timer()
-        try:
-            host = backend.read(expert, path, self.pool)
-        except BaseException:
-            self._unreserve("host", slot)
-            raise
-        elapsed = self._timer() - started
+        host, elapsed = self._timed_move("host", slot, lambda: backend.read(expert, path, self.pool),
+                                         undo=lambda host: (host.release(), self._sync_pool()))
         with self._state:
-            try:
-                self._settle("host", slot, host.footprint_bytes)
-            except CacheFull:
-                host.release()
-                self._sync_pool()
-                raise
             slot.host, slot.backend, slot.read_s, slot.host_bytes_seen = host, backend, elapsed, host.footprint_bytes
             self._sync_pool()
             self._touch(slot, "host")
@@ -287,24 +276,33 @@ class ModelCache:
             estimate = slot.host.footprint_bytes if self.budgets.device_kind == "cuda" else 0
         with self._state:
             self._make_room("device", slot, estimate)
-        started = self._timer()
-        try:
-            runner = slot.backend.materialize(slot.host)
-        except BaseException:
-            self._unreserve("device", slot)
-            raise
-        elapsed = self._timer() - started
+        runner, elapsed = self._timed_move("device", slot, lambda: slot.backend.materialize(slot.host),
+                                           undo=lambda runner: runner.close())
         with self._state:
-            try:
-                self._settle("device", slot, runner.footprint_bytes)
-            except CacheFull:
-                runner.close()
-                raise
             slot.runner, slot.materialize_s, slot.device_bytes_seen = runner, elapsed, runner.footprint_bytes
             self._touch(slot, "device")
             self.stats.bytes_moved["host->device"] += slot.host.num_bytes
             self.stats.seconds_moving["host->device"] += elapsed
             return runner
+
+    def _timed_move(self, tier: str, slot: _Slot, move: Callable, undo: Callable):
+        """Run one move into ``tier`` (its room already reserved) and settle on the measured
+        footprint of what it returns. A failed move gives the reservation back; a result that
+        cannot fit is undone. Returns (result, seconds)."""
+        started = self._timer()
+        try:
+            result = move()
+        except BaseException:
+            self._unreserve(tier, slot)
+            raise
+        elapsed = self._timer() - started
+        with self._state:
+            try:
+                self._settle(tier, slot, result.footprint_bytes)
+            except CacheFull:
+                undo(result)
+                raise
+        return result, elapsed
 
     def _make_room(self, tier: str, slot: _Slot, incoming_bytes: int, reuse_bytes: int = 0) -> None:
         """Evict by policy until ``incoming_bytes`` fit in ``tier`` and reserve them for ``slot``.
