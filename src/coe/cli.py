@@ -75,7 +75,8 @@ def cmd_serve(args) -> int:
     engine = Engine.from_config(config, coe_home())
     print(f"coe serving {len(config.experts)} experts ({', '.join(e.name for e in config.experts)}) "
           f"on http://{host}:{port}/v1", flush=True)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=args.log_level)
+    uvicorn.run(create_app(engine), host=host, port=port, log_level=args.log_level,
+                timeout_graceful_shutdown=config.server.shutdown_grace_s)
     return 0
 
 
@@ -100,15 +101,11 @@ def cmd_experts(args) -> int:
 
 
 def _fetch_experts(url: str) -> dict:
-    import urllib.error
-    import urllib.request
-
-    endpoint = url.rstrip("/") + ("/experts" if url.rstrip("/").endswith("/v1") else "/v1/experts")
+    text = _fetch_text(url, "/v1/experts")
     try:
-        with urllib.request.urlopen(endpoint, timeout=10) as response:
-            return json.loads(response.read())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        raise ConfigError(f"--url: cannot read {endpoint} ({exc})", param="url") from None
+        return json.loads(text)
+    except ValueError as exc:
+        raise ConfigError(f"--url: {url} did not answer /v1/experts with JSON ({exc})", param="url") from None
 
 
 def _print_cache_summary(snapshot: dict) -> None:
@@ -118,6 +115,51 @@ def _print_cache_summary(snapshot: dict) -> None:
     print(f"policy {snapshot['policy']}: {stats['activations']} activations, {stats['hits']} hot hits, "
           f"{stats['warm_hits']} warm hits, {stats['misses']} misses, {stats['switches']} switches, "
           f"{_human_bytes(stats['bytes_moved']['disk->host'])} read from disk")
+
+
+def cmd_top(args) -> int:
+    """A live view of a running server's /metrics; --once prints one screen and exits."""
+    import time
+
+    from coe.server.top import read_samples, render
+
+    before, before_s = None, time.monotonic()
+    while True:
+        now, now_s = read_samples(_fetch_text(args.url, "/metrics")), time.monotonic()
+        screen = render(now, before, now_s - before_s)
+        if args.once:
+            print(screen)
+            return 0
+        print("\033[2J\033[H" + f"coe top {args.url}   (Ctrl-C to quit)\n\n" + screen, flush=True)
+        before, before_s = now, now_s
+        time.sleep(args.interval)
+
+
+def _fetch_text(url: str, path: str) -> str:
+    import urllib.error
+    import urllib.request
+
+    endpoint = url.rstrip("/").removesuffix("/v1") + path
+    try:
+        with urllib.request.urlopen(endpoint, timeout=10) as response:
+            return response.read().decode("utf-8")
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        raise ConfigError(f"--url: cannot read {endpoint} ({exc})", param="url") from None
+
+
+def cmd_workload(args) -> int:
+    """Write a replayable JSONL trace (for `coe bench serve --trace`)."""
+    from coe.bench.workload import WorkloadSpec, generate, save_trace, summarize
+
+    experts = tuple(e.name for e in load_config(args.config).experts) if args.model_mode == "expert" else ()
+    spec = WorkloadSpec(count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
+                        zipf_s=args.zipf, experts=experts, model_mode=args.model_mode,
+                        max_tokens_median=args.max_tokens_median, seed=args.seed)
+    items = generate(spec)
+    save_trace(items, args.out, spec)
+    summary = summarize(items)
+    print(f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s")
+    return 0
 
 
 def cmd_models(args) -> int:
@@ -347,6 +389,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--url", help="a running server (http://HOST:PORT) to show its cache instead")
     p.set_defaults(func=cmd_experts)
+
+    p = sub.add_parser("top", help="live view of a running server's metrics (queues, tiers, tokens/s)")
+    p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (http://HOST:PORT)")
+    p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
+    p.add_argument("--once", action="store_true", help="print one screen and exit")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("workload", help="write a replayable request trace (JSONL) from packaged datasets")
+    p.add_argument("--out", default="trace.jsonl")
+    p.add_argument("--requests", type=int, default=200)
+    p.add_argument("--rate", type=float, default=1.0, help="mean arrival rate (requests/s)")
+    p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
+    p.add_argument("--cv", type=float, default=1.0, help="burstiness of gamma arrivals (>1: bursts)")
+    p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the category mix")
+    p.add_argument("--max-tokens-median", type=float, default=48.0)
+    p.add_argument("--model-mode", choices=("coe", "expert"), default="coe",
+                   help="coe: every request asks for model 'coe'; expert: categories go to the config's experts")
+    p.add_argument("--config")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_workload)
 
     p = sub.add_parser("models", help="packaged models: list, or assemble and verify")
     p.add_argument("action", nargs="?", default="list", choices=["list", "assemble"])

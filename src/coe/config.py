@@ -138,8 +138,12 @@ class CacheConfig:
     policy: str = "gdsf"              # gdsf (cost-aware) or lru
     prefetch: str = "host"            # where a routed request's expert is moved while it queues
     pins: tuple = ()                  # experts loaded hot at start-up and never evicted
+    max_hot_experts: int = 4          # experts hot at once, whatever their bytes (Ollama's max loaded models)
+    keep_warm: bool = True            # false: no warm tier, an expert leaving the device goes back to disk
 
     def __post_init__(self) -> None:
+        _require(isinstance(self.keep_warm, bool), "keep_warm", "true or false", self.keep_warm)
+        _positive_int(self.max_hot_experts, "max_hot_experts")
         for name in ("device_bytes", "host_bytes"):
             value = getattr(self, name)
             if value is not None:
@@ -152,14 +156,34 @@ class CacheConfig:
         object.__setattr__(self, "pins", tuple(pins))
 
 
+SCHEDULER_POLICIES = ("expert", "fifo")
+LOOKAHEAD_TIERS = ("device", "host", "none")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_batch_size: int = 8
-    max_queue: int = 256
+    """Which expert's requests run next, and how many wait."""
+
+    policy: str = "expert"            # expert: stay on resident experts, batch by expert; fifo: arrival order
+    max_batch_size: int = 8           # requests for the same expert served together
+    max_wait_ms: float = 2000         # a request waiting this long goes next, whatever the switch costs
+    max_queue: int = 256              # waiting requests in all; beyond: 429 with Retry-After
+    max_queue_per_expert: int = 128   # waiting requests per expert; beyond: 429
+    lookahead: str = "host"           # move the next scheduled expert up while the current one generates
+    switch_tolerance: float = 0.0     # serve "coe" from a hot expert whose expected score is within
+                                      # this much of the best (cold) one; 0 = off
 
     def __post_init__(self) -> None:
-        _positive_int(self.max_batch_size, "max_batch_size")
-        _positive_int(self.max_queue, "max_queue")
+        _require(self.policy in SCHEDULER_POLICIES, "policy", "one of " + ", ".join(SCHEDULER_POLICIES),
+                 self.policy)
+        for name in ("max_batch_size", "max_queue", "max_queue_per_expert"):
+            _positive_int(getattr(self, name), name)
+        _require(is_number(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms",
+                 "a number of milliseconds >= 0", self.max_wait_ms)
+        _require(self.lookahead in LOOKAHEAD_TIERS, "lookahead", "one of " + ", ".join(LOOKAHEAD_TIERS),
+                 self.lookahead)
+        _require(is_number(self.switch_tolerance) and self.switch_tolerance >= 0, "switch_tolerance",
+                 "a score difference >= 0", self.switch_tolerance)
 
 
 @dataclass(frozen=True)
@@ -168,8 +192,13 @@ class ServerConfig:
     port: int = 8000
     max_tokens_limit: int = 4096
     default_max_tokens: int = 256
+    request_timeout_s: float = 600.0   # queued + generating; beyond: 408 (or an error event mid-stream)
+    shutdown_grace_s: float = 30.0     # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
 
     def __post_init__(self) -> None:
+        for name in ("request_timeout_s", "shutdown_grace_s"):
+            _require(is_number(getattr(self, name)) and getattr(self, name) > 0, name, "seconds > 0",
+                     getattr(self, name))
         _require(isinstance(self.host, str) and self.host != "", "host", "a host name or address", self.host)
         _require(isinstance(self.port, int) and not isinstance(self.port, bool) and 0 <= self.port < 65536,
                  "port", "an integer in 0..65535", self.port)
@@ -327,14 +356,23 @@ cache:
   policy: gdsf         # gdsf: weighs reload cost, size and popularity; lru: least recently used
   prefetch: host       # move a routed request's expert up while it queues: host, device or none
   pins: []             # experts made hot at start-up and never evicted
+  max_hot_experts: 4   # experts hot at once, whatever their bytes
+  keep_warm: true      # false: no warm tier (an expert leaving the device goes back to disk)
 
 scheduler:
-  max_batch_size: 8   # requests for the same expert served together
-  max_queue: 256      # waiting requests beyond this are refused with 429
+  policy: expert            # expert: keep serving resident experts, batch by expert; fifo: arrival order
+  max_batch_size: 8         # requests for the same expert served together (one forward pass)
+  max_wait_ms: 2000         # a request that waited this long goes next, whatever the switch costs
+  max_queue: 256            # waiting requests in all; beyond this: 429 with Retry-After
+  max_queue_per_expert: 128 # waiting requests per expert; beyond this: 429
+  lookahead: host           # move the next scheduled expert up while the current one generates: host, device (GPUs), none
+  switch_tolerance: 0       # "coe": serve from a hot expert scoring within this of the best cold one (0 = off)
 
 server:
   host: 127.0.0.1
   port: 8000
   max_tokens_limit: 4096    # largest max_tokens a request may ask for
   default_max_tokens: 256   # used when a request does not say
+  request_timeout_s: 600    # a request queued and generating longer than this ends with 408
+  shutdown_grace_s: 30      # on shutdown, in-flight streams get this long to finish
 """

@@ -84,9 +84,23 @@ class CacheFull(CoEError):
 
 
 class Overloaded(CoEError):
+    """Too many requests are waiting; ``retry_after_s`` estimates when a slot frees (Retry-After)."""
+
     http_status = 429
     error_type = "rate_limit_error"
     code = "overloaded"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
+
+
+class RequestTimeout(CoEError):
+    """A request ran past ``server.request_timeout_s`` (queued or generating)."""
+
+    http_status = 408
+    error_type = "timeout_error"
+    code = "request_timeout"
 
 
 class MissingExtra(CoEError):

@@ -53,13 +53,18 @@ class RouteDecision:
     alternatives: tuple[tuple[str, str, float], ...] = ()  # (category, expert, probability)
     fallback: bool = False
     reason: str = ""
+    planned_expert: str | None = None  # the map's choice, when a hot expert served instead
+    score_given_up: float = 0.0        # its expected score minus the serving expert's
 
     def to_dict(self) -> dict:
         """The JSON shape clients see (the server's `coe` field, `coe route --jsonl`)."""
-        return {"category": self.category, "confidence": round(self.confidence, 4),
-                "expert": self.expert, "fallback": self.fallback, "reason": self.reason,
-                "alternatives": [{"category": c, "expert": e, "probability": p}
-                                 for c, e, p in self.alternatives]}
+        shape = {"category": self.category, "confidence": round(self.confidence, 4),
+                 "expert": self.expert, "fallback": self.fallback, "reason": self.reason,
+                 "alternatives": [{"category": c, "expert": e, "probability": p}
+                                  for c, e, p in self.alternatives]}
+        if self.planned_expert is not None:
+            shape.update(planned_expert=self.planned_expert, score_given_up=round(self.score_given_up, 4))
+        return shape
 
 
 @dataclass(frozen=True)
@@ -105,14 +110,20 @@ class Request:
     route: RouteDecision | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival_s: float = field(default_factory=time.monotonic)
+    served_tier: str | None = None  # where its expert was when its batch started: device, host, disk
+    switch_s: float = 0.0           # time its batch waited for the expert to become ready
+    cancel_reason: str = ""
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
             raise InvalidRequest("a request takes either messages or a prompt")
 
-    def cancel(self) -> None:
-        """Safe from any thread; the runner stops at its next token."""
+    def cancel(self, reason: str = "cancelled") -> None:
+        """Safe from any thread; the runner stops at its next token. ``reason`` (cancelled,
+        timeout) is what the metrics count the request as."""
+        if not self._cancelled.is_set():
+            self.cancel_reason = reason
         self._cancelled.set()
 
     @property

@@ -122,6 +122,28 @@ def default_server(tmp_path_factory):
         yield server
 
 
+@pytest.fixture
+def two_experts() -> str:
+    """Config text with the SmolLM2 and Gemma experts; tests append sections after it."""
+    return TWO_EXPERTS
+
+
+LOAD_CONFIG = TWO_EXPERTS + """
+scheduler:
+  max_batch_size: 8
+  max_queue: 256
+server:
+  max_tokens_limit: 2048
+"""
+
+
+@pytest.fixture(scope="module")
+def load_server(tmp_path_factory):
+    """Two small experts, batching up to 8, for concurrent-client tests."""
+    with running(tmp_path_factory.mktemp("load"), LOAD_CONFIG) as server:
+        yield server
+
+
 @pytest.fixture(scope="session")
 def coe_home() -> Path:
     """The same COE_HOME the CLI uses, where `make setup` assembled the packaged models."""

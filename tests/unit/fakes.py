@@ -1,5 +1,15 @@
 """Scripted parts shared by unit tests (each has a real counterpart in the integration tests)."""
-from coe.backends.base import Vocab
+import itertools
+import json
+import struct
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Iterator
+
+from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.models.info import describe
 
 
 class LetterVocab(Vocab):
@@ -15,3 +25,108 @@ class LetterVocab(Vocab):
 
     def is_end(self, token_id: int) -> bool:
         return False
+
+
+# ---- an engine on fake backends: real ModelCache and scheduler, no torch -----------------------
+
+def write_weights(folder: Path, num_bytes: int = 1000) -> Path:
+    """A real safetensors checkpoint folder holding one uint8 tensor of ``num_bytes``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    header = json.dumps({"w": {"dtype": "U8", "shape": [num_bytes], "data_offsets": [0, num_bytes]}}).encode()
+    header += b" " * (-len(header) % 8)
+    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(num_bytes))
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1000}))
+    return folder
+
+
+class LetterRunner(Runner):
+    """Generates a, b, c, a, b, ... (never an end token). ``delay_s`` sleeps before each token;
+    ``fail_after`` raises RuntimeError('device lost') after that many tokens."""
+
+    def __init__(self, host: HostWeights, delay_s: float = 0.0, fail_after: int | None = None):
+        super().__init__(host.expert, LetterVocab(), context_length=1000, num_bytes=host.num_bytes)
+        self.host, self.delay_s, self.fail_after = host, delay_s, fail_after
+        self.closed = False
+        self.batches: list[list[str]] = []  # request ids of each generate() call
+
+    def generate(self, batch):
+        self.batches.append([r.id for r in batch])
+        return super().generate(batch)
+
+    def _sample(self, prompt_ids: list[int], sampling) -> Iterator[int]:
+        assert not self.closed, f"runner of {self.expert.name} used after close()"
+        for i in itertools.count():
+            if self.fail_after is not None and i >= self.fail_after:
+                raise RuntimeError("device lost")
+            if self.delay_s:
+                time.sleep(self.delay_s)
+            yield i % 3
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class LetterBackend(Backend):
+    """Reads nothing (host weights are a token object), materialises LetterRunners.
+
+    ``runner_options[name]`` are LetterRunner keyword arguments for that expert; ``read_delay_s``
+    makes every disk -> host move take that long; ``fail_read`` names experts whose read raises
+    ``read_error`` (an exception instance)."""
+
+    name = "letters"
+
+    def __init__(self, runner_options: dict[str, dict] | None = None, read_delay_s: float = 0.0):
+        self.runner_options = runner_options or {}
+        self.read_delay_s = read_delay_s
+        self.reads: Counter = Counter()
+        self.materializes: Counter = Counter()
+        self.releases: Counter = Counter()
+        self.runners: dict[str, list[LetterRunner]] = {}
+        self.fail_read: dict[str, Exception] = {}
+        self._lock = threading.Lock()
+
+    def read(self, expert, path: Path, pool) -> HostWeights:
+        with self._lock:
+            self.reads[expert.name] += 1
+        if expert.name in self.fail_read:
+            raise self.fail_read[expert.name]
+        time.sleep(self.read_delay_s)
+        info = describe(path)
+        return HostWeights(expert=expert, info=info, payload=object(), footprint_bytes=info.num_bytes,
+                           on_release=lambda: self._released(expert.name))
+
+    def _released(self, name: str) -> None:
+        with self._lock:
+            self.releases[name] += 1
+
+    def materialize(self, host: HostWeights) -> Runner:
+        with self._lock:
+            self.materializes[host.expert.name] += 1
+        runner = LetterRunner(host, **self.runner_options.get(host.expert.name, {}))
+        self.runners.setdefault(host.expert.name, []).append(runner)
+        return runner
+
+    def generated(self, name: str) -> int:
+        """Requests the expert's runners were given."""
+        return sum(len(batch) for runner in self.runners.get(name, []) for batch in runner.batches)
+
+
+def fake_engine(tmp_path: Path, names=("a", "b"), backend: LetterBackend | None = None, **sections):
+    """An Engine over a real ModelCache whose experts (``names``) are read by ``backend``; the
+    ``sections`` are CoEConfig sections (cache=CacheConfig(...), scheduler=..., server=...).
+    The backend is ``engine.fake``."""
+    from coe.cache import ModelCache
+    from coe.cache.tiers import Budgets
+    from coe.config import CoEConfig, ExpertConfig
+    from coe.engine import Engine
+    from coe.models import ModelStore
+
+    backend = backend or LetterBackend()
+    experts = tuple(ExpertConfig(n, str(write_weights(tmp_path / "experts" / n)), backend="torch_hf")
+                    for n in names)
+    config = CoEConfig(experts=experts, **sections)
+    cache = ModelCache(config, ModelStore(tmp_path / "home"), backends={"torch_hf": backend},
+                       budgets=Budgets(device_bytes=10**9, host_bytes=10**9, device_kind="cpu"))
+    engine = Engine(config, cache)
+    engine.fake = backend
+    return engine

@@ -142,10 +142,10 @@ def weight_bytes(folder: Path) -> int:
 
 
 def make_cache(folders, names="abc", *, host, device=10**9, kind="cpu", policy="gdsf", footprints=None,
-               backend=None, clock=None, pins=()) -> ModelCache:
+               backend=None, clock=None, pins=(), **cache_options) -> ModelCache:
     backend = backend or FakeBackend(footprints)
     experts = tuple(ExpertConfig(n, str(folders[n]), backend="torch_hf") for n in names)
-    config = CoEConfig(experts=experts, cache=CacheConfig(policy=policy, pins=pins))
+    config = CoEConfig(experts=experts, cache=CacheConfig(policy=policy, pins=pins, **cache_options))
     ticks = itertools.count()
     cache = ModelCache(config, ModelStore("unused"), backends={"torch_hf": backend},
                        budgets=Budgets(device_bytes=device, host_bytes=host, device_kind=kind),
@@ -727,3 +727,69 @@ class CacheModel:
         assert cache.tiers["host"].used_bytes == sum(s.host_bytes for s in states.values())
         assert cache.tiers["device"].used_bytes == sum(s.device_bytes for s in states.values())
         assert sum(not r.closed for r in cache.fake.runners) == sum(s.state == "hot" for s in states.values())
+
+
+# ---- how many experts are hot, and whether leaving the device keeps them warm --------------------
+
+def test_max_hot_experts_one_keeps_a_single_runner_hot(folders):
+    cache = make_cache(folders, host=10 * KB, max_hot_experts=1)
+    a = cache.activate("a")
+    b = cache.activate("b")
+    assert a.closed and not b.closed
+    assert cache.hot_experts() == ["b"]
+    assert tiers(cache) == {"a": "host", "b": "device", "c": "disk"}  # a stays warm
+    assert cache.stats.evictions["device"] == 1 and cache.stats.evictions["host"] == 0
+    cache.prefetch("c", "device").result(timeout=10)
+    assert cache.hot_experts() == ["c"] and b.closed
+    generates(cache.activate("a"))
+    assert cache.hot_experts() == ["a"]
+    assert sum(not r.closed for r in cache.fake.runners) == 1
+    check_budgets(cache)
+
+
+def test_max_hot_experts_evicts_by_policy_even_when_the_bytes_fit(folders):
+    cache = make_cache(folders, host=10 * KB, policy="lru", max_hot_experts=2)
+    for name in "abc":
+        cache.activate(name)
+    assert sorted(cache.hot_experts()) == ["b", "c"]  # a was used least recently
+    assert cache.tiers["device"].free_bytes > 0
+    cache.activate("a")
+    assert sorted(cache.hot_experts()) == ["a", "c"]
+
+
+def test_max_hot_experts_counts_leased_experts_and_names_the_setting(folders):
+    cache = make_cache(folders, host=10 * KB, max_hot_experts=1)
+    with cache.lease("a") as runner:
+        with pytest.raises(CacheFull, match=r"cache.max_hot_experts = 1"):
+            cache.activate("b")
+        assert not runner.closed and cache.hot_experts() == ["a"]
+        assert cache.tier_of("b") == "host"  # the read went through; only the device was full
+    generates(cache.activate("b"))
+    assert cache.hot_experts() == ["b"]
+
+
+def test_keep_warm_false_sends_an_expert_leaving_the_device_back_to_disk(folders):
+    cache = make_cache(folders, host=10 * KB, max_hot_experts=1, keep_warm=False)
+    a = cache.activate("a")
+    cache.activate("b")
+    assert a.closed and cache.fake.releases["a"] == 1 and "a" not in cache.fake.live
+    assert tiers(cache) == {"a": "disk", "b": "device", "c": "disk"}
+    assert "a" not in cache.tiers["host"] and "a" not in cache.tiers["device"]
+    assert cache.tiers["host"].used_bytes == cache.tiers["host"].held("b")
+    cache.evict("b", "device")  # an explicit demotion too
+    assert tiers(cache)["b"] == "disk" and cache.fake.releases["b"] == 1
+    assert cache.fake.live == set()
+    generates(cache.activate("a"))
+    assert cache.fake.reads["a"] == 2  # back from disk: there was no warm copy
+    cache.prefetch("c", "host").result(timeout=10)  # a warm prefetch still works
+    assert tiers(cache)["c"] == "host"
+    check_budgets(cache)
+
+
+def test_keep_warm_true_keeps_the_host_weights(folders):
+    cache = make_cache(folders, host=10 * KB, max_hot_experts=1, keep_warm=True)
+    cache.activate("a")
+    cache.activate("b")
+    assert cache.fake.releases["a"] == 0 and tiers(cache)["a"] == "host"
+    generates(cache.activate("a"))
+    assert cache.fake.reads["a"] == 1

@@ -208,3 +208,17 @@ def test_unknown_command_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as info:
         main(["fly"])
     assert info.value.code == 2
+
+
+def test_workload_in_expert_mode_sends_requests_to_the_config_experts(tmp_path, capsys):
+    from coe.bench.workload import read_trace
+
+    config = tmp_path / "two.yaml"
+    config.write_text("experts:\n  - name: x\n    source: /x\n  - name: y\n    source: /y\n")
+    out = tmp_path / "trace.jsonl"
+    assert main(["workload", "--out", str(out), "--requests", "20", "--rate", "4", "--seed", "3",
+                 "--model-mode", "expert", "--config", str(config)]) == 0
+    assert capsys.readouterr().out.startswith(f"wrote {out}: 20 requests over ")
+    spec, items = read_trace(out)
+    assert (spec.count, spec.rate_rps, spec.seed, spec.experts) == (20, 4.0, 3, ("x", "y"))
+    assert {item.model for item in items} <= {"x", "y"} and len(items) == 20

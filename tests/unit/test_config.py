@@ -2,8 +2,8 @@ import textwrap
 
 import pytest
 
-from coe.config import (DEFAULT_YAML, CacheConfig, CoEConfig, ExpertConfig, RouterConfig, ServerConfig,
-                        default_config, from_yaml, parse_bytes)
+from coe.config import (DEFAULT_YAML, CacheConfig, CoEConfig, ExpertConfig, RouterConfig, SchedulerConfig,
+                        ServerConfig, default_config, from_yaml, parse_bytes)
 from coe.errors import ConfigError
 
 GOOD_EXPERTS = """\
@@ -86,6 +86,21 @@ def test_top_level_must_be_a_mapping(tmp_path):
 @pytest.mark.parametrize("text, field", [
     (GOOD_EXPERTS + "scheduler:\n  max_batch_size: 0\n", "scheduler.max_batch_size"),
     (GOOD_EXPERTS + "scheduler:\n  max_queue: true\n", "scheduler.max_queue"),
+    (GOOD_EXPERTS + "scheduler:\n  policy: lifo\n", "scheduler.policy"),
+    (GOOD_EXPERTS + "scheduler:\n  max_wait_ms: -1\n", "scheduler.max_wait_ms"),
+    (GOOD_EXPERTS + "scheduler:\n  max_wait_ms: soon\n", "scheduler.max_wait_ms"),
+    (GOOD_EXPERTS + "scheduler:\n  max_queue_per_expert: 0\n", "scheduler.max_queue_per_expert"),
+    (GOOD_EXPERTS + "scheduler:\n  lookahead: gpu\n", "scheduler.lookahead"),
+    (GOOD_EXPERTS + "scheduler:\n  lookahead: false\n", "scheduler.lookahead"),
+    (GOOD_EXPERTS + "scheduler:\n  switch_tolerance: -0.1\n", "scheduler.switch_tolerance"),
+    (GOOD_EXPERTS + "scheduler:\n  max_wait: 10\n", "scheduler.max_wait"),
+    (GOOD_EXPERTS + "cache:\n  max_hot_experts: 0\n", "cache.max_hot_experts"),
+    (GOOD_EXPERTS + "cache:\n  max_hot_experts: 1.5\n", "cache.max_hot_experts"),
+    (GOOD_EXPERTS + "cache:\n  keep_warm: 1\n", "cache.keep_warm"),
+    (GOOD_EXPERTS + "cache:\n  keep_warm: sometimes\n", "cache.keep_warm"),
+    (GOOD_EXPERTS + "server:\n  request_timeout_s: 0\n", "server.request_timeout_s"),
+    (GOOD_EXPERTS + "server:\n  request_timeout_s: forever\n", "server.request_timeout_s"),
+    (GOOD_EXPERTS + "server:\n  shutdown_grace_s: -5\n", "server.shutdown_grace_s"),
     (GOOD_EXPERTS.replace("source: /models/b", "source: /models/b\n    backend: bogus"), "experts[1].backend"),
     (GOOD_EXPERTS + "cache:\n  host_bytes: lots\n", "cache.host_bytes"),
     (GOOD_EXPERTS + "cache:\n  host_bytes: -1\n", "cache.host_bytes"),
@@ -176,3 +191,49 @@ def test_parse_bytes(value, expected):
 def test_parse_bytes_rejects(value):
     with pytest.raises(ConfigError, match="^f: "):
         parse_bytes(value, "f")
+
+
+def test_scheduler_cache_and_server_sections(tmp_path):
+    config = from_yaml(write(tmp_path, GOOD_EXPERTS + textwrap.dedent("""\
+        scheduler:
+          policy: fifo
+          max_wait_ms: 0
+          max_queue_per_expert: 3
+          lookahead: none
+          switch_tolerance: 0.05
+        cache:
+          max_hot_experts: 1
+          keep_warm: false
+        server:
+          request_timeout_s: 2.5
+          shutdown_grace_s: 1
+        """)))
+    assert config.scheduler == SchedulerConfig(policy="fifo", max_wait_ms=0, max_queue_per_expert=3,
+                                               lookahead="none", switch_tolerance=0.05)
+    assert config.cache.max_hot_experts == 1 and config.cache.keep_warm is False
+    assert (config.server.request_timeout_s, config.server.shutdown_grace_s) == (2.5, 1)
+
+
+@pytest.mark.parametrize("build, field", [
+    (lambda: SchedulerConfig(policy="lifo"), "policy"),
+    (lambda: SchedulerConfig(max_wait_ms=-1), "max_wait_ms"),
+    (lambda: SchedulerConfig(max_wait_ms=True), "max_wait_ms"),
+    (lambda: SchedulerConfig(lookahead="gpu"), "lookahead"),
+    (lambda: SchedulerConfig(max_queue_per_expert=0), "max_queue_per_expert"),
+    (lambda: SchedulerConfig(switch_tolerance=-1), "switch_tolerance"),
+    (lambda: CacheConfig(max_hot_experts=0), "max_hot_experts"),
+    (lambda: CacheConfig(keep_warm="no"), "keep_warm"),
+    (lambda: ServerConfig(request_timeout_s=0), "request_timeout_s"),
+    (lambda: ServerConfig(shutdown_grace_s=0), "shutdown_grace_s"),
+])
+def test_new_fields_validate_without_yaml(build, field):
+    with pytest.raises(ConfigError) as info:
+        build()
+    assert info.value.message.startswith(f"{field}: expected")
+    assert info.value.param == field
+
+
+def test_the_default_yaml_spells_out_every_new_field():
+    for name in ("policy", "max_wait_ms", "max_queue_per_expert", "lookahead", "switch_tolerance",
+                 "max_hot_experts", "keep_warm", "request_timeout_s", "shutdown_grace_s"):
+        assert f"\n  {name}: " in DEFAULT_YAML, name

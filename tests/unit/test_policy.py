@@ -87,3 +87,24 @@ def test_unknown_policy():
     assert POLICIES == ("gdsf", "lru")
     with pytest.raises(ValueError, match="unknown cache policy 'fifo'"):
         priority("fifo", clock=0.0, recency=0.0, frequency=1, reload_s=1.0, num_bytes=1)
+
+
+def test_max_others_evicts_until_few_enough_stay_even_when_the_bytes_fit():
+    resident = [lru("new", 10, 3.0), lru("old", 10, 1.0), lru("mid", 10, 2.0)]
+    assert choose_victims(resident, 10, free_bytes=100, max_others=3) == Eviction((), 0.0)
+    assert choose_victims(resident, 10, free_bytes=100, max_others=2) == Eviction(("old",), 1.0)
+    assert choose_victims(resident, 10, free_bytes=100, max_others=0).victims == ("old", "mid", "new")
+    assert choose_victims(resident, 10, free_bytes=100, max_others=None).victims == ()
+
+
+def test_max_others_and_bytes_both_have_to_hold():
+    resident = [lru("new", 10, 3.0), lru("old", 10, 1.0), lru("mid", 10, 2.0)]
+    assert choose_victims(resident, 30, free_bytes=10, max_others=2).victims == ("old", "mid")  # bytes need two
+    assert choose_victims(resident, 5, free_bytes=10, max_others=1).victims == ("old", "mid")  # the count needs two
+
+
+def test_max_others_skips_pinned_candidates_and_fails_when_the_pins_are_too_many():
+    resident = [lru("pinned", 10, 1.0, pinned=True), lru("b", 10, 2.0), lru("c", 10, 3.0)]
+    assert choose_victims(resident, 0, free_bytes=100, max_others=1).victims == ("b", "c")
+    with pytest.raises(ValueError):
+        choose_victims(resident, 0, free_bytes=100, max_others=0)

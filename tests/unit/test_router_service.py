@@ -435,3 +435,72 @@ def test_load_expert_router_from_an_explicit_artifact_checks_the_pins(tmp_path, 
                             PARAMS, "small")
     assert ok.score_source.startswith("PLACEHOLDER")  # no scores file: the packaged table
     assert ok.assignment == {"math": "small", "code": "small", "chat": "small"}  # small/big unknown
+
+
+# -- residency-aware routing (prefer_resident) -------------------------------------------------------
+def scored_router() -> ExpertRouter:
+    table = ScoreTable.from_dict({"source": "test", "scores": {
+        "math": {"X": 0.80, "Y": 0.74, "G": 0.60},
+        "code": {"X": 0.30, "Y": 0.90, "G": 0.20},
+        "writing": {"X": 0.70, "Y": 0.65, "G": 0.69}}})
+    return ExpertRouter(FixedRouter({}), dict(ASSIGNMENT), table=table)
+
+
+def planned(category="math", expert="X", **kw) -> RouteDecision:
+    return RouteDecision(category=category, confidence=0.9, expert=expert, **kw)
+
+
+def test_prefer_resident_with_zero_tolerance_changes_nothing():
+    decision = planned()
+    assert scored_router().prefer_resident(decision, ["Y", "G"], 0.0) is decision
+
+
+def test_prefer_resident_serves_a_hot_expert_within_the_tolerance():
+    decision = scored_router().prefer_resident(planned(reason="why"), ["Y"], 0.1)
+    assert decision.expert == "Y" and decision.planned_expert == "X"
+    assert decision.score_given_up == pytest.approx(0.06)
+    assert decision.category == "math" and decision.confidence == 0.9
+    assert decision.reason.startswith("why; ")
+    assert "served by hot Y" in decision.reason and "cold X" in decision.reason
+    assert "switch_tolerance 0.1" in decision.reason
+
+
+def test_prefer_resident_takes_the_best_hot_expert_within_the_tolerance():
+    decision = scored_router().prefer_resident(planned(category="writing"), ["Y", "G"], 0.1)
+    assert decision.expert == "G" and decision.score_given_up == pytest.approx(0.01)
+
+
+def test_prefer_resident_keeps_the_plan_when_no_hot_expert_is_close_enough():
+    decision = planned()
+    assert scored_router().prefer_resident(decision, ["Y", "G"], 0.05) is decision  # Y is 0.06 below
+    assert scored_router().prefer_resident(decision, [], 1.0) is decision
+
+
+def test_prefer_resident_keeps_a_planned_expert_that_is_already_hot():
+    decision = planned()
+    assert scored_router().prefer_resident(decision, ["Y", "X"], 1.0) is decision
+
+
+def test_prefer_resident_keeps_categories_the_table_does_not_score():
+    decision = planned(category="chat", expert="G", fallback=True)
+    assert scored_router().prefer_resident(decision, ["X", "Y"], 1.0) is decision
+
+
+def test_prefer_resident_without_a_table_changes_nothing():
+    decision = planned()
+    assert ExpertRouter(FixedRouter({}), dict(ASSIGNMENT)).prefer_resident(decision, ["Y"], 1.0) is decision
+
+
+def test_prefer_resident_keeps_a_planned_expert_the_table_does_not_score():
+    router = scored_router()
+    decision = planned(expert="Z")
+    assert router.prefer_resident(decision, ["Y"], 1.0) is decision
+
+
+def test_route_decision_to_dict_names_the_planned_expert_only_when_one_was_given_up():
+    plain = planned().to_dict()
+    assert "planned_expert" not in plain and "score_given_up" not in plain
+    shape = scored_router().prefer_resident(planned(), ["Y"], 0.1).to_dict()
+    assert shape["expert"] == "Y" and shape["planned_expert"] == "X"
+    assert shape["score_given_up"] == 0.06
+    json.dumps(shape)

@@ -1,22 +1,24 @@
 """The OpenAI-compatible app in-process (TestClient runs the lifespan, so the engine thread runs).
 
 Experts are tiny real torch checkpoints; one test swaps in a scripted runner to fail mid-stream.
+The last section runs on fake backends (tests/unit/fakes.py): admission, /metrics, tiers, deadlines.
 """
 import json
+import time
 from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from fakes import LetterVocab
+from fakes import LetterBackend, LetterVocab, fake_engine
 
 from coe.backends.base import Runner, Vocab
 from coe.cache import ModelCache
-from coe.config import CoEConfig, ExpertConfig, ServerConfig
+from coe.config import CacheConfig, CoEConfig, ExpertConfig, SchedulerConfig, ServerConfig
 from coe.engine import Engine
 from coe.models import ModelStore
 from coe.server import create_app
-from coe.types import SamplingParams
+from coe.types import Request, SamplingParams
 
 N_CTX = 128
 MAX_TOKENS_LIMIT = 1000
@@ -309,3 +311,97 @@ def test_error_mid_generation_without_stream_is_a_500(failing_client):
     error = assert_error(chat(failing_client, max_tokens=10), 500, error_type="generation_error")
     assert "device lost" in error["message"]
     assert failing_client.get("/v1/models").status_code == 200
+
+
+# ---- fake backends: admission, /metrics, tiers, deadlines ---------------------------------------
+
+def fake_app(tmp_path, backend=None, **sections):
+    engine = fake_engine(tmp_path, backend=backend, **sections)
+    return create_app(engine), engine
+
+
+def ask(client, model="a", **body):
+    payload = {"model": model, "messages": [{"role": "user", "content": "Hello"}], "max_tokens": 3, **body}
+    return client.post("/v1/chat/completions", json=payload)
+
+
+def test_a_full_queue_is_a_429_with_retry_after(tmp_path):
+    app, engine = fake_app(tmp_path, scheduler=SchedulerConfig(max_queue=1))
+    engine.submit(Request("a", prompt="waiting"))  # no lifespan, no engine thread: it stays queued
+    engine.scheduler.record_service(80.0)  # slow batches: Retry-After grows with them
+    client = TestClient(app)
+    response = ask(client)
+    error = assert_error(response, 429, "overloaded", error_type="rate_limit_error")
+    assert "scheduler.max_queue" in error["message"]
+    retry_after = response.headers["retry-after"]
+    assert retry_after.isdigit() and int(retry_after) >= 1
+    assert int(retry_after) == int(engine.scheduler.retry_after_s(1)) > 1
+    assert engine.metrics.registry.get_sample_value("coe_requests_total",
+                                                    {"expert": "a", "outcome": "rejected"}) == 1
+    engine.stop()
+
+
+def test_metrics_endpoint_serves_the_prometheus_text(tmp_path):
+    app, _ = fake_app(tmp_path)
+    with TestClient(app) as client:
+        assert ask(client).status_code == 200
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert "# TYPE coe_requests_in_flight gauge" in text
+    assert "coe_requests_in_flight 0.0" in text
+    assert 'coe_requests_total{expert="a",outcome="completed"} 1.0' in text
+    assert 'coe_tokens_total{expert="a",kind="completion"} 3.0' in text
+    assert 'coe_expert_tier{expert="a",tier="device"} 1.0' in text
+
+
+def test_served_requests_name_the_tier_and_switch_time(tmp_path):
+    app, _ = fake_app(tmp_path, cache=CacheConfig(prefetch="none"))
+    with TestClient(app) as client:
+        cold, hot = ask(client), ask(client)
+        streamed = ask(client, stream=True)
+    for response, tier in ((cold, "disk"), (hot, "device")):
+        assert response.status_code == 200, response.text
+        assert response.headers["x-coe-tier"] == tier
+        switch_ms = float(response.headers["x-coe-switch-ms"])
+        assert switch_ms >= 0
+        info = response.json()["coe"]
+        assert info["tier"] == tier and info["switch_ms"] == pytest.approx(switch_ms, abs=0.051)
+        assert info["expert"] == "a"
+    assert streamed.headers["x-coe-tier"] == "device"
+    assert float(streamed.headers["x-coe-switch-ms"]) >= 0
+    chunks = sse_payloads(streamed)[:-1]
+    assert chunks and all(c["coe"]["tier"] == "device" for c in chunks)
+
+
+def test_a_request_past_the_deadline_is_a_408_and_is_cancelled(tmp_path):
+    backend = LetterBackend(runner_options={"a": {"delay_s": 0.05}})
+    app, engine = fake_app(tmp_path, backend=backend, server=ServerConfig(request_timeout_s=0.3))
+    with TestClient(app) as client:
+        started = time.monotonic()
+        response = ask(client, max_tokens=200)  # 10 s of tokens
+        assert time.monotonic() - started < 5
+        error = assert_error(response, 408, "request_timeout", error_type="timeout_error")
+        assert "server.request_timeout_s = 0.3" in error["message"]
+        assert ask(client, model="b").status_code == 200  # the engine is free again
+    value = engine.metrics.registry.get_sample_value
+    ended = sum(value("coe_requests_total", {"expert": "a", "outcome": o}) or 0 for o in ("cancelled", "timeout"))
+    assert ended == 1
+    assert (value("coe_tokens_total", {"expert": "a", "kind": "completion"}) or 0) < 200
+    assert value("coe_requests_in_flight") == 0
+
+
+def test_a_stream_past_the_deadline_ends_with_a_timeout_error_event(tmp_path):
+    backend = LetterBackend(runner_options={"a": {"delay_s": 0.05}})
+    app, engine = fake_app(tmp_path, backend=backend, server=ServerConfig(request_timeout_s=0.3))
+    with TestClient(app) as client:
+        response = ask(client, max_tokens=200, stream=True)
+    assert response.status_code == 200
+    payloads = sse_payloads(response)
+    assert payloads[-1] == "[DONE]"
+    error = payloads[-2]["error"]
+    assert error["code"] == "request_timeout" and error["type"] == "timeout_error"
+    text = "".join(p["choices"][0]["delta"].get("content", "") for p in payloads[:-2])
+    assert 1 <= len(text) < 200
+    assert engine.metrics.registry.get_sample_value("coe_requests_in_flight") == 0

@@ -67,12 +67,67 @@ class Vocab(ABC):
         """End of generation (EOS, end-of-turn)."""
 
 
+class Decoder(ABC):
+    """Several sequences decoded together: one forward pass per step for all active sequences.
+
+    Contract: the first ``step`` returns each sequence's first generated token (after prefill);
+    every later ``step`` feeds back the tokens returned last time for the sequences still in
+    ``active`` and returns their next tokens. A sequence left out of ``active`` is finished and
+    never comes back. ``close`` frees per-batch state and may be called twice.
+    """
+
+    @abstractmethod
+    def step(self, active: Sequence[int]) -> dict[int, int]: ...
+
+    def close(self) -> None:
+        """Free the batch's state."""
+
+
+class _Sequence:
+    """One request's decoding state: text assembly, stop strings, max_tokens, cancellation."""
+
+    def __init__(self, request: Request, prompt_ids: list[int], implied_stop: tuple[str, ...]):
+        self.request, self.prompt_ids = request, prompt_ids
+        self.text = TextAssembler(request.sampling.stop + implied_stop)
+        self.finish_reason: str | None = None
+        self.num_generated = 0
+        self.ended = False  # its final event (completion or error) was yielded
+
+    def feed(self, token_id: int, vocab: "Vocab") -> StreamEvent | None:
+        """Take one sampled token; a delta event if it produced text. Sets ``finish_reason`` when done."""
+        if self.request.cancelled:
+            self.finish_reason = "cancelled"
+            return None
+        if vocab.is_end(token_id):
+            self.finish_reason = "stop"
+            return None
+        self.num_generated += 1
+        delta = self.text.feed(vocab.token_bytes(token_id))
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif self.num_generated >= self.request.sampling.max_tokens:
+            self.finish_reason = "length"
+        return StreamEvent(self.request.id, delta=delta) if delta else None
+
+    def finish(self) -> Iterator[StreamEvent]:
+        tail = self.text.flush()
+        if tail:
+            yield StreamEvent(self.request.id, delta=tail)
+        yield StreamEvent(self.request.id, completion=Completion(
+            text=self.text.text, finish_reason=self.finish_reason or "length",
+            prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_generated))
+
+
 class Runner(ABC):
     """Generates for batches of requests on resident weights.
 
     Contract: the engine thread alone calls ``generate``; ``Request.cancel`` may come from any
     thread and is honoured between tokens; ``close`` frees the weights and may be called twice.
+    A runner that can decode several sequences in one forward pass sets ``max_batch_size`` > 1 and
+    implements ``_open_decoder``; otherwise the requests of a batch run one after the other.
     """
+
+    max_batch_size = 1
 
     def __init__(self, expert: ExpertConfig, vocab: Vocab, context_length: int, num_bytes: int):
         self.expert = expert
@@ -85,12 +140,59 @@ class Runner(ABC):
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
         """Yield generated token ids one by one until the caller stops iterating."""
 
+    def _open_decoder(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> Decoder:
+        raise NotImplementedError(f"{type(self).__name__} decodes one sequence at a time")
+
+    def _batch_token_capacity(self) -> int:
+        """Tokens (prompt + max_tokens) all sequences of one decoder may hold together."""
+        return self.context_length
+
     def close(self) -> None:
         """Free the weights. Subclasses release their own handles."""
 
     def generate(self, batch: Sequence[Request]) -> Iterator[StreamEvent]:
+        """Every request's events; each request ends with a completion or an error event."""
+        sequences = []
         for request in batch:
-            yield from self._generate_one(request)
+            try:
+                prompt, implied_stop = self.prompt_text(request)
+                prompt_ids = self.vocab.encode(prompt)
+                self._check_context(len(prompt_ids), request.sampling.max_tokens)
+            except CoEError as exc:
+                yield StreamEvent(request.id, error=exc)
+                continue
+            sequences.append(_Sequence(request, prompt_ids, implied_stop))
+        for group in self._groups(sequences):
+            try:
+                if len(group) == 1:
+                    yield from self._decode_one(group[0])
+                else:
+                    yield from self._decode_many(group)
+            except CoEError as exc:
+                yield from self._fail_unfinished(group, exc)
+            except Exception as exc:  # a backend failure ends these requests, not the engine
+                yield from self._fail_unfinished(group, GenerationError(
+                    f"{self.expert.name}: generation failed: {exc}"))
+
+    def _groups(self, sequences: list[_Sequence]) -> Iterator[list[_Sequence]]:
+        """Consecutive groups that fit one decoder (size and shared token capacity)."""
+        group, tokens = [], 0
+        for seq in sequences:
+            need = len(seq.prompt_ids) + seq.request.sampling.max_tokens
+            if group and (len(group) >= self.max_batch_size or tokens + need > self._batch_token_capacity()):
+                yield group
+                group, tokens = [], 0
+            group.append(seq)
+            tokens += need
+        if group:
+            yield group
+
+    @staticmethod
+    def _fail_unfinished(group: list[_Sequence], error: Exception) -> Iterator[StreamEvent]:
+        for seq in group:
+            if not seq.ended:
+                seq.ended = True
+                yield StreamEvent(seq.request.id, error=error)
 
     def prompt_text(self, request: Request) -> tuple[str, tuple[str, ...]]:
         """The prompt string and the stop strings it implies (a plain transcript stops at the next turn)."""
@@ -100,54 +202,43 @@ class Runner(ABC):
                            bos_text=self.vocab.bos_text, eos_text=self.vocab.eos_text)
         return text, (() if self.vocab.chat_template else PLAIN_STOP)
 
-    def _generate_one(self, request: Request) -> Iterator[StreamEvent]:
-        try:
-            prompt, implied_stop = self.prompt_text(request)
-            prompt_ids = self.vocab.encode(prompt)
-            self._check_context(len(prompt_ids), request.sampling.max_tokens)
-        except CoEError as exc:
-            yield StreamEvent(request.id, error=exc)
-            return
-        try:
-            yield from self._decode(request, prompt_ids, implied_stop)
-        except CoEError as exc:
-            yield StreamEvent(request.id, error=exc)
-        except Exception as exc:  # a backend failure ends this request, not the engine
-            yield StreamEvent(request.id, error=GenerationError(f"{self.expert.name}: generation failed: {exc}"))
-
-    def _decode(self, request: Request, prompt_ids: list[int],
-                implied_stop: tuple[str, ...]) -> Iterator[StreamEvent]:
-        sampling = request.sampling
-        text = TextAssembler(sampling.stop + implied_stop)
-        finish_reason, num_generated = "length", 0
-        tokens = self._sample(prompt_ids, sampling)
+    def _decode_one(self, seq: _Sequence) -> Iterator[StreamEvent]:
+        tokens = self._sample(seq.prompt_ids, seq.request.sampling)
         try:
             for token_id in tokens:
-                if request.cancelled:
-                    finish_reason = "cancelled"
-                    break
-                if self.vocab.is_end(token_id):
-                    finish_reason = "stop"
-                    break
-                num_generated += 1
-                delta = text.feed(self.vocab.token_bytes(token_id))
-                if delta:
-                    yield StreamEvent(request.id, delta=delta)
-                if text.stopped:
-                    finish_reason = "stop"
-                    break
-                if num_generated >= sampling.max_tokens:
+                event = seq.feed(token_id, self.vocab)
+                if event is not None:
+                    yield event
+                if seq.finish_reason is not None:
                     break
         finally:
             close = getattr(tokens, "close", None)
             if close is not None:
                 close()
-        tail = text.flush()
-        if tail:
-            yield StreamEvent(request.id, delta=tail)
-        yield StreamEvent(request.id, completion=Completion(
-            text=text.text, finish_reason=finish_reason,
-            prompt_tokens=len(prompt_ids), completion_tokens=num_generated))
+        seq.ended = True
+        yield from seq.finish()
+
+    def _decode_many(self, group: list[_Sequence]) -> Iterator[StreamEvent]:
+        """One decoder for the whole group: each step is one forward pass over the active sequences."""
+        decoder = self._open_decoder([s.prompt_ids for s in group], [s.request.sampling for s in group])
+        try:
+            active = list(range(len(group)))
+            while active:
+                tokens = decoder.step(active)
+                still = []
+                for i in active:
+                    seq = group[i]
+                    event = seq.feed(tokens[i], self.vocab)
+                    if event is not None:
+                        yield event
+                    if seq.finish_reason is None:
+                        still.append(i)
+                    else:
+                        seq.ended = True
+                        yield from seq.finish()
+                active = still
+        finally:
+            decoder.close()
 
     def _check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens + max_tokens > self.context_length:
@@ -155,7 +246,6 @@ class Runner(ABC):
                 f"{self.expert.name} has a context of {self.context_length} tokens; the prompt has "
                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more. Shorten the prompt "
                 f"or lower max_tokens.", param="max_tokens")
-
 
 class Backend(ABC):
     """Reads an expert's weights into host memory and materialises them as a Runner.

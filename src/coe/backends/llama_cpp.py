@@ -16,10 +16,11 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from coe.backends.base import Backend, HostWeights, Runner, Vocab
-from coe.backends.memory import HostBufferPool, anon_rss_bytes, read_sequential, resident_file_bytes
+from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
+from coe.backends.memory import (HostBufferPool, anon_rss_bytes, drop_file_cache, read_sequential,
+                                 resident_file_bytes)
 from coe.config import ExpertConfig
 from coe.errors import LoadError, MissingExtra
 from coe.models.info import describe
@@ -27,6 +28,7 @@ from coe.types import SamplingParams
 
 DEFAULT_CONTEXT = 4096
 DEFAULT_BATCH = 512
+DEFAULT_SEQUENCES = 8
 # llama.cpp's own server defaults; OpenAI requests carry only temperature and top_p.
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
@@ -60,7 +62,14 @@ def context_params(params: dict, context_length: int | None):
     ctx.n_ctx = int(params.get("n_ctx", min(DEFAULT_CONTEXT, context_length or DEFAULT_CONTEXT)))
     ctx.n_batch = ctx.n_ubatch = int(params.get("n_batch", DEFAULT_BATCH))
     ctx.n_threads = ctx.n_threads_batch = int(params.get("n_threads", os.cpu_count() or 1))
+    ctx.n_seq_max = max_sequences(params)
+    ctx.kv_unified = True  # the sequences of a batch share one KV buffer of n_ctx cells
     return ctx
+
+
+def max_sequences(params: dict) -> int:
+    """Sequences decoded together in one forward pass (expert param ``max_sequences``)."""
+    return max(1, int(params.get("max_sequences", DEFAULT_SEQUENCES)))
 
 
 class LlamaVocab(Vocab):
@@ -104,6 +113,7 @@ class LlamaRunner(Runner):
         from llama_cpp import _internals
 
         super().__init__(expert, LlamaVocab(model, chat_template), ctx.n_ctx(), num_bytes)
+        self.max_batch_size = max_sequences(expert.params)
         self.model, self.ctx = model, ctx
         self._n_batch = int(ctx.params.n_batch)
         self.batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
@@ -118,13 +128,24 @@ class LlamaRunner(Runner):
         self._eval([self.model.token_bos() if self.model.token_bos() >= 0 else 0], 0)
         self.ctx.kv_cache_clear()
 
-    def _eval(self, ids: list[int], n_past: int) -> int:
+    def _eval(self, ids: list[int], n_past: int, seq_id: int = 0) -> int:
+        """Prefill ``ids`` for one sequence; logits are kept for its last token (batch index -1)."""
         for i in range(0, len(ids), self._n_batch):
             chunk = ids[i:i + self._n_batch]
-            self.batch.set_batch(chunk, n_past, False)
+            self._fill([(token, n_past + k, seq_id) for k, token in enumerate(chunk)], last_only=True)
             self.ctx.decode(self.batch)
             n_past += len(chunk)
         return n_past
+
+    def _fill(self, entries: list[tuple[int, int, int]], last_only: bool) -> None:
+        """Put (token, position, sequence) entries into the batch, with logits for the last or for all."""
+        batch = self.batch.batch
+        batch.n_tokens = len(entries)
+        for k, (token, pos, seq_id) in enumerate(entries):
+            batch.token[k], batch.pos[k] = token, pos
+            batch.seq_id[k][0], batch.n_seq_id[k] = seq_id, 1
+            batch.logits[k] = not last_only
+        batch.logits[len(entries) - 1] = True
 
     def _sampler(self, sampling: SamplingParams):
         from llama_cpp import _internals
@@ -143,23 +164,68 @@ class LlamaRunner(Runner):
         sampler.add_dist(seed)
         return sampler
 
+    def _pick(self, sampler, index: int) -> int:
+        return self._lib.llama_sampler_sample(sampler.sampler, self.ctx.ctx, index)
+
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
         sampler = self._sampler(sampling)
         try:
             self.ctx.kv_cache_clear()
             n_past = self._eval(prompt_ids, 0)
             while True:
-                token_id = self._lib.llama_sampler_sample(sampler.sampler, self.ctx.ctx, -1)
+                token_id = self._pick(sampler, -1)
                 yield token_id
                 n_past = self._eval([token_id], n_past)
         finally:
             sampler.close()
+
+    def _open_decoder(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> Decoder:
+        return _LlamaDecoder(self, prompts, samplings)
+
+    def _batch_token_capacity(self) -> int:
+        return self.context_length  # kv_unified: all sequences share the context's cells
 
     def close(self) -> None:
         if self.ctx is not None:
             self.batch.close()
             self.ctx.close()
             self.ctx = None
+
+
+class _LlamaDecoder(Decoder):
+    """Sequence i of the batch is llama.cpp sequence id i in the runner's context."""
+
+    def __init__(self, runner: LlamaRunner, prompts: list[list[int]], samplings: list[SamplingParams]):
+        self.runner, self.prompts = runner, prompts
+        self.samplers = [runner._sampler(s) for s in samplings]
+        self.n_past = [0] * len(prompts)
+        self.last: dict[int, int] | None = None
+        runner.ctx.kv_cache_clear()
+
+    def step(self, active: Sequence[int]) -> dict[int, int]:
+        runner = self.runner
+        if self.last is None:  # prefill each prompt, sample its first token from its last logits
+            self.last = {}
+            for i in active:
+                self.n_past[i] = runner._eval(self.prompts[i], 0, seq_id=i)
+                self.last[i] = runner._pick(self.samplers[i], -1)
+            return dict(self.last)
+        for i in [i for i in self.last if i not in active]:
+            runner.ctx.kv_cache_seq_rm(i, -1, -1)  # a finished sequence frees its cells
+            del self.last[i]
+        runner._fill([(self.last[i], self.n_past[i], i) for i in active], last_only=False)
+        runner.ctx.decode(runner.batch)
+        for k, i in enumerate(active):
+            self.n_past[i] += 1
+            self.last[i] = runner._pick(self.samplers[i], k)
+        return dict(self.last)
+
+    def close(self) -> None:
+        for sampler in self.samplers:
+            sampler.close()
+        self.samplers = []
+        if self.runner.ctx is not None:
+            self.runner.ctx.kv_cache_clear()
 
 
 class LlamaCppBackend(Backend):
@@ -185,7 +251,7 @@ class LlamaCppBackend(Backend):
         owned_bytes = _delta(anon_before)
         mapped_bytes = (resident_file_bytes(path) or info.num_bytes) if expert.params.get("use_mmap", True) else 0
         return HostWeights(expert=expert, info=info, payload=model, footprint_bytes=mapped_bytes + owned_bytes,
-                           read_s=read_s, on_release=model.close)
+                           read_s=read_s, on_release=lambda: _release(model, path))
 
     def materialize(self, host: HostWeights) -> Runner:
         from llama_cpp import _internals
@@ -200,6 +266,13 @@ class LlamaCppBackend(Backend):
         runner.warm_up()
         runner.footprint_bytes = _delta(anon_before)
         return runner
+
+
+def _release(model, path: Path) -> None:
+    """Leaving the host tier: free the model and give the file's pages back, so the bytes the
+    tier stops counting are really free (the next read comes from disk)."""
+    model.close()
+    drop_file_cache(path)
 
 
 def _delta(anon_before: int | None) -> int:

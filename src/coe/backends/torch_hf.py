@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
-from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
 from coe.backends.memory import HostBufferPool, anon_rss_bytes, read_sequential
 from coe.config import ExpertConfig
 from coe.errors import LoadError, MissingExtra
@@ -23,6 +23,7 @@ from coe.types import SamplingParams
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "mistral")
 BYTE_VOCAB_SIZE = 258  # 256 bytes + BOS + EOS, for checkpoints without a tokenizer.json
 DEFAULT_CONTEXT = 4096
+DEFAULT_SEQUENCES = 8
 
 
 def _torch():
@@ -63,19 +64,18 @@ def build_model(cfg: dict):
             self.v_proj = nn.Linear(hidden, num_kv_heads * head_dim, bias=qkv_bias)
             self.o_proj = nn.Linear(num_heads * head_dim, hidden, bias=False)
 
-        def forward(self, x, cos, sin, cache_k, cache_v, start: int):
-            num_tokens = x.shape[0]  # x: [T, H]
-            q = self.q_proj(x).view(num_tokens, num_heads, head_dim).transpose(0, 1)  # [h, T, d]
-            k = self.k_proj(x).view(num_tokens, num_kv_heads, head_dim).transpose(0, 1)
-            v = self.v_proj(x).view(num_tokens, num_kv_heads, head_dim).transpose(0, 1)
+        def forward(self, x, cos, sin, cache_k, cache_v, positions, kv_len: int, mask):
+            batch, num_tokens = x.shape[:2]  # x: [B, T, H]
+            q = _heads(self.q_proj(x), num_heads, head_dim)  # [B, h, T, d]
+            k = _heads(self.k_proj(x), num_kv_heads, head_dim)
+            v = _heads(self.v_proj(x), num_kv_heads, head_dim)
             q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
-            cache_k[:, start:start + num_tokens] = k
-            cache_v[:, start:start + num_tokens] = v
-            keys, values = cache_k[:, :start + num_tokens], cache_v[:, :start + num_tokens]
+            _store(cache_k, k, positions)
+            _store(cache_v, v, positions)
             out = F.scaled_dot_product_attention(
-                q.unsqueeze(0), keys.unsqueeze(0), values.unsqueeze(0),
-                is_causal=num_tokens > 1 and start == 0, enable_gqa=num_kv_heads != num_heads)
-            return self.o_proj(out.squeeze(0).transpose(0, 1).reshape(num_tokens, num_heads * head_dim))
+                q, cache_k[:, :, :kv_len], cache_v[:, :, :kv_len], attn_mask=mask,
+                is_causal=mask is None and num_tokens > 1, enable_gqa=num_kv_heads != num_heads)
+            return self.o_proj(out.transpose(1, 2).reshape(batch, num_tokens, num_heads * head_dim))
 
     class MLP(nn.Module):
         def __init__(self):
@@ -94,8 +94,8 @@ def build_model(cfg: dict):
             self.self_attn, self.mlp = Attention(), MLP()
             self.input_layernorm, self.post_attention_layernorm = RMSNorm(), RMSNorm()
 
-        def forward(self, x, cos, sin, cache_k, cache_v, start):
-            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, start)
+        def forward(self, x, cos, sin, cache_k, cache_v, positions, kv_len: int, mask):
+            x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_k, cache_v, positions, kv_len, mask)
             return x + self.mlp(self.post_attention_layernorm(x))
 
     class Body(nn.Module):
@@ -114,23 +114,42 @@ def build_model(cfg: dict):
             self.model = Body()
             self.lm_head = nn.Linear(hidden, cfg["vocab_size"], bias=False)
 
-        def forward(self, input_ids, cache, start: int):
-            """input_ids: [T] -> logits of the last position [V]; cache: per layer (k, v) [h_kv, L, d]."""
-            x = self.model.embed_tokens(input_ids)  # [T, H]
-            positions = torch.arange(start, start + input_ids.shape[0], device=input_ids.device)
+        def forward(self, input_ids, cache, start, last=None):
+            """Logits of each sequence's last token.
+
+            input_ids: [B, T], right-padded; cache: per layer (k, v) [B, h_kv, L, d], a token's keys
+            stored in the column of its position; start: position of input_ids[:, 0], an int or one
+            per sequence; last: [B] index in T of each row's last real token (default T - 1).
+            Returns [B, V]. One sequence (input_ids [T], cache [h_kv, L, d]) gives [V].
+            """
+            if input_ids.dim() == 1:
+                return self._batch(input_ids[None], [(k[None], v[None]) for k, v in cache], start, last)[0]
+            return self._batch(input_ids, cache, start, last)
+
+        def _batch(self, input_ids, cache, start, last):
+            batch, num_tokens = input_ids.shape
+            starts = [start] * batch if isinstance(start, int) else list(start)
+            positions = _positions(starts, num_tokens, input_ids.device)  # [B, T]
+            kv_len = max(starts) + num_tokens
+            uniform = isinstance(start, int) and (start == 0 or num_tokens == 1)
+            mask = None if uniform else _visible(positions, kv_len)  # None: plain causal from column 0
+            x = self.model.embed_tokens(input_ids)  # [B, T, H]
             cos, sin = _rope(positions, head_dim, self.rope_theta, x.dtype)
+            cos, sin = cos[:, None], sin[:, None]  # [B, 1, T, d]: the same rotation for every head
             for layer, (cache_k, cache_v) in zip(self.model.layers, cache):
-                x = layer(x, cos, sin, cache_k, cache_v, start)
-            return self.lm_head(self.model.norm(x[-1]))
+                x = layer(x, cos, sin, cache_k, cache_v, positions, kv_len, mask)
+            x = x[:, -1] if last is None else x[torch.arange(batch, device=x.device), last]  # [B, H]
+            return self.lm_head(self.model.norm(x))  # logits only where a token is sampled
 
     return CausalLM()
 
 
 def _rope(positions, head_dim: int, theta: float, dtype):
+    """cos and sin [..., T, d] of the rotary angles at ``positions`` [..., T]."""
     torch = _torch()
     inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim))
-    angles = positions.float()[:, None] * inv_freq[None, :]  # [T, d/2]
-    angles = torch.cat((angles, angles), dim=-1)  # [T, d]
+    angles = positions.float()[..., None] * inv_freq  # [..., T, d/2]
+    angles = torch.cat((angles, angles), dim=-1)  # [..., T, d]
     return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
@@ -139,6 +158,29 @@ def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+def _heads(x, num_heads: int, head_dim: int):
+    """[B, T, h * d] -> [B, h, T, d]."""
+    return x.view(*x.shape[:2], num_heads, head_dim).transpose(1, 2)
+
+
+def _positions(starts: list[int], num_tokens: int, device):
+    """[B, T]: row b holds positions starts[b] .. starts[b] + T - 1."""
+    torch = _torch()
+    return torch.tensor(starts, device=device)[:, None] + torch.arange(num_tokens, device=device)
+
+
+def _store(cache, new, positions) -> None:
+    """Write ``new`` [B, h, T, d] into ``cache`` [B, h, L, d] at the columns ``positions`` [B, T]."""
+    cache.scatter_(2, positions[:, None, :, None].expand_as(new), new)
+
+
+def _visible(positions, kv_len: int):
+    """Attention mask [B, 1, T, kv_len]: a token at position p sees the cache columns 0..p."""
+    torch = _torch()
+    columns = torch.arange(kv_len, device=positions.device)
+    return columns[None, None, None, :] <= positions[:, None, :, None]
 
 
 def read_model_config(path: Path) -> dict:
@@ -267,25 +309,30 @@ def load_vocab(path: Path, vocab_size: int) -> Vocab:
 # ---- backend -----------------------------------------------------------------------------------
 
 class TorchRunner(Runner):
+    """Expert param ``max_sequences`` (default 8): sequences decoded together in one forward pass."""
+
     def __init__(self, expert: ExpertConfig, vocab: Vocab, model, cfg: dict, device, num_bytes: int,
                  context_length: int):
         super().__init__(expert, vocab, context_length, num_bytes)
         self.model, self.cfg, self.device = model, cfg, device
+        self.max_batch_size = max(1, int(expert.params.get("max_sequences", DEFAULT_SEQUENCES)))
 
-    def _new_cache(self, length: int):
+    def _new_cache(self, length: int, batch: int | None = None):
+        """Per layer (k, v) of [h_kv, length, d], or [batch, h_kv, length, d] for a batch.
+
+        A batch's rows attend over columns that are masked but not all written yet: they must
+        hold finite numbers (a masked NaN still makes the attention output NaN), so zeros.
+        """
         torch = _torch()
         dtype = next(self.model.parameters()).dtype
         shape = (self.model.kv_heads, length, self.model.dim)
-        return [(torch.empty(shape, dtype=dtype, device=self.device),
-                 torch.empty(shape, dtype=dtype, device=self.device)) for _ in range(self.model.num_layers)]
+        shape, allocate = (shape, torch.empty) if batch is None else ((batch, *shape), torch.zeros)
+        return [(allocate(shape, dtype=dtype, device=self.device),
+                 allocate(shape, dtype=dtype, device=self.device)) for _ in range(self.model.num_layers)]
 
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
         torch = _torch()
-        generator = torch.Generator(device="cpu")
-        if sampling.seed is not None:
-            generator.manual_seed(sampling.seed)
-        else:
-            generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
+        generator = _generator(sampling)
         cache = self._new_cache(len(prompt_ids) + sampling.max_tokens)
         ids = torch.tensor(prompt_ids, dtype=torch.long, device=self.device)
         start = 0
@@ -297,8 +344,78 @@ class TorchRunner(Runner):
                 yield token_id
                 ids = torch.tensor([token_id], dtype=torch.long, device=self.device)
 
+    def _open_decoder(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> Decoder:
+        return _TorchDecoder(self, prompts, samplings)
+
+    def _batch_token_capacity(self) -> int:
+        return self.context_length * self.max_batch_size  # every sequence has a cache row of its own
+
     def close(self) -> None:
         self.model = None
+
+
+class _TorchDecoder(Decoder):
+    """One KV cache [B, h_kv, L, d] per layer; row r holds sequence ``rows[r]`` with its token at
+    position p in column p (prompts right-padded). A finished sequence's row is dropped."""
+
+    def __init__(self, runner: TorchRunner, prompts: list[list[int]], samplings: list[SamplingParams]):
+        self.runner, self.prompts, self.samplings = runner, prompts, samplings
+        self.generators = [_generator(s) for s in samplings]
+        self.cache_length_tokens = max(len(p) + s.max_tokens for p, s in zip(prompts, samplings))
+        self.cache = None
+        self.rows: list[int] = []      # sequence index of each batch row
+        self.num_cached: list[int] = []  # tokens in each row's cache = position of its next token
+        self.last: dict[int, int] = {}
+
+    def step(self, active: Sequence[int]) -> dict[int, int]:
+        torch = _torch()
+        with torch.inference_mode():
+            logits = self._prefill(list(active)) if self.cache is None else self._decode(list(active))
+        logits = logits.float().cpu()  # [B, V]
+        self.last = {i: _pick(logits[row], self.samplings[i], self.generators[i]) for row, i in enumerate(self.rows)}
+        return dict(self.last)
+
+    def _prefill(self, active: list[int]):
+        torch = _torch()
+        lengths = [len(self.prompts[i]) for i in active]
+        ids = torch.zeros((len(active), max(lengths)), dtype=torch.long)  # right-padded with token 0
+        for row, i in enumerate(active):
+            ids[row, :lengths[row]] = torch.tensor(self.prompts[i])
+        self.rows, self.num_cached = active, lengths
+        self.cache = self.runner._new_cache(self.cache_length_tokens, batch=len(active))
+        last = torch.tensor(lengths, device=self.runner.device) - 1
+        return self.runner.model(ids.to(self.runner.device), self.cache, 0, last=last)
+
+    def _decode(self, active: list[int]):
+        torch = _torch()
+        if active != self.rows:
+            self._keep(active)
+        ids = torch.tensor([[self.last[i]] for i in active], dtype=torch.long, device=self.runner.device)
+        logits = self.runner.model(ids, self.cache, self.num_cached)
+        self.num_cached = [n + 1 for n in self.num_cached]
+        return logits
+
+    def _keep(self, active: list[int]) -> None:
+        """Drop the rows of finished sequences (their cache rows too)."""
+        torch = _torch()
+        kept = [self.rows.index(i) for i in active]
+        index = torch.tensor(kept, device=self.runner.device)
+        self.cache = [(k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache]
+        self.rows, self.num_cached = active, [self.num_cached[row] for row in kept]
+
+    def close(self) -> None:
+        self.cache = None
+
+
+def _generator(sampling: SamplingParams):
+    """A CPU generator of its own for one sequence: seeded, or with a fresh random seed (never the global RNG)."""
+    torch = _torch()
+    generator = torch.Generator(device="cpu")
+    if sampling.seed is not None:
+        generator.manual_seed(sampling.seed)
+    else:
+        generator.seed()  # a fresh random seed for this generator only; torch.seed() would reseed the global RNG
+    return generator
 
 
 def _pick(logits, sampling: SamplingParams, generator) -> int:
@@ -346,7 +463,8 @@ def tensors_in(buffer, path: Path) -> dict:
 
 
 class TorchHFBackend(Backend):
-    """Expert params: dtype (float32 | bfloat16 | float16), device (cpu | cuda | cuda:N), n_ctx.
+    """Expert params: dtype (float32 | bfloat16 | float16), device (cpu | cuda | cuda:N), n_ctx,
+    max_sequences (sequences decoded together in one forward pass, default 8).
 
     Warm: the checkpoint's files read into one reusable host buffer (pinned on CUDA) and viewed as
     tensors in place. Hot: the module built on ``meta`` and given those tensors with

@@ -315,13 +315,15 @@ class ModelCache:
                       if other is not slot and other.expert.name in room]
         reclaimable = self.pool.free_bytes - reuse_bytes if tier == "host" else 0
         try:
+            max_others = self.config.cache.max_hot_experts - 1 if tier == "device" else None
             eviction = policy.choose_victims(candidates, incoming_bytes, room.free_bytes + reclaimable,
-                                             self._clock[tier])
+                                             self._clock[tier], max_others)
         except ValueError:
             raise CacheFull(f"expert {slot.expert.name} needs {incoming_bytes} bytes in the {tier} tier "
                             f"(budget cache.{tier}_bytes = {room.budget_bytes}); {room.used_bytes} bytes are "
-                            f"held and only pinned or in-use experts are left to evict. Raise "
-                            f"cache.{tier}_bytes or unpin experts.") from None
+                            f"held and only pinned or in-use experts are left to evict (cache.max_hot_experts = "
+                            f"{self.config.cache.max_hot_experts}). Raise cache.{tier}_bytes or unpin experts."
+                            ) from None
         self._clock[tier] = eviction.clock
         for victim in eviction.victims:
             self._demote(self._slots[victim], tier)
@@ -362,8 +364,11 @@ class ModelCache:
         room.hold(name, measured_bytes)
 
     def _demote(self, slot: _Slot, tier: str) -> None:
-        """Out of the device tier (close the runner); out of host also releases the host weights."""
+        """Out of the device tier (close the runner); out of host also releases the host weights.
+        Without a warm tier (cache.keep_warm: false) leaving the device is leaving host memory too."""
         name = slot.expert.name
+        if not self.config.cache.keep_warm:
+            tier = "host"
         if slot.runner is not None:
             slot.runner.close()
             slot.runner = None
@@ -419,6 +424,10 @@ class ModelCache:
     def is_resident(self, name: str) -> bool:
         """Hot: activating it costs nothing."""
         return self._slot(name).runner is not None
+
+    def hot_experts(self) -> list[str]:
+        """Experts ready to generate now."""
+        return [name for name, slot in self._slots.items() if slot.runner is not None]
 
     def tier_of(self, name: str) -> str:
         slot = self._slot(name)

@@ -42,17 +42,21 @@ def priority(policy: str, *, clock: float, recency: float, frequency: float, rel
 
 
 def choose_victims(candidates: list[Candidate], incoming_bytes: int, free_bytes: int,
-                   clock: float = 0.0) -> Eviction:
+                   clock: float = 0.0, max_others: int | None = None) -> Eviction:
     """Lowest priority first, skipping pinned candidates, until ``incoming_bytes`` fit in
-    ``free_bytes`` plus what the victims free. Raises ValueError when they cannot fit at all."""
-    if incoming_bytes <= free_bytes:
+    ``free_bytes`` plus what the victims free and at most ``max_others`` candidates stay.
+    Raises ValueError when they cannot fit at all."""
+    def fits(victims: list[str]) -> bool:
+        return incoming_bytes <= free_bytes and (max_others is None or len(candidates) - len(victims) <= max_others)
+
+    victims: list[str] = []
+    if fits(victims):
         return Eviction((), clock)
-    victims = []
     for candidate in sorted((c for c in candidates if not c.pinned), key=lambda c: (c.priority, c.name)):
         victims.append(candidate.name)
         free_bytes += candidate.num_bytes
         clock = max(clock, candidate.priority)
-        if incoming_bytes <= free_bytes:
+        if fits(victims):
             return Eviction(tuple(victims), clock)
     raise ValueError(f"{incoming_bytes} bytes do not fit: {free_bytes} bytes free after evicting "
                      f"every expert that is not pinned or in use")

@@ -1,5 +1,5 @@
 """The request loop."""
 from coe.engine.engine import Engine
-from coe.engine.scheduler import Batch, FifoScheduler
+from coe.engine.scheduler import Batch, Scheduler
 
-__all__ = ["Engine", "Batch", "FifoScheduler"]
+__all__ = ["Engine", "Batch", "Scheduler"]

@@ -1,19 +1,23 @@
-"""The engine loop: schedule -> activate -> run -> deliver, on one background thread."""
+"""The engine loop: route -> enqueue -> prefetch -> schedule -> activate -> run -> stream, on one
+background thread."""
 from __future__ import annotations
 
 import logging
 import queue
 import threading
+import time
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from coe.cache import ModelCache
 from coe.config import ROUTED_MODEL, CoEConfig
-from coe.engine.scheduler import FifoScheduler
-from coe.errors import CoEError, GenerationError, Overloaded, RouterUnavailable, UnknownExpert
+from coe.engine.metrics import EngineMetrics
+from coe.engine.scheduler import Batch, Scheduler
+from coe.errors import (CoEError, GenerationError, Overloaded, RequestTimeout, RouterUnavailable,
+                        UnknownExpert)
 from coe.models.catalog import ModelStore
 from coe.router.service import ExpertRouter, load_expert_router
-from coe.types import ChatMessage, Request, RouteDecision, StreamEvent
+from coe.types import ChatMessage, Completion, Request, RouteDecision, StreamEvent
 
 log = logging.getLogger("coe.engine")
 
@@ -23,18 +27,21 @@ _IDLE_WAIT_S = 0.5
 class Engine:
     """Owns the request loop. ``submit`` and ``stream`` are safe from any thread."""
 
-    def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: FifoScheduler | None = None,
+    def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: Scheduler | None = None,
                  router: ExpertRouter | None = None, router_error: str | None = None):
         self.config = config
         self.cache = cache
         self.router = router
         # why model "coe" falls back to the default expert
         self.router_error = router_error or (None if router else "no router configured")
-        self.scheduler = scheduler or FifoScheduler(config.scheduler.max_batch_size, config.scheduler.max_queue)
+        self.scheduler = scheduler or scheduler_from(config)
+        self.metrics = EngineMetrics()
+        self.metrics.watch(self.queued_by_expert, cache.snapshot)
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
         self._running: tuple[Request, ...] = ()
+        self._current: str | None = None  # the expert of the last batch
         self.num_served = 0
 
     @classmethod
@@ -71,6 +78,9 @@ class Engine:
                 decision = self.router.route_messages(messages, tools)
             else:
                 decision = self.router.route_prompt(prompt or "", tools)
+            decision = self.router.prefer_resident(decision, self.cache.hot_experts(),
+                                                   self.config.scheduler.switch_tolerance)
+            self.metrics.decisions.labels(decision.category, decision.expert).inc()
             return decision.expert, decision
         if model in self.expert_names():
             return model, None
@@ -79,11 +89,17 @@ class Engine:
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
-        """Queue the request and hint the cache to start moving its expert up while it waits."""
+        """Queue the request (or raise Overloaded: 429) and hint the cache to start moving its
+        expert up while it waits."""
         if request.expert not in self.expert_names():
             raise UnknownExpert(f"no expert named {request.expert!r}", param="model")
         with self._work:
-            self.scheduler.add(request)
+            try:
+                self.scheduler.add(request)
+            except Overloaded:
+                self.metrics.rejected(request.expert)
+                raise
+            request.sink = self.metrics.observe(request, request.sink)
             self._work.notify()
         if self.config.cache.prefetch != "none" and not self.cache.is_resident(request.expert):
             self.cache.prefetch(request.expert, self.config.cache.prefetch)
@@ -100,7 +116,7 @@ class Engine:
             while self.step():
                 pass
             if events.empty() or not events.queue[-1].is_final:
-                events.put(StreamEvent(request.id, error=GenerationError("the request was cancelled before it ran")))
+                request.sink(StreamEvent(request.id, error=GenerationError("the request was cancelled before it ran")))
         while True:
             event = events.get()
             yield event
@@ -110,23 +126,68 @@ class Engine:
     # -- the loop --------------------------------------------------------------------------------
     def step(self) -> bool:
         """Serve one batch. Returns False when there was nothing to do."""
-        with self._work:
-            batch = None if self._stopping else self.scheduler.next_batch()
-            if batch is None:
-                return False
-            self._running = batch.requests
+        batch = self._next_batch()
+        if batch is None:
+            return False
+        started_s, ended = time.perf_counter(), set()
         try:
+            tier = self.cache.tier_of(batch.expert)
             with self.cache.lease(batch.expert) as runner:
+                self._record_switch(batch, tier, time.perf_counter() - started_s)
+                self._look_ahead(batch.expert)  # after our own load: it must not queue behind the next one
                 for event in runner.generate(batch.requests):
                     self._deliver(batch.requests, event)
+                    if event.is_final:
+                        ended.add(event.request_id)
         except CoEError as exc:
-            self._fail(batch.requests, exc)
+            self._fail([r for r in batch.requests if r.id not in ended], exc)
         except Exception as exc:  # keep serving: one failed batch must not kill the loop
-            self._fail(batch.requests, GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+            self._fail([r for r in batch.requests if r.id not in ended],
+                       GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
         finally:
-            self._running = ()
+            with self._work:
+                self._running = ()
+        self.scheduler.record_service(time.perf_counter() - started_s)
+        self.metrics.running.set(0)
         self.num_served += len(batch.requests)
         return True
+
+    def _next_batch(self) -> Batch | None:
+        """Expire requests queued past the timeout, then take the scheduler's choice."""
+        with self._work:
+            if self._stopping:
+                return None
+            now_s = time.monotonic()
+            expired = self.scheduler.expired(now_s, self.config.server.request_timeout_s)
+            batch = self.scheduler.next_batch(now_s, self.cache.hot_experts(), self._current)
+            cancelled = self.scheduler.take_cancelled()
+            if batch is not None:
+                self._running, self._current = batch.requests, batch.expert
+        self._fail(expired, RequestTimeout(f"the request waited longer than server.request_timeout_s = "
+                                           f"{self.config.server.request_timeout_s} s"))
+        for request in cancelled:  # cancelled while queued: end it, so its slot is freed and counted
+            request.sink(StreamEvent(request.id, completion=Completion("", "cancelled", 0, 0)))
+        if batch is not None:
+            self.metrics.running.set(len(batch.requests))
+            self.metrics.batch_size.observe(len(batch.requests))
+        return batch
+
+    def _look_ahead(self, current: str) -> None:
+        """Start loading the expert that will run after this batch while this one generates."""
+        tier = self.config.scheduler.lookahead
+        if tier == "none":
+            return
+        with self._work:
+            upcoming = self.scheduler.peek_expert(time.monotonic(), self.cache.hot_experts(), current)
+        if upcoming is not None and upcoming != current and not self.cache.is_resident(upcoming):
+            self.cache.prefetch(upcoming, tier)
+
+    def _record_switch(self, batch: Batch, tier: str, switch_s: float) -> None:
+        for request in batch.requests:
+            request.served_tier, request.switch_s = tier, switch_s
+        self.metrics.served_from.labels(tier).inc()
+        if tier != "device":
+            self.metrics.switch.labels(tier).observe(switch_s)
 
     def _deliver(self, requests, event: StreamEvent) -> None:
         for request in requests:
@@ -171,11 +232,19 @@ class Engine:
             self._thread.join()
             self._thread = None
         with self._work:
-            leftover = []
-            while (batch := self.scheduler.next_batch()) is not None:
-                leftover.extend(batch.requests)
+            leftover = self.scheduler.drain()
         self._fail(leftover, Overloaded("the server is shutting down"))
         self.cache.close()
 
     def queue_depth(self) -> int:
-        return len(self.scheduler)
+        with self._work:
+            return len(self.scheduler)
+
+    def queued_by_expert(self) -> dict[str, int]:
+        with self._work:
+            return self.scheduler.queued_by_expert()
+
+
+def scheduler_from(config: CoEConfig) -> Scheduler:
+    s = config.scheduler
+    return Scheduler(s.max_batch_size, s.max_queue, s.max_queue_per_expert, s.max_wait_ms / 1000, s.policy)

@@ -1,53 +1,155 @@
-"""The scheduler: pure Python over plain state. No torch, no I/O, no threads.
+"""The scheduler: which expert's requests run next. Pure Python over plain state: no torch, no
+I/O, no threads, no clock of its own (the caller passes ``now_s``).
 
-This first version is FIFO: the oldest request goes next, together with the requests right
-behind it that want the same expert (up to max_batch_size).
+One queue per expert. Switching experts costs a load, so the ``expert`` policy keeps serving
+the expert that is already resident and batches requests for the same expert, subject to one
+bound: a request that has waited ``max_wait_s`` is served next (oldest first), whatever the
+switch costs. Hence no request waits longer than ``max_wait_s`` plus the batches already ahead of
+it once it became overdue; with capacity to spare that is one batch's service time.
+The ``fifo`` policy is the baseline: the oldest request goes next, with the requests right behind
+it that want the same expert.
 """
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
+from typing import Collection
 
 from coe.errors import Overloaded
 from coe.types import Request
+
+POLICIES = ("expert", "fifo")
 
 
 @dataclass(frozen=True)
 class Batch:
     expert: str
     requests: tuple[Request, ...]
+    reason: str = ""  # why this expert: overdue | current | resident | largest | fifo
 
 
-class FifoScheduler:
-    def __init__(self, max_batch_size: int = 8, max_queue: int = 256):
+class Scheduler:
+    def __init__(self, max_batch_size: int = 8, max_queue: int = 256, max_queue_per_expert: int = 128,
+                 max_wait_s: float = 2.0, policy: str = "expert"):
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
-        self._queue: deque[Request] = deque()
+        self.max_queue_per_expert = max_queue_per_expert
+        self.max_wait_s = max_wait_s
+        self.policy = policy
+        self._queues: dict[str, deque[Request]] = {}
+        self._count = 0
+        self._cancelled: list[Request] = []  # dropped from the queues, not yet handed back
+        self._service_s = 1.0  # moving average of one batch's service time, for Retry-After
 
     def __len__(self) -> int:
-        return len(self._queue)
+        return self._count
 
+    # -- admission -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
-        if len(self._queue) >= self.max_queue:
-            raise Overloaded(f"{len(self._queue)} requests are waiting (scheduler.max_queue); retry later")
-        self._queue.append(request)
+        """Queue a request, or refuse it with Overloaded (HTTP 429 with Retry-After)."""
+        queue = self._queues.setdefault(request.expert, deque())
+        if self._count >= self.max_queue:
+            raise Overloaded(f"{self._count} requests are waiting (scheduler.max_queue); retry later",
+                             retry_after_s=self.retry_after_s(self._count))
+        if len(queue) >= self.max_queue_per_expert:
+            raise Overloaded(f"{len(queue)} requests are waiting for {request.expert} "
+                             f"(scheduler.max_queue_per_expert); retry later",
+                             retry_after_s=self.retry_after_s(len(queue)))
+        queue.append(request)
+        self._count += 1
 
-    def next_batch(self) -> Batch | None:
-        """Remove and return the next batch, dropping cancelled requests; None when idle."""
-        while self._queue and self._queue[0].cancelled:
-            self._queue.popleft()
-        if not self._queue:
+    def retry_after_s(self, waiting: int) -> float:
+        """Seconds until about ``waiting`` requests have been served, at least 1."""
+        return max(1.0, math.ceil(self._service_s * waiting / self.max_batch_size))
+
+    def record_service(self, service_s: float) -> None:
+        """The engine reports each batch's service time; Retry-After follows it."""
+        self._service_s = 0.8 * self._service_s + 0.2 * service_s
+
+    # -- choice ----------------------------------------------------------------------------------
+    def next_batch(self, now_s: float, resident: Collection[str] = (), current: str | None = None) -> Batch | None:
+        """Remove and return the next batch; None when nothing is waiting.
+
+        ``resident``: experts ready to generate (hot); ``current``: the expert that ran last.
+        """
+        self._drop_cancelled()
+        expert, reason = self._choose(now_s, resident, current)
+        if expert is None:
             return None
-        expert = self._queue[0].expert
-        taken = []
-        while self._queue and len(taken) < self.max_batch_size and self._queue[0].expert == expert:
-            request = self._queue.popleft()
-            if not request.cancelled:
-                taken.append(request)
-        return Batch(expert, tuple(taken))
+        limit = self._fifo_run_length(expert) if self.policy == "fifo" else self.max_batch_size
+        queue = self._queues[expert]
+        taken = tuple(queue.popleft() for _ in range(min(limit, len(queue))))
+        self._count -= len(taken)
+        return Batch(expert, taken, reason)
+
+    def peek_expert(self, now_s: float, resident: Collection[str] = (), current: str | None = None) -> str | None:
+        """The expert ``next_batch`` would choose now, without removing anything (for lookahead loads)."""
+        self._drop_cancelled()
+        return self._choose(now_s, resident, current)[0]
+
+    def _choose(self, now_s: float, resident: Collection[str], current: str | None) -> tuple[str | None, str]:
+        heads = {name: q[0] for name, q in self._queues.items() if q}
+        if not heads:
+            return None, ""
+        oldest = min(heads, key=lambda name: heads[name].arrival_s)
+        if self.policy == "fifo":
+            return oldest, "fifo"
+        if now_s - heads[oldest].arrival_s >= self.max_wait_s:
+            return oldest, "overdue"
+        if current in heads:
+            return current, "current"
+        ready = [name for name in heads if name in resident]
+        pool, reason = (ready, "resident") if ready else (list(heads), "largest")
+        return max(pool, key=lambda name: (len(self._queues[name]), -heads[name].arrival_s)), reason
+
+    def _fifo_run_length(self, expert: str) -> int:
+        """How many of ``expert``'s requests arrived before any other expert's oldest one."""
+        others = [q[0].arrival_s for name, q in self._queues.items() if q and name != expert]
+        cutoff = min(others, default=math.inf)
+        queue = self._queues[expert]
+        run = 0
+        while run < min(len(queue), self.max_batch_size) and queue[run].arrival_s <= cutoff:
+            run += 1
+        return max(run, 1)
+
+    def _drop_cancelled(self) -> None:
+        for queue in self._queues.values():
+            if any(r.cancelled for r in queue):
+                self._cancelled.extend(r for r in queue if r.cancelled)
+                kept = [r for r in queue if not r.cancelled]
+                self._count -= len(queue) - len(kept)
+                queue.clear()
+                queue.extend(kept)
+
+    def take_cancelled(self) -> list[Request]:
+        """Requests cancelled while queued, dropped since the last call: the caller ends them."""
+        taken, self._cancelled = self._cancelled, []
+        return taken
+
+    # -- inspection and shutdown -----------------------------------------------------------------
+    def expired(self, now_s: float, timeout_s: float) -> list[Request]:
+        """Remove and return the requests that have waited longer than ``timeout_s``."""
+        gone = []
+        for queue in self._queues.values():
+            while queue and now_s - queue[0].arrival_s > timeout_s:
+                gone.append(queue.popleft())
+        self._count -= len(gone)
+        return gone
+
+    def drain(self) -> list[Request]:
+        """Remove and return everything still queued."""
+        everything = [r for q in self._queues.values() for r in q]
+        for queue in self._queues.values():
+            queue.clear()
+        self._count = 0
+        return everything
 
     def queued_by_expert(self) -> dict[str, int]:
-        counts: dict[str, int] = {}
-        for request in self._queue:
-            counts[request.expert] = counts.get(request.expert, 0) + 1
-        return counts
+        return {name: len(q) for name, q in self._queues.items() if q}
+
+    def oldest_wait_s(self, now_s: float) -> float:
+        heads = [q[0].arrival_s for q in self._queues.values() if q]
+        return now_s - min(heads) if heads else 0.0

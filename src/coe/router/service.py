@@ -9,7 +9,7 @@ and the conversation moves to another expert only when the new category beats th
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
 from typing import Sequence
@@ -97,6 +97,26 @@ class ExpertRouter:
     stay_margin: float = 0.2
     plan: ExpertMap | None = None
     score_source: str = ""
+    table: ScoreTable | None = None
+
+    def prefer_resident(self, decision: RouteDecision, hot: Sequence[str], tolerance: float) -> RouteDecision:
+        """Serve from a hot expert instead of a cold planned one when its expected score for the
+        category is within ``tolerance`` of the planned expert's (residency-aware routing)."""
+        table, category = self.table, decision.category
+        if tolerance <= 0 or decision.expert in hot or table is None or category not in table.scores:
+            return decision
+        scores = table.scores[category]
+        planned = scores.get(decision.expert)
+        near = [(scores[e], e) for e in hot if e in scores and planned is not None
+                and scores[e] >= planned - tolerance]
+        if not near:
+            return decision
+        score, expert = max(near)
+        return replace(decision, expert=expert, planned_expert=decision.expert,
+                       score_given_up=max(0.0, planned - score),
+                       reason=(decision.reason + "; " if decision.reason else "")
+                       + f"served by hot {expert} (expected {score:.3f}) instead of cold {decision.expert} "
+                         f"({planned:.3f}), within switch_tolerance {tolerance}")
 
     def route_prompt(self, prompt: str, tools: Sequence[dict] | None = None) -> RouteDecision:
         return self.explain_prompt(prompt, tools)[0]
@@ -169,4 +189,4 @@ def load_expert_router(config: RouterConfig, home: str | Path, params: dict[str,
     check_categories(config, router.categories)
     table = load_score_table(config.scores)
     assignment, plan = build_map(config, router.categories, params, default_expert, table)
-    return ExpertRouter(router, assignment, config.stay_margin, plan, table.source)
+    return ExpertRouter(router, assignment, config.stay_margin, plan, table.source, table)

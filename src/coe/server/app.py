@@ -10,13 +10,14 @@ from typing import AsyncIterator
 
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from coe.config import ROUTED_MODEL
 from coe.engine import Engine
-from coe.errors import CoEError, GenerationError, InvalidRequest
+from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from coe.errors import CoEError, GenerationError, InvalidRequest, Overloaded, RequestTimeout
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest
 from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
 
@@ -48,7 +49,8 @@ def _error_response(status: int, message: str, error_type: str, code: str | None
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CoEError)
     async def coe_error(_: HTTPRequest, exc: CoEError):
-        return JSONResponse(exc.to_openai(), status_code=exc.http_status)
+        headers = {"Retry-After": str(int(exc.retry_after_s))} if isinstance(exc, Overloaded) else None
+        return JSONResponse(exc.to_openai(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: HTTPRequest, exc: RequestValidationError):
@@ -73,6 +75,12 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
         states = await asyncio.to_thread(engine.cache.states)
         return {"status": "ok", "queue_depth": engine.queue_depth(),
                 "experts": {s.name: s.state for s in states}}
+
+    @app.get("/metrics")
+    async def metrics():
+        """Prometheus text format: requests, tokens, queues, latencies, switches, cache, router."""
+        body = await asyncio.to_thread(engine.metrics.exposition)
+        return Response(body, media_type=METRICS_CONTENT_TYPE)
 
     @app.get("/v1/experts")
     async def list_experts():
@@ -150,12 +158,21 @@ def _model_cards(engine: Engine, created_s: int) -> list[dict]:
     return cards
 
 
-class _AsyncSink:
-    """Carries StreamEvents from the engine thread into the request's event loop."""
+class _ClientGone(Exception):
+    """The client disconnected while waiting for a non-streamed answer."""
 
-    def __init__(self) -> None:
+
+class _AsyncSink:
+    """Carries StreamEvents from the engine thread into the request's event loop, with the
+    request's deadline (server.request_timeout_s from arrival)."""
+
+    _POLL_S = 1.0  # how often a non-streamed request checks that its client is still there
+
+    def __init__(self, timeout_s: float) -> None:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        self.timeout_s = timeout_s
+        self.deadline_s = time.monotonic() + timeout_s
 
     def put(self, event: StreamEvent) -> None:
         try:
@@ -163,8 +180,23 @@ class _AsyncSink:
         except RuntimeError:  # the loop is closed: the client is gone
             pass
 
-    async def get(self) -> StreamEvent:
-        return await self._queue.get()
+    async def get(self, request: Request, http: HTTPRequest | None = None) -> StreamEvent:
+        """The next event. Past the deadline the request is cancelled and RequestTimeout raised;
+        with ``http``, a client that left cancels the request (raises _ClientGone)."""
+        while True:
+            remaining_s = self.deadline_s - time.monotonic()
+            if remaining_s <= 0:
+                request.cancel("timeout")
+                raise RequestTimeout(f"the request took longer than server.request_timeout_s = {self.timeout_s} s")
+            try:
+                return await asyncio.wait_for(self._queue.get(), min(remaining_s, self._POLL_S))
+            except asyncio.TimeoutError:
+                if http is not None and await http.is_disconnected():
+                    request.cancel()
+                    raise _ClientGone() from None
+            except asyncio.CancelledError:
+                request.cancel()
+                raise
 
 
 async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens: int | None, *,
@@ -177,28 +209,27 @@ async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens:
                                             getattr(body, "tools", None))
     sampling = SamplingParams(max_tokens=max_tokens or limits.default_max_tokens, temperature=body.temperature,
                               top_p=body.top_p, stop=body.stop_tuple(), seed=body.seed)
-    sink = _AsyncSink()
+    sink = _AsyncSink(limits.request_timeout_s)
     request = Request(expert=expert, sampling=sampling, messages=messages, prompt=prompt, sink=sink.put, route=route)
     engine.submit(request)
     try:
-        first = await sink.get()
-    except asyncio.CancelledError:
-        request.cancel()
-        raise
-    _raise_if_error(first)
-    reply = _Reply(kind, body.model, request)
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return StreamingResponse(_sse(reply, first, sink, include_usage), media_type="text/event-stream",
-                                 headers=reply.headers())
-    event, parts = first, []
-    while True:
-        parts.append(event.delta)
-        if event.is_final:
-            break
-        event = await sink.get()
-        _raise_if_error(event)
-    return JSONResponse(reply.full(event.completion, "".join(parts)), headers=reply.headers())
+        first = await sink.get(request, http)
+        _raise_if_error(first)
+        reply = _Reply(kind, body.model, request)
+        if body.stream:
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            return StreamingResponse(_sse(reply, first, sink, include_usage), media_type="text/event-stream",
+                                     headers=reply.headers())
+        event, parts = first, []
+        while True:
+            parts.append(event.delta)
+            if event.is_final:
+                break
+            event = await sink.get(request, http)
+            _raise_if_error(event)
+        return JSONResponse(reply.full(event.completion, "".join(parts)), headers=reply.headers())
+    except _ClientGone:
+        return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
 
 
 def _raise_if_error(event: StreamEvent) -> None:
@@ -220,10 +251,16 @@ class _Reply:
 
     def coe_info(self) -> dict:
         route: RouteDecision | None = self.request.route
-        return route.to_dict() if route is not None else {"expert": self.request.expert}
+        info = route.to_dict() if route is not None else {"expert": self.request.expert}
+        if self.request.served_tier is not None:
+            info.update(tier=self.request.served_tier, switch_ms=round(self.request.switch_s * 1000, 1))
+        return info
 
     def headers(self) -> dict[str, str]:
         headers = {"x-coe-expert": self.request.expert}
+        if self.request.served_tier is not None:
+            headers["x-coe-tier"] = self.request.served_tier
+            headers["x-coe-switch-ms"] = f"{self.request.switch_s * 1000:.1f}"
         if self.request.route is not None:
             headers["x-coe-category"] = self.request.route.category
             headers["x-coe-confidence"] = f"{self.request.route.confidence:.4f}"
@@ -285,7 +322,10 @@ async def _sse(reply: _Reply, first: StreamEvent, sink: _AsyncSink, include_usag
                 if include_usage:
                     yield _sse_data(reply.usage_chunk(event.completion))
                 break
-            event = await sink.get()
+            try:
+                event = await sink.get(reply.request)
+            except RequestTimeout as exc:
+                event = StreamEvent(reply.request.id, error=exc)
         yield _sse_data("[DONE]")
     finally:
         reply.request.cancel()  # no-op when finished; stops generation when the client left
