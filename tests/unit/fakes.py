@@ -4,6 +4,7 @@ import json
 import struct
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections import Counter
 from pathlib import Path
 from typing import Iterator
@@ -130,3 +131,23 @@ def fake_engine(tmp_path: Path, names=("a", "b"), backend: LetterBackend | None 
     engine = Engine(config, cache)
     engine.fake = backend
     return engine
+
+
+def serve_text(path: str, text: str, content_type: str):
+    """A one-route HTTP server on a free port answering GET ``path`` with ``text`` (404 elsewhere)."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = text.encode()
+            self.send_response(200 if self.path == path else 404)
+            self.send_header("content-type", content_type)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server

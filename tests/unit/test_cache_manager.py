@@ -23,7 +23,7 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fakes import LetterVocab
+from fakes import LetterVocab, write_weights
 
 from coe.backends.base import Backend, HostWeights, Runner, Vocab
 from coe.backends.memory import HostBufferPool
@@ -39,16 +39,6 @@ KB = 1000
 
 
 # ---- fakes -------------------------------------------------------------------------------------
-
-def write_weights(folder: Path, num_bytes: int) -> Path:
-    """A real safetensors checkpoint folder holding one uint8 tensor of ``num_bytes``."""
-    folder.mkdir(parents=True, exist_ok=True)
-    header = json.dumps({"w": {"dtype": "U8", "shape": [num_bytes], "data_offsets": [0, num_bytes]}}).encode()
-    header += b" " * (-len(header) % 8)
-    (folder / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(num_bytes))
-    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 1000}))
-    return folder
-
 
 class FakeRunner(Runner):
     def __init__(self, host: HostWeights, footprint_bytes: int):

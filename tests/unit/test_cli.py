@@ -3,6 +3,8 @@ import textwrap
 
 import pytest
 
+from fakes import serve_text
+
 from coe.cli import main
 from coe.config import DEFAULT_YAML, default_config, from_yaml
 from coe.engine import Engine
@@ -74,24 +76,8 @@ def test_experts_table(tiny_config, tiny_checkpoint, capsys):
 def serve_json(payload: dict):
     """A one-route HTTP server on a free port answering GET /v1/experts with ``payload``."""
     import json
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = json.dumps(payload).encode()
-            self.send_response(200 if self.path == "/v1/experts" else 404)
-            self.send_header("content-type", "application/json")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
+    return serve_text("/v1/experts", json.dumps(payload), "application/json")
 
 
 def test_experts_url_shows_a_running_servers_cache(tiny_config, capsys):

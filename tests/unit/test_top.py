@@ -3,12 +3,10 @@ from histogram buckets, the rendered screen, and the CLI against a server that i
 from __future__ import annotations
 
 import math
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from fakes import fake_engine
+from fakes import fake_engine, serve_text
 
 from coe.cli import main
 from coe.config import CacheConfig, SchedulerConfig
@@ -118,24 +116,6 @@ def test_histogram_quantile_of_a_real_exposition(engine):
 
 # ---- the command ---------------------------------------------------------------------------------
 
-def serve_text(path: str, text: str):
-    """A one-route HTTP server on a free port answering GET ``path`` with ``text``."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = text.encode()
-            self.send_response(200 if self.path == path else 404)
-            self.send_header("content-type", "text/plain; version=0.0.4")
-            self.send_header("content-length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
 
 
 def test_top_once_without_a_server_is_a_clear_error(capsys):
@@ -147,7 +127,7 @@ def test_top_once_without_a_server_is_a_clear_error(capsys):
 
 
 def test_top_once_prints_one_screen(engine, capsys):
-    server = serve_text("/metrics", busy(engine))
+    server = serve_text("/metrics", busy(engine), "text/plain; version=0.0.4")
     try:
         for url in (f"http://127.0.0.1:{server.server_port}", f"http://127.0.0.1:{server.server_port}/v1"):
             assert main(["top", "--once", "--url", url]) == 0

@@ -448,16 +448,9 @@ def _trace_lines(path: Path) -> Iterable[tuple[int, dict]]:
         raise WorkloadError(f"{path}: cannot read the trace ({exc.strerror})") from exc
     except UnicodeDecodeError as exc:
         raise WorkloadError(f"{path}: not UTF-8 text (byte {exc.start})") from exc
-    for n, line in enumerate(raw.split("\n"), start=1):  # not splitlines: U+2028 is valid JSON
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise WorkloadError(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
-        if not isinstance(row, dict):
-            raise WorkloadError(f"{path}:{n}: each line must be a JSON object")
-        yield n, row
+    from coe.router.data import jsonl_objects
+
+    yield from jsonl_objects(raw, path, WorkloadError)
 
 
 def _header_spec(path: Path, n: int, row: dict) -> WorkloadSpec:

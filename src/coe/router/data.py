@@ -542,16 +542,22 @@ def load_labelled(path: str | Path) -> list[Example]:
     return examples
 
 
-def _jsonl_rows(raw: str, path: Path) -> Iterator[tuple[str, dict]]:
+def jsonl_objects(raw: str, path: Path, error: type[ConfigError] = ConfigError) -> Iterator[tuple[int, dict]]:
+    """(line number, object) for each non-blank line of JSONL text; ``error`` names file and line."""
     for n, line in enumerate(raw.split("\n"), start=1):  # not splitlines: U+2028 is valid JSON
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path}:{n}: not valid JSON ({exc.msg})") from exc
+            raise error(f"{path}:{n}: not valid JSON ({exc.msg} at column {exc.colno})") from exc
         if not isinstance(row, dict):
-            raise ConfigError(f"{path}:{n}: each line must be a JSON object")
+            raise error(f"{path}:{n}: each line must be a JSON object")
+        yield n, row
+
+
+def _jsonl_rows(raw: str, path: Path) -> Iterator[tuple[str, dict]]:
+    for n, row in jsonl_objects(raw, path):
         yield f"{path}:{n}", row
 
 
