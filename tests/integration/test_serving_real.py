@@ -106,7 +106,7 @@ def test_coe_top_once_shows_the_experts(load_server):
 
 
 def test_full_queue_answers_429_with_retry_after(server_with_config, two_experts):
-    server = server_with_config(two_experts + "scheduler:\n  max_queue: 2\n  max_queue_per_expert: 2\n")
+    server = server_with_config(two_experts + "scheduler:\n  max_batch_size: 1\n  max_queue: 2\n  max_queue_per_expert: 2\n")
 
     async def flood() -> list[httpx.Response]:
         async with httpx.AsyncClient(timeout=300) as client:
@@ -130,14 +130,28 @@ def test_full_queue_answers_429_with_retry_after(server_with_config, two_experts
 async def flood_then(client: OpenAI, server) -> None:
     """Fill the queue with background requests, then call the openai client while it is full."""
     async with httpx.AsyncClient(timeout=300) as http:
-        body = {"model": "smollm2-135m", "max_tokens": 200, "messages": [{"role": "user", "content": "Tell a story"}]}
-        background = [asyncio.create_task(http.post(server.v1 + "/chat/completions", json=body)) for _ in range(6)]
-        await asyncio.sleep(0.5)
+        background = await fill_queue(http, server, depth=2)
         try:
             await asyncio.to_thread(client.chat.completions.create, model="smollm2-135m", max_tokens=4,
                                     messages=[{"role": "user", "content": "Hi"}])
         finally:
-            await asyncio.gather(*background)
+            statuses = [r.status_code for r in await asyncio.gather(*background)]
+            assert set(statuses) <= {200, 429}, statuses
+
+
+async def fill_queue(http: httpx.AsyncClient, server, depth: int, timeout_s: float = 60.0) -> list[asyncio.Task]:
+    """Send long requests one at a time until ``depth`` of them are queued (one more runs)."""
+    body = {"model": "smollm2-135m", "max_tokens": 200, "messages": [{"role": "user", "content": "Tell a story"}]}
+    background: list[asyncio.Task] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        samples = read_samples((await http.get(server.base_url + "/metrics")).text)
+        if total(samples, "coe_queue_depth") >= depth:
+            return background
+        background.append(asyncio.create_task(http.post(server.v1 + "/chat/completions", json=body)))
+        await asyncio.sleep(0.2)
+    await asyncio.gather(*background)
+    raise AssertionError(f"the queue never reached {depth} requests")
 
 
 def test_request_timeout_is_408_and_the_server_keeps_serving(server_with_config, two_experts):
