@@ -366,6 +366,32 @@ def cmd_bench(args) -> int:
     return run_bench(args)
 
 
+def cmd_eval(args) -> int:
+    from coe.eval.command import EvalSettings, evaluate
+
+    config = load_config(args.config)
+    ensure_router(config)
+    settings = EvalSettings(
+        out=Path(args.out), cache_dir=Path(args.cache) if args.cache else coe_home() / "eval" / "cache",
+        suite=args.suite, experts=tuple(e for e in (args.experts or "").split(",") if e),
+        limit=args.limit, url=args.url, api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
+        judge_url=args.judge, judge_model=args.judge_model,
+        judge_api_key=os.environ.get(args.judge_key_env) if args.judge_key_env else None,
+        choice_mode=args.choice_mode)
+    report, paths = evaluate(config, coe_home(), settings, progress=_progress)
+    rows = sorted(report["points"], key=lambda p: p["avg_active_params"])
+    print_table([[p["name"] + (" *" if p.get("detail", {}).get("chosen") else ""), p["kind"], f"{p['score']:.3f}",
+                  f"±{p['ci95']:.3f}", _human_params(int(p["avg_active_params"]))] for p in rows],
+                ["policy", "kind", "score", "95%", "avg active"])
+    for suite, why in report["skipped"].items():
+        print(f"skipped {suite}: {why}")
+    print(f"{report['run']['items']} items, {report['run']['results_computed']} results computed, "
+          f"{report['run']['results_cached']} from the cache, {report['run']['seconds']:.0f} s "
+          f"(* = the map chosen for the configured budget)")
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
 # ---- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -452,8 +478,32 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
 
     from coe.bench import add_bench_parser
+    p = sub.add_parser("eval", help="score experts on packaged benchmarks and compare the routed CoE "
+                                    "with every single expert (report.md/json, quality.png)")
+    p.add_argument("--suite", default="quick", help="a set: quick (default, under 20 min), standard (the "
+                   "packaged score table), all; or suite names separated by commas: " + ", ".join(_suite_names()))
+    p.add_argument("--out", default="eval-report", help="folder for the report")
+    p.add_argument("--experts", help="comma-separated expert names (default: all configured)")
+    p.add_argument("--limit", type=int, help="items per suite")
+    p.add_argument("--config")
+    p.add_argument("--url", help="evaluate the experts of a running OpenAI-compatible server instead")
+    p.add_argument("--api-key-env", help="environment variable holding the --url server's API key")
+    p.add_argument("--judge", help="OpenAI-compatible judge (http://HOST:PORT) for chat suites (MT-Bench)")
+    p.add_argument("--judge-model", default="coe", help="the judge's model name")
+    p.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
+    p.add_argument("--choice-mode", default="logprob", choices=["logprob", "letter"],
+                   help="multiple choice by option-letter log-probabilities (in-process) or generated letter")
+    p.add_argument("--cache", help="result cache folder (default: $COE_HOME/eval/cache)")
+    p.set_defaults(func=cmd_eval)
+
     add_bench_parser(sub).set_defaults(func=cmd_bench)
     return parser
+
+
+def _suite_names() -> list[str]:
+    from coe.eval.suites import SUITES
+
+    return list(SUITES)
 
 
 def main(argv: list[str] | None = None) -> int:

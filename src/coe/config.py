@@ -91,7 +91,7 @@ class RouterConfig:
     default_expert: str | None = None    # the generalist: fallback category and router-off target
     fallback_category: str = "chat"      # where prompts go when the router is unsure
     threshold: float | None = None       # override the calibrated confidence threshold
-    scores: str | None = None            # category x expert score table (JSON); default: placeholder
+    scores: str | None = None            # category x expert score table (JSON); default: measured table
     budget_params: float | None = None   # average active parameters allowed; None = best score
     pins: dict = field(default_factory=dict)         # category -> expert, fixed by hand
     frequencies: dict = field(default_factory=dict)  # category -> weight (default: uniform)
@@ -342,7 +342,7 @@ router:
   fallback_category: chat        # where prompts go when the router's confidence is low
   # artifact: path/to/router     # default: $COE_HOME/router/default (`coe router train`)
   # threshold: 0.45              # default: the threshold calibrated at training time
-  # scores: scores.json          # category x expert scores; default: a documented placeholder
+  # scores: scores.json          # category x expert scores; default: measured by `coe eval`
   budget_params: 1B              # average active parameters allowed (remove for no limit)
   pins: {}                       # e.g. {code: qwen2.5-coder-1.5b}
   frequencies: {}                # category weights for the budget; default: uniform

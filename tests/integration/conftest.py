@@ -165,3 +165,11 @@ def server_with_config(tmp_path):
     yield start
     for server in started:
         stop_server(server)
+
+
+@pytest.fixture(scope="module")
+def two_expert_config(tmp_path_factory) -> Path:
+    """A config file with the SmolLM2 and Gemma experts, for CLI commands."""
+    path = tmp_path_factory.mktemp("config") / "coe.yaml"
+    path.write_text(TWO_EXPERTS)
+    return path

@@ -335,12 +335,13 @@ def test_map_problem_is_none_when_nothing_can_be_optimised():
 
 
 # -- score tables and checks ----------------------------------------------------------------------
-def test_load_score_table_default_is_the_packaged_placeholder():
+def test_load_score_table_default_is_the_packaged_measured_table():
     table = load_score_table(None)
     assert set(table.categories) == set(CATEGORIES)
     assert table.experts == ("smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b")
-    assert table.source.startswith("PLACEHOLDER")
-    assert table.scores["code"]["qwen2.5-coder-1.5b"] == 0.55
+    assert table.source.startswith("measured by `coe eval --suite standard`")
+    code = table.scores["code"]
+    assert max(code, key=code.get) == "qwen2.5-coder-1.5b"  # the coder experts write the code
 
 
 def test_load_score_table_reads_a_file(tmp_path):
@@ -433,7 +434,7 @@ def test_load_expert_router_from_an_explicit_artifact_checks_the_pins(tmp_path, 
     assert info.value.param == "router.pins.poetry"
     ok = load_expert_router(RouterConfig(artifact=str(folder)), tmp_path / "unused-home",
                             PARAMS, "small")
-    assert ok.score_source.startswith("PLACEHOLDER")  # no scores file: the packaged table
+    assert ok.score_source.startswith("measured by")  # no scores file: the packaged table
     assert ok.assignment == {"math": "small", "code": "small", "chat": "small"}  # small/big unknown
 
 

@@ -273,3 +273,12 @@ def test_finished_rows_leave_the_forward_pass(llama):
     assert set(first) == {0, 1, 2, 3} and set(second) == {0, 2, 3} and set(third) == {3}
     assert [first[3], second[3], third[3]] == sample_ids(llama, prompts[3], 3, SamplingParams(temperature=0.0))
     assert [first[0], second[0]] == sample_ids(llama, prompts[0], 2, SamplingParams(temperature=0.0))
+
+
+def test_next_token_logprobs_are_a_distribution_led_by_the_greedy_token(runner):
+    prompt_ids = runner.vocab.encode("The quick brown fox")
+    logprobs = torch.tensor(runner.next_token_logprobs(prompt_ids))
+    assert logprobs.ndim == 1 and len(logprobs) >= 256  # the whole vocabulary
+    assert torch.exp(logprobs).sum().item() == pytest.approx(1.0, abs=1e-4)
+    greedy = next(runner._sample(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0)))
+    assert int(torch.argmax(logprobs)) == greedy

@@ -147,6 +147,12 @@ class Runner(ABC):
         """Tokens (prompt + max_tokens) all sequences of one decoder may hold together."""
         return self.context_length
 
+    def next_token_logprobs(self, prompt_ids: list[int]) -> list[float]:
+        """Log-probabilities over the whole vocabulary of the token after ``prompt_ids`` (one
+        prefill, no sampling): the evaluation harness scores multiple choice with it. Engine
+        thread only, like ``generate``."""
+        raise NotImplementedError(f"{type(self).__name__} does not expose log-probabilities")
+
     def close(self) -> None:
         """Free the weights. Subclasses release their own handles."""
 

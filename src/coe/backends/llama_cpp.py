@@ -179,6 +179,21 @@ class LlamaRunner(Runner):
         finally:
             sampler.close()
 
+    def next_token_logprobs(self, prompt_ids: list[int]) -> list[float]:
+        import numpy as np
+
+        self._check_context(len(prompt_ids), 1)
+        self.ctx.kv_cache_clear()
+        try:
+            self._eval(prompt_ids, 0)
+            n_vocab = self.model.n_vocab()
+            logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx.ctx, -1), shape=(n_vocab,))
+            logits = logits.astype(np.float64)
+        finally:
+            self.ctx.kv_cache_clear()
+        top = logits.max()
+        return (logits - top - np.log(np.exp(logits - top).sum())).tolist()
+
     def _open_decoder(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> Decoder:
         return _LlamaDecoder(self, prompts, samplings)
 

@@ -344,6 +344,14 @@ class TorchRunner(Runner):
                 yield token_id
                 ids = torch.tensor([token_id], dtype=torch.long, device=self.device)
 
+    def next_token_logprobs(self, prompt_ids: list[int]) -> list[float]:
+        torch = _torch()
+        self._check_context(len(prompt_ids), 1)
+        cache = self._new_cache(len(prompt_ids) + 1)
+        with torch.inference_mode():
+            logits = self.model(torch.tensor(prompt_ids, dtype=torch.long, device=self.device), cache, 0)  # [V]
+            return torch.log_softmax(logits.float(), dim=-1).cpu().tolist()
+
     def _open_decoder(self, prompts: list[list[int]], samplings: list[SamplingParams]) -> Decoder:
         return _TorchDecoder(self, prompts, samplings)
 

@@ -45,12 +45,12 @@ def add_arguments(parser) -> None:
 def workloads() -> dict[str, list[str]]:
     from coe.router import data
 
-    framework = data._framework()
+    framework = data.framework_folder()
     alpaca = json.loads((framework / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json").read_text())
-    chat = [row["turns"][0] for row in data._jsonl(mtbench_path())]
+    chat = [row["turns"][0] for row in data.read_jsonl(mtbench_path())]
     chat += [row["instruction"] for row in alpaca]
     long = [row["prompt"] for row in
-            data._jsonl(framework / "arena_hard/data/arena-hard-v2.0/question.jsonl")]
+            data.read_jsonl(framework / "arena_hard/data/arena-hard-v2.0/question.jsonl")]
     out = {"chat": chat, "long": long, "mixed": chat + long}
     for prompts in out.values():
         random.Random(0).shuffle(prompts)

@@ -302,9 +302,9 @@ def _mtbench_texts(category: str) -> list[str]:
 
 
 def _alpaca_texts() -> list[str]:
-    from coe.router.data import _framework
+    from coe.router.data import framework_folder
 
-    path = _framework() / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
+    path = framework_folder() / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json"
     with open(path, encoding="utf-8") as f:
         return [row["instruction"] for row in json.load(f)]
 

@@ -40,6 +40,12 @@ def read_safetensors_header(path: str | Path) -> dict:
         raise ModelNotAvailable(f"{path}: not a readable safetensors file ({exc})") from exc
 
 
+def file_params(path: str | Path) -> int:
+    """Parameters stored in one safetensors file (from its header; no weights are read)."""
+    header = read_safetensors_header(path)
+    return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
     files = sorted(directory.glob("*.safetensors"))
     if not files:

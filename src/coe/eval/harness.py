@@ -1,0 +1,276 @@
+"""Run experts over evaluation suites, one expert at a time, caching every item's result.
+
+A *target* produces the outputs: ``EngineTarget`` runs experts in this process through coe's own
+engine (batched generation, log-probabilities for multiple choice); ``ServerTarget`` sends the
+same chats to any running OpenAI-compatible server (``--url``; multiple choice then reads the
+generated letter). Results are cached on disk in JSONL, keyed by the expert's identity (name,
+source, weight bytes), the item's content and the scoring mode, so a rerun, a larger ``--limit``
+or a new expert costs only what is new.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from coe.errors import CoEError
+from coe.eval.scoring import Verdict, choice_by_logprobs, score_text
+from coe.eval.suites import LETTERS, EvalItem, item_key
+from coe.types import Completion, Request, SamplingParams, StreamEvent
+
+Progress = Callable[[str, int, int], None]
+MAX_RESPONSE_CHARS = 4000
+
+
+@dataclass(frozen=True)
+class ItemResult:
+    expert: str
+    suite: str
+    category: str
+    item: str
+    score: float
+    detail: str
+    mode: str  # logprob | generate | judge
+    seconds: float
+    response: str = ""
+
+    @classmethod
+    def from_dict(cls, row: dict) -> "ItemResult":
+        return cls(**{k: row[k] for k in cls.__dataclass_fields__})
+
+
+class ResultCache:
+    """One JSONL file of item results per expert identity; appended as results arrive."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self._rows: dict[str, dict[str, ItemResult]] = {}
+        self._lock = threading.Lock()
+
+    def _path(self, identity: str) -> Path:
+        return self.folder / f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}.jsonl"
+
+    def _load(self, identity: str) -> dict[str, ItemResult]:
+        if identity not in self._rows:
+            rows: dict[str, ItemResult] = {}
+            path = self._path(identity)
+            if path.exists():
+                for line in path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        row = json.loads(line)
+                        rows[row["key"]] = ItemResult.from_dict(row)
+                    except (json.JSONDecodeError, KeyError, TypeError):
+                        continue  # a torn last line from an interrupted run: recomputed
+            self._rows[identity] = rows
+        return self._rows[identity]
+
+    def get(self, identity: str, key: str) -> ItemResult | None:
+        with self._lock:
+            return self._load(identity).get(key)
+
+    def put(self, identity: str, key: str, result: ItemResult) -> None:
+        with self._lock:
+            self._load(identity)[key] = result
+            self.folder.mkdir(parents=True, exist_ok=True)
+            with open(self._path(identity), "a", encoding="utf-8") as f:
+                f.write(json.dumps({"key": key, **asdict(result)}) + "\n")
+
+
+def result_key(item: EvalItem, mode: str) -> str:
+    return f"{item_key(item)}:{mode}"
+
+
+# -- targets ----------------------------------------------------------------------------------------
+class EngineTarget:
+    """Experts in this process, through the engine (no loop thread: the caller drives it)."""
+
+    name = "engine"
+
+    def __init__(self, engine):
+        self.engine = engine
+        self._states = {s.name: s for s in engine.cache.states()}
+
+    def identity(self, expert: str) -> str:
+        state = self._states[expert]
+        source = next(e.source for e in self.engine.config.experts if e.name == expert)
+        return f"{expert}|{source}|{state.num_bytes}"
+
+    def num_params(self, expert: str) -> int | None:
+        return self._states[expert].num_params
+
+    def letter_logprobs(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
+                        ) -> list[list[float]] | None:
+        """Log-probabilities of the option letters as the answer's first token, per item."""
+        out = []
+        with self.engine.cache.lease(expert) as runner:
+            letter_ids = [runner.vocab.encode(letter)[-1] for letter in LETTERS]
+            for item in items:
+                request = Request(expert=expert, messages=item.messages)
+                prompt, _ = runner.prompt_text(request)
+                logprobs = runner.next_token_logprobs(runner.vocab.encode(prompt))
+                out.append([logprobs[letter_ids[i]] for i in range(item.num_options)])
+                progress()
+        return out
+
+    def generate(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]) -> list[str | CoEError]:
+        """Greedy answers (or the error that ended one), one scheduler batch at a time, so no
+        request waits in a queue long enough to time out."""
+        texts: dict[int, str | CoEError] = {}
+        chunk_size = self.engine.config.scheduler.max_batch_size
+        for start in range(0, len(items), chunk_size):
+            chunk = list(enumerate(items))[start:start + chunk_size]
+            done: dict[int, StreamEvent] = {}
+            for index, item in chunk:
+                request = Request(expert=expert, messages=item.messages,
+                                  sampling=SamplingParams(max_tokens=item.max_tokens, temperature=0.0))
+                request.sink = _collector(done, index, progress)
+                self.engine.submit(request)
+            while self.engine.step():
+                pass
+            for index, _ in chunk:
+                texts[index] = _text_of(done.get(index))
+        return [texts[i] for i in range(len(items))]
+
+
+def _collector(done: dict[int, StreamEvent], index: int, progress: Callable[[], None]):
+    def sink(event: StreamEvent) -> None:
+        if event.is_final:
+            done[index] = event
+            progress()
+    return sink
+
+
+def _text_of(event: StreamEvent | None) -> str | CoEError:
+    if event is None:
+        return CoEError("the engine ended without answering")
+    if event.error is not None:
+        return event.error if isinstance(event.error, CoEError) else CoEError(str(event.error))
+    assert isinstance(event.completion, Completion)
+    return event.completion.text
+
+
+class ServerTarget:
+    """Experts behind a running OpenAI-compatible server (coe, vLLM, Ollama...)."""
+
+    name = "server"
+
+    def __init__(self, url: str, api_key: str | None = None, concurrency: int = 8, timeout_s: float = 600.0,
+                 params: dict[str, int | None] | None = None):
+        self.url = url.rstrip("/")
+        self.base = self.url if self.url.endswith("/v1") else self.url + "/v1"
+        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.concurrency, self.timeout_s = concurrency, timeout_s
+        self._params = params or {}
+
+    def identity(self, expert: str) -> str:
+        return f"{expert}|{self.url}"
+
+    def num_params(self, expert: str) -> int | None:
+        return self._params.get(expert)
+
+    def letter_logprobs(self, expert, items, progress) -> None:
+        return None  # read the generated letter instead
+
+    def generate(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]) -> list[str]:
+        import httpx
+
+        with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client:
+            def one(item: EvalItem) -> str | CoEError:
+                body = {"model": expert, "temperature": 0.0, "max_tokens": item.max_tokens,
+                        "messages": [{"role": m.role, "content": m.content} for m in item.messages]}
+                response = client.post(self.base + "/chat/completions", json=body)
+                progress()
+                if response.status_code >= 500 or response.status_code in (401, 403, 404, 429):
+                    raise CoEError(f"{self.base}: {expert} answered {response.status_code}: {response.text[:300]}")
+                if response.status_code != 200:  # this item is beyond the expert (e.g. its context)
+                    return CoEError(f"HTTP {response.status_code}: {response.text[:200]}")
+                return response.json()["choices"][0]["message"]["content"] or ""
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                return list(pool.map(one, items))
+
+
+# -- the run ----------------------------------------------------------------------------------------
+@dataclass
+class RunLog:
+    results: list[ItemResult]
+    skipped: dict[str, str]  # suite -> why
+    cached: int = 0
+    computed: int = 0
+    seconds: float = 0.0
+
+
+def run(target, experts: Sequence[str], items: Sequence[EvalItem], cache: ResultCache,
+        judge: Callable[[EvalItem, str], Verdict] | None = None, choice_mode: str = "logprob",
+        progress: Progress | None = None) -> RunLog:
+    """Every expert on every item (judged items only with a judge); one expert at a time."""
+    started = time.perf_counter()
+    skipped = {i.suite: "needs a judge (--judge URL); skipped" for i in items if i.kind == "judge" and judge is None}
+    items = [i for i in items if i.suite not in skipped]
+    log = RunLog([], skipped)
+    for expert in experts:
+        identity = target.identity(expert)
+        todo: list[tuple[EvalItem, str]] = []
+        for item in items:
+            mode = _mode(item, choice_mode, target)
+            hit = cache.get(identity, result_key(item, mode))
+            if hit is not None:
+                log.results.append(hit)
+                log.cached += 1
+            else:
+                todo.append((item, mode))
+        log.results += _compute(target, expert, identity, todo, cache, judge, progress)
+        log.computed += len(todo)
+    log.seconds = time.perf_counter() - started
+    return log
+
+
+def _mode(item: EvalItem, choice_mode: str, target) -> str:
+    if item.kind == "choice" and choice_mode == "logprob" and target.name == "engine":
+        return "logprob"
+    return "judge" if item.kind == "judge" else "generate"
+
+
+def _compute(target, expert: str, identity: str, todo: list[tuple[EvalItem, str]], cache: ResultCache,
+             judge, progress: Progress | None) -> list[ItemResult]:
+    if not todo:
+        return []
+    count = [0]
+
+    def tick() -> None:
+        count[0] += 1
+        if progress:
+            progress(expert, count[0], len(todo))
+
+    results = []
+    by_logprob = [item for item, mode in todo if mode == "logprob"]
+    if by_logprob:
+        started = time.perf_counter()
+        rows = target.letter_logprobs(expert, by_logprob, tick)
+        per_item_s = (time.perf_counter() - started) / len(by_logprob)
+        for item, row in zip(by_logprob, rows):
+            results.append(_record(cache, identity, expert, item, "logprob", choice_by_logprobs(item, row),
+                                   per_item_s, ""))
+    generated = [(item, mode) for item, mode in todo if mode != "logprob"]
+    if generated:
+        started = time.perf_counter()
+        texts = target.generate(expert, [item for item, _ in generated], tick)
+        per_item_s = (time.perf_counter() - started) / len(generated)
+        for (item, mode), text in zip(generated, texts):
+            verdict = (Verdict(0.0, f"no answer: {text.message}") if isinstance(text, CoEError)
+                       else score_text(item, text, judge))
+            results.append(_record(cache, identity, expert, item, mode, verdict, per_item_s,
+                                   "" if isinstance(text, CoEError) else text))
+    return results
+
+
+def _record(cache: ResultCache, identity: str, expert: str, item: EvalItem, mode: str, verdict: Verdict,
+            seconds: float, response: str) -> ItemResult:
+    result = ItemResult(expert, item.suite, item.category, item.id, verdict.score, verdict.detail, mode,
+                        round(seconds, 4), response[:MAX_RESPONSE_CHARS])
+    cache.put(identity, result_key(item, mode), result)
+    return result
