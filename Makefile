@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 CONFIG ?=
 
-.PHONY: setup router serve test unit integration lint bench clean
+.PHONY: setup router browser serve test unit integration lint bench clean
 
 setup: $(STAMP)
 
@@ -26,17 +26,23 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt scripts/l
 router: setup
 	$(BIN)/coe router train --if-missing
 
+# The console's browser tests drive Debian's Chromium (never a downloaded browser).
+browser:
+	@command -v chromium >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null; } || \
+		echo "could not install chromium with apt: the browser tests will be skipped"
+
 serve: router
 	$(BIN)/coe serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: router
+test: router browser
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q tests
 
 unit: setup
 	$(BIN)/python -m pytest -q tests/unit
 
-integration: router
+integration: router browser
 	$(BIN)/python -m pytest -q tests/integration
 
 bench: router

@@ -179,6 +179,15 @@ def test_bypassing_the_python_block_still_finds_no_network(listener):
     assert _no_connection_arrived(listener)
 
 
+# Appended to a sandboxed program that lists ``attempts``: each must raise PermissionError.
+EVERY_ATTEMPT_REFUSED = ("for attempt in attempts:\n"
+                         "    try:\n"
+                         "        attempt()\n"
+                         "    except PermissionError:\n"
+                         "        continue\n"
+                         "    raise AssertionError('not refused')")
+
+
 def test_process_spawning_and_signalling_are_refused(tmp_path):
     marker = tmp_path / "spawned"
     program = textwrap.dedent(f"""
@@ -196,13 +205,7 @@ def test_process_spawning_and_signalling_are_refused(tmp_path):
             lambda: os.kill(os.getppid(), 0),
             lambda: os.killpg(os.getpgid(os.getppid()), 0),
         ]
-        for attempt in attempts:
-            try:
-                attempt()
-            except PermissionError:
-                continue
-            raise AssertionError("not refused")
-        """)
+        """) + EVERY_ATTEMPT_REFUSED
     result = run_python(program)
     assert result.passed, result.detail
     assert not marker.exists()
@@ -237,15 +240,9 @@ def test_files_are_written_only_inside_a_temporary_directory_that_is_removed(tmp
             lambda: shutil.rmtree("{tmp_path}"),
             lambda: os.mkdir("{tmp_path / 'made'}"),
         ]
-        for attempt in attempts:
-            try:
-                attempt()
-            except PermissionError:
-                continue
-            raise AssertionError("not refused")
         shutil.rmtree("a")
         print(os.getcwd(), file=sys.stderr)
-        """)
+        """) + EVERY_ATTEMPT_REFUSED
     result = run_python(program)
     assert result.passed, result.detail
     workdir = Path(result.detail.splitlines()[-1])

@@ -6,6 +6,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -22,6 +23,7 @@ from coe.types import ChatMessage, Completion, Request, RouteDecision, StreamEve
 log = logging.getLogger("coe.engine")
 
 _IDLE_WAIT_S = 0.5
+MAX_RECENT_DECISIONS = 10_000  # routing decisions kept for the console's routing panel
 
 
 class Engine:
@@ -43,6 +45,7 @@ class Engine:
         self._running: tuple[Request, ...] = ()
         self._current: str | None = None  # the expert of the last batch
         self.num_served = 0
+        self._decisions: deque[tuple[float, str, str]] = deque(maxlen=MAX_RECENT_DECISIONS)
 
     @classmethod
     def from_config(cls, config: CoEConfig, home: str | Path) -> "Engine":
@@ -81,6 +84,7 @@ class Engine:
             decision = self.router.prefer_resident(decision, self.cache.hot_experts(),
                                                    self.config.scheduler.switch_tolerance)
             self.metrics.decisions.labels(decision.category, decision.expert).inc()
+            self._decisions.append((time.monotonic(), decision.category, decision.expert))
             return decision.expert, decision
         if model in self.expert_names():
             return model, None
@@ -235,6 +239,16 @@ class Engine:
             leftover = self.scheduler.drain()
         self._fail(leftover, Overloaded("the server is shutting down"))
         self.cache.close()
+
+    def recent_decisions(self, window_s: float) -> dict[str, dict[str, int]]:
+        """How many "coe" requests went to each category and expert in the last ``window_s``."""
+        cutoff_s = time.monotonic() - window_s
+        counts: dict[str, dict[str, int]] = {}
+        for at_s, category, expert in list(self._decisions):
+            if at_s >= cutoff_s:
+                row = counts.setdefault(category, {})
+                row[expert] = row.get(expert, 0) + 1
+        return counts
 
     def queue_depth(self) -> int:
         with self._work:

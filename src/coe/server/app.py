@@ -18,6 +18,7 @@ from coe.config import ROUTED_MODEL
 from coe.engine import Engine
 from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coe.errors import CoEError, GenerationError, InvalidRequest, Overloaded, RequestTimeout
+from coe.server.console import install_console
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest
 from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
 
@@ -36,6 +37,7 @@ def create_app(engine: Engine) -> FastAPI:
     app.state.started_s = int(time.time())
     _install_error_handlers(app)
     _install_routes(app, engine)
+    install_console(app, engine)
     return app
 
 
@@ -84,8 +86,10 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.get("/v1/experts")
     async def list_experts():
-        """Each expert's tier and measured footprint, the tier budgets and the cache's counters."""
-        return await asyncio.to_thread(engine.cache.snapshot)
+        """Each expert's tier and measured footprint, the tier budgets, the cache's counters and
+        the requests waiting per expert."""
+        snapshot = await asyncio.to_thread(engine.cache.snapshot)
+        return {**snapshot, "queue_depth": engine.queued_by_expert()}
 
     @app.get("/v1/models")
     async def list_models():
