@@ -68,16 +68,29 @@ def cmd_serve(args) -> int:
         raise CoEError("the server needs the 'server' extra: pip install 'coe[server]'") from None
     from coe.engine import Engine
 
-    config = load_config(args.config)
+    config = with_env_keys(load_config(args.config))
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     ensure_router(config)
     engine = Engine.from_config(config, coe_home())
+    keys = len(config.server.api_keys)
     print(f"coe serving {len(config.experts)} experts ({', '.join(e.name for e in config.experts)}) "
-          f"on http://{host}:{port}/v1", flush=True)
+          f"on http://{host}:{port}/v1" + (f" ({keys} API key{'s' if keys > 1 else ''} required)" if keys else ""),
+          flush=True)
     uvicorn.run(create_app(engine), host=host, port=port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.server.shutdown_grace_s)
     return 0
+
+
+def with_env_keys(config: CoEConfig) -> CoEConfig:
+    """Add the API keys of COE_API_KEYS (comma-separated) to server.api_keys."""
+    import dataclasses
+
+    extra = [k.strip() for k in os.environ.get("COE_API_KEYS", "").split(",") if k.strip()]
+    if not extra:
+        return config
+    keys = tuple(dict.fromkeys([*config.server.api_keys, *extra]))
+    return dataclasses.replace(config, server=dataclasses.replace(config.server, api_keys=keys))
 
 
 def cmd_experts(args) -> int:

@@ -186,6 +186,9 @@ class SchedulerConfig:
                  "a score difference >= 0", self.switch_tolerance)
 
 
+OPTIONAL_PUBLIC_PATHS = ("/health", "/metrics")
+
+
 @dataclass(frozen=True)
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -194,8 +197,21 @@ class ServerConfig:
     default_max_tokens: int = 256
     request_timeout_s: float = 600.0   # queued + generating; beyond: 408 (or an error event mid-stream)
     shutdown_grace_s: float = 30.0     # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
+    api_keys: tuple = field(default=(), repr=False)  # with keys, /v1 routes need one (also COE_API_KEYS)
+    public_paths: tuple = ("/health",)  # of /health and /metrics: which stay open when keys are set
+    rate_limit_per_minute: int = 0     # requests per key per minute; beyond: 429 (0 = no limit)
 
     def __post_init__(self) -> None:
+        for name, allowed in (("api_keys", None), ("public_paths", OPTIONAL_PUBLIC_PATHS)):
+            value = getattr(self, name)
+            _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip() for v in value)
+                     and (allowed is None or all(v in allowed for v in value)), name,
+                     "a list of non-empty strings" if allowed is None else "a list of " + ", ".join(allowed),
+                     "[...]" if name == "api_keys" else value)  # never echo a key
+            object.__setattr__(self, name, tuple(value))
+        _require(isinstance(self.rate_limit_per_minute, int) and not isinstance(self.rate_limit_per_minute, bool)
+                 and self.rate_limit_per_minute >= 0, "rate_limit_per_minute", "an integer >= 0",
+                 self.rate_limit_per_minute)
         for name in ("request_timeout_s", "shutdown_grace_s"):
             _require(is_number(getattr(self, name)) and getattr(self, name) > 0, name, "seconds > 0",
                      getattr(self, name))
@@ -375,4 +391,7 @@ server:
   default_max_tokens: 256   # used when a request does not say
   request_timeout_s: 600    # a request queued and generating longer than this ends with 408
   shutdown_grace_s: 30      # on shutdown, in-flight streams get this long to finish
+  api_keys: []              # with keys, /v1 routes need "Authorization: Bearer KEY" (also env COE_API_KEYS)
+  public_paths: [/health]   # which of /health and /metrics stay open when keys are set
+  rate_limit_per_minute: 0  # requests per key per minute; beyond: 429 with Retry-After (0 = no limit)
 """

@@ -95,6 +95,20 @@ class Overloaded(CoEError):
         self.retry_after_s = retry_after_s
 
 
+class RateLimited(Overloaded):
+    """One API key sent more than ``server.rate_limit_per_minute`` requests in a minute."""
+
+    code = "rate_limit_exceeded"
+
+
+class AuthenticationError(CoEError):
+    """A protected route was called without a valid API key."""
+
+    http_status = 401
+    error_type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
 class RequestTimeout(CoEError):
     """A request ran past ``server.request_timeout_s`` (queued or generating)."""
 

@@ -120,3 +120,25 @@ def test_429_and_401_are_explained(smollm_server, browser):
         status=401, headers={"Content-Type": "application/json"}, body=json.dumps(denied)))
     sync_api.expect(ui.page.locator("#key-form")).to_be_visible(timeout=10_000)
     sync_api.expect(error).to_contain_text("API key", timeout=10_000)
+
+
+def test_with_api_keys_on_the_page_asks_for_a_key_and_then_works(server_with_config, two_experts,
+                                                                  browser, monkeypatch):
+    monkeypatch.setenv("COE_API_KEYS", "sk-console-key")
+    server = server_with_config(two_experts)
+    page = browser.new_page(viewport={"width": 1280, "height": 800})
+    page.goto(server.base_url + "/ui")
+    sync_api.expect(page.locator("#key-form")).to_be_visible(timeout=10_000)
+    sync_api.expect(page.locator("#error")).to_contain_text("Error 401")
+    page.fill("#api-key", "sk-console-key")
+    page.click("#key-form button")
+    sync_api.expect(page.locator("#experts tbody tr")).to_have_count(2, timeout=10_000)
+    sync_api.expect(page.locator("#key-form")).to_be_hidden()
+    page.select_option("#model", "smollm2-135m")
+    page.fill("#max-tokens", "8")
+    page.fill("#prompt", "Hello")
+    page.click("#send")
+    reply = page.locator("[data-testid=reply]").last
+    sync_api.expect(reply.locator("[data-testid=decision]")).to_be_visible(timeout=REPLY_TIMEOUT_MS)
+    assert page.evaluate("sessionStorage.getItem('coe-api-key')") == "sk-console-key"
+    assert page.evaluate("localStorage.length") == 0  # nothing kept beyond the browser session

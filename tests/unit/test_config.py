@@ -235,5 +235,6 @@ def test_new_fields_validate_without_yaml(build, field):
 
 def test_the_default_yaml_spells_out_every_new_field():
     for name in ("policy", "max_wait_ms", "max_queue_per_expert", "lookahead", "switch_tolerance",
-                 "max_hot_experts", "keep_warm", "request_timeout_s", "shutdown_grace_s"):
+                 "max_hot_experts", "keep_warm", "request_timeout_s", "shutdown_grace_s", "api_keys",
+                 "public_paths", "rate_limit_per_minute"):
         assert f"\n  {name}: " in DEFAULT_YAML, name

@@ -8,7 +8,7 @@ import uuid
 from contextlib import asynccontextmanager
 from typing import AsyncIterator
 
-from fastapi import FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -18,6 +18,7 @@ from coe.config import ROUTED_MODEL
 from coe.engine import Engine
 from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coe.errors import CoEError, GenerationError, InvalidRequest, Overloaded, RequestTimeout
+from coe.server.auth import KeyAuth
 from coe.server.console import install_console
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest
 from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
@@ -32,7 +33,13 @@ def create_app(engine: Engine) -> FastAPI:
         finally:
             await asyncio.to_thread(engine.stop)
 
-    app = FastAPI(title="coe", version="0.1.0", lifespan=lifespan)
+    auth = KeyAuth(engine.config.server.api_keys, engine.config.server.public_paths,
+                   engine.config.server.rate_limit_per_minute)
+
+    async def check_key(http: HTTPRequest) -> None:
+        auth.check(http.url.path, http.headers)
+
+    app = FastAPI(title="coe", version="0.1.0", lifespan=lifespan, dependencies=[Depends(check_key)])
     app.state.engine = engine
     app.state.started_s = int(time.time())
     _install_error_handlers(app)
