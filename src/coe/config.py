@@ -200,6 +200,8 @@ class ServerConfig:
     api_keys: tuple = field(default=(), repr=False)  # with keys, /v1 routes need one (also COE_API_KEYS)
     public_paths: tuple = ("/health",)  # of /health and /metrics: which stay open when keys are set
     rate_limit_per_minute: int = 0     # requests per key per minute; beyond: 429 (0 = no limit)
+    max_body_bytes: int = 4 * 2**20    # larger request bodies: 413
+    max_messages: int = 512            # more messages in one chat request: 400
 
     def __post_init__(self) -> None:
         for name, allowed in (("api_keys", None), ("public_paths", OPTIONAL_PUBLIC_PATHS)):
@@ -218,6 +220,9 @@ class ServerConfig:
         _require(isinstance(self.host, str) and self.host != "", "host", "a host name or address", self.host)
         _require(isinstance(self.port, int) and not isinstance(self.port, bool) and 0 <= self.port < 65536,
                  "port", "an integer in 0..65535", self.port)
+        object.__setattr__(self, "max_body_bytes", parse_bytes(self.max_body_bytes, "max_body_bytes"))
+        _require(self.max_body_bytes > 0, "max_body_bytes", "a size > 0", self.max_body_bytes)
+        _positive_int(self.max_messages, "max_messages")
         _positive_int(self.max_tokens_limit, "max_tokens_limit")
         _positive_int(self.default_max_tokens, "default_max_tokens")
 
@@ -394,4 +399,6 @@ server:
   api_keys: []              # with keys, /v1 routes need "Authorization: Bearer KEY" (also env COE_API_KEYS)
   public_paths: [/health]   # which of /health and /metrics stay open when keys are set
   rate_limit_per_minute: 0  # requests per key per minute; beyond: 429 with Retry-After (0 = no limit)
+  max_body_bytes: 4MiB      # larger request bodies get 413
+  max_messages: 512         # more messages in one chat request get 400
 """

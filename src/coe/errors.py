@@ -12,6 +12,7 @@ class CoEError(Exception):
     http_status: int = 500
     error_type: str = "internal_error"
     code: str | None = None
+    retry_after_s: float | None = None  # set: the HTTP answer carries Retry-After
 
     def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
         super().__init__(message)
@@ -38,6 +39,13 @@ class InvalidRequest(CoEError):
     http_status = 400
     error_type = "invalid_request_error"
     code = "invalid_request"
+
+
+class PayloadTooLarge(InvalidRequest):
+    """The request body is larger than ``server.max_body_bytes``."""
+
+    http_status = 413
+    code = "request_too_large"
 
 
 class ContextLengthExceeded(InvalidRequest):
@@ -75,6 +83,17 @@ class LoadError(CoEError):
     http_status = 503
     error_type = "load_error"
     code = "load_failed"
+
+
+class ExpertUnavailable(LoadError):
+    """The expert could not be made ready (load error, out of memory, corrupt weights) and backs
+    off; ``retry_after_s`` says when it will be tried again."""
+
+    code = "expert_unavailable"
+
+    def __init__(self, message: str, *, retry_after_s: float = 1.0, param: str | None = None):
+        super().__init__(message, param=param)
+        self.retry_after_s = retry_after_s
 
 
 class CacheFull(CoEError):

@@ -1,13 +1,16 @@
 """Engine + ModelCache with tiny torch experts (real checkpoints, real generation)."""
 import shutil
 
+import time
+
 import pytest
 
 from coe.cache import ModelCache
 from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, SchedulerConfig
 from coe.engine import Engine
-from coe.errors import CacheFull, ModelNotAvailable, Overloaded, UnknownExpert
+from coe.engine.health import ExpertHealth
+from coe.errors import CacheFull, ExpertUnavailable, ModelNotAvailable, Overloaded, UnknownExpert
 from coe.models import ModelStore
 from coe.types import ChatMessage, Request, RouteDecision, SamplingParams
 
@@ -162,8 +165,9 @@ def test_a_failing_expert_does_not_stop_the_engine(tmp_path, tiny_checkpoint):
         assert isinstance(event.error, ModelNotAvailable)
         assert "does-not-exist" in event.error.message
         assert run(engine, "tiny")[-1].completion is not None
-        (again,) = run(engine, "broken")
-        assert isinstance(again.error, ModelNotAvailable)
+        (again,) = run(engine, "broken")  # backing off: refused at once, with when to retry
+        assert isinstance(again.error, ExpertUnavailable) and again.error.retry_after_s > 0
+        assert "does-not-exist" in again.error.message
     finally:
         engine.stop()
     assert engine.num_served == 3
@@ -175,12 +179,17 @@ def test_a_crashing_runner_becomes_an_error_event(tmp_path, tiny_checkpoint, mon
     def explode(name):
         raise RuntimeError("disk on fire")
 
+    engine.health = ExpertHealth(base_backoff_s=0.2)
     monkeypatch.setattr(engine.cache, "activate", explode)
     (event,) = run(engine, "tiny")
-    assert event.error.http_status == 500
+    assert event.error.http_status == 503 and event.error.retry_after_s == pytest.approx(0.2)
     assert "disk on fire" in event.error.message
     monkeypatch.undo()
-    assert run(engine, "tiny")[-1].completion is not None
+    (refused,) = run(engine, "tiny")  # backing off: not tried again yet
+    assert isinstance(refused.error, ExpertUnavailable) and "disk on fire" in refused.error.message
+    time.sleep(0.25)
+    assert run(engine, "tiny")[-1].completion is not None  # tried again after the backoff, healthy again
+    assert engine.health.is_healthy("tiny", time.monotonic())
 
 
 def test_requests_for_one_expert_are_batched(tmp_path, tiny_checkpoint):

@@ -12,7 +12,7 @@ from fakes import LetterBackend, fake_engine
 
 from coe.config import CacheConfig, RouterConfig, SchedulerConfig, ServerConfig
 from coe.engine import Engine
-from coe.errors import GenerationError, LoadError, Overloaded, RequestTimeout
+from coe.errors import ExpertUnavailable, GenerationError, LoadError, Overloaded, RequestTimeout
 from coe.router.base import Router
 from coe.router.mapping import ScoreTable
 from coe.router.service import ExpertRouter
@@ -271,9 +271,10 @@ def test_a_failing_batch_ends_every_request_once_and_frees_its_slots(make, failu
         assert isinstance(error, GenerationError) and "device lost" in error.message
         assert "".join(e.delta for e in batch[0][1]) == "a"
     elif failure == "load error":
-        assert isinstance(error, LoadError)
-    else:
-        assert isinstance(error, GenerationError) and "a: RuntimeError: disk on fire" in error.message
+        assert isinstance(error, LoadError) and "fake read failed" in error.message
+    else:  # a crash while loading is a load failure too: the expert backs off
+        assert isinstance(error, ExpertUnavailable) and "RuntimeError: disk on fire" in error.message
+        assert error.retry_after_s > 0
     assert value(engine, "coe_requests_in_flight") == 0
     assert value(engine, "coe_requests_running") == 0
     assert value(engine, "coe_requests_total", expert="a", outcome="error") == 3

@@ -8,6 +8,7 @@ the device (``materialize``) separate and measurable.
 from __future__ import annotations
 
 import json
+import math
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -463,6 +464,10 @@ def tensors_in(buffer, path: Path) -> dict:
         if dtype is None:
             raise LoadError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
         begin, end = (data_start + offset for offset in entry["data_offsets"])
+        expected_bytes = math.prod(entry["shape"]) * dtype.itemsize
+        if not data_start <= begin <= end <= buffer.numel() or end - begin != expected_bytes:
+            raise LoadError(f"{path}: tensor {name} should hold {expected_bytes} bytes at {begin}..{end} of a "
+                            f"{buffer.numel()}-byte file: the file is truncated or corrupt")
         raw = buffer[begin:end]
         if raw.storage_offset() % dtype.itemsize:  # where it lies in the whole buffer (shards follow each other)
             raw = raw.clone()

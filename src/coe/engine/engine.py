@@ -2,20 +2,23 @@
 background thread."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 import time
 from collections import deque
+from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
 from coe.cache import ModelCache
 from coe.config import ROUTED_MODEL, CoEConfig
+from coe.engine.health import ExpertHealth
 from coe.engine.metrics import EngineMetrics
 from coe.engine.scheduler import Batch, Scheduler
-from coe.errors import (CoEError, GenerationError, Overloaded, RequestTimeout, RouterUnavailable,
-                        UnknownExpert)
+from coe.errors import (CacheFull, CoEError, ExpertUnavailable, GenerationError, Overloaded, RequestTimeout,
+                        RouterUnavailable, UnknownExpert)
 from coe.models.catalog import ModelStore
 from coe.router.service import ExpertRouter, load_expert_router
 from coe.types import ChatMessage, Completion, Request, RouteDecision, StreamEvent
@@ -46,6 +49,7 @@ class Engine:
         self._current: str | None = None  # the expert of the last batch
         self.num_served = 0
         self._decisions: deque[tuple[float, str, str]] = deque(maxlen=MAX_RECENT_DECISIONS)
+        self.health = ExpertHealth()
 
     @classmethod
     def from_config(cls, config: CoEConfig, home: str | Path) -> "Engine":
@@ -83,13 +87,43 @@ class Engine:
                 decision = self.router.route_prompt(prompt or "", tools)
             decision = self.router.prefer_resident(decision, self.cache.hot_experts(),
                                                    self.config.scheduler.switch_tolerance)
+            if not self._usable(decision.expert):
+                decision = self._healthy_instead(decision, decision.expert)
             self.metrics.decisions.labels(decision.category, decision.expert).inc()
             self._decisions.append((time.monotonic(), decision.category, decision.expert))
             return decision.expert, decision
         if model in self.expert_names():
+            self._check_healthy(model)
             return model, None
         raise UnknownExpert(f"the model {model!r} does not exist; available: "
                             f"{', '.join([ROUTED_MODEL, *self.expert_names()])}", param="model")
+
+    # -- health ----------------------------------------------------------------------------------
+    def _usable(self, expert: str) -> bool:
+        return expert in self.expert_names() and self.health.is_healthy(expert, time.monotonic())
+
+    def _check_healthy(self, expert: str) -> None:
+        if not self.health.is_healthy(expert, time.monotonic()):
+            raise self._backing_off(expert)
+
+    def _backing_off(self, expert: str) -> ExpertUnavailable:
+        now_s = time.monotonic()
+        wait_s = self.health.retry_after_s(expert, now_s)
+        reason = self.health.snapshot(now_s).get(expert, {}).get("reason", "")
+        return ExpertUnavailable(f"{expert} failed recently ({reason}); it is tried again in {wait_s:.0f} s",
+                                 retry_after_s=wait_s)
+
+    def _healthy_instead(self, decision: RouteDecision, failed: str) -> RouteDecision:
+        """The next-best healthy expert for the decision's category (by the score table); the
+        decision says which expert was planned and why it was not used."""
+        alternative = self.router.next_best(decision.category, self._usable)
+        if alternative is None:
+            self._check_healthy(failed)  # nothing healthy: 503 with the failed expert's backoff
+            return decision
+        note = f"{failed} is unavailable ({self.health.snapshot(time.monotonic()).get(failed, {}).get('reason', '')}); " \
+               f"served by the next-best healthy expert {alternative}"
+        return replace(decision, expert=alternative, planned_expert=decision.planned_expert or failed,
+                       reason=(decision.reason + "; " if decision.reason else "") + note)
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
@@ -105,7 +139,8 @@ class Engine:
                 raise
             request.sink = self.metrics.observe(request, request.sink)
             self._work.notify()
-        if self.config.cache.prefetch != "none" and not self.cache.is_resident(request.expert):
+        if (self.config.cache.prefetch != "none" and not self.cache.is_resident(request.expert)
+                and self.health.is_healthy(request.expert, time.monotonic())):
             self.cache.prefetch(request.expert, self.config.cache.prefetch)
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
@@ -135,19 +170,10 @@ class Engine:
             return False
         started_s, ended = time.perf_counter(), set()
         try:
-            tier = self.cache.tier_of(batch.expert)
-            with self.cache.lease(batch.expert) as runner:
-                self._record_switch(batch, tier, time.perf_counter() - started_s)
-                self._look_ahead(batch.expert)  # after our own load: it must not queue behind the next one
-                for event in runner.generate(batch.requests):
-                    self._deliver(batch.requests, event)
-                    if event.is_final:
-                        ended.add(event.request_id)
-        except CoEError as exc:
-            self._fail([r for r in batch.requests if r.id not in ended], exc)
+            self._run_batch(batch, started_s, ended)
         except Exception as exc:  # keep serving: one failed batch must not kill the loop
             self._fail([r for r in batch.requests if r.id not in ended],
-                       GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+                       exc if isinstance(exc, CoEError) else GenerationError(f"{batch.expert}: {exc}"))
         finally:
             with self._work:
                 self._running = ()
@@ -155,6 +181,74 @@ class Engine:
         self.metrics.running.set(0)
         self.num_served += len(batch.requests)
         return True
+
+    def _run_batch(self, batch: Batch, started_s: float, ended: set[str]) -> None:
+        """Make the batch's expert ready and generate; ``ended`` collects finished request ids."""
+        if not self.health.is_healthy(batch.expert, time.monotonic()):
+            return self._unavailable(batch, None)  # backing off: no new load attempt yet
+        tier = self.cache.tier_of(batch.expert)
+        with contextlib.ExitStack() as stack:
+            try:
+                runner = stack.enter_context(self.cache.lease(batch.expert))
+            except Exception as exc:  # load error, out of memory, missing or corrupt weights
+                return self._unavailable(batch, exc)
+            self._record_switch(batch, tier, time.perf_counter() - started_s)
+            self._look_ahead(batch.expert)  # after our own load: it must not queue behind the next one
+            self._generate(batch, runner, ended)
+
+    def _generate(self, batch: Batch, runner, ended: set[str]) -> None:
+        crash = None  # a runner reports its own crash as GenerationError events
+        try:
+            for event in runner.generate(batch.requests):
+                self._deliver(batch.requests, event)
+                if event.is_final:
+                    ended.add(event.request_id)
+                if isinstance(event.error, GenerationError):
+                    crash = event.error.message
+            if crash is None:
+                self.health.succeeded(batch.expert)
+            else:
+                self.health.failed(batch.expert, time.monotonic(), crash)
+        except CoEError as exc:
+            self._fail([r for r in batch.requests if r.id not in ended], exc)
+        except Exception as exc:  # the runner crashed: the expert backs off, its requests end
+            self.health.failed(batch.expert, time.monotonic(), f"{type(exc).__name__}: {exc}")
+            self._fail([r for r in batch.requests if r.id not in ended],
+                       GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+
+    def _unavailable(self, batch: Batch, exc: Exception | None) -> None:
+        """The batch's expert could not be made ready (``exc``; None: it is still backing off from
+        an earlier failure). Routed requests move to the next-best healthy expert (nothing was sent
+        to their clients yet), the others get 503 with Retry-After. A full cache is not the
+        expert's fault: its requests get CacheFull and it stays healthy."""
+        if isinstance(exc, CacheFull):
+            self._fail(batch.requests, exc)
+            return
+        if exc is None:
+            error: CoEError = self._backing_off(batch.expert)
+        else:
+            message = exc.message if isinstance(exc, CoEError) else f"{batch.expert}: {type(exc).__name__}: {exc}"
+            backoff_s = self.health.failed(batch.expert, time.monotonic(), message)
+            log.warning("expert %s is unavailable for %.0f s: %s", batch.expert, backoff_s, message)
+            error = exc if isinstance(exc, CoEError) else ExpertUnavailable(message)
+            error.retry_after_s = backoff_s
+        for request in batch.requests:
+            if request.route is not None and self.router is not None and not request.cancelled:
+                route = self._healthy_instead(request.route, batch.expert) if self._usable_somewhere(request) else None
+                if route is not None and route.expert != batch.expert:
+                    request.expert, request.route = route.expert, route
+                    try:
+                        with self._work:
+                            self.scheduler.add(request)
+                            self._work.notify()
+                        continue
+                    except Overloaded as full:
+                        self._fail([request], full)
+                        continue
+            self._fail([request], error)
+
+    def _usable_somewhere(self, request: Request) -> bool:
+        return self.router.next_best(request.route.category, self._usable) is not None
 
     def _next_batch(self) -> Batch | None:
         """Expire requests queued past the timeout, then take the scheduler's choice."""

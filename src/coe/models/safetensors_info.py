@@ -46,9 +46,19 @@ def file_params(path: str | Path) -> int:
     return sum(math.prod(t["shape"]) for name, t in header.items() if name != "__metadata__")
 
 
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
 def checkpoint_files(directory: Path) -> list[Path]:
+    """The checkpoint's safetensors files. Pickle checkpoints are never loaded: unpickling runs
+    code from the file."""
     files = sorted(directory.glob("*.safetensors"))
     if not files:
+        pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ModelNotAvailable(f"{directory}: only pickle weights ({', '.join(pickles[:3])}); coe loads "
+                                    f"safetensors and GGUF only, because unpickling can run code. Convert "
+                                    f"the checkpoint to safetensors.")
         raise ModelNotAvailable(f"{directory}: no *.safetensors files")
     return files
 

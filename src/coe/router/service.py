@@ -127,6 +127,17 @@ class ExpertRouter:
                        + f"served by hot {expert} (expected {score:.3f}) instead of cold {decision.expert} "
                          f"({planned:.3f}), within switch_tolerance {tolerance}")
 
+    def next_best(self, category: str, usable) -> str | None:
+        """The best-scoring expert for ``category`` that ``usable(expert)`` accepts: by the score
+        table, then the other experts of the map; None when none is usable."""
+        ranked: list[str] = []
+        if self.table is not None and category in self.table.scores:
+            row = self.table.scores[category]
+            ranked = sorted(row, key=lambda e: -row[e])
+        mapped = [self.assignment.get(category)] + list(self.assignment.values())
+        ranked += [e for e in dict.fromkeys(mapped) if e and e not in ranked]
+        return next((e for e in ranked if usable(e)), None)
+
     def route_prompt(self, prompt: str, tools: Sequence[dict] | None = None) -> RouteDecision:
         return self.explain_prompt(prompt, tools)[0]
 

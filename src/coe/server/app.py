@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -17,10 +18,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from coe.config import ROUTED_MODEL
 from coe.engine import Engine
 from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from coe.errors import CoEError, GenerationError, InvalidRequest, Overloaded, RequestTimeout
+from coe.errors import CoEError, GenerationError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from coe.server.auth import KeyAuth
 from coe.server.console import install_console
-from coe.server.protocol import ChatCompletionRequest, CompletionRequest
+from coe.server.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
 from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
 
 
@@ -58,7 +59,8 @@ def _error_response(status: int, message: str, error_type: str, code: str | None
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CoEError)
     async def coe_error(_: HTTPRequest, exc: CoEError):
-        headers = {"Retry-After": str(int(exc.retry_after_s))} if isinstance(exc, Overloaded) else None
+        retry_after_s = getattr(exc, "retry_after_s", None)
+        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
         return JSONResponse(exc.to_openai(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -83,7 +85,9 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
     async def health():
         states = await asyncio.to_thread(engine.cache.states)
         return {"status": "ok", "queue_depth": engine.queue_depth(),
-                "experts": {s.name: s.state for s in states}}
+                "experts": {s.name: s.state for s in states},
+                "unhealthy": {name: record for name, record in engine.health.snapshot(time.monotonic()).items()
+                              if not record["healthy"]}}
 
     @app.get("/metrics")
     async def metrics():
@@ -112,23 +116,23 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
-        body = await _parse_body(http, ChatCompletionRequest)
+        body = await _parse_body(http, ChatCompletionRequest, engine.config.server)
         messages = tuple(ChatMessage(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await _serve(engine, body, http, "chat.completion", max_tokens, messages=messages)
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
-        body = await _parse_body(http, CompletionRequest)
+        body = await _parse_body(http, CompletionRequest, engine.config.server)
         prompt = body.prompt_text()
         if prompt is None:
             raise InvalidRequest("prompt: exactly one prompt string per request is supported", param="prompt")
         return await _serve(engine, body, http, "text_completion", body.max_tokens, prompt=prompt)
 
 
-async def _parse_body(http: HTTPRequest, schema: type[BaseModel]):
-    """JSON body -> schema, whatever the content-type; every failure is a 400 naming the field."""
-    raw = await http.body()
+async def _parse_body(http: HTTPRequest, schema: type[BaseModel], limits):
+    """JSON body -> schema, whatever the content-type; every failure is a 4xx naming the field."""
+    raw = await _read_body(http, limits.max_body_bytes)
     try:
         data = json.loads(raw)
     except UnicodeDecodeError:
@@ -138,11 +142,34 @@ async def _parse_body(http: HTTPRequest, schema: type[BaseModel]):
                              f"column {exc.colno}") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    unknown = unknown_fields(schema, data)
+    if unknown:
+        raise InvalidRequest(f"{unknown[0]}: unknown field (not an OpenAI parameter coe accepts)", param=unknown[0])
+    messages = data.get("messages")
+    if isinstance(messages, list) and len(messages) > limits.max_messages:
+        raise InvalidRequest(f"messages: at most {limits.max_messages} messages per request "
+                             f"(server.max_messages), got {len(messages)}", param="messages")
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
         message, param = _describe_validation(exc.errors())
         raise InvalidRequest(message, param=param) from None
+
+
+async def _read_body(http: HTTPRequest, max_bytes: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+    declared = http.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > max_bytes:
+        raise PayloadTooLarge(f"the request body has {declared} bytes; the limit is {max_bytes} "
+                              f"(server.max_body_bytes)", param="body")
+    chunks, size = [], 0
+    async for chunk in http.stream():
+        size += len(chunk)
+        if size > max_bytes:
+            raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes (server.max_body_bytes)",
+                                  param="body")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _describe_validation(errors: list) -> tuple[str, str | None]:

@@ -1,17 +1,24 @@
 """OpenAI request schemas (pydantic). Responses are built as plain dicts in app.py.
 
-Unknown fields are accepted and ignored, as vLLM does, so clients that send extra OpenAI
-parameters keep working; parameters coe cannot honour (n > 1, images) are refused with 400.
+Fields of OpenAI's API that coe does not use (``user``, ``metadata``, penalties...) are accepted
+and ignored, so OpenAI clients keep working; any other field is refused with 400 naming it, and
+so are parameters coe cannot honour (n > 1, logprobs, images).
 """
 from __future__ import annotations
 
-from typing import Literal, Union
+from typing import ClassVar, Literal, Union
 
 from pydantic import BaseModel, ConfigDict, Field
 
 
 class _Lenient(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+def unknown_fields(schema: type[BaseModel], data: dict) -> list[str]:
+    """Top-level fields that are neither the schema's nor OpenAI fields coe ignores."""
+    known = set(schema.model_fields) | set(getattr(schema, "IGNORED", ()))
+    return sorted(k for k in data if k not in known)
 
 
 class TextPart(_Lenient):
@@ -56,10 +63,22 @@ class ChatCompletionRequest(_Sampling):
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
     tools: list[dict] | None = None  # read by the router (tool-use category); not executed
+    logprobs: Literal[False] | None = Field(default=None, description="not supported: only false")
+    top_logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported: only 0")
+
+    IGNORED: ClassVar[frozenset[str]] = frozenset({"frequency_penalty", "presence_penalty", "logit_bias", "user", "metadata", "store",
+                         "service_tier", "response_format", "tool_choice", "parallel_tool_calls",
+                         "functions", "function_call", "modalities", "prediction", "reasoning_effort",
+                         "web_search_options", "audio"})
 
 
 class CompletionRequest(_Sampling):
     prompt: Union[str, list[str]]
+    logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported: only 0")
+    echo: Literal[False] = Field(default=False, description="not supported: only false")
+    best_of: int | None = Field(default=None, ge=1, le=1)
+
+    IGNORED: ClassVar[frozenset[str]] = frozenset({"frequency_penalty", "presence_penalty", "logit_bias", "user", "suffix"})
 
     def prompt_text(self) -> str | None:
         if isinstance(self.prompt, str):
