@@ -161,7 +161,7 @@ class LlamaRunner(Runner):
         sampler.add_top_p(sampling.top_p, 1)
         sampler.add_min_p(self._min_p, 1)
         sampler.add_temp(sampling.temperature)
-        sampler.add_dist(seed)
+        sampler.add_dist(seed % 2**32)  # llama.cpp takes a uint32 seed
         return sampler
 
     def _pick(self, sampler, index: int) -> int:

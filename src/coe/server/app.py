@@ -89,7 +89,8 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
                 "unhealthy": {name: record for name, record in engine.health.snapshot(time.monotonic()).items()
                               if not record["healthy"]}}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"content": {METRICS_CONTENT_TYPE: {}},
+                                           "description": "Prometheus text exposition format"}})
     async def metrics():
         """Prometheus text format: requests, tokens, queues, latencies, switches, cache, router."""
         body = await asyncio.to_thread(engine.metrics.exposition)
@@ -140,8 +141,16 @@ async def _parse_body(http: HTTPRequest, schema: type[BaseModel], limits):
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
                              f"column {exc.colno}") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    try:  # JSON may carry unpaired UTF-16 surrogates ("\ud800"), which no tokenizer can encode
+        json.dumps(data, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidRequest("the request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
+    except RecursionError:
+        raise InvalidRequest("the request body is nested too deeply") from None
     unknown = unknown_fields(schema, data)
     if unknown:
         raise InvalidRequest(f"{unknown[0]}: unknown field (not an OpenAI parameter coe accepts)", param=unknown[0])

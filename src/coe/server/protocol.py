@@ -49,7 +49,7 @@ class _Sampling(_Lenient):
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
     stop: Union[str, list[str], None] = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
