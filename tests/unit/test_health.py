@@ -94,3 +94,15 @@ def test_a_runner_crash_mid_stream_marks_the_expert_unhealthy(tmp_path):
         assert response.status_code == 200 and '"error"' in response.text  # the stream ends with an error
         assert ask(client, "a").status_code == 503
         assert ask(client, "b").status_code == 200
+
+
+def test_running_out_of_memory_while_loading_is_reported_not_fatal(tmp_path):
+    backend = LetterBackend()
+    backend.fail_read["a"] = MemoryError()
+    engine = fake_engine(tmp_path, backend=backend)
+    with TestClient(create_app(engine)) as client:
+        response = ask(client, "a")
+        assert response.status_code == 503 and "MemoryError" in response.json()["error"]["message"]
+        assert int(response.headers["retry-after"]) >= 1
+        assert ask(client, "b").status_code == 200
+        assert client.get("/health").json()["unhealthy"]["a"]["reason"].endswith("MemoryError: ")

@@ -46,7 +46,31 @@ def create_app(engine: Engine) -> FastAPI:
     _install_error_handlers(app)
     _install_routes(app, engine)
     install_console(app, engine)
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+
+
+def _openapi(app: FastAPI) -> dict:
+    """FastAPI's schema plus the request bodies the generation handlers parse themselves: closed
+    (the server refuses unknown fields), listing the OpenAI fields it accepts and ignores."""
+    if app.openapi_schema is None:
+        from fastapi.openapi.utils import get_openapi
+
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in REQUEST_BODIES.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            body["properties"].update({name: {} for name in sorted(model.IGNORED)})
+            body["additionalProperties"] = False
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 # ---- errors: one translation to the OpenAI format ----------------------------------------------
