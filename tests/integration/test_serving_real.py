@@ -25,11 +25,14 @@ def metrics(server) -> dict:
 
 
 def wait_idle(server, timeout_s: float = 120.0) -> dict:
-    """Metrics once nothing is in flight (or the last reading after the timeout)."""
+    """Metrics once nothing is in flight and no batch is running (or the last reading after the
+    timeout). The running gauge drops when the engine finishes the batch, just after its last
+    request has ended."""
     deadline = time.monotonic() + timeout_s
     while True:
         samples = metrics(server)
-        if total(samples, "coe_requests_in_flight") == 0 or time.monotonic() > deadline:
+        idle = total(samples, "coe_requests_in_flight") == 0 and total(samples, "coe_requests_running") == 0
+        if idle or time.monotonic() > deadline:
             return samples
         time.sleep(0.5)
 
