@@ -120,8 +120,11 @@ class Engine:
         if alternative is None:
             self._check_healthy(failed)  # nothing healthy: 503 with the failed expert's backoff
             return decision
-        note = f"{failed} is unavailable ({self.health.snapshot(time.monotonic()).get(failed, {}).get('reason', '')}); " \
-               f"served by the next-best healthy expert {alternative}"
+        return self._served_by(decision, failed, alternative)
+
+    def _served_by(self, decision: RouteDecision, failed: str, alternative: str) -> RouteDecision:
+        reason = self.health.snapshot(time.monotonic()).get(failed, {}).get("reason", "")
+        note = f"{failed} is unavailable ({reason}); served by the next-best healthy expert {alternative}"
         return replace(decision, expert=alternative, planned_expert=decision.planned_expert or failed,
                        reason=(decision.reason + "; " if decision.reason else "") + note)
 
@@ -173,7 +176,7 @@ class Engine:
             self._run_batch(batch, started_s, ended)
         except Exception as exc:  # keep serving: one failed batch must not kill the loop
             self._fail([r for r in batch.requests if r.id not in ended],
-                       exc if isinstance(exc, CoEError) else GenerationError(f"{batch.expert}: {exc}"))
+                       exc if isinstance(exc, CoEError) else GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
         finally:
             with self._work:
                 self._running = ()
@@ -233,22 +236,25 @@ class Engine:
             error = exc if isinstance(exc, CoEError) else ExpertUnavailable(message)
             error.retry_after_s = backoff_s
         for request in batch.requests:
-            if request.route is not None and self.router is not None and not request.cancelled:
-                route = self._healthy_instead(request.route, batch.expert) if self._usable_somewhere(request) else None
-                if route is not None and route.expert != batch.expert:
-                    request.expert, request.route = route.expert, route
-                    try:
-                        with self._work:
-                            self.scheduler.add(request)
-                            self._work.notify()
-                        continue
-                    except Overloaded as full:
-                        self._fail([request], full)
-                        continue
-            self._fail([request], error)
+            if not self._reroute(request, batch.expert):
+                self._fail([request], error)
 
-    def _usable_somewhere(self, request: Request) -> bool:
-        return self.router.next_best(request.route.category, self._usable) is not None
+    def _reroute(self, request: Request, failed: str) -> bool:
+        """Queue a routed request again for the next-best healthy expert; False when it is not
+        routed, was cancelled, or no healthy expert is left."""
+        if request.route is None or self.router is None or request.cancelled:
+            return False
+        alternative = self.router.next_best(request.route.category, self._usable)
+        if alternative is None:
+            return False
+        request.expert, request.route = alternative, self._served_by(request.route, failed, alternative)
+        try:
+            with self._work:
+                self.scheduler.add(request)
+                self._work.notify()
+        except Overloaded as full:
+            self._fail([request], full)
+        return True
 
     def _next_batch(self) -> Batch | None:
         """Expire requests queued past the timeout, then take the scheduler's choice."""

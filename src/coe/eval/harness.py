@@ -121,9 +121,9 @@ class EngineTarget:
         """Greedy answers (or the error that ended one), one scheduler batch at a time, so no
         request waits in a queue long enough to time out."""
         texts: dict[int, str | CoEError] = {}
-        chunk_size = self.engine.config.scheduler.max_batch_size
+        chunk_size, indexed = self.engine.config.scheduler.max_batch_size, list(enumerate(items))
         for start in range(0, len(items), chunk_size):
-            chunk = list(enumerate(items))[start:start + chunk_size]
+            chunk = indexed[start:start + chunk_size]
             done: dict[int, StreamEvent] = {}
             for index, item in chunk:
                 request = Request(expert=expert, messages=item.messages,
