@@ -14,12 +14,15 @@ class CoEError(Exception):
     code: str | None = None
     retry_after_s: float | None = None  # set: the HTTP answer carries Retry-After
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
+                 retry_after_s: float | None = None):
         super().__init__(message)
         self.message = message
         self.param = param
         if code is not None:
             self.code = code
+        if retry_after_s is not None:
+            self.retry_after_s = retry_after_s
 
     def to_openai(self) -> dict:
         """The OpenAI wire format: {"error": {"message", "type", "param", "code"}}."""
@@ -90,10 +93,7 @@ class ExpertUnavailable(LoadError):
     off; ``retry_after_s`` says when it will be tried again."""
 
     code = "expert_unavailable"
-
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, param: str | None = None):
-        super().__init__(message, param=param)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1.0
 
 
 class CacheFull(CoEError):
@@ -108,10 +108,7 @@ class Overloaded(CoEError):
     http_status = 429
     error_type = "rate_limit_error"
     code = "overloaded"
-
-    def __init__(self, message: str, *, retry_after_s: float = 1.0, param: str | None = None):
-        super().__init__(message, param=param)
-        self.retry_after_s = retry_after_s
+    retry_after_s = 1.0
 
 
 class RateLimited(Overloaded):
