@@ -128,12 +128,17 @@ class Tally:
                 self.unexpected.append(f"{case}: {outcome}")
 
 
-def client_loop(url: str, deadline_s: float, args, seed: int, tally: Tally) -> None:
-    import httpx
+def openai_client(url: str):
     import openai
 
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+
+
+def client_loop(url: str, deadline_s: float, args, seed: int, tally: Tally) -> None:
+    import httpx
+
     rng = random.Random(seed)
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai_client(url)
     with httpx.Client(timeout=300) as http:
         while time.monotonic() < deadline_s:
             valid = rng.random() >= args.invalid_share
@@ -175,9 +180,7 @@ def run(args) -> dict:
 
 def warm_up(server: ServerProcess, args) -> int:
     """One request per model, then the resident memory once idle: the baseline."""
-    import openai
-
-    client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    client = openai_client(server.url)
     for model in MODELS:
         client.chat.completions.create(model=model, max_tokens=args.max_tokens,
                                        messages=[{"role": "user", "content": "Hello"}])

@@ -154,6 +154,13 @@ def _text_of(event: StreamEvent | None) -> str | CoEError:
     return event.completion.text
 
 
+def openai_endpoint(url: str, api_key: str | None) -> tuple[str, dict[str, str]]:
+    """The ``/v1`` base of an OpenAI-compatible server given as http://HOST:PORT or .../v1, and
+    the headers that carry its API key."""
+    url = url.rstrip("/")
+    return (url if url.endswith("/v1") else url + "/v1"), ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+
+
 class ServerTarget:
     """Experts behind a running OpenAI-compatible server (coe, vLLM, Ollama...)."""
 
@@ -162,8 +169,7 @@ class ServerTarget:
     def __init__(self, url: str, api_key: str | None = None, concurrency: int = 8, timeout_s: float = 600.0,
                  params: dict[str, int | None] | None = None):
         self.url = url.rstrip("/")
-        self.base = self.url if self.url.endswith("/v1") else self.url + "/v1"
-        self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self.base, self.headers = openai_endpoint(url, api_key)
         self.concurrency, self.timeout_s = concurrency, timeout_s
         self._params = params or {}
 

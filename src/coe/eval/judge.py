@@ -6,6 +6,7 @@ import re
 from collections.abc import Callable
 
 from coe.errors import CoEError
+from coe.eval.harness import openai_endpoint
 from coe.eval.scoring import Verdict
 from coe.eval.suites import EvalItem
 
@@ -45,9 +46,7 @@ def http_judge(url: str, model: str, api_key: str | None = None, timeout_s: floa
     """A judge behind ``url`` (http://HOST:PORT or .../v1) answering as ``model``."""
     import httpx
 
-    base = url.rstrip("/")
-    base = base if base.endswith("/v1") else base + "/v1"
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    base, headers = openai_endpoint(url, api_key)
 
     def judge(item: EvalItem, answer: str) -> Verdict:
         body = {"model": model, "temperature": 0.0, "max_tokens": 400,

@@ -83,8 +83,8 @@ def _error_response(status: int, message: str, error_type: str, code: str | None
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CoEError)
     async def coe_error(_: HTTPRequest, exc: CoEError):
-        retry_after_s = getattr(exc, "retry_after_s", None)
-        headers = {"Retry-After": str(max(1, math.ceil(retry_after_s)))} if retry_after_s is not None else None
+        headers = ({"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+                   if exc.retry_after_s is not None else None)
         return JSONResponse(exc.to_openai(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
