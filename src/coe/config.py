@@ -12,7 +12,7 @@ from typing import Any
 
 from coe.errors import ConfigError
 
-BACKENDS = ("auto", "llama_cpp", "torch_hf")
+BACKENDS = ("auto", "llama_cpp", "torch_hf", "remote")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
 _UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -80,6 +80,59 @@ class ExpertConfig:
                  "a packaged model id or a path", self.source)
         _require(self.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS), self.backend)
         _require(isinstance(self.params, dict), "params", "a mapping", self.params)
+        if self.is_remote:
+            remote_settings(self)  # validated here, so a bad remote expert fails at load time
+
+    @property
+    def is_remote(self) -> bool:
+        """Served elsewhere behind an OpenAI-compatible API; ``source`` is its URL."""
+        return self.backend == "remote"
+
+
+@dataclass(frozen=True)
+class RemoteSettings:
+    """How to reach a remote expert (``backend: remote``); read from the expert's ``params``."""
+
+    url: str                        # the server's /v1 base
+    model: str                      # the model name the remote server knows
+    num_params: float               # active parameters, declared: the map optimiser prices it
+    api_key_env: str | None = None  # environment variable holding its API key
+    timeout_s: float = 600.0        # whole request (reading the stream)
+    connect_timeout_s: float = 5.0
+    retries: int = 2                # more attempts before the first token (connect errors, 429, 5xx)
+    backoff_s: float = 0.5          # first wait between attempts; doubles
+    max_concurrency: int = 16       # requests in flight to it at once
+
+
+_REMOTE_PARAMS = {"model", "num_params", "api_key_env", "timeout_s", "connect_timeout_s", "retries",
+                  "backoff_s", "max_concurrency"}
+
+
+def remote_settings(expert: ExpertConfig) -> RemoteSettings:
+    """The remote endpoint of a ``backend: remote`` expert; ConfigError names the bad field."""
+    params = expert.params
+    _reject_unknown(params, _REMOTE_PARAMS, "params")
+    url = expert.source.rstrip("/")
+    _require(re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) is not None, "source",
+             "the http(s) URL of an OpenAI-compatible server for backend remote", expert.source)
+    _require("num_params" in params, "params.num_params",
+             "the remote expert's active parameters (like 7B) so the map optimiser can price it", None)
+    model = params.get("model", expert.name)
+    _require(isinstance(model, str) and model != "", "params.model", "the remote model name", model)
+    key_env = params.get("api_key_env")
+    _require(key_env is None or (isinstance(key_env, str) and key_env != ""), "params.api_key_env",
+             "the name of an environment variable", key_env)
+    for name in ("timeout_s", "connect_timeout_s", "backoff_s"):
+        value = params.get(name, 1.0)
+        _require(is_number(value) and value > 0, f"params.{name}", "a number of seconds > 0", value)
+    retries = params.get("retries", 2)
+    _require(isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0,
+             "params.retries", "an integer >= 0", retries)
+    _positive_int(params.get("max_concurrency", 16), "params.max_concurrency")
+    return RemoteSettings(url=url if url.endswith("/v1") else url + "/v1", model=model,
+                          num_params=parse_count(params["num_params"], "params.num_params"),
+                          **{k: params[k] for k in ("api_key_env", "timeout_s", "connect_timeout_s",
+                                                    "retries", "backoff_s", "max_concurrency") if k in params})
 
 
 @dataclass(frozen=True)
@@ -247,6 +300,8 @@ class CoEConfig:
             _require(expert in names, f"router.pins.{category}", "one of " + ", ".join(names), expert)
         for i, expert in enumerate(self.cache.pins):
             _require(expert in names, f"cache.pins[{i}]", "one of " + ", ".join(names), expert)
+            _require(not self.expert(expert).is_remote, f"cache.pins[{i}]",
+                     "a local expert (a remote expert holds no weights here)", expert)
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:

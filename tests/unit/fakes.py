@@ -112,10 +112,15 @@ class LetterBackend(Backend):
         return sum(len(batch) for runner in self.runners.get(name, []) for batch in runner.batches)
 
 
-def fake_engine(tmp_path: Path, names=("a", "b"), backend: LetterBackend | None = None, **sections):
+def fake_engine(tmp_path: Path, names=("a", "b"), backend: LetterBackend | None = None,
+                remote: dict | None = None, **sections):
     """An Engine over a real ModelCache whose experts (``names``) are read by ``backend``; the
     ``sections`` are CoEConfig sections (cache=CacheConfig(...), scheduler=..., server=...).
-    The backend is ``engine.fake``."""
+    ``remote`` maps more expert names to httpx request handlers: remote experts (1B parameters,
+    no waits between retries) answered by those handlers. The backend is ``engine.fake``."""
+    import httpx
+
+    from coe.backends.remote import RemoteExpert
     from coe.cache import ModelCache
     from coe.cache.tiers import Budgets
     from coe.config import CoEConfig, ExpertConfig
@@ -125,10 +130,15 @@ def fake_engine(tmp_path: Path, names=("a", "b"), backend: LetterBackend | None 
     backend = backend or LetterBackend()
     experts = tuple(ExpertConfig(n, str(write_weights(tmp_path / "experts" / n)), backend="torch_hf")
                     for n in names)
-    config = CoEConfig(experts=experts, **sections)
+    remote = remote or {}
+    remote_experts = tuple(ExpertConfig(n, "http://remote.test/v1", backend="remote", params={"num_params": "1B"})
+                           for n in remote)
+    config = CoEConfig(experts=experts + remote_experts, **sections)
     cache = ModelCache(config, ModelStore(tmp_path / "home"), backends={"torch_hf": backend},
                        budgets=Budgets(device_bytes=10**9, host_bytes=10**9, device_kind="cpu"))
-    engine = Engine(config, cache)
+    remotes = {e.name: RemoteExpert(e, transport=httpx.MockTransport(remote[e.name]), sleep=lambda _: None)
+               for e in remote_experts}
+    engine = Engine(config, cache, remotes=remotes)
     engine.fake = backend
     return engine
 

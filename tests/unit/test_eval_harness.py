@@ -31,6 +31,9 @@ class ScriptedTarget:
     def identity(self, expert: str) -> str:
         return expert
 
+    def has_logprobs(self, expert: str) -> bool:
+        return self.name == "engine"
+
     def letter_logprobs(self, expert, items, progress):
         rows = []
         for item in items:

@@ -21,7 +21,7 @@ from coe.backends.memory import HostBufferPool
 from coe.cache import policy
 from coe.cache.tiers import Budgets, Tier, resolve_budgets
 from coe.config import CoEConfig, ExpertConfig
-from coe.errors import CacheFull, CoEError, ModelNotAvailable, UnknownExpert
+from coe.errors import CacheFull, CoEError, InvalidRequest, ModelNotAvailable, UnknownExpert
 from coe.models.catalog import PACKAGED, ModelStore
 from coe.models.info import ModelInfo, describe
 
@@ -36,7 +36,7 @@ DEFAULT_MATERIALIZE_S = 0.05
 class ExpertState:
     name: str
     backend: str
-    state: str  # hot | warm | ready (on disk) | not assembled | not installed | missing | unreadable
+    state: str  # hot | warm | ready (on disk) | not assembled | not installed | missing | unreadable | remote
     num_bytes: int | None
     num_params: int | None
     read_s: float | None          # last disk -> host move, seconds
@@ -52,7 +52,7 @@ class ExpertState:
 
     @property
     def tier(self) -> str:
-        return {"hot": "device", "warm": "host"}.get(self.state, "disk")
+        return {"hot": "device", "warm": "host", "remote": "remote"}.get(self.state, "disk")
 
     def to_dict(self) -> dict:
         return {"name": self.name, "backend": self.backend, "tier": self.tier, "state": self.state,
@@ -123,7 +123,7 @@ class ModelCache:
         self.pool = HostBufferPool(pin=budgets.device_kind == "cuda")
         self.stats = CacheStats()
         self._timer = timer
-        self._slots = {e.name: _Slot(e) for e in config.experts}
+        self._slots = {e.name: _Slot(e) for e in self._local_experts()}
         self._state = threading.RLock()   # slots, tiers, stats: held briefly
         self._moving = threading.RLock()  # one move at a time; held for the duration of a load
         self._previous: str | None = None
@@ -135,6 +135,9 @@ class ModelCache:
         try:
             return self._slots[name]
         except KeyError:
+            if any(e.name == name and e.is_remote for e in self.config.experts):
+                raise InvalidRequest(f"{name} is a remote expert: it has no local weights to move, "
+                                     f"pin or evict", param="name") from None
             raise UnknownExpert(f"no expert named {name!r}") from None
 
     def path_of(self, expert: ExpertConfig) -> Path:
@@ -450,7 +453,11 @@ class ModelCache:
                     "experts": [state.to_dict() for state in states]}
 
     def states(self) -> list[ExpertState]:
-        return [self._state_of(expert) for expert in self.config.experts]
+        """The local experts (a remote expert holds no weights here; the engine reports it)."""
+        return [self._state_of(expert) for expert in self._local_experts()]
+
+    def _local_experts(self) -> list[ExpertConfig]:
+        return [e for e in self.config.experts if not e.is_remote]
 
     def _state_of(self, expert: ExpertConfig) -> ExpertState:
         info, state = self._disk_info(expert)

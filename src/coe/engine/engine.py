@@ -12,8 +12,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from coe.cache import ModelCache
-from coe.config import ROUTED_MODEL, CoEConfig
+from coe.backends.remote import RemoteExpert
+from coe.cache import ExpertState, ModelCache
+from coe.config import ROUTED_MODEL, CoEConfig, remote_settings
 from coe.engine.health import ExpertHealth
 from coe.engine.metrics import EngineMetrics
 from coe.engine.scheduler import Batch, Scheduler
@@ -33,15 +34,19 @@ class Engine:
     """Owns the request loop. ``submit`` and ``stream`` are safe from any thread."""
 
     def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: Scheduler | None = None,
-                 router: ExpertRouter | None = None, router_error: str | None = None):
+                 router: ExpertRouter | None = None, router_error: str | None = None,
+                 remotes: dict[str, RemoteExpert] | None = None):
         self.config = config
         self.cache = cache
+        # experts behind other OpenAI-compatible servers: served on their own workers, not the loop
+        self.remotes = remotes if remotes is not None else {
+            e.name: RemoteExpert(e) for e in config.experts if e.is_remote}
         self.router = router
         # why model "coe" falls back to the default expert
         self.router_error = router_error or (None if router else "no router configured")
         self.scheduler = scheduler or scheduler_from(config)
         self.metrics = EngineMetrics()
-        self.metrics.watch(self.queued_by_expert, cache.snapshot)
+        self.metrics.watch(self.queued_by_expert, self.snapshot)
         self._work = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -58,6 +63,7 @@ class Engine:
         router, error = None, "router disabled in the config (router.enabled: false)"
         if config.router.enabled:
             params = {s.name: s.num_params for s in cache.states()}
+            params.update({e.name: int(remote_settings(e).num_params) for e in config.experts if e.is_remote})
             try:
                 router, error = load_expert_router(config.router, home, params,
                                                    config.default_expert), None
@@ -85,7 +91,7 @@ class Engine:
                 decision = self.router.route_messages(messages, tools)
             else:
                 decision = self.router.route_prompt(prompt or "", tools)
-            decision = self.router.prefer_resident(decision, self.cache.hot_experts(),
+            decision = self.router.prefer_resident(decision, self.ready_experts(),
                                                    self.config.scheduler.switch_tolerance)
             if not self._usable(decision.expert):
                 decision = self._healthy_instead(decision, decision.expert)
@@ -128,23 +134,83 @@ class Engine:
         return replace(decision, expert=alternative, planned_expert=decision.planned_expert or failed,
                        reason=(decision.reason + "; " if decision.reason else "") + note)
 
+    def ready_experts(self) -> list[str]:
+        """Experts that serve without a switch: the hot local ones and every remote one."""
+        return [*self.cache.hot_experts(), *self.remotes]
+
     # -- submission ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:
         """Queue the request (or raise Overloaded: 429) and hint the cache to start moving its
-        expert up while it waits."""
+        expert up while it waits. A remote expert's request goes straight to its workers."""
         if request.expert not in self.expert_names():
             raise UnknownExpert(f"no expert named {request.expert!r}", param="model")
         with self._work:
             try:
-                self.scheduler.add(request)
+                self._admit(request)
             except Overloaded:
                 self.metrics.rejected(request.expert)
                 raise
             request.sink = self.metrics.observe(request, request.sink)
             self._work.notify()
-        if (self.config.cache.prefetch != "none" and not self.cache.is_resident(request.expert)
+        self._start(request)
+
+    def _admit(self, request: Request) -> None:
+        """Queue a local expert's request; check a remote one against its capacity. Holds ``_work``."""
+        remote = self.remotes.get(request.expert)
+        if remote is None:
+            self.scheduler.add(request)
+            return
+        capacity = remote.settings.max_concurrency + self.scheduler.max_queue_per_expert
+        if remote.in_flight >= capacity:
+            raise Overloaded(f"{request.expert} has {remote.in_flight} requests in flight (at most "
+                             f"{capacity}: params.max_concurrency + scheduler.max_queue_per_expert)",
+                             retry_after_s=1.0)
+
+    def _start(self, request: Request) -> None:
+        """After admission: a remote request starts on its expert's workers; a local one hints
+        the cache to move its expert up while it waits."""
+        remote = self.remotes.get(request.expert)
+        if remote is not None:
+            remote.submit(request, self._serve_remote)
+        elif (self.config.cache.prefetch != "none" and not self.cache.is_resident(request.expert)
                 and self.health.is_healthy(request.expert, time.monotonic())):
             self.cache.prefetch(request.expert, self.config.cache.prefetch)
+
+    def _serve_remote(self, request: Request) -> None:
+        """One remote request, on a worker of its expert: stream it, record the expert's health,
+        move a routed request to the next-best expert when the remote failed before any token."""
+        name = request.expert
+        request.served_tier, request.switch_s = "remote", 0.0
+        if request.cancelled or self._stopping:
+            request.sink(StreamEvent(request.id, completion=Completion("", "cancelled", 0, 0)))
+            return
+        if not self.health.is_healthy(name, time.monotonic()):
+            if not self._reroute(request, name):
+                self._fail([request], self._backing_off(name))
+            return
+        self.metrics.served_from.labels("remote").inc()
+        crash = None
+        try:
+            for event in self.remotes[name].stream(request):
+                request.sink(event)
+                if isinstance(event.error, GenerationError):
+                    crash = event.error.message
+        except ExpertUnavailable as exc:
+            exc.retry_after_s = self.health.failed(name, time.monotonic(), exc.message)
+            log.warning("remote expert %s is unavailable for %.0f s: %s", name, exc.retry_after_s, exc.message)
+            if not self._reroute(request, name):
+                self._fail([request], exc)
+            return
+        except CoEError as exc:  # the remote refused this request (4xx) or broke mid-stream
+            crash = exc.message if isinstance(exc, GenerationError) else None
+            self._fail([request], exc)
+        except Exception as exc:  # a malformed stream: the request ends, the expert backs off
+            crash = f"{type(exc).__name__}: {exc}"
+            self._fail([request], GenerationError(f"{name} (remote): {crash}"))
+        if crash is None:
+            self.health.succeeded(name)
+        else:
+            self.health.failed(name, time.monotonic(), crash)
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
         """Submit and yield the request's events on the calling thread (CLI, benchmarks).
@@ -154,7 +220,7 @@ class Engine:
         events: queue.Queue[StreamEvent] = queue.Queue()
         request.sink = events.put
         self.submit(request)
-        if self._thread is None:
+        if self._thread is None and request.expert not in self.remotes:
             while self.step():
                 pass
             if events.empty() or not events.queue[-1].is_final:
@@ -250,10 +316,12 @@ class Engine:
         request.expert, request.route = alternative, self._served_by(request.route, failed, alternative)
         try:
             with self._work:
-                self.scheduler.add(request)
+                self._admit(request)
                 self._work.notify()
         except Overloaded as full:
             self._fail([request], full)
+            return True
+        self._start(request)
         return True
 
     def _next_batch(self) -> Batch | None:
@@ -338,6 +406,8 @@ class Engine:
         with self._work:
             leftover = self.scheduler.drain()
         self._fail(leftover, Overloaded("the server is shutting down"))
+        for remote in self.remotes.values():
+            remote.close()
         self.cache.close()
 
     def recent_decisions(self, window_s: float) -> dict[str, dict[str, int]]:
@@ -349,6 +419,20 @@ class Engine:
                 row = counts.setdefault(category, {})
                 row[expert] = row.get(expert, 0) + 1
         return counts
+
+    def expert_states(self) -> list[ExpertState]:
+        """Every expert in config order: the cache's view of local ones, the remote ones as tier "remote"."""
+        local = {s.name: s for s in self.cache.states()}
+        return [local.get(e.name) or self._remote_state(e.name) for e in self.config.experts]
+
+    def _remote_state(self, name: str) -> ExpertState:
+        remote = self.remotes[name]
+        return ExpertState(name, "remote", "remote", None, int(remote.settings.num_params), None, None,
+                           requests=remote.requests)
+
+    def snapshot(self) -> dict:
+        """Everything `GET /v1/experts` shows: the cache's snapshot with the remote experts too."""
+        return {**self.cache.snapshot(), "experts": [s.to_dict() for s in self.expert_states()]}
 
     def queue_depth(self) -> int:
         with self._work:

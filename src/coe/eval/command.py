@@ -56,7 +56,7 @@ def evaluate(config: CoEConfig, home: Path, settings: EvalSettings,
         experts = _experts(config, settings)
         if engine.router is None:
             raise RouterUnavailable(f"the evaluation compares the learned router; {engine.router_error}")
-        params = {s.name: float(s.num_params or 0) for s in engine.cache.states() if s.name in experts}
+        params = {s.name: float(s.num_params or 0) for s in engine.expert_states() if s.name in experts}
         target = (harness.ServerTarget(settings.url, settings.api_key, params=params) if settings.url
                   else harness.EngineTarget(engine))
         judge = None

@@ -93,7 +93,7 @@ class EngineTarget:
 
     def __init__(self, engine):
         self.engine = engine
-        self._states = {s.name: s for s in engine.cache.states()}
+        self._states = {s.name: s for s in engine.expert_states()}
 
     def identity(self, expert: str) -> str:
         state = self._states[expert]
@@ -102,6 +102,10 @@ class EngineTarget:
 
     def num_params(self, expert: str) -> int | None:
         return self._states[expert].num_params
+
+    def has_logprobs(self, expert: str) -> bool:
+        """Local experts score multiple choice by letter log-probabilities; remote ones answer."""
+        return expert not in self.engine.remotes
 
     def letter_logprobs(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
                         ) -> list[list[float]] | None:
@@ -125,23 +129,28 @@ class EngineTarget:
         for start in range(0, len(items), chunk_size):
             chunk = indexed[start:start + chunk_size]
             done: dict[int, StreamEvent] = {}
+            ended = threading.Semaphore(0)
             for index, item in chunk:
                 request = Request(expert=expert, messages=item.messages,
                                   sampling=SamplingParams(max_tokens=item.max_tokens, temperature=0.0))
-                request.sink = _collector(done, index, progress)
+                request.sink = _collector(done, index, progress, ended)
                 self.engine.submit(request)
             while self.engine.step():
                 pass
+            for _ in chunk:  # a remote expert's answers arrive on its own workers
+                ended.acquire()
             for index, _ in chunk:
                 texts[index] = _text_of(done.get(index))
         return [texts[i] for i in range(len(items))]
 
 
-def _collector(done: dict[int, StreamEvent], index: int, progress: Callable[[], None]):
+def _collector(done: dict[int, StreamEvent], index: int, progress: Callable[[], None],
+               ended: threading.Semaphore):
     def sink(event: StreamEvent) -> None:
         if event.is_final:
             done[index] = event
             progress()
+            ended.release()
     return sink
 
 
@@ -179,8 +188,8 @@ class ServerTarget:
     def num_params(self, expert: str) -> int | None:
         return self._params.get(expert)
 
-    def letter_logprobs(self, expert, items, progress) -> None:
-        return None  # read the generated letter instead
+    def has_logprobs(self, expert: str) -> bool:
+        return False  # read the generated letter instead
 
     def generate(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]) -> list[str]:
         import httpx
@@ -222,7 +231,7 @@ def run(target, experts: Sequence[str], items: Sequence[EvalItem], cache: Result
         identity = target.identity(expert)
         todo: list[tuple[EvalItem, str]] = []
         for item in items:
-            mode = _mode(item, choice_mode, target)
+            mode = _mode(item, choice_mode, target, expert)
             hit = cache.get(identity, result_key(item, mode))
             if hit is not None:
                 log.results.append(hit)
@@ -235,8 +244,8 @@ def run(target, experts: Sequence[str], items: Sequence[EvalItem], cache: Result
     return log
 
 
-def _mode(item: EvalItem, choice_mode: str, target) -> str:
-    if item.kind == "choice" and choice_mode == "logprob" and target.name == "engine":
+def _mode(item: EvalItem, choice_mode: str, target, expert: str) -> str:
+    if item.kind == "choice" and choice_mode == "logprob" and target.has_logprobs(expert):
         return "logprob"
     return "judge" if item.kind == "judge" else "generate"
 

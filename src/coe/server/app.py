@@ -107,7 +107,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health():
-        states = await asyncio.to_thread(engine.cache.states)
+        states = await asyncio.to_thread(engine.expert_states)
         return {"status": "ok", "queue_depth": engine.queue_depth(),
                 "experts": {s.name: s.state for s in states},
                 "unhealthy": {name: record for name, record in engine.health.snapshot(time.monotonic()).items()
@@ -124,7 +124,7 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
     async def list_experts():
         """Each expert's tier and measured footprint, the tier budgets, the cache's counters and
         the requests waiting per expert."""
-        snapshot = await asyncio.to_thread(engine.cache.snapshot)
+        snapshot = await asyncio.to_thread(engine.snapshot)
         return {**snapshot, "queue_depth": engine.queued_by_expert()}
 
     @app.get("/v1/models")
@@ -220,7 +220,7 @@ def _model_cards(engine: Engine, created_s: int) -> list[dict]:
               "unavailable_reason": engine.router_error}
     cards = [{"id": ROUTED_MODEL, "object": "model", "created": created_s, "owned_by": "coe",
               "coe": routed}]
-    for state in engine.cache.states():
+    for state in engine.expert_states():
         expert = engine.config.expert(state.name)
         cards.append({"id": state.name, "object": "model", "created": created_s, "owned_by": "coe",
                       "coe": {"source": expert.source, "backend": state.backend, "state": state.state,
