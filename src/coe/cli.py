@@ -72,6 +72,8 @@ def cmd_serve(args) -> int:
     host = args.host or config.server.host
     port = args.port if args.port is not None else config.server.port
     ensure_router(config)
+    if args.ray:
+        return serve_ray(args, config, host, port)
     engine = Engine.from_config(config, coe_home())
     keys = len(config.server.api_keys)
     print(f"coe serving {len(config.experts)} experts ({', '.join(e.name for e in config.experts)}) "
@@ -79,6 +81,19 @@ def cmd_serve(args) -> int:
           flush=True)
     uvicorn.run(create_app(engine), host=host, port=port, log_level=args.log_level,
                 timeout_graceful_shutdown=config.server.shutdown_grace_s)
+    return 0
+
+
+def serve_ray(args, config: CoEConfig, host: str, port: int) -> int:
+    import dataclasses
+
+    from coe.distributed.ray_serve import serve_on_ray
+
+    if args.replicas is not None:
+        if args.replicas < 1:
+            raise CoEError(f"--replicas: expected an integer >= 1, got {args.replicas}")
+        config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, replicas=args.replicas))
+    serve_on_ray(config, coe_home(), host, port, args.address)
     return 0
 
 
@@ -422,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host")
     p.add_argument("--port", type=int)
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: an ingress and expert replicas")
+    p.add_argument("--address", help="with --ray: the Ray cluster (ray://HOST:10001 or HOST:6379; "
+                                     "default: start a local one)")
+    p.add_argument("--replicas", type=int, help="with --ray: expert replicas (default: ray.replicas)")
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("experts", help="list the configured experts, their tier and footprint")

@@ -280,6 +280,36 @@ class ServerConfig:
         _positive_int(self.default_max_tokens, "default_max_tokens")
 
 
+_AUTOSCALING = {"min_replicas", "max_replicas", "target_ongoing_requests"}
+
+
+@dataclass(frozen=True)
+class RayConfig:
+    """`coe serve --ray`: the expert replicas on Ray Serve (each one a coe engine with its own
+    tier cache; requests go to a replica that already holds their expert)."""
+
+    replicas: int = 2                  # expert replicas (the start, when autoscaling is set)
+    cpus_per_replica: float = 1.0      # Ray CPUs each replica reserves
+    max_experts_per_replica: int = 4   # experts a replica advertises as loaded (Serve multiplexing)
+    max_ongoing_requests: int = 16     # requests one replica takes at once
+    autoscaling: dict | None = None    # {min_replicas, max_replicas, target_ongoing_requests}
+
+    def __post_init__(self) -> None:
+        for name in ("replicas", "max_experts_per_replica", "max_ongoing_requests"):
+            _positive_int(getattr(self, name), name)
+        _require(is_number(self.cpus_per_replica) and self.cpus_per_replica >= 0, "cpus_per_replica",
+                 "a number >= 0", self.cpus_per_replica)
+        if self.autoscaling is not None:
+            _require(isinstance(self.autoscaling, dict), "autoscaling", "a mapping", self.autoscaling)
+            _reject_unknown(self.autoscaling, _AUTOSCALING, "autoscaling")
+            for name in ("min_replicas", "max_replicas"):
+                if name in self.autoscaling:
+                    _positive_int(self.autoscaling[name], f"autoscaling.{name}")
+            target = self.autoscaling.get("target_ongoing_requests", 1)
+            _require(is_number(target) and target > 0, "autoscaling.target_ongoing_requests",
+                     "a number > 0", target)
+
+
 @dataclass(frozen=True)
 class CoEConfig:
     experts: tuple[ExpertConfig, ...]
@@ -287,6 +317,7 @@ class CoEConfig:
     cache: CacheConfig = field(default_factory=CacheConfig)
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
 
     def __post_init__(self) -> None:
         _require(len(self.experts) > 0, "experts", "at least one expert", self.experts)
@@ -329,7 +360,8 @@ def default_config() -> CoEConfig:
 
 # ---- YAML edge --------------------------------------------------------------------------------
 
-_SECTIONS = {"router": RouterConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig}
+_SECTIONS = {"router": RouterConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
+             "ray": RayConfig}
 
 
 def from_yaml(path: str | Path) -> CoEConfig:
@@ -456,4 +488,10 @@ server:
   rate_limit_per_minute: 0  # requests per key per minute; beyond: 429 with Retry-After (0 = no limit)
   max_body_bytes: 4MiB      # larger request bodies get 413
   max_messages: 512         # more messages in one chat request get 400
+ray:                        # `coe serve --ray` only
+  replicas: 2               # expert replicas, each a coe engine with its own tier cache
+  cpus_per_replica: 1       # Ray CPUs each replica reserves
+  max_experts_per_replica: 4  # experts a replica advertises as loaded; requests prefer such a replica
+  max_ongoing_requests: 16  # requests one replica takes at once
+  autoscaling: null         # e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 4}
 """

@@ -112,6 +112,7 @@ class Request:
     arrival_s: float = field(default_factory=time.monotonic)
     served_tier: str | None = None  # where its expert was when its batch started: device, host, disk
     switch_s: float = 0.0           # time its batch waited for the expert to become ready
+    served_by: str | None = None    # the Ray Serve replica that ran it (coe serve --ray)
     cancel_reason: str = ""
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 

@@ -35,10 +35,10 @@ class Server:
         return self.process.poll() is None
 
 
-def start_server(tmp_path: Path, config_text: str | None) -> Server:
+def start_server(tmp_path: Path, config_text: str | None, extra_args: tuple[str, ...] = ()) -> Server:
     tmp_path.mkdir(parents=True, exist_ok=True)
     port = _free_port()
-    args = [sys.executable, "-m", "coe", "serve", "--port", str(port), "--log-level", "warning"]
+    args = [sys.executable, "-m", "coe", "serve", "--port", str(port), "--log-level", "warning", *extra_args]
     if config_text is not None:
         config = tmp_path / "coe.yaml"
         config.write_text(config_text)
@@ -71,8 +71,8 @@ def stop_server(server: Server) -> None:
 
 
 @contextmanager
-def running(tmp_path: Path, config_text: str | None) -> Iterator[Server]:
-    server = start_server(tmp_path, config_text)
+def running(tmp_path: Path, config_text: str | None, extra_args: tuple[str, ...] = ()) -> Iterator[Server]:
+    server = start_server(tmp_path, config_text, extra_args)
     try:
         yield server
     finally:

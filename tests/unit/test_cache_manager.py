@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import struct
 import threading
 import time
 from collections import Counter
@@ -25,7 +24,7 @@ from hypothesis import strategies as st
 
 from fakes import LetterVocab, write_weights
 
-from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.base import Backend, HostWeights, Runner
 from coe.backends.memory import HostBufferPool
 from coe.cache import ModelCache
 from coe.cache.tiers import Budgets

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 
 from fakes import LetterBackend, LetterVocab, fake_engine
 
-from coe.backends.base import Runner, Vocab
+from coe.backends.base import Runner
 from coe.cache import ModelCache
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, SchedulerConfig, ServerConfig
 from coe.engine import Engine

@@ -1,9 +1,8 @@
 """An expert served elsewhere behind an OpenAI-compatible API (vLLM, Ollama, llama.cpp server,
 another coe): requests are forwarded as they are and the answer is streamed back token by token.
 
-It holds no weights, so it never enters the model cache. The engine sends its requests here on
-worker threads (``max_concurrency`` at once) instead of through the scheduler: the remote server
-batches on its own. Failures before the first token are retried with doubling backoff (connect
+Like every OffloadedExpert it holds no weights here and runs its requests on its own worker
+threads, not through the scheduler. Failures before the first token are retried with doubling backoff (connect
 errors, timeouts, 429, 5xx), then reported as ExpertUnavailable, so a routed request can still move
 to another expert; a failure after the first token ends the request with a GenerationError.
 """
@@ -11,11 +10,10 @@ from __future__ import annotations
 
 import json
 import os
-import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
+from coe.backends.offload import OffloadedExpert
 from coe.config import ExpertConfig, RemoteSettings, remote_settings
 from coe.errors import CoEError, ExpertUnavailable, GenerationError, InvalidRequest
 from coe.types import Completion, Request, StreamEvent
@@ -32,9 +30,10 @@ class _Retry(Exception):
         self.reason, self.wait_s = reason, wait_s
 
 
-class RemoteExpert:
-    """Contract: ``stream`` may run on any thread; ``submit`` runs it on this expert's workers;
-    ``close`` stops taking requests and may be called twice."""
+class RemoteExpert(OffloadedExpert):
+    """An expert behind another OpenAI-compatible server."""
+
+    kind = "remote"
 
     def __init__(self, expert: ExpertConfig, environ: dict[str, str] | None = None,
                  transport=None, sleep: Callable[[float], None] = time.sleep):
@@ -54,39 +53,7 @@ class RemoteExpert:
                                     timeout=httpx.Timeout(self.settings.timeout_s,
                                                           connect=self.settings.connect_timeout_s))
         self._sleep = sleep
-        self._workers = ThreadPoolExecutor(self.settings.max_concurrency,
-                                           thread_name_prefix=f"coe-remote-{expert.name}")
-        self._lock = threading.Lock()
-        self._active: set[Request] = set()
-        self._closed = False
-        self.requests = 0  # submitted since start
-
-    @property
-    def name(self) -> str:
-        return self.expert.name
-
-    def submit(self, request: Request, run: Callable[[Request], None]) -> None:
-        """Run ``run(request)`` on one of this expert's workers (it calls ``stream``)."""
-        with self._lock:
-            self._active.add(request)
-            self.requests += 1
-            if self._closed:
-                request.cancel()
-
-        def work():
-            try:
-                run(request)
-            finally:
-                with self._lock:
-                    self._active.discard(request)
-
-        self._workers.submit(work)
-
-    @property
-    def in_flight(self) -> int:
-        """Requests submitted and not finished (waiting for a worker or streaming)."""
-        with self._lock:
-            return len(self._active)
+        super().__init__(expert.name, int(self.settings.num_params), self.settings.max_concurrency)
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
         """The request's events, ending with a completion or an error event. Raises
@@ -179,13 +146,7 @@ class RemoteExpert:
             int(usage.get("completion_tokens") or len(text))))
 
     def close(self) -> None:
-        """Cancel what is in flight (each request still ends with an event) and stop the workers."""
-        with self._lock:
-            self._closed = True
-            active = list(self._active)
-        for request in active:
-            request.cancel()
-        self._workers.shutdown(wait=False)
+        super().close()
         self._client.close()
 
 

@@ -13,6 +13,9 @@ With ``--routed`` every request asks for model ``coe`` over the four packaged ex
 the two configurations are coe without and with residency-aware routing (``switch_tolerance``):
 latency gained against expected score given up (from the placeholder score table until the
 evaluation harness measures one).
+With ``--ray`` the coe configuration runs as `coe serve --ray` with 1 expert replica, then with 2
+(each replica a coe engine with its own cache of ``--hot`` experts; every expert's llama.cpp uses
+``--threads`` threads, so on one machine a replica stands for one share of its cores).
 Clients are real HTTP clients (httpx, streaming chat completions, one task per request started at
 its arrival time). A request is *lost* if it ends with neither a completion nor an explicit error.
 """
@@ -38,7 +41,7 @@ from coe.bench.workload import TraceItem, WorkloadSpec, generate, load_trace, sa
 from coe.config import default_config
 from coe.models.catalog import ModelStore
 
-CONFIGS = ("naive", "coe", "coe_resident")
+CONFIGS = ("naive", "coe", "coe_resident", "ray1", "ray2")
 _START_TIMEOUT_S = 300.0
 
 
@@ -58,6 +61,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--routed", action="store_true",
                         help="model 'coe' through the router over the packaged experts: coe with and "
                              "without residency-aware routing (latency gained vs expected score lost)")
+    parser.add_argument("--ray", action="store_true",
+                        help="`coe serve --ray` with 1 expert replica, then with 2, on the same trace "
+                             "(each expert llama.cpp thread count: --threads)")
+    parser.add_argument("--threads", type=int, default=1, help="with --ray: n_threads of every expert")
     parser.add_argument("--tolerance", type=float, default=0.1,
                         help="scheduler.switch_tolerance of the coe_resident configuration (--routed)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
@@ -91,11 +98,16 @@ def packaged_experts(home: str | Path) -> list[tuple[str, Path]]:
 
 
 def server_config(kind: str, experts: list[tuple[str, Path]], hot: int, overrides: list[str] = (),
-                  routed: bool = False, tolerance: float = 0.0) -> dict:
+                  routed: bool = False, tolerance: float = 0.0, threads: int | None = None) -> dict:
     config = {"experts": [{"name": name, "source": str(path)} for name, path in experts],
               "router": {"enabled": routed},
               "cache": {"max_hot_experts": hot},
               "server": {"request_timeout_s": 900}}
+    if threads is not None:
+        for expert in config["experts"]:
+            expert["params"] = {"n_threads": threads}
+    if kind.startswith("ray"):
+        config["ray"] = {"replicas": int(kind[3:]), "max_experts_per_replica": hot}
     if routed:
         config["router"]["default_expert"] = experts[0][0]
     if kind == "coe_resident":
@@ -136,14 +148,14 @@ def free_port() -> int:
 class ServerProcess:
     """`coe serve` in a child process, with its log in the work folder."""
 
-    def __init__(self, config_path: Path, home: str | Path, log_path: Path):
+    def __init__(self, config_path: Path, home: str | Path, log_path: Path, extra_args: tuple[str, ...] = ()):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(log_path, "w")
         env = {**os.environ, "COE_HOME": str(home)}
         self.process = subprocess.Popen(
             [sys.executable, "-m", "coe", "serve", "--config", str(config_path), "--port", str(self.port),
-             "--log-level", "warning"], stdout=self.log, stderr=subprocess.STDOUT, env=env)
+             "--log-level", "warning", *extra_args], stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def wait_ready(self) -> None:
         import httpx
@@ -277,11 +289,13 @@ def _quantile(values: list[float], q: float) -> float | None:
 
 def run_one(kind: str, experts: list[tuple[str, Path]], trace: list[TraceItem], args, workdir: Path) -> dict:
     config_path = workdir / f"{kind}.yaml"
-    config = server_config(kind, experts, args.hot, args.set, args.routed, args.tolerance)
+    ray = kind.startswith("ray")
+    config = server_config(kind, experts, args.hot, args.set, args.routed, args.tolerance,
+                           args.threads if ray else None)
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     for _, path in experts:
         drop_file_cache(path)
-    server = ServerProcess(config_path, args.home, workdir / f"{kind}.log")
+    server = ServerProcess(config_path, args.home, workdir / f"{kind}.log", ("--ray",) if ray else ())
     try:
         server.wait_ready()
         print(f"  {kind}: replaying {len(trace)} requests against {server.url}", flush=True)
@@ -299,19 +313,22 @@ def run(args) -> dict:
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="coe-bench-serve-"))
     workdir.mkdir(parents=True, exist_ok=True)
     experts = packaged_experts(args.home) if args.routed else expert_files(args.home, args.experts, workdir)
-    kinds = ("coe", "coe_resident") if args.routed else ("naive", "coe")
+    kinds = ("ray1", "ray2") if args.ray else ("coe", "coe_resident") if args.routed else ("naive", "coe")
     trace = make_trace(args, [name for name, _ in experts], workdir)
     print(f"{len(experts)} experts, {args.hot} hot at most; trace: {len(trace)} requests over "
           f"{trace[-1].arrival_s:.1f} s ({workdir})", flush=True)
     result = {"setup": {"experts": [name for name, _ in experts], "hot": args.hot, "requests": len(trace),
                         "rate_rps": args.rate, "arrival": args.arrival, "zipf_s": args.zipf,
                         "max_tokens_median": args.max_tokens_median, "seed": args.seed,
-                        "overrides": args.set, "routed": args.routed, "workdir": str(workdir)}}
+                        "overrides": args.set, "routed": args.routed, "ray": args.ray,
+                        "threads": args.threads if args.ray else None, "workdir": str(workdir)}}
     for kind in kinds:
         if args.only in (None, kind):
             result[kind] = run_one(kind, experts, trace, args, workdir)
     if "naive" in result and "coe" in result:
         result["ratios"] = ratios(result["naive"], result["coe"])
+    if "ray1" in result and "ray2" in result:
+        result["ratios"] = ratios(result["ray1"], result["ray2"])
     if "coe_resident" in result and "coe" in result:
         result["ratios"] = ratios(result["coe"], result["coe_resident"])
         result["ratios"]["mean_score_given_up"] = result["coe_resident"]["mean_score_given_up"]

@@ -12,9 +12,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Iterator, Sequence
 
+from coe.backends.offload import OffloadedExpert
 from coe.backends.remote import RemoteExpert
 from coe.cache import ExpertState, ModelCache
-from coe.config import ROUTED_MODEL, CoEConfig, remote_settings
+from coe.config import ROUTED_MODEL, CoEConfig
 from coe.engine.health import ExpertHealth
 from coe.engine.metrics import EngineMetrics
 from coe.engine.scheduler import Batch, Scheduler
@@ -35,7 +36,7 @@ class Engine:
 
     def __init__(self, config: CoEConfig, cache: ModelCache, scheduler: Scheduler | None = None,
                  router: ExpertRouter | None = None, router_error: str | None = None,
-                 remotes: dict[str, RemoteExpert] | None = None):
+                 remotes: dict[str, OffloadedExpert] | None = None):
         self.config = config
         self.cache = cache
         # experts behind other OpenAI-compatible servers: served on their own workers, not the loop
@@ -57,20 +58,23 @@ class Engine:
         self.health = ExpertHealth()
 
     @classmethod
-    def from_config(cls, config: CoEConfig, home: str | Path) -> "Engine":
-        """An engine with a model cache whose packaged weights live under ``home`` (COE_HOME)."""
+    def from_config(cls, config: CoEConfig, home: str | Path,
+                    offloaded: dict[str, OffloadedExpert] | None = None) -> "Engine":
+        """An engine with a model cache whose packaged weights live under ``home`` (COE_HOME).
+        ``offloaded`` serves some local experts elsewhere (Ray Serve replicas)."""
         cache = ModelCache(config, ModelStore(home))
+        remotes = {**{e.name: RemoteExpert(e) for e in config.experts if e.is_remote}, **(offloaded or {})}
         router, error = None, "router disabled in the config (router.enabled: false)"
         if config.router.enabled:
             params = {s.name: s.num_params for s in cache.states()}
-            params.update({e.name: int(remote_settings(e).num_params) for e in config.experts if e.is_remote})
+            params.update({name: remote.num_params for name, remote in remotes.items() if remote.num_params})
             try:
                 router, error = load_expert_router(config.router, home, params,
                                                    config.default_expert), None
             except RouterUnavailable as exc:
                 error = f"router unavailable: {exc.message}"
                 log.warning("model %r falls back to %s: %s", ROUTED_MODEL, config.default_expert, error)
-        return cls(config, cache, router=router, router_error=error)
+        return cls(config, cache, router=router, router_error=error, remotes=remotes)
 
     # -- routing ---------------------------------------------------------------------------------
     def expert_names(self) -> list[str]:
@@ -160,10 +164,10 @@ class Engine:
         if remote is None:
             self.scheduler.add(request)
             return
-        capacity = remote.settings.max_concurrency + self.scheduler.max_queue_per_expert
+        capacity = remote.max_concurrency + self.scheduler.max_queue_per_expert
         if remote.in_flight >= capacity:
             raise Overloaded(f"{request.expert} has {remote.in_flight} requests in flight (at most "
-                             f"{capacity}: params.max_concurrency + scheduler.max_queue_per_expert)",
+                             f"{capacity}: its concurrency + scheduler.max_queue_per_expert)",
                              retry_after_s=1.0)
 
     def _start(self, request: Request) -> None:
@@ -423,11 +427,11 @@ class Engine:
     def expert_states(self) -> list[ExpertState]:
         """Every expert in config order: the cache's view of local ones, the remote ones as tier "remote"."""
         local = {s.name: s for s in self.cache.states()}
-        return [local.get(e.name) or self._remote_state(e.name) for e in self.config.experts]
+        return [self._remote_state(e.name) if e.name in self.remotes else local[e.name] for e in self.config.experts]
 
     def _remote_state(self, name: str) -> ExpertState:
         remote = self.remotes[name]
-        return ExpertState(name, "remote", "remote", None, int(remote.settings.num_params), None, None,
+        return ExpertState(name, remote.kind, "remote", None, remote.num_params, None, None,
                            requests=remote.requests)
 
     def snapshot(self) -> dict:

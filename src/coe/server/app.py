@@ -325,6 +325,8 @@ class _Reply:
         info = route.to_dict() if route is not None else {"expert": self.request.expert}
         if self.request.served_tier is not None:
             info.update(tier=self.request.served_tier, switch_ms=round(self.request.switch_s * 1000, 1))
+        if self.request.served_by is not None:
+            info["replica"] = self.request.served_by
         return info
 
     def headers(self) -> dict[str, str]:
@@ -332,6 +334,8 @@ class _Reply:
         if self.request.served_tier is not None:
             headers["x-coe-tier"] = self.request.served_tier
             headers["x-coe-switch-ms"] = f"{self.request.switch_s * 1000:.1f}"
+        if self.request.served_by is not None:
+            headers["x-coe-replica"] = self.request.served_by
         if self.request.route is not None:
             headers["x-coe-category"] = self.request.route.category
             headers["x-coe-confidence"] = f"{self.request.route.confidence:.4f}"

@@ -1,0 +1,1 @@
+"""Scale-out: coe on Ray Serve (`coe serve --ray`). Ray is imported lazily (extra `coe[ray]`)."""

@@ -1,0 +1,295 @@
+"""coe on Ray Serve (`coe serve --ray`): one ingress and a set of expert replicas.
+
+- The **ingress** (one replica, no CPU reserved) is the single-process server: the same FastAPI
+  app, router, auth, validation, headers and metrics. Its engine serves no weights itself: every
+  local expert is a ``RayExpert``, whose requests stream from the expert replicas through a Serve
+  handle; remote experts (``backend: remote``) are called from the ingress as usual.
+- Each **expert replica** is a coe engine with its own three-tier cache (router off). Requests
+  carry their expert as Serve's multiplexed model id, so Serve sends them to a replica that
+  already holds the expert when there is one; the replica starts moving the expert to its device
+  tier when it first sees it. Replicas are fixed (``ray.replicas``) or autoscaled
+  (``ray.autoscaling``).
+
+Events cross between the two as plain dicts (``to_wire`` / ``from_wire``), errors included, so a
+replica's 4xx or 503 reaches the client exactly as the single-process server would answer it.
+"""
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import importlib.util
+import logging
+import signal
+import threading
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+
+from coe import errors
+from coe.backends.offload import OffloadedExpert
+from coe.config import CoEConfig, RouterConfig
+from coe.errors import CoEError, ExpertUnavailable, GenerationError, MissingExtra
+from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent
+
+log = logging.getLogger("coe.distributed")
+
+INGRESS_NAME, REPLICA_NAME, APP_NAME = "coe-ingress", "coe-experts", "coe"
+
+
+def require_ray() -> None:
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise MissingExtra("ray[serve]", "ray")
+
+
+# ---- the wire format between ingress and replicas ------------------------------------------------
+
+def request_to_wire(request: Request) -> dict:
+    s = request.sampling
+    return {"id": request.id, "prompt": request.prompt,
+            "messages": None if request.messages is None else [[m.role, m.content] for m in request.messages],
+            "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
+                         "stop": list(s.stop), "seed": s.seed}}
+
+
+def request_from_wire(expert: str, wire: dict) -> Request:
+    messages = None if wire["messages"] is None else tuple(ChatMessage(r, c) for r, c in wire["messages"])
+    sampling = dict(wire["sampling"], stop=tuple(wire["sampling"]["stop"]))
+    return Request(expert=expert, messages=messages, prompt=wire["prompt"], sampling=SamplingParams(**sampling),
+                   id=wire["id"])
+
+
+def event_to_wire(event: StreamEvent, request: Request) -> dict:
+    """One event; every one says which replica ran it and where it found the expert (tier, switch time)."""
+    wire: dict = {"tier": request.served_tier, "switch_s": request.switch_s, "replica": request.served_by}
+    if event.delta:
+        wire["delta"] = event.delta
+    if event.completion is not None:
+        wire["completion"] = dataclasses.asdict(event.completion)
+    if event.error is not None:
+        error = event.error if isinstance(event.error, CoEError) else GenerationError(str(event.error))
+        wire["error"] = {"class": type(error).__name__, "message": error.message, "param": error.param,
+                         "code": error.code, "retry_after_s": error.retry_after_s}
+    return wire
+
+
+def event_from_wire(request: Request, wire: dict) -> StreamEvent:
+    if wire.get("tier"):
+        request.served_tier, request.switch_s = wire["tier"], wire.get("switch_s") or 0.0
+    request.served_by = wire.get("replica") or request.served_by
+    completion = Completion(**wire["completion"]) if "completion" in wire else None
+    error = error_from_wire(wire["error"]) if "error" in wire else None
+    return StreamEvent(request.id, delta=wire.get("delta", ""), completion=completion, error=error)
+
+
+def error_from_wire(wire: dict) -> CoEError:
+    cls = getattr(errors, wire["class"], None)
+    if not (isinstance(cls, type) and issubclass(cls, CoEError)):
+        cls = GenerationError
+    error = cls(wire["message"], param=wire.get("param"), retry_after_s=wire.get("retry_after_s"))
+    if wire.get("code"):
+        error.code = wire["code"]
+    return error
+
+
+# ---- the expert replica --------------------------------------------------------------------------
+
+def replica_config(config: CoEConfig) -> CoEConfig:
+    """What one replica serves: the local experts, no router (the ingress routes)."""
+    local = tuple(e for e in config.experts if not e.is_remote)
+    return dataclasses.replace(config, experts=local, router=RouterConfig(enabled=False))
+
+
+class ExpertReplica:
+    """A coe engine with its own tier cache, serving any local expert it is asked for."""
+
+    def __init__(self, config: CoEConfig, home: str):
+        from coe.engine import Engine
+
+        self.engine = Engine.from_config(replica_config(config), home)
+        self.engine.start()
+        self.replica_id = _replica_id()
+
+    async def hold(self, expert: str) -> str:
+        """Serve calls this once per expert new to this replica (through ``serve.multiplexed``):
+        start moving it to the device tier. A load failure is left to the engine, which answers
+        the request with the right error."""
+        try:
+            await asyncio.wrap_future(self.engine.cache.prefetch(expert, "device"))
+        except Exception as exc:  # noqa: BLE001 - reported by the request itself
+            log.warning("replica could not preload %s: %s", expert, exc)
+        return expert
+
+    async def generate(self, wire: dict) -> AsyncIterator[dict]:
+        from ray import serve
+
+        expert = await self.hold_multiplexed(serve.get_multiplexed_model_id())
+        request = request_from_wire(expert, wire)
+        request.served_by = self.replica_id
+        loop, events = asyncio.get_running_loop(), asyncio.Queue()
+        request.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        try:
+            self.engine.submit(request)
+        except CoEError as exc:
+            yield event_to_wire(StreamEvent(request.id, error=exc), request)
+            return
+        try:
+            while True:
+                event = await events.get()
+                yield event_to_wire(event, request)
+                if event.is_final:
+                    return
+        finally:
+            request.cancel("cancelled")  # the ingress went away: stop at the next token
+
+    def snapshot(self) -> dict:
+        return self.engine.snapshot()
+
+    def __del__(self):
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.stop()
+
+
+def _replica_id() -> str:
+    from ray import serve
+
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (tests): the process
+        import os
+
+        return f"pid-{os.getpid()}"
+
+
+def replica_class(max_experts: int):
+    """ExpertReplica with Serve's multiplexing for up to ``max_experts`` experts per replica."""
+    from ray import serve
+
+    class MultiplexedExpertReplica(ExpertReplica):
+        @serve.multiplexed(max_num_models_per_replica=max_experts)
+        async def hold_multiplexed(self, expert: str) -> str:
+            return await self.hold(expert)
+
+    MultiplexedExpertReplica.__name__ = MultiplexedExpertReplica.__qualname__ = "ExpertReplica"
+    return MultiplexedExpertReplica
+
+
+# ---- the ingress side ----------------------------------------------------------------------------
+
+class RayExpert(OffloadedExpert):
+    """A local expert served by the expert replicas, seen from the ingress."""
+
+    kind = "ray"
+
+    def __init__(self, name: str, handle, num_params: int | None, max_concurrency: int):
+        super().__init__(name, num_params, max_concurrency)
+        self._handle = handle.options(multiplexed_model_id=name, stream=True)
+
+    def stream(self, request: Request) -> Iterator[StreamEvent]:
+        responses = self._handle.generate.remote(request_to_wire(request))
+        started = False
+        try:
+            for wire in responses:
+                event = event_from_wire(request, wire)
+                if not started and isinstance(event.error, ExpertUnavailable):
+                    raise event.error  # nothing sent yet: the engine may reroute the request
+                started = True
+                yield event
+                if event.is_final:
+                    return
+                if request.cancelled:
+                    yield StreamEvent(request.id, completion=Completion("", "cancelled", 0, 0))
+                    return
+        except CoEError:
+            raise
+        except Exception as exc:  # the replica died or Ray failed
+            reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            if not started:
+                raise ExpertUnavailable(f"{self.name}: the Ray Serve replica failed ({reason})") from None
+            yield StreamEvent(request.id, error=GenerationError(f"{self.name}: the Ray Serve replica failed "
+                                                                f"mid-stream ({reason})"))
+        finally:
+            responses.cancel()
+
+
+class Ingress:
+    """The OpenAI-compatible API (the single-process server's app) over the expert replicas."""
+
+    def __init__(self, config: CoEConfig, home: str, replicas):
+        from coe.engine import Engine
+
+        config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, pins=()))
+        per_expert = config.ray.max_ongoing_requests * _max_replicas(config)
+        offloaded = {e.name: RayExpert(e.name, replicas, None, per_expert)
+                     for e in config.experts if not e.is_remote}
+        # the ingress's cache only reads the experts' headers (sizes for the map); it loads nothing
+        self.engine = Engine.from_config(config, home, offloaded=offloaded)
+        for state in self.engine.cache.states():
+            offloaded[state.name].num_params = state.num_params
+
+    def __serve_build_asgi_app__(self):
+        from coe.server import create_app
+
+        return create_app(self.engine)
+
+
+def _max_replicas(config: CoEConfig) -> int:
+    scaling = config.ray.autoscaling or {}
+    return int(scaling.get("max_replicas", config.ray.replicas))
+
+
+def build_app(config: CoEConfig, home: str | Path):
+    """The Serve application: the ingress bound to the expert replicas."""
+    from ray import serve
+
+    ray_config = config.ray
+    scaling = None
+    if ray_config.autoscaling is not None:
+        scaling = {"min_replicas": ray_config.autoscaling.get("min_replicas", 1),
+                   "initial_replicas": ray_config.replicas,
+                   "max_replicas": _max_replicas(config),
+                   "target_ongoing_requests": ray_config.autoscaling.get("target_ongoing_requests", 2)}
+    replicas = serve.deployment(
+        replica_class(ray_config.max_experts_per_replica), name=REPLICA_NAME,
+        num_replicas=None if scaling else ray_config.replicas, autoscaling_config=scaling,
+        max_ongoing_requests=ray_config.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ray_config.cpus_per_replica},
+    ).bind(config, str(home))
+    ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_NAME, num_replicas=1,
+                               max_ongoing_requests=max(1000, config.scheduler.max_queue),
+                               ray_actor_options={"num_cpus": 0})
+    return ingress.bind(config, str(home), replicas)
+
+
+def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, address: str | None,
+                 stop: threading.Event | None = None) -> None:
+    """Deploy on a Ray cluster (``address``; None starts a local one) and block until SIGINT/SIGTERM
+    (or ``stop``); then take the application down."""
+    require_ray()
+    import ray
+    from ray import serve
+
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(build_app(config, home), name=APP_NAME, route_prefix="/", blocking=False)
+        stop = stop or threading.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, lambda *_: stop.set())
+        print(f"coe on Ray Serve: {_replica_summary(config)} on http://{host}:{port}/v1", flush=True)
+        stop.wait()
+    finally:
+        try:
+            if address:  # a cluster we joined keeps running without our application
+                serve.delete(APP_NAME)
+        finally:
+            ray.shutdown()  # a local cluster goes with us
+
+
+def _replica_summary(config: CoEConfig) -> str:
+    ray_config = config.ray
+    count = (f"{ray_config.autoscaling.get('min_replicas', 1)}-{_max_replicas(config)} autoscaled"
+             if ray_config.autoscaling else str(ray_config.replicas))
+    return f"{count} expert replicas of {len([e for e in config.experts if not e.is_remote])} experts"

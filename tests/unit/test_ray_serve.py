@@ -1,0 +1,130 @@
+"""The Ray Serve pieces that need no Ray: the wire format between ingress and replicas, the
+ingress-side RayExpert over a scripted handle, the replica's config, and the `ray` config section.
+The real counterpart is tests/integration/test_ray_real.py (a local Ray cluster, 2 replicas)."""
+from __future__ import annotations
+
+import pytest
+
+from coe.config import CoEConfig, ExpertConfig, RayConfig, RouterConfig, from_dict
+from coe.distributed import ray_serve
+from coe.errors import ConfigError, ContextLengthExceeded, ExpertUnavailable, GenerationError, Overloaded
+from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent
+
+
+def test_a_request_crosses_the_wire_intact():
+    request = Request(expert="x", messages=(ChatMessage("system", "Be brief."), ChatMessage("user", "Hi")),
+                      sampling=SamplingParams(max_tokens=9, temperature=0.2, top_p=0.9, stop=("\n",), seed=4))
+    back = ray_serve.request_from_wire("x", ray_serve.request_to_wire(request))
+    assert (back.id, back.messages, back.sampling, back.prompt) == (request.id, request.messages,
+                                                                      request.sampling, None)
+    prompt = Request(expert="x", prompt="1+1=")
+    assert ray_serve.request_from_wire("x", ray_serve.request_to_wire(prompt)).prompt == "1+1="
+
+
+def test_events_and_errors_keep_their_class_status_and_retry_after():
+    served = Request(expert="x", prompt="p", served_tier="host", switch_s=0.25, served_by="replica-1")
+    ingress_side = Request(expert="x", prompt="p", id=served.id)
+    wire = ray_serve.event_to_wire(StreamEvent(served.id, completion=Completion("hi", "stop", 3, 1)), served)
+    event = ray_serve.event_from_wire(ingress_side, wire)
+    assert event.completion == Completion("hi", "stop", 3, 1)
+    assert (ingress_side.served_tier, ingress_side.switch_s, ingress_side.served_by) == ("host", 0.25, "replica-1")
+    for error in (ContextLengthExceeded("too long", param="max_tokens"), Overloaded("full", retry_after_s=7.0),
+                  ExpertUnavailable("down", retry_after_s=5.0)):
+        back = ray_serve.event_from_wire(ingress_side, ray_serve.event_to_wire(StreamEvent(served.id, error=error),
+                                                                                served)).error
+        assert type(back) is type(error) and back.message == error.message
+        assert (back.http_status, back.code, back.param, back.retry_after_s) == (
+            error.http_status, error.code, error.param, error.retry_after_s)
+    stranger = ray_serve.error_from_wire({"class": "KeyError", "message": "boom"})
+    assert isinstance(stranger, GenerationError)
+
+
+class ScriptedResponses:
+    def __init__(self, items):
+        self.items, self.cancelled = items, False
+
+    def __iter__(self):
+        for item in self.items:
+            if isinstance(item, Exception):
+                raise item
+            yield item
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class ScriptedHandle:
+    """Stands in for a Serve DeploymentHandle: answers generate.remote with the next script."""
+
+    def __init__(self, *scripts):
+        self.scripts, self.options_seen, self.sent, self.responses = list(scripts), {}, [], []
+        self.generate = self
+
+    def options(self, **options):
+        self.options_seen = options
+        return self
+
+    def remote(self, wire):
+        self.sent.append(wire)
+        self.responses.append(ScriptedResponses(self.scripts.pop(0)))
+        return self.responses[-1]
+
+
+def wire_of(request, *events):
+    return [ray_serve.event_to_wire(e, request) for e in events]
+
+
+def test_ray_expert_streams_with_the_expert_as_multiplexed_model_id():
+    served = Request(expert="a", prompt="Hi", served_tier="device", served_by="r1")
+    handle = ScriptedHandle(wire_of(served, StreamEvent(served.id, delta="He"), StreamEvent(served.id, delta="y"),
+                                    StreamEvent(served.id, completion=Completion("Hey", "stop", 2, 2))))
+    expert = ray_serve.RayExpert("a", handle, 135_000_000, 8)
+    request = Request(expert="a", prompt="Hi", id=served.id)
+    events = list(expert.stream(request))
+    assert [e.delta for e in events[:2]] == ["He", "y"] and events[-1].completion.text == "Hey"
+    assert handle.options_seen == {"multiplexed_model_id": "a", "stream": True}
+    assert request.served_by == "r1" and handle.sent[0]["prompt"] == "Hi"
+
+
+def test_ray_expert_failures_before_and_after_the_first_token():
+    request = Request(expert="a", prompt="Hi")
+    dead = ScriptedHandle([RuntimeError("ActorDiedError: the replica died")])
+    with pytest.raises(ExpertUnavailable, match="Ray Serve replica failed"):
+        list(ray_serve.RayExpert("a", dead, None, 8).stream(request))
+    unavailable = ScriptedHandle(wire_of(request, StreamEvent(request.id, error=ExpertUnavailable("a: corrupt"))))
+    with pytest.raises(ExpertUnavailable, match="corrupt"):  # raised, so the ingress can reroute
+        list(ray_serve.RayExpert("a", unavailable, None, 8).stream(request))
+    midway = ScriptedHandle(wire_of(request, StreamEvent(request.id, delta="x")) + [RuntimeError("lost")])
+    events = list(ray_serve.RayExpert("a", midway, None, 8).stream(request))
+    assert events[0].delta == "x" and "mid-stream" in events[-1].error.message
+    assert midway.responses[0].cancelled
+
+
+def test_a_cancelled_request_stops_the_replica_stream():
+    request = Request(expert="a", prompt="Hi")
+    handle = ScriptedHandle(wire_of(request, *[StreamEvent(request.id, delta="t")] * 5))
+    events = []
+    for event in ray_serve.RayExpert("a", handle, None, 8).stream(request):
+        events.append(event)
+        request.cancel()
+    assert len(events) == 2 and events[-1].completion.finish_reason == "cancelled"
+    assert handle.responses[0].cancelled
+
+
+def test_a_replica_serves_the_local_experts_without_a_router():
+    config = CoEConfig(experts=(ExpertConfig("a", "/a.gguf"),
+                                ExpertConfig("far", "http://h:1", backend="remote", params={"num_params": "7B"})),
+                       router=RouterConfig(default_expert="a", pins={"code": "far"}))
+    replica = ray_serve.replica_config(config)
+    assert [e.name for e in replica.experts] == ["a"] and replica.router.enabled is False
+
+
+def test_the_ray_section_is_validated():
+    assert RayConfig().replicas == 2
+    with pytest.raises(ConfigError, match="ray.replicas: expected an integer > 0"):
+        from_dict({"experts": [{"name": "a", "source": "/a"}], "ray": {"replicas": 0}})
+    with pytest.raises(ConfigError, match="ray.autoscaling.max_replica: unknown field"):
+        from_dict({"experts": [{"name": "a", "source": "/a"}], "ray": {"autoscaling": {"max_replica": 3}}})
+    scaled = from_dict({"experts": [{"name": "a", "source": "/a"}],
+                        "ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
+    assert ray_serve._max_replicas(scaled) == 4
