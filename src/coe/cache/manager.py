@@ -21,7 +21,7 @@ from coe.backends.memory import HostBufferPool
 from coe.cache import policy
 from coe.cache.tiers import Budgets, Tier, resolve_budgets
 from coe.config import CoEConfig, ExpertConfig
-from coe.errors import CacheFull, CoEError, InvalidRequest, ModelNotAvailable, UnknownExpert
+from coe.errors import CacheFull, CoEError, ModelNotAvailable, UnknownExpert
 from coe.models.catalog import PACKAGED, ModelStore
 from coe.models.info import ModelInfo, describe
 
@@ -135,9 +135,6 @@ class ModelCache:
         try:
             return self._slots[name]
         except KeyError:
-            if any(e.name == name and e.is_remote for e in self.config.experts):
-                raise InvalidRequest(f"{name} is a remote expert: it has no local weights to move, "
-                                     f"pin or evict", param="name") from None
             raise UnknownExpert(f"no expert named {name!r}") from None
 
     def path_of(self, expert: ExpertConfig) -> Path:

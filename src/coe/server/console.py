@@ -48,29 +48,33 @@ def install_console(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/experts/{name}/pin")
     async def pin(name: str):
         """Make the expert hot and keep it there (it is never evicted until unpinned)."""
-        _known(engine, name)
+        _local(engine, name)
         await asyncio.to_thread(engine.cache.pin, name)
         return await asyncio.to_thread(_state, engine, name)
 
     @app.post("/v1/experts/{name}/unpin")
     async def unpin(name: str):
-        _known(engine, name)
+        _local(engine, name)
         await asyncio.to_thread(engine.cache.unpin, name)
         return await asyncio.to_thread(_state, engine, name)
 
     @app.post("/v1/experts/{name}/prefetch")
     async def prefetch(name: str, tier: str = "device"):
         """Start moving the expert up to ``tier`` (device or host); returns at once."""
-        _known(engine, name)
+        _local(engine, name)
         if tier not in TIERS:
             raise InvalidRequest(f"tier must be one of {', '.join(TIERS)}, got {tier!r}", param="tier")
         engine.cache.prefetch(name, tier)
         return await asyncio.to_thread(_state, engine, name)
 
 
-def _known(engine: Engine, name: str) -> None:
+def _local(engine: Engine, name: str) -> None:
+    """An expert whose weights this process holds (the tier routes act on those only)."""
     if name not in engine.expert_names():
         raise UnknownExpert(f"no expert named {name!r}; experts: {', '.join(engine.expert_names())}", param="name")
+    if name in engine.remotes:
+        raise InvalidRequest(f"{name} runs outside this server ({engine.remotes[name].kind}): it has no "
+                             f"weights here to move or pin", param="name")
 
 
 def _state(engine: Engine, name: str) -> dict:
