@@ -177,7 +177,7 @@ def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-CACHE_POLICIES = ("gdsf", "lru")
+CACHE_POLICIES = ("lrfu", "gdsf", "lru")
 PREFETCH_TIERS = ("host", "device", "none")
 
 
@@ -188,7 +188,8 @@ class CacheConfig:
 
     device_bytes: int | None = None   # hot experts' runtimes (GPU memory on CUDA)
     host_bytes: int | None = None     # warm experts' weights in RAM (pinned on CUDA)
-    policy: str = "gdsf"              # gdsf (cost-aware) or lru
+    policy: str = "lrfu"              # lrfu or gdsf (cost-aware), or lru
+    frequency_half_life: int = 100    # lrfu: an expert's request count halves every this many requests
     prefetch: str = "host"            # where a routed request's expert is moved while it queues
     pins: tuple = ()                  # experts loaded hot at start-up and never evicted
     max_hot_experts: int = 4          # experts hot at once, whatever their bytes (Ollama's max loaded models)
@@ -202,6 +203,7 @@ class CacheConfig:
             if value is not None:
                 object.__setattr__(self, name, parse_bytes(value, name))
         _require(self.policy in CACHE_POLICIES, "policy", "one of " + ", ".join(CACHE_POLICIES), self.policy)
+        _positive_int(self.frequency_half_life, "frequency_half_life")
         _require(self.prefetch in PREFETCH_TIERS, "prefetch", "one of " + ", ".join(PREFETCH_TIERS), self.prefetch)
         pins = self.pins
         _require(isinstance(pins, (list, tuple)) and all(isinstance(n, str) for n in pins),
@@ -461,7 +463,8 @@ cache:
   # Budgets default to shares of the memory free at start-up; set them to cap coe's memory.
   # device_bytes: 2GiB   # hot experts' runtimes (GPU memory on CUDA; contexts and buffers on CPU)
   # host_bytes: 8GiB     # warm experts' weights in RAM (page cache for GGUF, pinned buffers on CUDA)
-  policy: gdsf         # gdsf: weighs reload cost, size and popularity; lru: least recently used
+  policy: lrfu         # lrfu / gdsf: weigh reload cost, size and popularity; lru: least recently used
+  frequency_half_life: 100  # lrfu: an expert's request count halves every this many requests
   prefetch: host       # move a routed request's expert up while it queues: host, device or none
   pins: []             # experts made hot at start-up and never evicted
   max_hot_experts: 4   # experts hot at once, whatever their bytes

@@ -513,8 +513,8 @@ def test_snapshot(folders):
 
 # ---- policies ----------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("policy, victim", [("lru", "popular"), ("gdsf", "recent")])
-def test_gdsf_keeps_a_popular_older_expert_that_lru_evicts(tmp_path, policy, victim):
+@pytest.mark.parametrize("policy, victim", [("lru", "popular"), ("gdsf", "recent"), ("lrfu", "recent")])
+def test_cost_aware_policies_keep_a_popular_older_expert_that_lru_evicts(tmp_path, policy, victim):
     names = ("popular", "recent", "new")
     folders = {n: write_weights(tmp_path / n, 1000) for n in names}
     size = weight_bytes(folders["popular"])
@@ -547,6 +547,25 @@ def test_gdsf_ages_out_an_expert_that_stopped_being_used(folders):
     assert tiers(cache)["a"] == "disk"
 
 
+def test_lrfu_ages_out_an_expert_that_stopped_being_used(folders):
+    """Its decayed count halves every frequency_half_life requests, while the others keep coming."""
+    size = weight_bytes(folders["a"])
+    backend = FakeBackend()
+    experts = tuple(ExpertConfig(n, str(folders[n]), backend="torch_hf") for n in "abc")
+    cache = ModelCache(CoEConfig(experts=experts, cache=CacheConfig(policy="lrfu", frequency_half_life=4)),
+                       ModelStore("unused"), backends={"torch_hf": backend},
+                       budgets=Budgets(device_bytes=10**9, host_bytes=2 * size, device_kind="cpu"))
+    for _ in range(8):
+        cache.activate("a")
+    cache.activate("b")
+    cache.activate("c")
+    assert tiers(cache)["a"] != "disk" and tiers(cache)["b"] == "disk"  # 8 recent uses beat 1
+    for _ in range(6):  # b and c take turns; a is never used again
+        cache.activate("b")
+        cache.activate("c")
+    assert tiers(cache)["a"] == "disk"
+
+
 # ---- property: random moves never break a budget -----------------------------------------------
 
 NAMES = "abcdef"
@@ -564,7 +583,7 @@ MOVES = st.one_of(
        device_footprints=st.lists(st.integers(0, 3 * KB), min_size=6, max_size=6),
        host_budget=st.one_of(st.integers(0, 2 * KB), st.integers(2 * KB, 16 * KB)),
        device_budget=st.one_of(st.integers(0, KB), st.integers(KB, 8 * KB)),
-       kind=st.sampled_from(("cpu", "cuda")), policy=st.sampled_from(("gdsf", "lru")),
+       kind=st.sampled_from(("cpu", "cuda")), policy=st.sampled_from(("lrfu", "gdsf", "lru")),
        broken=st.sets(st.sampled_from(NAMES), max_size=1),
        moves=st.lists(MOVES, min_size=8, max_size=40))
 def test_random_moves_keep_every_tier_within_budget(folders, host_footprints, device_footprints, host_budget,

@@ -33,7 +33,7 @@ def test_default_config_has_the_four_packaged_experts():
                                                 "qwen2.5-coder-1.5b"]
     assert all(e.backend == "auto" and e.source == e.name for e in config.experts)
     assert config.default_expert == "smollm2-135m"
-    assert config.cache == CacheConfig(device_bytes=None, host_bytes=None, policy="gdsf", prefetch="host", pins=())
+    assert config.cache == CacheConfig(device_bytes=None, host_bytes=None, policy="lrfu", prefetch="host", pins=())
     assert config.scheduler.max_batch_size == 8
     assert config.server.port == 8000
 
@@ -48,7 +48,7 @@ def test_minimal_yaml_fills_defaults_and_default_expert_is_the_first(tmp_path):
     assert config.expert("b").source == "/models/b"
     assert config.cache.host_bytes == 512 * 10**6
     assert config.cache.device_bytes is None  # derived from free memory at start-up
-    assert config.cache.policy == "gdsf" and config.cache.prefetch == "host" and config.cache.pins == ()
+    assert config.cache.policy == "lrfu" and config.cache.prefetch == "host" and config.cache.pins == ()
     assert config.server == ServerConfig()
 
 

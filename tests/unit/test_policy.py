@@ -1,6 +1,6 @@
 import pytest
 
-from coe.cache.policy import POLICIES, Candidate, Eviction, choose_victims, priority
+from coe.cache.policy import POLICIES, Candidate, Eviction, choose_victims, decay, priority
 
 GB = 10**9
 
@@ -83,8 +83,30 @@ def test_impossible_fit_raises():
         choose_victims([lru("p", 30, 1.0, pinned=True), lru("q", 30, 2.0)], 80, free_bytes=10)
 
 
+def test_lrfu_keys_order_experts_by_their_decayed_value_now():
+    """The stored key is time-invariant: comparing keys is comparing count x 0.5 ** (age / half-life)
+    x reload_s / size at any later moment."""
+    experts = [(5.0, 10, 1.0, GB), (2.0, 90, 1.0, GB), (1.0, 100, 3.0, GB), (9.0, 0, 1.0, 2 * GB)]
+    keys = [priority("lrfu", clock=0.0, recency=at, frequency=1, reload_s=c, num_bytes=b, decayed=n, now=at,
+                     half_life=50) for n, at, c, b in experts]
+    for now in (100, 400):
+        values = [decay(n, now - at, 50) * c / (b / GB) for n, at, c, b in experts]
+        assert sorted(range(4), key=keys.__getitem__) == sorted(range(4), key=values.__getitem__)
+    assert decay(8.0, 100, 50) == pytest.approx(2.0)
+
+
+def test_lrfu_counts_an_expert_moved_up_before_its_request_as_requested_now():
+    prefetched = priority("lrfu", clock=0.0, recency=0, frequency=1, reload_s=1.0, num_bytes=GB, decayed=0.0, now=70)
+    requested = priority("lrfu", clock=0.0, recency=70, frequency=1, reload_s=1.0, num_bytes=GB, decayed=1.0, now=70)
+    assert prefetched == pytest.approx(requested)
+    # an old favourite keeps its own (higher) key when moved up again
+    old = priority("lrfu", clock=0.0, recency=60, frequency=9, reload_s=1.0, num_bytes=GB, decayed=9.0, now=60)
+    assert priority("lrfu", clock=0.0, recency=60, frequency=9, reload_s=1.0, num_bytes=GB, decayed=9.0,
+                    now=70) == pytest.approx(old)
+
+
 def test_unknown_policy():
-    assert POLICIES == ("gdsf", "lru")
+    assert POLICIES == ("lrfu", "gdsf", "lru")
     with pytest.raises(ValueError, match="unknown cache policy 'fifo'"):
         priority("fifo", clock=0.0, recency=0.0, frequency=1, reload_s=1.0, num_bytes=1)
 
@@ -108,3 +130,19 @@ def test_max_others_skips_pinned_candidates_and_fails_when_the_pins_are_too_many
     assert choose_victims(resident, 0, free_bytes=100, max_others=1).victims == ("b", "c")
     with pytest.raises(ValueError):
         choose_victims(resident, 0, free_bytes=100, max_others=0)
+
+
+def test_the_switch_replay_reports_every_policy_on_the_same_sequences():
+    """The bench's replay drives the real ModelCache on a virtual clock (deterministic)."""
+    from coe.bench.switch import REPLAY_POLICIES, SimExpert, run_replay
+
+    experts = [SimExpert(f"e{i}", (i + 1) * 10**8, 0.1 * (i + 1), 0.05 * (i + 1)) for i in range(16)]
+    result = run_replay(experts, num_requests=300, seeds=2)
+    assert result["policy_name"] == "lrfu" and set(REPLAY_POLICIES) == {"lru", "gdsf", "lrfu"}
+    assert result["policy_switch_s"] == pytest.approx(sum(result["per_seed"]["lrfu_switch_s"]) / 2)
+    assert result["reduction"] == pytest.approx(1 - result["policy_switch_s"] / result["lru_switch_s"])
+    for name in REPLAY_POLICIES:
+        rates = result[name]
+        assert rates["hit_rate"] + rates["warm_hit_rate"] + rates["miss_rate"] == pytest.approx(1.0)
+        assert result["shifting"][f"{name}_switch_s"] > 0
+    assert run_replay(experts, num_requests=300, seeds=2) == result  # same sequences, same moves

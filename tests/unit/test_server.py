@@ -100,7 +100,7 @@ def test_experts_shows_tiers_budgets_and_counters(client, tiny_checkpoint):
     response = client.get("/v1/experts")
     assert response.status_code == 200
     body = response.json()
-    assert body["policy"] == "gdsf" and body["device_kind"] in ("cpu", "cuda")
+    assert body["policy"] == "lrfu" and body["device_kind"] in ("cpu", "cuda")
     assert set(body["tiers"]) == {"device", "host"}
     for tier in body["tiers"].values():
         assert tier["budget_bytes"] > 0 and 0 <= tier["used_bytes"] <= tier["budget_bytes"]

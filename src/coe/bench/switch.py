@@ -364,23 +364,43 @@ def replay(experts: list[SimExpert], sequence: list[int], policy_name: str, fold
             "warm_hit_rate": stats.warm_hits / len(sequence), "miss_rate": stats.misses / len(sequence)}
 
 
+def shifting_sequence(num_experts: int, num_requests: int, seed: int, every: int = 500) -> list[int]:
+    """Zipf(1.0) whose popularity ranks are reshuffled every ``every`` requests."""
+    rng, sequence = random.Random(seed), []
+    while len(sequence) < num_requests:
+        ranks = list(range(num_experts))
+        rng.shuffle(ranks)
+        sequence += rng.choices(range(num_experts), weights=[1.0 / (r + 1) for r in ranks], k=every)
+    return sequence[:num_requests]
+
+
+REPLAY_POLICIES = ("lru", "gdsf", "lrfu")  # the baseline first, the default policy last
+
+
 def run_replay(experts: list[SimExpert], num_requests: int, seeds: int) -> dict:
-    results = {"lru": [], "gdsf": []}
+    """Every policy on the same Zipf(1.0) sequences (the target), and on sequences whose
+    popularity shifts every 500 requests (a check that the default does not only suit a fixed mix)."""
+    workloads = {"zipf": zipf_sequence, "shifting": shifting_sequence}
+    results = {w: {p: [] for p in REPLAY_POLICIES} for w in workloads}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
-            sequence = zipf_sequence(len(experts), num_requests, seed)
-            for policy_name in results:
-                results[policy_name].append(replay(experts, sequence, policy_name, Path(tmp)))
+            for workload, make in workloads.items():
+                sequence = make(len(experts), num_requests, seed)
+                for policy_name in REPLAY_POLICIES:
+                    results[workload][policy_name].append(replay(experts, sequence, policy_name, Path(tmp)))
     mean = lambda rows, key: statistics.mean(r[key] for r in rows)  # noqa: E731
-    lru, gdsf = results["lru"], results["gdsf"]
-    return {"experts": len(experts), "requests": num_requests, "seeds": seeds, "zipf_exponent": 1.0,
-            "hot_slots": REPLAY_HOT, "warm_slots": REPLAY_WARM,
-            "lru_switch_s": mean(lru, "switch_s"), "policy_switch_s": mean(gdsf, "switch_s"),
-            "reduction": 1 - mean(gdsf, "switch_s") / mean(lru, "switch_s"),
-            "lru": {k: mean(lru, k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")},
-            "policy": {k: mean(gdsf, k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")},
-            "per_seed": {"lru_switch_s": [r["switch_s"] for r in lru],
-                         "policy_switch_s": [r["switch_s"] for r in gdsf]}}
+    zipf, default = results["zipf"], CacheConfig().policy
+    out = {"experts": len(experts), "requests": num_requests, "seeds": seeds, "zipf_exponent": 1.0,
+           "hot_slots": REPLAY_HOT, "warm_slots": REPLAY_WARM, "policy_name": default,
+           "lru_switch_s": mean(zipf["lru"], "switch_s"), "policy_switch_s": mean(zipf[default], "switch_s"),
+           "gdsf_switch_s": mean(zipf["gdsf"], "switch_s")}
+    out["reduction"] = 1 - out["policy_switch_s"] / out["lru_switch_s"]
+    out.update({name: {k: mean(zipf[name], k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")}
+                for name in REPLAY_POLICIES})
+    out["policy"] = out[default]
+    out["per_seed"] = {f"{name}_switch_s": [r["switch_s"] for r in zipf[name]] for name in REPLAY_POLICIES}
+    out["shifting"] = {f"{name}_switch_s": mean(results["shifting"][name], "switch_s") for name in REPLAY_POLICIES}
+    return out
 
 
 # ---- the run ---------------------------------------------------------------------------------------
@@ -473,8 +493,9 @@ def print_report(result: dict) -> None:
     rp = result["replay"]
     print(f"replay: Zipf(1.0), {rp['experts']} experts, {rp['requests']} requests x {rp['seeds']} seeds, "
           f"room for {rp['hot_slots']} hot + {rp['warm_slots']} warm")
-    print(f"  lru  switch {rp['lru_switch_s']:.1f}s  hit {rp['lru']['hit_rate']:.2f} warm {rp['lru']['warm_hit_rate']:.2f}"
-          f" miss {rp['lru']['miss_rate']:.2f}")
-    print(f"  gdsf switch {rp['policy_switch_s']:.1f}s  hit {rp['policy']['hit_rate']:.2f} "
-          f"warm {rp['policy']['warm_hit_rate']:.2f} miss {rp['policy']['miss_rate']:.2f}  "
-          f"({rp['reduction'] * 100:.0f}% less switch time)")
+    for name in REPLAY_POLICIES:
+        switch_s, rates = rp["per_seed"][f"{name}_switch_s"], rp[name]
+        saved = 1 - statistics.mean(switch_s) / rp["lru_switch_s"]
+        print(f"  {name:<5} switch {statistics.mean(switch_s):6.1f}s  hit {rates['hit_rate']:.2f} "
+              f"warm {rates['warm_hit_rate']:.2f} miss {rates['miss_rate']:.2f}  ({saved * 100:.0f}% less than lru; "
+              f"shifting popularity: {rp['shifting'][f'{name}_switch_s']:.1f}s)")

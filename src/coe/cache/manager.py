@@ -72,6 +72,7 @@ class _Slot:
     leases: int = 0
     requests: int = 0
     last_used: int = 0  # request sequence number of its last use
+    decayed: float = 0.0  # request count decayed to last_used (policy lrfu)
     priority: dict = field(default_factory=lambda: {tier: 0.0 for tier in TIERS})
     read_s: float | None = None        # last measured disk -> host move
     materialize_s: float | None = None  # last measured host -> device move
@@ -395,6 +396,8 @@ class ModelCache:
             self.stats.switches += 1
         self._previous = name
         slot.requests += 1
+        slot.decayed = policy.decay(slot.decayed, self.stats.activations - slot.last_used,
+                                    self.config.cache.frequency_half_life) + 1.0
         slot.last_used = self.stats.activations
 
     def _touch(self, slot: _Slot, tier: str) -> None:
@@ -403,7 +406,8 @@ class ModelCache:
             slot.priority[level] = policy.priority(
                 self.policy, clock=self._clock[level], recency=slot.last_used,
                 frequency=max(slot.requests, 1), reload_s=self._reload_s(slot, level),
-                num_bytes=slot.host.num_bytes if slot.host else 1)
+                num_bytes=slot.host.num_bytes if slot.host else 1, decayed=slot.decayed,
+                now=self.stats.activations, half_life=self.config.cache.frequency_half_life)
 
     def _reload_s(self, slot: _Slot, tier: str) -> float:
         """What evicting the expert from ``tier`` would cost to undo."""

@@ -8,12 +8,21 @@ skipping pinned and in-use experts, until the incoming bytes fit.
   reload_s is what bringing the expert back would cost from the tier it would fall to (host ->
   device for a device victim, disk -> host -> device for a host victim). The tier's clock rises
   to the priority of each victim, so experts that stop being used age out.
+- ``lrfu`` (the default): cost-aware LRFU. The value of keeping an expert is its request count
+  decayed by half every ``half_life`` requests (to everyone), times reload_s / size. Since every
+  expert decays at the same rate, comparing values now is comparing the time-invariant key
+  log(decayed count at its last request x reload_s / size) + last request x ln 2 / half_life,
+  which is what is stored. Unlike GDSF's clock, which ages every expert at each eviction,
+  the decay ages by requests: a steadily popular expert keeps its lead, one whose popularity
+  moved on loses it within a few half-lives.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-POLICIES = ("gdsf", "lru")
+POLICIES = ("lrfu", "gdsf", "lru")
+DEFAULT_HALF_LIFE = 100  # requests
 _GB = 1e9
 
 
@@ -32,13 +41,29 @@ class Eviction:
 
 
 def priority(policy: str, *, clock: float, recency: float, frequency: float, reload_s: float,
-             num_bytes: int) -> float:
-    """The priority an expert gets when it is used (or arrives) in a tier."""
+             num_bytes: int, decayed: float = 0.0, now: float = 0.0,
+             half_life: float = DEFAULT_HALF_LIFE) -> float:
+    """The priority an expert gets when it is used (or arrives) in a tier. ``recency``: the
+    sequence number of its last request; ``decayed``: its decayed count as of that request
+    (``decay``); ``now``: the current sequence number (an expert moved up before any request,
+    by a prefetch, counts as one request now)."""
     if policy == "lru":
         return recency
+    density = reload_s / max(num_bytes / _GB, 1e-9)
     if policy == "gdsf":
-        return clock + frequency * reload_s / max(num_bytes / _GB, 1e-9)
+        return clock + frequency * density
+    if policy == "lrfu":
+        def key(count: float, at: float) -> float:
+            return math.log(max(count * density, 1e-12)) + at * math.log(2) / half_life
+        if now > recency or decayed <= 0:  # moved up ahead of its request
+            return max(key(decayed, recency), key(1.0, now))
+        return key(decayed, recency)
     raise ValueError(f"unknown cache policy {policy!r} (expected one of {', '.join(POLICIES)})")
+
+
+def decay(count: float, elapsed: float, half_life: float = DEFAULT_HALF_LIFE) -> float:
+    """A request count ``elapsed`` requests later: halved every ``half_life``."""
+    return count * 0.5 ** (elapsed / half_life)
 
 
 def choose_victims(candidates: list[Candidate], incoming_bytes: int, free_bytes: int,
