@@ -83,3 +83,22 @@ def test_errors_keep_their_status_through_the_replicas(ray_server):
     assert ask(ray_server, "no-such-expert").status_code == 404
     models = [m["id"] for m in httpx.get(ray_server.v1 + "/models", timeout=10).json()["data"]]
     assert models == ["coe", "smollm2-135m", "gemma3-270m"]
+
+
+def test_the_ingress_shows_the_replicas_caches(ray_server):
+    for model in ("smollm2-135m", "gemma3-270m"):
+        assert ask(ray_server, model).status_code == 200
+    deadline = time.monotonic() + 30  # replicas report every 2 s
+    while True:
+        snapshot = httpx.get(ray_server.v1 + "/experts", timeout=10).json()
+        experts = {e["name"]: e for e in snapshot["experts"]}
+        if all(experts[m]["state"] == "hot" for m in ("smollm2-135m", "gemma3-270m")) or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert len(snapshot["replicas"]) == 2, snapshot
+    for model in ("smollm2-135m", "gemma3-270m"):
+        assert experts[model]["state"] == "hot" and experts[model]["device_bytes"] > 0, experts[model]
+        assert "hot" in experts[model]["replicas"].values()
+    metrics = httpx.get(ray_server.base_url + "/metrics", timeout=10).text
+    lookups = [line for line in metrics.splitlines() if line.startswith("coe_cache_lookups_total")]
+    assert sum(float(line.split()[-1]) for line in lookups) >= 2, lookups

@@ -128,3 +128,45 @@ def test_the_ray_section_is_validated():
     scaled = from_dict({"experts": [{"name": "a", "source": "/a"}],
                         "ray": {"autoscaling": {"min_replicas": 1, "max_replicas": 4}}})
     assert ray_serve._max_replicas(scaled) == 4
+
+
+def snapshot_of(states: dict[str, tuple[str, int, int]], switches: int) -> dict:
+    """A replica's cache snapshot: expert -> (state, host_bytes, device_bytes)."""
+    tiers = {"device": "hot", "host": "warm"}
+    return {"policy": "lrfu", "device_kind": "cpu", "reusable_buffer_bytes": 5,
+            "tiers": {"device": {"budget_bytes": 100, "used_bytes": sum(d for _, _, d in states.values())},
+                      "host": {"budget_bytes": 200, "used_bytes": sum(h for _, h, _ in states.values())}},
+            "stats": {"switches": switches, "hits": 1, "warm_hits": 0, "misses": 1,
+                      "evictions": {"device": 1, "host": 0}, "bytes_moved": {"disk->host": 10}},
+            "experts": [{"name": n, "backend": "llama_cpp", "state": st, "tier": {v: k for k, v in tiers.items()}.get(st, "disk"),
+                         "weight_bytes": 10, "num_params": 7, "host_bytes": h, "device_bytes": d, "pinned": False,
+                         "requests": 2, "read_s": None, "materialize_s": None} for n, (st, h, d) in states.items()]}
+
+
+def test_the_replicas_caches_merge_into_one_snapshot():
+    merged = ray_serve.merge_snapshots({
+        "r1": snapshot_of({"a": ("hot", 10, 3), "b": ("ready", 0, 0)}, switches=4),
+        "r2": snapshot_of({"a": ("warm", 10, 0), "b": ("hot", 10, 4)}, switches=1)})
+    assert merged["replicas"] == ["r1", "r2"] and merged["policy"] == "lrfu"
+    assert merged["tiers"]["device"] == {"budget_bytes": 200, "used_bytes": 7}
+    assert merged["stats"] == {"switches": 5, "hits": 2, "warm_hits": 0, "misses": 2,
+                               "evictions": {"device": 2, "host": 0}, "bytes_moved": {"disk->host": 20}}
+    experts = {e["name"]: e for e in merged["experts"]}
+    assert experts["a"]["state"] == "hot" and experts["a"]["tier"] == "device" and experts["a"]["host_bytes"] == 20
+    assert experts["a"]["replicas"] == {"r1": "hot", "r2": "warm"} and experts["b"]["replicas"]["r2"] == "hot"
+    assert experts["b"]["requests"] == 4 and merged["reusable_buffer_bytes"] == 10
+
+
+def test_an_engine_shows_the_tiers_of_its_cache_view_with_offloaded_experts(tmp_path):
+    import httpx
+
+    from fakes import fake_engine
+
+    engine = fake_engine(tmp_path, names=("a", "b"), remote={"far": lambda request: httpx.Response(500)})
+    assert [e["tier"] for e in engine.snapshot()["experts"]] == ["disk", "disk", "remote"]
+    engine.cache_view = lambda: snapshot_of({"a": ("hot", 10, 3)}, switches=2)
+    snapshot = engine.snapshot()
+    assert [e["name"] for e in snapshot["experts"]] == ["a", "b", "far"]
+    assert [e["tier"] for e in snapshot["experts"]] == ["device", "disk", "remote"]
+    assert snapshot["stats"]["switches"] == 2
+    assert "coe_cache_switches_total 2.0" in engine.metrics.exposition().decode()

@@ -45,6 +45,7 @@ class ExpertState:
     device_bytes: int = 0         # measured footprint in the device tier
     pinned: bool = False
     requests: int = 0
+    file_read_s: float | None = None  # of read_s, the time spent reading the file itself (0: it was cached)
 
     @property
     def load_s(self) -> float | None:
@@ -59,6 +60,7 @@ class ExpertState:
                 "weight_bytes": self.num_bytes, "num_params": self.num_params,
                 "host_bytes": self.host_bytes, "device_bytes": self.device_bytes,
                 "pinned": self.pinned, "requests": self.requests, "read_s": self.read_s,
+                "file_read_s": self.file_read_s,
                 "materialize_s": self.materialize_s}
 
 
@@ -75,6 +77,7 @@ class _Slot:
     decayed: float = 0.0  # request count decayed to last_used (policy lrfu)
     priority: dict = field(default_factory=lambda: {tier: 0.0 for tier in TIERS})
     read_s: float | None = None        # last measured disk -> host move
+    file_read_s: float | None = None   # of which reading the file (the backend's HostWeights.read_s)
     materialize_s: float | None = None  # last measured host -> device move
     host_bytes_seen: int | None = None
     device_bytes_seen: int | None = None
@@ -264,6 +267,7 @@ class ModelCache:
                                          undo=lambda host: (host.release(), self._sync_pool()))
         with self._state:
             slot.host, slot.backend, slot.read_s, slot.host_bytes_seen = host, backend, elapsed, host.footprint_bytes
+            slot.file_read_s = host.read_s
             self._sync_pool()
             self._touch(slot, "host")
             self.stats.bytes_moved["disk->host"] += weight_bytes
@@ -473,7 +477,7 @@ class ModelCache:
         backend = backend_name_for(expert.backend, info.path) if info is not None else expert.backend
         return ExpertState(expert.name, backend, state, info.num_bytes if info else None,
                            info.num_params if info else None, slot.read_s, slot.materialize_s,
-                           host_bytes, device_bytes, slot.pinned, slot.requests)
+                           host_bytes, device_bytes, slot.pinned, slot.requests, slot.file_read_s)
 
     def state_of(self, name: str) -> ExpertState:
         return self._state_of(self._slot(name).expert)

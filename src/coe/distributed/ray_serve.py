@@ -21,7 +21,8 @@ import importlib.util
 import logging
 import signal
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 from coe import errors
@@ -90,6 +91,89 @@ def error_from_wire(wire: dict) -> CoEError:
     return error
 
 
+# ---- what the replicas hold: reported to a registry, merged for the ingress ---------------------
+
+REGISTRY_NAME, REGISTRY_NAMESPACE = "coe-replica-registry", "coe"
+REPORT_EVERY_S = 2.0      # a replica sends its cache snapshot this often
+REPORT_MAX_AGE_S = 10.0   # older reports (a replica gone) are left out
+_STATE_RANK = {"hot": 3, "warm": 2, "ready": 1}
+
+
+class ReplicaRegistry:
+    """A Ray actor holding each expert replica's latest cache snapshot."""
+
+    def __init__(self):
+        self._reports: dict[str, tuple[float, dict]] = {}
+
+    def report(self, replica_id: str, snapshot: dict) -> None:
+        self._reports[replica_id] = (time.time(), snapshot)
+
+    def snapshots(self, max_age_s: float = REPORT_MAX_AGE_S) -> dict[str, dict]:
+        now = time.time()
+        return {rid: snap for rid, (at, snap) in self._reports.items() if now - at <= max_age_s}
+
+
+def merge_snapshots(snapshots: dict[str, dict]) -> dict:
+    """The replicas' caches as one `GET /v1/experts` snapshot: budgets, bytes and counters summed;
+    each expert in the best state any replica holds it in, with the state per replica."""
+    merged: dict = {"policy": None, "device_kind": None, "replicas": sorted(snapshots),
+                    "tiers": {}, "reusable_buffer_bytes": 0, "stats": {}, "experts": []}
+    experts: dict[str, dict] = {}
+    for replica_id, snap in sorted(snapshots.items()):
+        merged["policy"], merged["device_kind"] = snap["policy"], snap["device_kind"]
+        merged["reusable_buffer_bytes"] += snap.get("reusable_buffer_bytes", 0)
+        for tier, room in snap["tiers"].items():
+            total = merged["tiers"].setdefault(tier, {"budget_bytes": 0, "used_bytes": 0})
+            total["budget_bytes"] += room["budget_bytes"]
+            total["used_bytes"] += room["used_bytes"]
+        _add_counts(merged["stats"], snap["stats"])
+        for expert in snap["experts"]:
+            row = experts.setdefault(expert["name"], {**expert, "host_bytes": 0, "device_bytes": 0,
+                                                      "requests": 0, "pinned": False, "replicas": {}})
+            if _STATE_RANK.get(expert["state"], 0) > _STATE_RANK.get(row["state"], 0):
+                row.update(state=expert["state"], tier=expert["tier"])
+            for key in ("host_bytes", "device_bytes", "requests"):
+                row[key] += expert[key] or 0
+            row["pinned"] = row["pinned"] or expert["pinned"]
+            row["replicas"][replica_id] = expert["state"]
+    merged["experts"] = list(experts.values())
+    return merged
+
+
+def _add_counts(total: dict, counts: dict) -> None:
+    for key, value in counts.items():
+        if isinstance(value, dict):
+            _add_counts(total.setdefault(key, {}), value)
+        else:
+            total[key] = total.get(key, 0) + value
+
+
+class ReplicaView:
+    """The ingress's view of the replicas' caches, read from the registry at most once a second."""
+
+    def __init__(self, fallback: Callable[[], dict], refresh_s: float = 1.0):
+        self._fallback, self._refresh_s = fallback, refresh_s
+        self._lock = threading.Lock()
+        self._read_at, self._snapshot = 0.0, None
+
+    def __call__(self) -> dict:
+        with self._lock:
+            if self._snapshot is None or time.monotonic() - self._read_at > self._refresh_s:
+                self._snapshot, self._read_at = self._read(), time.monotonic()
+            return self._snapshot
+
+    def _read(self) -> dict:
+        import ray
+
+        try:
+            registry = ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
+            snapshots = ray.get(registry.snapshots.remote(), timeout=5)
+        except Exception as exc:  # noqa: BLE001 - no replica reported yet, or Ray is shutting down
+            log.debug("no replica snapshots: %s", exc)
+            snapshots = {}
+        return merge_snapshots(snapshots) if snapshots else self._fallback()
+
+
 # ---- the expert replica --------------------------------------------------------------------------
 
 def replica_config(config: CoEConfig) -> CoEConfig:
@@ -107,6 +191,19 @@ class ExpertReplica:
         self.engine = Engine.from_config(replica_config(config), home)
         self.engine.start()
         self.replica_id = _replica_id()
+        self._reporting = threading.Event()
+        threading.Thread(target=self._report_loop, name="coe-replica-report", daemon=True).start()
+
+    def _report_loop(self) -> None:
+        """Send this replica's cache snapshot to the registry every REPORT_EVERY_S."""
+        import ray
+
+        while not self._reporting.wait(REPORT_EVERY_S):
+            try:
+                registry = ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
+                registry.report.remote(self.replica_id, self.engine.snapshot())
+            except Exception as exc:  # noqa: BLE001 - the registry is not up (yet); try again later
+                log.debug("replica report failed: %s", exc)
 
     async def hold(self, expert: str) -> str:
         """Serve calls this once per expert new to this replica (through ``serve.multiplexed``):
@@ -144,6 +241,9 @@ class ExpertReplica:
         return self.engine.snapshot()
 
     def __del__(self):
+        reporting = getattr(self, "_reporting", None)
+        if reporting is not None:
+            reporting.set()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.stop()
@@ -225,6 +325,7 @@ class Ingress:
         self.engine = Engine.from_config(config, home, offloaded=offloaded)
         for state in self.engine.cache.states():
             offloaded[state.name].num_params = state.num_params
+        self.engine.cache_view = ReplicaView(self.engine.cache.snapshot)  # tiers live in the replicas
 
     def __serve_build_asgi_app__(self):
         from coe.server import create_app
@@ -273,6 +374,9 @@ def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, addr
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
+        ray.remote(ReplicaRegistry).options(  # detached: it outlives whichever process asked first
+            name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
+            num_cpus=0).remote()
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config, home), name=APP_NAME, route_prefix="/", blocking=False)
         stop = stop or threading.Event()
@@ -284,6 +388,7 @@ def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, addr
         try:
             if address:  # a cluster we joined keeps running without our application
                 serve.delete(APP_NAME)
+                ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE))
         finally:
             ray.shutdown()  # a local cluster goes with us
 

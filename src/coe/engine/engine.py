@@ -10,7 +10,7 @@ import time
 from collections import deque
 from dataclasses import replace
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 from coe.backends.offload import OffloadedExpert
 from coe.backends.remote import RemoteExpert
@@ -56,6 +56,9 @@ class Engine:
         self.num_served = 0
         self._decisions: deque[tuple[float, str, str]] = deque(maxlen=MAX_RECENT_DECISIONS)
         self.health = ExpertHealth()
+        # where `snapshot` reads the tiers from: this process's cache, unless the weights live in
+        # other processes that report theirs (the Ray Serve ingress sets the replicas' view)
+        self.cache_view: Callable[[], dict] = cache.snapshot
 
     @classmethod
     def from_config(cls, config: CoEConfig, home: str | Path,
@@ -426,8 +429,7 @@ class Engine:
 
     def expert_states(self) -> list[ExpertState]:
         """Every expert in config order: the cache's view of local ones, the remote ones as tier "remote"."""
-        local = {s.name: s for s in self.cache.states()}
-        return [self._remote_state(e.name) if e.name in self.remotes else local[e.name] for e in self.config.experts]
+        return [self._state(e.name) for e in self.config.experts]
 
     def _remote_state(self, name: str) -> ExpertState:
         remote = self.remotes[name]
@@ -435,8 +437,14 @@ class Engine:
                            requests=remote.requests)
 
     def snapshot(self) -> dict:
-        """Everything `GET /v1/experts` shows: the cache's snapshot with the remote experts too."""
-        return {**self.cache.snapshot(), "experts": [s.to_dict() for s in self.expert_states()]}
+        """Everything `GET /v1/experts` shows: the tiers' snapshot (``cache_view``) with every
+        expert, offloaded ones included, in config order."""
+        view = self.cache_view()
+        held = {row["name"]: row for row in view["experts"]}
+        return {**view, "experts": [held.get(e.name) or self._state(e.name).to_dict() for e in self.config.experts]}
+
+    def _state(self, name: str) -> ExpertState:
+        return self._remote_state(name) if name in self.remotes else self.cache.state_of(name)
 
     def queue_depth(self) -> int:
         with self._work:
