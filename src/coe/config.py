@@ -292,6 +292,7 @@ class RayConfig:
 
     replicas: int = 2                  # expert replicas (the start, when autoscaling is set)
     cpus_per_replica: float = 1.0      # Ray CPUs each replica reserves
+    gpus_per_replica: float = 0.0      # Ray GPUs each replica reserves (experts with device: cuda)
     max_experts_per_replica: int = 4   # experts a replica advertises as loaded (Serve multiplexing)
     max_ongoing_requests: int = 16     # requests one replica takes at once
     autoscaling: dict | None = None    # {min_replicas, max_replicas, target_ongoing_requests}
@@ -299,8 +300,9 @@ class RayConfig:
     def __post_init__(self) -> None:
         for name in ("replicas", "max_experts_per_replica", "max_ongoing_requests"):
             _positive_int(getattr(self, name), name)
-        _require(is_number(self.cpus_per_replica) and self.cpus_per_replica >= 0, "cpus_per_replica",
-                 "a number >= 0", self.cpus_per_replica)
+        for name in ("cpus_per_replica", "gpus_per_replica"):
+            value = getattr(self, name)
+            _require(is_number(value) and value >= 0, name, "a number >= 0", value)
         if self.autoscaling is not None:
             _require(isinstance(self.autoscaling, dict), "autoscaling", "a mapping", self.autoscaling)
             _reject_unknown(self.autoscaling, _AUTOSCALING, "autoscaling")
@@ -494,6 +496,7 @@ server:
 ray:                        # `coe serve --ray` only
   replicas: 2               # expert replicas, each a coe engine with its own tier cache
   cpus_per_replica: 1       # Ray CPUs each replica reserves
+  gpus_per_replica: 0       # Ray GPUs each replica reserves (for experts with params.device: cuda)
   max_experts_per_replica: 4  # experts a replica advertises as loaded; requests prefer such a replica
   max_ongoing_requests: 16  # requests one replica takes at once
   autoscaling: null         # e.g. {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 4}

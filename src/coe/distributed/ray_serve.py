@@ -353,7 +353,7 @@ def build_app(config: CoEConfig, home: str | Path):
         replica_class(ray_config.max_experts_per_replica), name=REPLICA_NAME,
         num_replicas=None if scaling else ray_config.replicas, autoscaling_config=scaling,
         max_ongoing_requests=ray_config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ray_config.cpus_per_replica},
+        ray_actor_options={"num_cpus": ray_config.cpus_per_replica, "num_gpus": ray_config.gpus_per_replica},
     ).bind(config, str(home))
     ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_NAME, num_replicas=1,
                                max_ongoing_requests=max(1000, config.scheduler.max_queue),
