@@ -99,6 +99,8 @@ def test_the_ingress_shows_the_replicas_caches(ray_server):
     for model in ("smollm2-135m", "gemma3-270m"):
         assert experts[model]["state"] == "hot" and experts[model]["device_bytes"] > 0, experts[model]
         assert "hot" in experts[model]["replicas"].values()
+    health = httpx.get(ray_server.base_url + "/health", timeout=10).json()
+    assert health["experts"] == {"smollm2-135m": "hot", "gemma3-270m": "hot"}, health
     metrics = httpx.get(ray_server.base_url + "/metrics", timeout=10).text
     lookups = [line for line in metrics.splitlines() if line.startswith("coe_cache_lookups_total")]
     assert sum(float(line.split()[-1]) for line in lookups) >= 2, lookups

@@ -107,9 +107,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 def _install_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health():
-        states = await asyncio.to_thread(engine.expert_states)
+        snapshot = await asyncio.to_thread(engine.snapshot)
         return {"status": "ok", "queue_depth": engine.queue_depth(),
-                "experts": {s.name: s.state for s in states},
+                "experts": {e["name"]: e["state"] for e in snapshot["experts"]},
                 "unhealthy": {name: record for name, record in engine.health.snapshot(time.monotonic()).items()
                               if not record["healthy"]}}
 
