@@ -170,3 +170,16 @@ def test_an_engine_shows_the_tiers_of_its_cache_view_with_offloaded_experts(tmp_
     assert [e["tier"] for e in snapshot["experts"]] == ["device", "disk", "remote"]
     assert snapshot["stats"]["switches"] == 2
     assert "coe_cache_switches_total 2.0" in engine.metrics.exposition().decode()
+
+
+def test_an_address_with_no_ray_head_fails_fast_with_a_clear_message():
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    from coe.errors import CoEError
+
+    with pytest.raises(CoEError, match=f"--address 127.0.0.1:{port}: no Ray head answers there"):
+        ray_serve.check_reachable(f"127.0.0.1:{port}", timeout_s=2)
+    ray_serve.check_reachable("auto")  # left to Ray

@@ -370,6 +370,7 @@ def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, addr
     from ray import serve
 
     if address:
+        check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -391,6 +392,22 @@ def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, addr
                 ray.kill(ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE))
         finally:
             ray.shutdown()  # a local cluster goes with us
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast with a clear message when nothing listens at ``address`` (HOST:PORT or
+    ray://HOST:PORT); Ray itself would retry for minutes. "auto" is left to Ray."""
+    import socket
+
+    target = address.removeprefix("ray://")
+    host, sep, port = target.rpartition(":")
+    if address == "auto" or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise CoEError(f"--address {address}: no Ray head answers there ({exc.strerror or exc}); start one "
+                       f"with `ray start --head --port {port}`, or leave --address out for a local cluster") from None
 
 
 def _replica_summary(config: CoEConfig) -> str:
