@@ -183,3 +183,27 @@ def test_an_address_with_no_ray_head_fails_fast_with_a_clear_message():
     with pytest.raises(CoEError, match=f"--address 127.0.0.1:{port}: no Ray head answers there"):
         ray_serve.check_reachable(f"127.0.0.1:{port}", timeout_s=2)
     ray_serve.check_reachable("auto")  # left to Ray
+
+
+def test_joining_a_cluster_attaches_the_token_when_one_is_there(tmp_path):
+    token = tmp_path / "auth_token"
+    environ = {"RAY_AUTH_TOKEN_PATH": str(token)}
+    ray_serve.attach_auth_token(environ)
+    assert "RAY_AUTH_MODE" not in environ  # no token: nothing to send
+    token.write_text("secret")
+    ray_serve.attach_auth_token(environ)
+    assert environ["RAY_AUTH_MODE"] == "token"
+    chosen = {"RAY_AUTH_MODE": "disabled", "RAY_AUTH_TOKEN": "x"}
+    ray_serve.attach_auth_token(chosen)
+    assert chosen["RAY_AUTH_MODE"] == "disabled"  # the user's choice stands
+
+
+def test_checking_for_ray_does_not_import_it():
+    """Ray reads RAY_AUTH_MODE once, at import: coe must not import it before setting the mode."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from coe.distributed.ray_serve import require_ray\n"
+            "try:\n    require_ray()\nexcept Exception:\n    pass\nprint('ray' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "False", out.stderr

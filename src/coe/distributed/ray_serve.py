@@ -19,6 +19,7 @@ import asyncio
 import dataclasses
 import importlib.util
 import logging
+import os
 import signal
 import threading
 import time
@@ -37,7 +38,10 @@ INGRESS_NAME, REPLICA_NAME, APP_NAME = "coe-ingress", "coe-experts", "coe"
 
 
 def require_ray() -> None:
-    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+    """Ray Serve is installed. Nothing is imported: Ray reads its settings once, at import."""
+    spec = importlib.util.find_spec("ray")
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    if not any((Path(folder) / "serve" / "__init__.py").is_file() for folder in locations):
         raise MissingExtra("ray[serve]", "ray")
 
 
@@ -366,11 +370,13 @@ def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, addr
     """Deploy on a Ray cluster (``address``; None starts a local one) and block until SIGINT/SIGTERM
     (or ``stop``); then take the application down."""
     require_ray()
+    if address:
+        check_reachable(address)
+        attach_auth_token()  # before Ray is imported: it reads the mode once
     import ray
     from ray import serve
 
     if address:
-        check_reachable(address)
         ray.init(address=address, log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False)
@@ -408,6 +414,17 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     except OSError as exc:
         raise CoEError(f"--address {address}: no Ray head answers there ({exc.strerror or exc}); start one "
                        f"with `ray start --head --port {port}`, or leave --address out for a local cluster") from None
+
+
+def attach_auth_token(environ=os.environ) -> None:
+    """Send this machine's Ray token when joining a cluster. `ray start --head` turns token
+    authentication on when ~/.ray/auth_token exists, but `ray.init(address=...)` attaches the token
+    only with RAY_AUTH_MODE=token (Ray 2.59-2.60); a cluster without authentication ignores it."""
+    if "RAY_AUTH_MODE" in environ:
+        return
+    token_file = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+    if environ.get("RAY_AUTH_TOKEN") or token_file.is_file():
+        environ["RAY_AUTH_MODE"] = "token"
 
 
 def _replica_summary(config: CoEConfig) -> str:
