@@ -39,9 +39,8 @@ class Engine:
                  remotes: dict[str, OffloadedExpert] | None = None):
         self.config = config
         self.cache = cache
-        # experts behind other OpenAI-compatible servers: served on their own workers, not the loop
-        self.remotes = remotes if remotes is not None else {
-            e.name: RemoteExpert(e) for e in config.experts if e.is_remote}
+        # experts served outside this process (other servers, Ray replicas): on their own workers
+        self.remotes = remotes if remotes is not None else remote_experts(config)
         self.router = router
         # why model "coe" falls back to the default expert
         self.router_error = router_error or (None if router else "no router configured")
@@ -66,7 +65,7 @@ class Engine:
         """An engine with a model cache whose packaged weights live under ``home`` (COE_HOME).
         ``offloaded`` serves some local experts elsewhere (Ray Serve replicas)."""
         cache = ModelCache(config, ModelStore(home))
-        remotes = {**{e.name: RemoteExpert(e) for e in config.experts if e.is_remote}, **(offloaded or {})}
+        remotes = {**remote_experts(config), **(offloaded or {})}
         router, error = None, "router disabled in the config (router.enabled: false)"
         if config.router.enabled:
             params = {s.name: s.num_params for s in cache.states()}
@@ -453,6 +452,11 @@ class Engine:
     def queued_by_expert(self) -> dict[str, int]:
         with self._work:
             return self.scheduler.queued_by_expert()
+
+
+def remote_experts(config: CoEConfig) -> dict[str, OffloadedExpert]:
+    """The ``backend: remote`` experts of the config, ready to call."""
+    return {e.name: RemoteExpert(e) for e in config.experts if e.is_remote}
 
 
 def scheduler_from(config: CoEConfig) -> Scheduler:
