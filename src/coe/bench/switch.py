@@ -364,12 +364,17 @@ class SimulatedBackend(Backend):
         return runner
 
 
-def zipf_sequence(num_experts: int, num_requests: int, seed: int, exponent: float = 1.0) -> list[int]:
-    rng = random.Random(seed)
-    ranks = list(range(num_experts))
-    rng.shuffle(ranks)  # popularity independent of size
-    weights = [1.0 / (rank + 1) ** exponent for rank in ranks]
-    return rng.choices(range(num_experts), weights=weights, k=num_requests)
+def zipf_sequence(num_experts: int, num_requests: int, seed: int, exponent: float = 1.0,
+                  shift_every: int | None = None) -> list[int]:
+    """Zipf(``exponent``) over the experts; with ``shift_every``, the popularity ranks are
+    reshuffled every that many requests."""
+    rng, sequence = random.Random(seed), []
+    while len(sequence) < num_requests:
+        ranks = list(range(num_experts))
+        rng.shuffle(ranks)  # popularity independent of size
+        weights = [1.0 / (rank + 1) ** exponent for rank in ranks]
+        sequence += rng.choices(range(num_experts), weights=weights, k=shift_every or num_requests)
+    return sequence[:num_requests]
 
 
 def replay(experts: list[SimExpert], sequence: list[int], policy_name: str, folder: Path) -> dict:
@@ -393,23 +398,13 @@ def replay(experts: list[SimExpert], sequence: list[int], policy_name: str, fold
             "warm_hit_rate": stats.warm_hits / len(sequence), "miss_rate": stats.misses / len(sequence)}
 
 
-def shifting_sequence(num_experts: int, num_requests: int, seed: int, every: int = 500) -> list[int]:
-    """Zipf(1.0) whose popularity ranks are reshuffled every ``every`` requests."""
-    rng, sequence = random.Random(seed), []
-    while len(sequence) < num_requests:
-        ranks = list(range(num_experts))
-        rng.shuffle(ranks)
-        sequence += rng.choices(range(num_experts), weights=[1.0 / (r + 1) for r in ranks], k=every)
-    return sequence[:num_requests]
-
-
 REPLAY_POLICIES = ("lru", "gdsf", "lrfu")  # the baseline first, the default policy last
 
 
 def run_replay(experts: list[SimExpert], num_requests: int, seeds: int) -> dict:
     """Every policy on the same Zipf(1.0) sequences (the target), and on sequences whose
     popularity shifts every 500 requests (a check that the default does not only suit a fixed mix)."""
-    workloads = {"zipf": zipf_sequence, "shifting": shifting_sequence}
+    workloads = {"zipf": zipf_sequence, "shifting": lambda n, k, seed: zipf_sequence(n, k, seed, shift_every=500)}
     results = {w: {p: [] for p in REPLAY_POLICIES} for w in workloads}
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
