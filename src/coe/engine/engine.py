@@ -213,10 +213,7 @@ class Engine:
         except Exception as exc:  # a malformed stream: the request ends, the expert backs off
             crash = f"{type(exc).__name__}: {exc}"
             self._fail([request], GenerationError(f"{name} (remote): {crash}"))
-        if crash is None:
-            self.health.succeeded(name)
-        else:
-            self.health.failed(name, time.monotonic(), crash)
+        self._record_outcome(name, crash)
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
         """Submit and yield the request's events on the calling thread (CLI, benchmarks).
@@ -280,16 +277,20 @@ class Engine:
                     ended.add(event.request_id)
                 if isinstance(event.error, GenerationError):
                     crash = event.error.message
-            if crash is None:
-                self.health.succeeded(batch.expert)
-            else:
-                self.health.failed(batch.expert, time.monotonic(), crash)
+            self._record_outcome(batch.expert, crash)
         except CoEError as exc:
             self._fail([r for r in batch.requests if r.id not in ended], exc)
         except Exception as exc:  # the runner crashed: the expert backs off, its requests end
             self.health.failed(batch.expert, time.monotonic(), f"{type(exc).__name__}: {exc}")
             self._fail([r for r in batch.requests if r.id not in ended],
                        GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+
+    def _record_outcome(self, expert: str, crash: str | None) -> None:
+        """A generation that ended without a crash clears the expert's backoff; a crash starts it."""
+        if crash is None:
+            self.health.succeeded(expert)
+        else:
+            self.health.failed(expert, time.monotonic(), crash)
 
     def _unavailable(self, batch: Batch, exc: Exception | None) -> None:
         """The batch's expert could not be made ready (``exc``; None: it is still backing off from
