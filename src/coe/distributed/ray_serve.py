@@ -202,11 +202,13 @@ class ExpertReplica:
         """Send this replica's cache snapshot to the registry every REPORT_EVERY_S."""
         import ray
 
+        registry = None
         while not self._reporting.wait(REPORT_EVERY_S):
             try:
-                registry = ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
+                registry = registry or ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
                 registry.report.remote(self.replica_id, self.engine.snapshot())
             except Exception as exc:  # noqa: BLE001 - the registry is not up (yet); try again later
+                registry = None
                 log.debug("replica report failed: %s", exc)
 
     async def hold(self, expert: str) -> str:
@@ -240,9 +242,6 @@ class ExpertReplica:
                     return
         finally:
             request.cancel("cancelled")  # the ingress went away: stop at the next token
-
-    def snapshot(self) -> dict:
-        return self.engine.snapshot()
 
     def __del__(self):
         reporting = getattr(self, "_reporting", None)
