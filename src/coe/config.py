@@ -108,6 +108,13 @@ _REMOTE_PARAMS = {"model", "num_params", "api_key_env", "timeout_s", "connect_ti
                   "backoff_s", "max_concurrency"}
 
 
+def openai_endpoint(url: str, api_key: str | None) -> tuple[str, dict[str, str]]:
+    """The ``/v1`` base of an OpenAI-compatible server given as http://HOST:PORT or .../v1, and
+    the headers that carry its API key."""
+    url = url.rstrip("/")
+    return (url if url.endswith("/v1") else url + "/v1"), ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+
+
 def remote_settings(expert: ExpertConfig) -> RemoteSettings:
     """The remote endpoint of a ``backend: remote`` expert; ConfigError names the bad field."""
     params = expert.params
@@ -129,7 +136,7 @@ def remote_settings(expert: ExpertConfig) -> RemoteSettings:
     _require(isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0,
              "params.retries", "an integer >= 0", retries)
     _positive_int(params.get("max_concurrency", 16), "params.max_concurrency")
-    return RemoteSettings(url=url if url.endswith("/v1") else url + "/v1", model=model,
+    return RemoteSettings(url=openai_endpoint(url, None)[0], model=model,
                           num_params=parse_count(params["num_params"], "params.num_params"),
                           **{k: params[k] for k in ("api_key_env", "timeout_s", "connect_timeout_s",
                                                     "retries", "backoff_s", "max_concurrency") if k in params})

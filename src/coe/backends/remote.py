@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Iterator
 
 from coe.backends.offload import OffloadedExpert
-from coe.config import ExpertConfig, RemoteSettings, remote_settings
+from coe.config import ExpertConfig, RemoteSettings, openai_endpoint, remote_settings
 from coe.errors import CoEError, ExpertUnavailable, GenerationError, InvalidRequest
 from coe.types import Completion, Request, StreamEvent
 
@@ -42,14 +42,14 @@ class RemoteExpert(OffloadedExpert):
         self.expert = expert
         self.settings: RemoteSettings = remote_settings(expert)
         environ = os.environ if environ is None else environ
-        headers = {}
+        key = None
         if self.settings.api_key_env:
             key = environ.get(self.settings.api_key_env)
             if not key:
                 raise CoEError(f"{expert.name}: params.api_key_env names {self.settings.api_key_env}, "
                                f"which is not set in the environment")
-            headers["Authorization"] = f"Bearer {key}"
-        self._client = httpx.Client(base_url=self.settings.url, headers=headers, transport=transport,
+        base, headers = openai_endpoint(self.settings.url, key)
+        self._client = httpx.Client(base_url=base, headers=headers, transport=transport,
                                     timeout=httpx.Timeout(self.settings.timeout_s,
                                                           connect=self.settings.connect_timeout_s))
         self._sleep = sleep

@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from coe.config import openai_endpoint
 from coe.errors import CoEError
 from coe.eval.scoring import Verdict, choice_by_logprobs, score_text
 from coe.eval.suites import LETTERS, EvalItem, item_key
@@ -161,13 +162,6 @@ def _text_of(event: StreamEvent | None) -> str | CoEError:
         return event.error if isinstance(event.error, CoEError) else CoEError(str(event.error))
     assert isinstance(event.completion, Completion)
     return event.completion.text
-
-
-def openai_endpoint(url: str, api_key: str | None) -> tuple[str, dict[str, str]]:
-    """The ``/v1`` base of an OpenAI-compatible server given as http://HOST:PORT or .../v1, and
-    the headers that carry its API key."""
-    url = url.rstrip("/")
-    return (url if url.endswith("/v1") else url + "/v1"), ({"Authorization": f"Bearer {api_key}"} if api_key else {})
 
 
 class ServerTarget:

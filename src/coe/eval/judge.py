@@ -5,8 +5,8 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 
+from coe.config import openai_endpoint
 from coe.errors import CoEError
-from coe.eval.harness import openai_endpoint
 from coe.eval.scoring import Verdict
 from coe.eval.suites import EvalItem
 
