@@ -53,7 +53,7 @@ def qwen2_runner(tiny_qwen2_checkpoint):
 
 def test_read_keeps_weights_on_the_host(tiny_checkpoint):
     host = TorchHFBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
-    cfg, state = host.payload
+    cfg, state = host.payload.cfg, host.payload.state
     assert cfg["model_type"] == "llama"
     assert host.info.format == "safetensors"
     assert host.num_bytes == (tiny_checkpoint / "model.safetensors").stat().st_size
@@ -67,7 +67,7 @@ def test_read_fills_one_pooled_buffer_and_views_it_without_copies(tiny_checkpoin
     size = (tiny_checkpoint / "model.safetensors").stat().st_size
     assert host.footprint_bytes == size  # one buffer, float32 checkpoint read as float32: no conversion
     assert pool.num_allocated == 1 and pool.free_bytes == 0
-    _, state = host.payload
+    state = host.payload.state
     buffer_ptr = next(iter(state.values())).untyped_storage().data_ptr()
     assert all(t.untyped_storage().data_ptr() == buffer_ptr for t in state.values())
     from safetensors.torch import load_file
@@ -90,7 +90,7 @@ def test_release_returns_the_buffer_and_the_next_read_reuses_it(tiny_checkpoint,
     assert pool.num_reused == 1 and pool.num_allocated == 1 and pool.free_bytes == 0
     from safetensors.torch import load_file
     saved = load_file(str(other / "model.safetensors"))
-    assert all(torch.equal(second.payload[1][name], saved[name]) for name in saved)  # no stale bytes
+    assert all(torch.equal(second.payload.state[name], saved[name]) for name in saved)  # no stale bytes
     text, _ = generate(backend.materialize(second), max_tokens=3, temperature=0.0)
     assert isinstance(text, str)
 
@@ -99,15 +99,33 @@ def test_materialize_on_cpu_shares_the_host_buffer(tiny_checkpoint):
     backend = TorchHFBackend()
     host = backend.read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
     runner = backend.materialize(host)
-    buffer_ptr = next(iter(host.payload[1].values())).untyped_storage().data_ptr()
+    buffer_ptr = next(iter(host.payload.state.values())).untyped_storage().data_ptr()
     assert {p.untyped_storage().data_ptr() for p in runner.model.parameters()} == {buffer_ptr}
     assert runner.footprint_bytes >= 0
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_views_at_same_offsets_rebuild_every_tensor_from_a_copy_of_the_buffer(tiny_checkpoint, dtype):
+    """What CUDA's one-copy materialize does, checked on CPU: tensors that view the host buffer
+    become views of the copy; converted ones (bfloat16 from a float32 file) are copied alone."""
+    from coe.backends.torch_hf import views_at_same_offsets
+
+    warm = TorchHFBackend().read(expert_for(tiny_checkpoint, dtype=dtype), tiny_checkpoint, HostBufferPool()).payload
+    copy = warm.buffer.clone()
+    moved = views_at_same_offsets(warm.state, warm.buffer, copy)
+    assert set(moved) == set(warm.state)
+    for name, tensor in warm.state.items():
+        assert torch.equal(moved[name], tensor) and moved[name].dtype == tensor.dtype
+        in_copy = moved[name].untyped_storage().data_ptr() == copy.untyped_storage().data_ptr()
+        assert in_copy == (dtype == "float32"), name
+    warm.buffer.fill_(0)  # the views read the copy, not the host buffer
+    assert any(moved[name].abs().sum() > 0 for name in moved)
 
 
 def test_a_dtype_conversion_counts_in_the_footprint(tiny_checkpoint):
     host = TorchHFBackend().read(expert_for(tiny_checkpoint, dtype="bfloat16"), tiny_checkpoint, HostBufferPool())
     size = (tiny_checkpoint / "model.safetensors").stat().st_size
-    _, state = host.payload
+    state = host.payload.state
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
     assert host.footprint_bytes == size + sum(t.nbytes for t in state.values())
 
@@ -474,7 +492,7 @@ def test_sharded_checkpoint_whose_first_shard_has_an_odd_size(tiny_checkpoint, t
     save_file({name: saved[name] for name in names[1:]}, str(folder / "model-00002-of-00002.safetensors"))
     assert (folder / "model-00001-of-00002.safetensors").stat().st_size % 2 == 1
     host = TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
-    _, state = host.payload
+    state = host.payload.state
     assert all(torch.equal(state[name], saved[name]) for name in saved)
     del state["odd.marker"]
     assert generate(TorchHFBackend().materialize(host), max_tokens=3, temperature=0.0)[1].completion_tokens >= 0

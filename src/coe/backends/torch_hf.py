@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -475,6 +476,41 @@ def tensors_in(buffer, path: Path) -> dict:
     return tensors
 
 
+@dataclass(frozen=True)
+class WarmCheckpoint:
+    """What the host tier holds of a torch expert: its config, tokenizer, and tensors viewing
+    ``buffer`` (the checkpoint files' bytes, back to back; pinned on CUDA)."""
+    cfg: dict
+    state: dict
+    buffer: object  # uint8 tensor
+    vocab: Vocab
+
+    def to_device(self, device) -> dict:
+        """The tensors on ``device``: on CPU the host tensors themselves; on CUDA the whole buffer
+        in one non-blocking copy (one transfer runs at the link's bandwidth, hundreds of small
+        ones do not), viewed back into tensors at the same offsets."""
+        if device.type != "cuda":
+            return dict(self.state)
+        torch = _torch()
+        on_device = torch.empty(self.buffer.numel(), dtype=torch.uint8, device=device)
+        on_device.copy_(self.buffer, non_blocking=True)
+        return views_at_same_offsets(self.state, self.buffer, on_device)
+
+
+def views_at_same_offsets(state: dict, buffer, copy) -> dict:
+    """``state``'s tensors that view ``buffer``, as views of ``copy`` (a copy of ``buffer``, maybe
+    on another device) at the same offsets; the others (converted to another dtype, or copied for
+    alignment, at read) are copied to ``copy``'s device on their own."""
+    base, moved = buffer.data_ptr(), {}
+    for name, tensor in state.items():
+        offset = tensor.data_ptr() - base
+        if 0 <= offset and offset + tensor.nbytes <= buffer.numel():
+            moved[name] = copy[offset:offset + tensor.nbytes].view(tensor.dtype).view(tensor.shape)
+        else:
+            moved[name] = tensor.to(copy.device, non_blocking=True)
+    return moved
+
+
 class TorchHFBackend(Backend):
     """Expert params: dtype (float32 | bfloat16 | float16), device (cpu | cuda | cuda:N), n_ctx,
     max_sequences (sequences decoded together in one forward pass, default 8).
@@ -508,18 +544,20 @@ class TorchHFBackend(Backend):
             if tensor.is_floating_point() and tensor.dtype != dtype:
                 state[name] = tensor.to(dtype)  # a checkpoint in another dtype costs one copy here
                 converted_bytes += state[name].nbytes
-        return HostWeights(expert=expert, info=describe(path), payload=(cfg, state),
+        warm = WarmCheckpoint(cfg, state, buffer[:offset], load_vocab(path, cfg["vocab_size"]))
+        return HostWeights(expert=expert, info=describe(path), payload=warm,
                            footprint_bytes=buffer.numel() + converted_bytes, read_s=read_s,
                            on_release=lambda: pool.release(buffer))
 
     def materialize(self, host: HostWeights) -> Runner:
         torch = _torch()
-        cfg, state = host.payload
+        warm: WarmCheckpoint = host.payload
+        cfg = warm.cfg
         device = _device(host.expert)
         with torch.device("meta"):
             model = build_model(cfg)  # no memory; but the first one in a process imports torch._dynamo (~70 MB)
         before = _allocated_bytes(torch, device)
-        state = {name: tensor.to(device, non_blocking=True) for name, tensor in state.items()}
+        state = warm.to_device(device)
         if "lm_head.weight" not in state and cfg.get("tie_word_embeddings", True):
             state["lm_head.weight"] = state.get("model.embed_tokens.weight")
         try:
@@ -529,11 +567,9 @@ class TorchHFBackend(Backend):
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the host buffer may be reused once this returns
         model.eval()
-        path = Path(host.info.path)
         context = min(int(host.expert.params.get("n_ctx", DEFAULT_CONTEXT)),
                       int(cfg.get("max_position_embeddings") or DEFAULT_CONTEXT))
-        runner = TorchRunner(host.expert, load_vocab(path, cfg["vocab_size"]), model, cfg, device,
-                             host.num_bytes, context)
+        runner = TorchRunner(host.expert, warm.vocab, model, cfg, device, host.num_bytes, context)
         runner.footprint_bytes = max(0, _allocated_bytes(torch, device) - before)
         return runner
 

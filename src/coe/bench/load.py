@@ -44,6 +44,7 @@ def _timed(fn, torch, device, repeats: int) -> float:
 def run(args) -> dict:
     import torch
 
+    from coe.backends.memory import HostBufferPool
     from coe.backends.torch_hf import TorchHFBackend
     from coe.bench.synthetic import synthetic_config, write_checkpoint
 
@@ -56,8 +57,9 @@ def run(args) -> dict:
         expert = ExpertConfig("bench", str(folder), backend="torch_hf",
                               params={"device": device_name, "dtype": args.dtype})
         backend = TorchHFBackend()
-        host = backend.read(expert, folder)
         pin = device.type == "cuda"
+        pool = HostBufferPool(pin=pin)
+        host = backend.read(expert, folder, pool)
         raw_host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=pin)
 
         def raw_read():
@@ -65,7 +67,10 @@ def run(args) -> dict:
                 f.readinto(raw_host.numpy())
             return None
 
-        read_s = _timed(lambda: backend.read(expert, folder), torch, device, args.repeats)
+        def coe_read():
+            backend.read(expert, folder, pool).release()  # back to the pool, as the cache does
+
+        read_s = _timed(coe_read, torch, device, args.repeats)
         raw_read_s = _timed(raw_read, torch, device, args.repeats)
         materialize_s = _timed(lambda: backend.materialize(host), torch, device, args.repeats)
         raw_copy_s = _timed(lambda: raw_host.to(device, non_blocking=True, copy=True), torch, device, args.repeats)

@@ -48,6 +48,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--requests", type=int, default=2000, help="requests in the Zipf replay")
     parser.add_argument("--seeds", type=int, default=5, help="replay sequences averaged")
     parser.add_argument("--no-llama-settings", action="store_true", help="skip the llama.cpp settings table")
+    parser.add_argument("--no-packaged", action="store_true",
+                        help="only the synthetic experts (where llama.cpp or the packaged models are missing)")
+    parser.add_argument("--largest", type=float, default=SYNTHETIC_PARAMS[-1],
+                        help="parameters of the largest synthetic expert (default 1.5e9)")
+    parser.add_argument("--device", default="auto",
+                        help="where synthetic experts run hot: cpu, cuda, or auto (cuda when available)")
 
 
 # ---- hardware --------------------------------------------------------------------------------------
@@ -63,6 +69,22 @@ def memcpy_gbps(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
         dst.copy_(src)
         times.append(time.perf_counter() - started)
     return num_bytes / statistics.median(times) / 1e9
+
+
+def h2d_gbps(num_bytes: int = 1024 * 2**20, repeats: int = 5, device: str = "cuda") -> float:
+    """Pinned host memory -> existing device memory in one copy (what CUDA's bandwidthTest measures)."""
+    import torch
+
+    src = torch.ones(num_bytes, dtype=torch.uint8).pin_memory()
+    dst = torch.empty(num_bytes, dtype=torch.uint8, device=device)
+    times = []
+    for _ in range(repeats + 1):  # the first copy warms the path up
+        torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return num_bytes / statistics.median(times[1:]) / 1e9
 
 
 def disk_gbps(path: Path, repeats: int = 3) -> tuple[float, str]:
@@ -100,12 +122,13 @@ def _direct_read_gbps(path: Path, size: int) -> float:
 
 # ---- synthetic experts -----------------------------------------------------------------------------
 
-def synthetic_shapes(count: int) -> list[tuple[str, dict]]:
-    """``count`` Llama/Qwen2-shaped configs spread over 100M..1.5B parameters."""
+def synthetic_shapes(count: int, largest: float = SYNTHETIC_PARAMS[-1]) -> list[tuple[str, dict]]:
+    """``count`` Llama/Qwen2-shaped configs spread over 100M..``largest`` parameters."""
     from coe.bench.synthetic import synthetic_config
 
-    targets = SYNTHETIC_PARAMS if count == len(SYNTHETIC_PARAMS) else [
-        0.1e9 * (15 ** (i / max(count - 1, 1))) for i in range(count)]
+    smallest = SYNTHETIC_PARAMS[0]
+    targets = SYNTHETIC_PARAMS if (count, largest) == (len(SYNTHETIC_PARAMS), SYNTHETIC_PARAMS[-1]) else [
+        smallest * ((largest / smallest) ** (i / max(count - 1, 1))) for i in range(count)]
     shapes = []
     for i, target in enumerate(targets):
         hidden = 768 if target < 0.25e9 else 1024 if target < 0.55e9 else 1536
@@ -249,8 +272,9 @@ def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
     return elapsed
 
 
-def naive_torch_s(folder: Path, prompt: str, cached: bool) -> float:
-    """safetensors ``load_file`` into fresh memory, meta build, load_state_dict, first token."""
+def naive_torch_s(folder: Path, prompt: str, cached: bool, device: str = "cpu") -> float:
+    """safetensors ``load_file`` into fresh memory (on ``device``), meta build, load_state_dict,
+    first token."""
     import torch
     from safetensors.torch import load_file
 
@@ -263,13 +287,13 @@ def naive_torch_s(folder: Path, prompt: str, cached: bool) -> float:
         drop_file_cache(file)
     started = time.perf_counter()
     cfg = read_model_config(folder)
-    state = load_file(str(file))
+    state = load_file(str(file), device=device)
     with torch.device("meta"):
         model = build_model(cfg)
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model.load_state_dict(state, assign=True)
     runner = TorchRunner(ExpertConfig("naive", str(folder)), load_vocab(folder, cfg["vocab_size"]), model,
-                         cfg, torch.device("cpu"), file.stat().st_size, 4096)
+                         cfg, torch.device(device), file.stat().st_size, 4096)
     first_token_s(runner, prompt)
     return time.perf_counter() - started
 
@@ -442,10 +466,56 @@ def run(args) -> dict:
     from coe.models import ModelStore
 
     torch.set_num_threads(os.cpu_count() or 1)
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     prompts = _prompts()
-    rows, settings = [], {}
     memcpy = memcpy_gbps()
+    h2d = h2d_gbps() if device.startswith("cuda") else None
     store = ModelStore(args.home)
+    rows, settings = ([], {}) if args.no_packaged else packaged_rows(store, prompts, not args.no_llama_settings)
+    disk, method = None, None
+    shapes = synthetic_shapes(args.synthetic, args.largest)
+    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
+        for i, (name, cfg) in enumerate(shapes):
+            folder = write_fast_checkpoint(Path(tmp) / name, cfg)
+            file = folder / "model.safetensors"
+            if disk is None and (file.stat().st_size > 1e9 or i == len(shapes) - 1):
+                disk, method = disk_gbps(file)
+            rows.append(synthetic_row(store, name, cfg, folder, device, prompts))
+            row = rows[-1]
+            print(f"  measured {name}: naive {row['naive_s']:.3f}s, cold->hot {row['cold_to_hot_s']:.3f}s, "
+                  f"warm->hot {row['warm_to_hot_s']:.3f}s, hot ttft {row['hot_ttft_s']:.3f}s", flush=True)
+            for leftover in folder.iterdir():
+                leftover.unlink()
+    if disk is None:
+        disk, method = disk_gbps(ModelCache(default_config(), store).path_of(default_config().experts[-1]))
+    copy_gbps = h2d or memcpy  # host -> device tier: into device memory on CUDA, into existing host memory on CPU
+    for row in rows:
+        # the weights' read alone: a GGUF expert's disk -> host move also builds the llama.cpp model
+        row["cold_read_gbps"] = row["weight_bytes"] / row["file_read_s"] / 1e9 if row["file_read_s"] else None
+        row["bound_s"] = row["weight_bytes"] / (copy_gbps * 1e9) + row["hot_ttft_s"]
+        row["warm_speedup"] = row["naive_s"] / row["warm_to_hot_s"]
+        row["warm_vs_bound"] = row["warm_to_hot_s"] / row["bound_s"]
+        row["cold_read_vs_disk"] = (row["cold_read_gbps"] or 0) / disk
+        row["cold_read_vs_file_disk"] = (row["cold_read_gbps"] or 0) / row["file_disk_gbps"]
+        row["materialize_gbps"] = row["weight_bytes"] / row["warm_activate_s"] / 1e9
+    sims = [SimExpert(r["name"], r["weight_bytes"], r["read_s"] or r["weight_bytes"] / (disk * 1e9),
+                      r["warm_activate_s"]) for r in rows[:REPLAY_EXPERTS]]
+    replay_result = run_replay(sims, args.requests, args.seeds)
+    result = {"memcpy_gbps": memcpy, "h2d_gbps": h2d, "disk_gbps": disk, "disk_method": method,
+              "threads": os.cpu_count(), "device": device, "device_name": _device_name(torch, device),
+              "experts": rows, "llama_settings": settings, "replay": replay_result}
+    print_report(result)
+    return result
+
+
+def _device_name(torch, device: str) -> str:
+    return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
+
+
+def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict]:
+    """Measure every default (packaged GGUF) expert; with ``with_settings`` also the llama.cpp
+    settings table."""
+    rows, settings = [], {}
     defaults = default_config()
     cache = ModelCache(CoEConfig(experts=defaults.experts, router=RouterConfig(enabled=False),
                                  cache=CacheConfig(prefetch="none")), store)
@@ -458,60 +528,39 @@ def run(args) -> dict:
         cache.evict(expert.name, "host")
         rows.append(row)
         print(f"  measured {expert.name}", flush=True)
-        if not args.no_llama_settings:
+        if with_settings:
             settings[expert.name] = llama_settings(path, next(prompts))
     cache.close()
-    disk, method = None, None
-    with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
-        for name, cfg in synthetic_shapes(args.synthetic):
-            folder = write_fast_checkpoint(Path(tmp) / name, cfg)
-            file = folder / "model.safetensors"
-            if disk is None and file.stat().st_size > 1e9:
-                disk, method = disk_gbps(file)
-            expert = ExpertConfig(name, str(folder), backend="torch_hf", params={"dtype": "bfloat16"})
-            syn_cache = ModelCache(CoEConfig(experts=(expert,), router=RouterConfig(enabled=False),
-                                             cache=CacheConfig(prefetch="none")), store)
-            row = {"name": name, "kind": "synthetic", "backend": "torch_hf", "weight_bytes": file.stat().st_size,
-                   "num_params": sum(math.prod(s) for s in checkpoint_shapes(cfg).values())}
-            row["naive_s"] = naive_torch_s(folder, next(prompts), cached=False)
-            row["naive_cached_s"] = naive_torch_s(folder, next(prompts), cached=True)
-            row.update(measure_cache(syn_cache, name, folder, prompts))
-            syn_cache.close()
-            rows.append(row)
-            print(f"  measured {name}", flush=True)
-            for leftover in folder.iterdir():
-                leftover.unlink()
-    if disk is None:
-        disk, method = disk_gbps(cache.path_of(defaults.experts[-1]))
-    for row in rows:
-        # the weights' read alone: a GGUF expert's disk -> host move also builds the llama.cpp model
-        row["cold_read_gbps"] = row["weight_bytes"] / row["file_read_s"] / 1e9 if row["file_read_s"] else None
-        row["bound_s"] = row["weight_bytes"] / (memcpy * 1e9) + row["hot_ttft_s"]
-        row["warm_speedup"] = row["naive_s"] / row["warm_to_hot_s"]
-        row["warm_vs_bound"] = row["warm_to_hot_s"] / row["bound_s"]
-        row["cold_read_vs_disk"] = (row["cold_read_gbps"] or 0) / disk
-        row["cold_read_vs_file_disk"] = (row["cold_read_gbps"] or 0) / row["file_disk_gbps"]
-    sims = [SimExpert(r["name"], r["weight_bytes"], r["read_s"] or r["weight_bytes"] / (disk * 1e9),
-                      r["warm_activate_s"]) for r in rows[:REPLAY_EXPERTS]]
-    replay_result = run_replay(sims, args.requests, args.seeds)
-    result = {"memcpy_gbps": memcpy, "disk_gbps": disk, "disk_method": method, "threads": os.cpu_count(),
-              "experts": rows, "llama_settings": settings, "replay": replay_result}
-    print_report(result)
-    return result
+    return rows, settings
 
 
+def synthetic_row(store, name: str, cfg: dict, folder: Path, device: str, prompts) -> dict:
+    expert = ExpertConfig(name, str(folder), backend="torch_hf", params={"dtype": "bfloat16", "device": device})
+    cache = ModelCache(CoEConfig(experts=(expert,), router=RouterConfig(enabled=False),
+                                 cache=CacheConfig(prefetch="none")), store)
+    file = folder / "model.safetensors"
+    row = {"name": name, "kind": "synthetic", "backend": "torch_hf", "weight_bytes": file.stat().st_size,
+           "num_params": sum(math.prod(s) for s in checkpoint_shapes(cfg).values())}
+    try:
+        row["naive_s"] = naive_torch_s(folder, next(prompts), cached=False, device=device)
+        row["naive_cached_s"] = naive_torch_s(folder, next(prompts), cached=True, device=device)
+        row.update(measure_cache(cache, name, folder, prompts))
+    finally:
+        cache.close()
+    return row
 
 
 def print_report(result: dict) -> None:
-    print(f"\nmemcpy {result['memcpy_gbps']:.2f} GB/s, disk {result['disk_gbps']:.2f} GB/s "
-          f"({result['disk_method']}), {result['threads']} threads")
+    h2d = f", host->device {result['h2d_gbps']:.2f} GB/s (pinned)" if result.get("h2d_gbps") else ""
+    print(f"\nmemcpy {result['memcpy_gbps']:.2f} GB/s{h2d}, disk {result['disk_gbps']:.2f} GB/s "
+          f"({result['disk_method']}), {result['threads']} threads, synthetic experts on {result['device_name']}")
     header = (f"{'expert':<26} {'GB':>5} {'naive s':>8} {'cold s':>7} {'read/disk':>9} {'read/file':>9} {'warm s':>7} "
-              f"{'hot ttft':>8} {'naive/warm':>10} {'warm/bound':>10}")
+              f"{'hot ttft':>8} {'naive/warm':>10} {'warm/bound':>10} {'warm GB/s':>9}")
     print(header)
     for r in result["experts"]:
         print(f"{r['name']:<26} {r['weight_bytes'] / 1e9:>5.2f} {r['naive_s']:>8.3f} {r['cold_to_hot_s']:>7.3f} "
               f"{r['cold_read_vs_disk']:>9.2f} {r['cold_read_vs_file_disk']:>9.2f} {r['warm_to_hot_s']:>7.3f} {r['hot_ttft_s']:>8.3f} "
-              f"{r['warm_speedup']:>10.1f} {r['warm_vs_bound']:>10.2f}")
+              f"{r['warm_speedup']:>10.1f} {r['warm_vs_bound']:>10.2f} {r['materialize_gbps']:>9.2f}")
     for name, rows in result["llama_settings"].items():
         print(f"llama.cpp settings, {name}: " + "; ".join(
             f"mmap={int(r['use_mmap'])} repack={int(r['repack'])}: load {r['load_s']:.2f}s, "

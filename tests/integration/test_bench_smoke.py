@@ -1,0 +1,42 @@
+"""The torch-side benchmarks run end to end on small real checkpoints and write the JSON fields
+their issues name (the full runs are `make bench`; these keep the commands from rotting)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.integration
+
+
+def _bench(tmp_path, *args: str) -> dict:
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-m", "coe", "bench", *args, "--out", str(out)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+def test_bench_load_compares_the_backend_with_raw_copies(tmp_path):
+    result = _bench(tmp_path, "load", "--shape", "tiny", "--device", "cpu", "--repeats", "1")
+    steps = {row["step"]: row for row in result["rows"]}
+    assert set(steps) == {"disk->host (read)", "host->device (materialize)"}
+    assert all(row["coe_s"] > 0 and row["baseline_s"] > 0 for row in steps.values())
+
+
+def test_bench_switch_on_synthetic_experts_writes_every_field(tmp_path):
+    result = _bench(tmp_path, "switch", "--no-packaged", "--synthetic", "2", "--largest", "0.12e9",
+                    "--device", "cpu", "--requests", "200", "--seeds", "1", "--workdir", str(tmp_path))
+    assert result["memcpy_gbps"] > 0 and result["disk_gbps"] > 0 and result["h2d_gbps"] is None
+    names = [row["name"] for row in result["experts"]]
+    assert names == ["syn-0.10b-llama", "syn-0.12b-qwen2"]
+    for row in result["experts"]:
+        assert row["weight_bytes"] > 0.1e9
+        for key in ("naive_s", "warm_to_hot_s", "cold_to_hot_s", "hot_ttft_s"):
+            assert row[key] > 0, key
+        assert row["warm_to_hot_s"] < row["cold_to_hot_s"]  # host memory beats the disk
+    replay = result["replay"]
+    assert replay["lru_switch_s"] > 0 and replay["policy_switch_s"] > 0
+    assert [p for p in ("lru", "gdsf", "lrfu") if p in replay] == ["lru", "gdsf", "lrfu"]
