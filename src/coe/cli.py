@@ -140,7 +140,8 @@ def _print_cache_summary(snapshot: dict) -> None:
     for name, tier in snapshot["tiers"].items():
         print(f"{name} tier: {_human_bytes(tier['used_bytes'])} of {_human_bytes(tier['budget_bytes'])}")
     stats = snapshot["stats"]
-    print(f"policy {snapshot['policy']}: {stats['activations']} activations, {stats['hits']} hot hits, "
+    half_life = f" (half-life {snapshot['frequency_half_life']} requests)" if snapshot.get("frequency_half_life") else ""
+    print(f"policy {snapshot['policy']}{half_life}: {stats['activations']} activations, {stats['hits']} hot hits, "
           f"{stats['warm_hits']} warm hits, {stats['misses']} misses, {stats['switches']} switches, "
           f"{_human_bytes(stats['bytes_moved']['disk->host'])} read from disk")
 

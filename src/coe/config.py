@@ -196,7 +196,7 @@ class CacheConfig:
     device_bytes: int | None = None   # hot experts' runtimes (GPU memory on CUDA)
     host_bytes: int | None = None     # warm experts' weights in RAM (pinned on CUDA)
     policy: str = "lrfu"              # lrfu or gdsf (cost-aware), or lru
-    frequency_half_life: int = 100    # lrfu: an expert's request count halves every this many requests
+    frequency_half_life: int | str = "auto"  # lrfu: requests over which a request count halves; auto: chosen online
     prefetch: str = "host"            # where a routed request's expert is moved while it queues
     pins: tuple = ()                  # experts loaded hot at start-up and never evicted
     max_hot_experts: int = 4          # experts hot at once, whatever their bytes (Ollama's max loaded models)
@@ -210,7 +210,9 @@ class CacheConfig:
             if value is not None:
                 object.__setattr__(self, name, parse_bytes(value, name))
         _require(self.policy in CACHE_POLICIES, "policy", "one of " + ", ".join(CACHE_POLICIES), self.policy)
-        _positive_int(self.frequency_half_life, "frequency_half_life")
+        half_life = self.frequency_half_life
+        _require(half_life == "auto" or (isinstance(half_life, int) and not isinstance(half_life, bool) and half_life > 0),
+                 "frequency_half_life", "auto or an integer > 0 (requests)", half_life)
         _require(self.prefetch in PREFETCH_TIERS, "prefetch", "one of " + ", ".join(PREFETCH_TIERS), self.prefetch)
         pins = self.pins
         _require(isinstance(pins, (list, tuple)) and all(isinstance(n, str) for n in pins),
@@ -473,7 +475,8 @@ cache:
   # device_bytes: 2GiB   # hot experts' runtimes (GPU memory on CUDA; contexts and buffers on CPU)
   # host_bytes: 8GiB     # warm experts' weights in RAM (page cache for GGUF, pinned buffers on CUDA)
   policy: lrfu         # lrfu / gdsf: weigh reload cost, size and popularity; lru: least recently used
-  frequency_half_life: 100  # lrfu: an expert's request count halves every this many requests
+  frequency_half_life: auto  # lrfu: requests over which a request count halves (auto: 50, 200 or 1000,
+                             # whichever has been predicting the requests best)
   prefetch: host       # move a routed request's expert up while it queues: host, device or none
   pins: []             # experts made hot at start-up and never evicted
   max_hot_experts: 4   # experts hot at once, whatever their bytes

@@ -98,7 +98,7 @@ def test_experts_url_shows_a_running_servers_cache(tiny_config, capsys):
             assert row[0] == "tiny" and row[5:7] == ["device", "hot"]  # weights take two cells: "68.2 KB"
             assert "device tier:" in lines[2] and "of 64.0 MB" in lines[2]
             assert lines[3].startswith("host tier:") and "of 64.0 MB" in lines[3]
-            assert lines[4].startswith("policy lrfu: 1 activations, 0 hot hits, 0 warm hits, 1 misses")
+            assert lines[4].startswith("policy lrfu (half-life 50 requests): 1 activations, 0 hot hits, 0 warm hits, 1 misses")
     finally:
         server.shutdown()
 

@@ -223,6 +223,8 @@ def test_scheduler_cache_and_server_sections(tmp_path):
     (lambda: SchedulerConfig(switch_tolerance=-1), "switch_tolerance"),
     (lambda: CacheConfig(max_hot_experts=0), "max_hot_experts"),
     (lambda: CacheConfig(keep_warm="no"), "keep_warm"),
+    (lambda: CacheConfig(frequency_half_life="fast"), "frequency_half_life"),
+    (lambda: CacheConfig(frequency_half_life=0), "frequency_half_life"),
     (lambda: ServerConfig(request_timeout_s=0), "request_timeout_s"),
     (lambda: ServerConfig(shutdown_grace_s=0), "shutdown_grace_s"),
 ])
@@ -233,8 +235,13 @@ def test_new_fields_validate_without_yaml(build, field):
     assert info.value.param == field
 
 
+def test_frequency_half_life_is_auto_by_default_or_a_number_of_requests():
+    assert CacheConfig().frequency_half_life == "auto"
+    assert CacheConfig(frequency_half_life=64).frequency_half_life == 64
+
+
 def test_the_default_yaml_spells_out_every_new_field():
     for name in ("policy", "max_wait_ms", "max_queue_per_expert", "lookahead", "switch_tolerance",
                  "max_hot_experts", "keep_warm", "request_timeout_s", "shutdown_grace_s", "api_keys",
-                 "public_paths", "rate_limit_per_minute"):
+                 "public_paths", "rate_limit_per_minute", "frequency_half_life"):
         assert f"\n  {name}: " in DEFAULT_YAML, name

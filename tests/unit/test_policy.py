@@ -1,6 +1,6 @@
 import pytest
 
-from coe.cache.policy import POLICIES, Candidate, Eviction, choose_victims, decay, priority
+from coe.cache.policy import AUTO_HALF_LIVES, POLICIES, Candidate, Eviction, Popularity, choose_victims, decay, priority
 
 GB = 10**9
 
@@ -146,3 +146,47 @@ def test_the_switch_replay_reports_every_policy_on_the_same_sequences():
         assert rates["hit_rate"] + rates["warm_hit_rate"] + rates["miss_rate"] == pytest.approx(1.0)
         assert result["shifting"][f"{name}_switch_s"] > 0
     assert run_replay(experts, num_requests=300, seeds=2) == result  # same sequences, same moves
+
+
+# ---- Popularity: decayed counts, and the half-life that predicts best ------------------------------
+
+def test_popularity_with_one_half_life_counts_and_decays():
+    popularity = Popularity((4,), num_experts=2)
+    assert popularity.last_request("a") == (0.0, 0)
+    for _ in range(3):
+        popularity.observe("a")
+    for _ in range(4):
+        popularity.observe("b")
+    assert popularity.half_life == 4
+    at_last_request = 0.5 ** 0.5 + 0.5 ** 0.25 + 1  # three requests, a quarter half-life apart
+    assert popularity.last_request("a") == (pytest.approx(at_last_request), 3)
+    assert popularity.counts("a") == pytest.approx([at_last_request * 0.5])  # one half-life later
+    assert popularity.counts("b")[0] == pytest.approx(1 + 0.5 ** 0.25 + 0.5 ** 0.5 + 0.5 ** 0.75)
+
+
+def _drive(popularity: Popularity, names: list[str]) -> Popularity:
+    for name in names:
+        popularity.observe(name)
+    return popularity
+
+
+def test_popularity_picks_the_longest_half_life_for_a_steady_mix():
+    import random
+
+    rng = random.Random(0)
+    experts = [f"e{i}" for i in range(16)]
+    weights = [1 / (rank + 1) for rank in range(16)]
+    steady = rng.choices(experts, weights=weights, k=3000)
+    assert _drive(Popularity(AUTO_HALF_LIVES, 16), steady).half_life == max(AUTO_HALF_LIVES)
+
+
+def test_popularity_picks_the_shortest_half_life_when_the_favourite_keeps_changing():
+    import random
+
+    rng = random.Random(0)
+    experts = [f"e{i}" for i in range(16)]
+    shifting = []
+    for _ in range(60):  # a new favourite, taking 80% of the requests, every 50 requests
+        favourite = rng.choice(experts)
+        shifting += [favourite if rng.random() < 0.8 else rng.choice(experts) for _ in range(50)]
+    assert _drive(Popularity(AUTO_HALF_LIVES, 16), shifting).half_life == min(AUTO_HALF_LIVES)

@@ -74,7 +74,7 @@ class _Slot:
     leases: int = 0
     requests: int = 0
     last_used: int = 0  # request sequence number of its last use
-    decayed: float = 0.0  # request count decayed to last_used (policy lrfu)
+    moved_up_at: int = 0  # request sequence number when it last entered or was used in a tier
     priority: dict = field(default_factory=lambda: {tier: 0.0 for tier in TIERS})
     read_s: float | None = None        # last measured disk -> host move
     file_read_s: float | None = None   # of which reading the file (the backend's HostWeights.read_s)
@@ -124,6 +124,9 @@ class ModelCache:
         self.policy = config.cache.policy
         self.tiers = {"device": Tier("device", budgets.device_bytes), "host": Tier("host", budgets.host_bytes)}
         self._clock = {tier: 0.0 for tier in TIERS}
+        half_life = config.cache.frequency_half_life
+        self.popularity = policy.Popularity(policy.AUTO_HALF_LIVES if half_life == "auto" else (half_life,),
+                                            len(config.experts))
         self.pool = HostBufferPool(pin=budgets.device_kind == "cuda")
         self.stats = CacheStats()
         self._timer = timer
@@ -400,18 +403,29 @@ class ModelCache:
             self.stats.switches += 1
         self._previous = name
         slot.requests += 1
-        slot.decayed = policy.decay(slot.decayed, self.stats.activations - slot.last_used,
-                                    self.config.cache.frequency_half_life) + 1.0
         slot.last_used = self.stats.activations
+        self.popularity.observe(name)
 
     def _touch(self, slot: _Slot, tier: str) -> None:
-        """Refresh the expert's priority in ``tier`` (and in host, since hot implies warm)."""
+        """Refresh the expert's priority in ``tier`` (and in host, since hot implies warm).
+        lrfu's is computed when it is compared (``_priority``): the half-life in use may change."""
+        slot.moved_up_at = self.stats.activations
+        if self.policy == "lrfu":
+            return
         for level in ("device", "host") if tier == "device" else ("host",):
             slot.priority[level] = policy.priority(
                 self.policy, clock=self._clock[level], recency=slot.last_used,
                 frequency=max(slot.requests, 1), reload_s=self._reload_s(slot, level),
-                num_bytes=slot.host.num_bytes if slot.host else 1, decayed=slot.decayed,
-                now=self.stats.activations, half_life=self.config.cache.frequency_half_life)
+                num_bytes=slot.host.num_bytes if slot.host else 1)
+
+    def _priority(self, slot: _Slot, tier: str) -> float:
+        if self.policy != "lrfu":
+            return slot.priority[tier]
+        decayed, last_request = self.popularity.last_request(slot.expert.name)
+        return policy.priority("lrfu", clock=0.0, recency=last_request, frequency=0.0,
+                               reload_s=self._reload_s(slot, tier),
+                               num_bytes=slot.host.num_bytes if slot.host else 1, decayed=decayed,
+                               now=slot.moved_up_at, half_life=self.popularity.half_life)
 
     def _reload_s(self, slot: _Slot, tier: str) -> float:
         """What evicting the expert from ``tier`` would cost to undo."""
@@ -426,7 +440,7 @@ class ModelCache:
 
     def _candidate(self, slot: _Slot, tier: str) -> policy.Candidate:
         name = slot.expert.name
-        return policy.Candidate(name, self.tiers[tier].held(name), slot.priority[tier], pinned=slot.busy)
+        return policy.Candidate(name, self.tiers[tier].held(name), self._priority(slot, tier), pinned=slot.busy)
 
     # -- visibility --------------------------------------------------------------------------------
     def is_resident(self, name: str) -> bool:
@@ -450,7 +464,8 @@ class ModelCache:
         """Everything `GET /v1/experts` shows."""
         states = self.states()
         with self._state:
-            return {"policy": self.policy, "device_kind": self.budgets.device_kind,
+            return {"policy": self.policy, "frequency_half_life": self.popularity.half_life,
+                    "device_kind": self.budgets.device_kind,
                     "tiers": {name: {"budget_bytes": t.budget_bytes, "used_bytes": t.used_bytes}
                               for name, t in self.tiers.items()},
                     "reusable_buffer_bytes": self.pool.free_bytes,

@@ -11,10 +11,15 @@ skipping pinned and in-use experts, until the incoming bytes fit.
 - ``lrfu`` (the default): cost-aware LRFU. The value of keeping an expert is its request count
   decayed by half every ``half_life`` requests (to everyone), times reload_s / size. Since every
   expert decays at the same rate, comparing values now is comparing the time-invariant key
-  log(decayed count at its last request x reload_s / size) + last request x ln 2 / half_life,
-  which is what is stored. Unlike GDSF's clock, which ages every expert at each eviction,
-  the decay ages by requests: a steadily popular expert keeps its lead, one whose popularity
-  moved on loses it within a few half-lives.
+  log(decayed count at its last request x reload_s / size) + last request x ln 2 / half_life.
+  Unlike GDSF's clock, which ages every expert at each eviction, the decay ages by requests: a
+  steadily popular expert keeps its lead, one whose popularity moved on loses it within a few
+  half-lives.
+
+Which half-life is right depends on how fast popularity moves: a long one counts more requests
+when the mix is steady, a short one follows a mix that shifts. ``Popularity`` keeps the counts
+at several half-lives and uses the one whose counts have been predicting the next request best
+(the log-probability each gave the expert actually requested, summed with a decay of its own).
 """
 from __future__ import annotations
 
@@ -23,6 +28,9 @@ from dataclasses import dataclass
 
 POLICIES = ("lrfu", "gdsf", "lru")
 DEFAULT_HALF_LIFE = 100  # requests
+AUTO_HALF_LIVES = (50, 200, 1000)  # requests: the candidates of ``frequency_half_life: auto``
+SCORE_HALF_LIFE = 300  # requests: how far back a half-life's predictions count
+SMOOTHING = 0.5  # requests every expert is credited with when predicting (none is ever certain)
 _GB = 1e9
 
 
@@ -64,6 +72,50 @@ def priority(policy: str, *, clock: float, recency: float, frequency: float, rel
 def decay(count: float, elapsed: float, half_life: float = DEFAULT_HALF_LIFE) -> float:
     """A request count ``elapsed`` requests later: halved every ``half_life``."""
     return count * 0.5 ** (elapsed / half_life)
+
+
+class Popularity:
+    """Request counts of every expert decayed at each of ``half_lives``, and the half-life whose
+    counts predict requests best. Not thread-safe: the cache calls it under its lock."""
+
+    def __init__(self, half_lives: tuple[int, ...], num_experts: int):
+        self.half_lives, self.num_experts = tuple(half_lives), max(num_experts, 1)
+        self.now = 0  # requests observed
+        self._counts: dict[str, tuple[list[float], int]] = {}  # name -> (counts at its last request, that request)
+        self._totals = [0.0] * len(self.half_lives)  # every expert's decayed counts summed, as of now
+        self._scores = [0.0] * len(self.half_lives)
+
+    def observe(self, name: str) -> None:
+        """One request for ``name``: score each half-life on it, then count it."""
+        self.now += 1
+        counts = self.counts(name)
+        for i, half_life in enumerate(self.half_lives):
+            self._totals[i] = decay(self._totals[i], 1, half_life)
+            if len(self.half_lives) > 1:
+                predicted = (counts[i] + SMOOTHING) / (self._totals[i] + SMOOTHING * self.num_experts)
+                self._scores[i] = decay(self._scores[i], 1, SCORE_HALF_LIFE) + math.log(predicted)
+            self._totals[i] += 1.0
+        self._counts[name] = ([count + 1.0 for count in counts], self.now)
+
+    def counts(self, name: str) -> list[float]:
+        """``name``'s decayed counts as of now, one per half-life."""
+        counts, at = self._counts.get(name, ([0.0] * len(self.half_lives), self.now))
+        return [decay(c, self.now - at, h) for c, h in zip(counts, self.half_lives)]
+
+    @property
+    def best(self) -> int:
+        """Index of the half-life in use: the best predictor so far (the first one on a tie)."""
+        return max(range(len(self.half_lives)), key=lambda i: (self._scores[i], -i))
+
+    @property
+    def half_life(self) -> int:
+        return self.half_lives[self.best]
+
+    def last_request(self, name: str) -> tuple[float, int]:
+        """``name``'s count at the half-life in use, as of its last request, and that request's
+        number (0, 0 when it was never requested)."""
+        counts, at = self._counts.get(name, ([0.0] * len(self.half_lives), 0))
+        return counts[self.best], at
 
 
 def choose_victims(candidates: list[Candidate], incoming_bytes: int, free_bytes: int,
