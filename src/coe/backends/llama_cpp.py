@@ -3,8 +3,9 @@
 Tiers: **warm** (``read``) is the file's bytes in the page cache, mapped by a loaded llama.cpp
 model (mmap, no weight repacking), so the weights stay shared with the page cache and the model's
 vocabulary and tensors are already parsed; **hot** (``materialize``) adds a context (KV cache and
-compute buffers) warmed up by one decode. Making a warm expert hot therefore costs one context
-creation, not a model load. The GGUF file carries the tokenizer and chat template.
+compute buffers). Making a warm expert hot therefore costs one context creation, not a model load.
+(A warm-up decode after it was measured to buy nothing: the first request's time to first token
+and the footprint are the same without it, and it cost 18-85 ms per switch.) The GGUF file carries the tokenizer and chat template.
 
 Expert params: n_ctx, n_threads, n_batch, use_mmap (default true), repack (llama.cpp's extra
 buffer types: weights copied into repacked CPU buffers; default false, see `coe bench switch`),
@@ -122,11 +123,6 @@ class LlamaRunner(Runner):
         self._top_k = int(params.get("top_k", DEFAULT_TOP_K))
         self._min_p = float(params.get("min_p", DEFAULT_MIN_P))
         self._repeat_penalty = float(params.get("repeat_penalty", 1.0))
-
-    def warm_up(self) -> None:
-        """One single-token decode, so the first request does not pay first-use costs."""
-        self._eval([self.model.token_bos() if self.model.token_bos() >= 0 else 0], 0)
-        self.ctx.kv_cache_clear()
 
     def _eval(self, ids: list[int], n_past: int, seq_id: int = 0) -> int:
         """Prefill ``ids`` for one sequence; logits are kept for its last token (batch index -1)."""
@@ -278,7 +274,6 @@ class LlamaCppBackend(Backend):
         except (ValueError, RuntimeError) as exc:
             raise LoadError(f"expert {host.expert.name}: llama.cpp could not create a context: {exc}") from None
         runner = LlamaRunner(host.expert, host.payload, ctx, host.num_bytes, host.info.chat_template)
-        runner.warm_up()
         runner.footprint_bytes = _delta(anon_before)
         return runner
 
