@@ -47,7 +47,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--workdir", help="where synthetic checkpoints are written (default: a temp dir)")
     parser.add_argument("--requests", type=int, default=2000, help="requests in the Zipf replay")
     parser.add_argument("--seeds", type=int, default=20,
-                        help="replay sequences averaged (one sequence's saving over LRU ranges from 7%% to 27%%)")
+                        help="replay sequences averaged (one sequence's saving over LRU varies by 20 points or more)")
     parser.add_argument("--no-llama-settings", action="store_true", help="skip the llama.cpp settings table")
     parser.add_argument("--no-packaged", action="store_true",
                         help="only the synthetic experts (where llama.cpp or the packaged models are missing)")
