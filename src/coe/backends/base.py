@@ -257,8 +257,8 @@ class Backend(ABC):
     """Reads an expert's weights into host memory and materialises them as a Runner.
 
     Contract: ``read`` may run on any thread and takes host buffers from ``pool`` when it owns
-    memory; ``materialize`` builds the runtime (llama.cpp context, torch module on the device),
-    warms it up, and leaves ``host`` valid: the runner may share its memory, so the cache releases
+    memory; ``materialize`` builds the runtime (llama.cpp context, torch module on the device)
+    and leaves ``host`` valid: the runner may share its memory, so the cache releases
     host weights only after closing their runner.
     """
 
