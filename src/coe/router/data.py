@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -431,6 +432,20 @@ SENTIMENT_TASKS = ("Rate the sentiment of each of these reviews on a scale of 1 
                    "Label the opinion expressed in each of the following snippets:")
 
 
+# Role-play requests ("Pretend to be a world-famous chef...", "Act as a babysitter", "As a pirate
+# captain, what would you say..."): the writing category's role-play, which no labelled source
+# holds. AlpacaEval's prompts carry no category, so these are picked by how they open.
+ROLE_PLAY = re.compile(r"^\s*(imagine (you are|you.re|yourself)|pretend|act (as|like)|i want you to act|play the role|"
+                       r"take on the role|as an? [\w\s-]{2,40}, |you are an? (?!given|provided)[\w\s-]{2,40}\.)", re.I)
+
+
+def _alpaca_role_play() -> Iterator[Item]:
+    rows = json.loads((framework_folder() / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json").read_text())
+    for i, row in enumerate(rows):
+        if ROLE_PLAY.search(row["instruction"]):
+            yield Item(f"alpaca:{i}", row["instruction"])
+
+
 def _instructions(relative: str, name: str) -> Iterator[Item]:
     for row in read_jsonl(framework_folder() / relative):
         yield Item(f"{name}:{row['key']}", row["prompt"])
@@ -481,6 +496,7 @@ def default_sources() -> list[Source]:
         Source("writingbench_stem", "stem", lambda: _writingbench("stem")),
         Source("glue", "extraction", _glue, 500),
         Source("arena_creative", "writing", lambda: _arena("creative_writing")),
+        Source("alpaca_role_play", "writing", _alpaca_role_play),
         Source("ifeval", "writing", lambda: _instructions("ifeval/data/input_data.jsonl", "ifeval"),
                eval_shared=True),
         Source("ifbench", "writing", lambda: _instructions("ifbench/data/IFBench_test.jsonl",
