@@ -1,4 +1,6 @@
 """The scheduler on scripted arrival sequences: no model, no clock (arrival times are given)."""
+import math
+
 import pytest
 from hypothesis import given, settings, strategies as st
 
@@ -173,25 +175,44 @@ def test_drain_returns_everything():
 
 # -- the maximum-wait bound ----------------------------------------------------------------------
 
-def simulate(arrivals, max_wait_s, switch_s, token_s, max_batch_size=4, policy="expert"):
+def simulate(arrivals, max_wait_s, switch_s, token_s, max_batch_size=4, policy="expert", join=False):
     """Serve scripted (time, expert) arrivals on a virtual clock: a batch costs a switch when its
-    expert is not the one loaded, plus token_s per request. Returns (waits, longest batch)."""
+    expert is not the one loaded, plus token_s per request. With ``join``, requests arriving while
+    a batch runs may join it while fewer than max_batch_size are unfinished (each adds token_s,
+    served one after another). Returns ({arrival index: wait}, the longest
+    batch before any joins)."""
     scheduler = Scheduler(max_batch_size=max_batch_size, max_queue=10_000, max_queue_per_expert=10_000,
                           max_wait_s=max_wait_s, policy=policy)
     pending = sorted(arrivals)
-    now_s, loaded, waits, longest_s, i = 0.0, None, [], 0.0, 0
+    now_s, loaded, waits, longest_s, i = 0.0, None, {}, 0.0, 0
+
+    def arrive():
+        nonlocal i
+        scheduler.add(Request(expert=pending[i][1], prompt=str(i), arrival_s=pending[i][0]))
+        i += 1
+
+    def served(requests):
+        waits.update((int(r.prompt), now_s - r.arrival_s) for r in requests)
+
     while i < len(pending) or len(scheduler):
         while i < len(pending) and pending[i][0] <= now_s:
-            scheduler.add(Request(expert=pending[i][1], prompt="p", arrival_s=pending[i][0]))
-            i += 1
+            arrive()
         batch = scheduler.next_batch(now_s, resident=[loaded] if loaded else [], current=loaded)
         if batch is None:
             now_s = pending[i][0]
             continue
         service_s = (switch_s if batch.expert != loaded else 0.0) + token_s * len(batch.requests)
-        waits.extend(now_s - r.arrival_s for r in batch.requests)
+        served(batch.requests)
+        end_s = now_s + service_s
+        while join and i < len(pending) and pending[i][0] <= end_s:  # each arrival during the batch
+            now_s = pending[i][0]
+            arrive()
+            in_flight = math.ceil((end_s - now_s) / token_s - 1e-9)  # requests not finished yet
+            joined = scheduler.join(batch.expert, max_batch_size - in_flight, now_s)
+            served(joined)
+            end_s += token_s * len(joined)
         longest_s = max(longest_s, service_s)
-        now_s += service_s
+        now_s = end_s
         loaded = batch.expert
     return waits, longest_s
 
@@ -206,7 +227,20 @@ def test_no_request_waits_longer_than_max_wait_plus_one_batch(gaps, experts, max
     times = [sum(gaps[:k + 1]) for k in range(len(gaps))]
     waits, longest_s = simulate(list(zip(times, experts)), max_wait_s, switch_s=0.2, token_s=0.05,
                                 max_batch_size=1)
-    assert max(waits) <= max_wait_s + longest_s + 1e-9
+    assert max(waits.values()) <= max_wait_s + longest_s + 1e-9
+
+
+@pytest.mark.parametrize("max_wait_s", [0.0, 0.5, 2.0])
+def test_a_stream_joining_one_batch_cannot_starve_another_expert(max_wait_s):
+    """Requests for a arrive every 0.04 s and each adds 0.05 s to a's running batch, so without
+    the overdue rule that batch would run until the stream ends (after 12 s). b's one request
+    waits at most max_wait plus a's batch as it was when it started (and the one join at the
+    moment b became overdue)."""
+    arrivals = [(0.04 * k, "a") for k in range(300)] + [(0.1, "b")]
+    waits, _ = simulate(arrivals, max_wait_s, switch_s=0.2, token_s=0.05, max_batch_size=4, join=True)
+    assert len(waits) == len(arrivals)
+    b = sorted(arrivals).index((0.1, "b"))
+    assert waits[b] <= max_wait_s + 0.2 + 4 * 0.05 + 0.05 + 1e-9
 
 
 @settings(max_examples=200, deadline=None)
@@ -236,3 +270,42 @@ def test_expert_policy_switches_less_than_fifo_on_a_mixed_trace():
         experts = [b.expert for b in drain_batches(scheduler, 2.0)]
         return sum(1 for x, y in zip(experts, experts[1:]) if x != y)
     assert switches("expert") <= 7 < switches("fifo")
+
+
+# -- continuous batching: joining the running batch ----------------------------------------------
+
+def test_join_takes_the_running_experts_waiting_requests_oldest_first():
+    scheduler = Scheduler(max_wait_s=100.0)
+    fill(scheduler, [("a", "a1"), ("b", "b1"), ("a", "a2"), ("a", "a3")])
+    assert [r.prompt for r in scheduler.join("a", 2, now_s=5.0)] == ["a1", "a2"]
+    assert len(scheduler) == 2
+    assert [r.prompt for r in scheduler.join("a", 5, now_s=5.0)] == ["a3"]
+    assert scheduler.join("a", 5, now_s=5.0) == () and scheduler.join("c", 1, now_s=5.0) == ()
+    assert drain(scheduler) == [("b", ["b1"])]
+
+
+def test_join_stops_while_another_expert_is_overdue_so_the_batch_drains():
+    scheduler = Scheduler(max_wait_s=2.0)
+    fill(scheduler, [("b", "b1"), ("a", "a1")])  # b1 arrived at 0 s, a1 at 1 s
+    assert [r.prompt for r in scheduler.join("a", 1, now_s=1.5)] == ["a1"]
+    fill(scheduler, [("a", "a2")])
+    assert scheduler.join("a", 1, now_s=2.0) == ()  # b1 has waited 2 s: a's batch takes no one else
+    assert drain(scheduler, now_s=2.0, current="a")[0] == ("b", ["b1"])
+
+
+@pytest.mark.parametrize("count", [0, -1])
+def test_join_with_no_room_or_under_fifo_takes_nothing(count):
+    scheduler = Scheduler(max_wait_s=100.0)
+    fill(scheduler, [("a", "a1")])
+    assert scheduler.join("a", count, now_s=0.0) == ()
+    fifo = Scheduler(policy="fifo")
+    fill(fifo, [("a", "a1")])
+    assert fifo.join("a", 4, now_s=0.0) == ()
+
+
+def test_join_drops_cancelled_requests_for_the_caller_to_end():
+    scheduler = Scheduler(max_wait_s=100.0)
+    first, second = fill(scheduler, [("a", "a1"), ("a", "a2")])
+    first.cancel()
+    assert scheduler.join("a", 4, now_s=0.0) == (second,)
+    assert scheduler.take_cancelled() == [first] and len(scheduler) == 0

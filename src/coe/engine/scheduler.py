@@ -8,6 +8,10 @@ switch costs. Hence no request waits longer than ``max_wait_s`` plus the batches
 it once it became overdue; with capacity to spare that is one batch's service time.
 The ``fifo`` policy is the baseline: the oldest request goes next, with the requests right behind
 it that want the same expert.
+
+Continuous batching (``join``): while a batch generates, requests that arrive for its expert join
+it at the next token instead of waiting for the whole batch, unless another expert's request is
+overdue; then the batch takes no one else and drains, so the bound above still holds.
 """
 from __future__ import annotations
 
@@ -84,6 +88,21 @@ class Scheduler:
         taken = tuple(queue.popleft() for _ in range(min(limit, len(queue))))
         self._count -= len(taken)
         return Batch(expert, taken, reason)
+
+    def join(self, expert: str, count: int, now_s: float) -> tuple[Request, ...]:
+        """Remove and return up to ``count`` of ``expert``'s waiting requests for the batch it is
+        running: none under ``fifo`` (arrival order), none while another expert's oldest request
+        has waited ``max_wait_s``."""
+        if self.policy == "fifo" or count <= 0:
+            return ()
+        self._drop_cancelled()
+        queue = self._queues.get(expert)
+        if not queue or any(now_s - q[0].arrival_s >= self.max_wait_s
+                            for name, q in self._queues.items() if q and name != expert):
+            return ()
+        taken = tuple(queue.popleft() for _ in range(min(count, len(queue))))
+        self._count -= len(taken)
+        return taken
 
     def peek_expert(self, now_s: float, resident: Collection[str] = (), current: str | None = None) -> str | None:
         """The expert ``next_batch`` would choose now, without removing anything (for lookahead loads)."""
