@@ -236,6 +236,7 @@ class SchedulerConfig:
     lookahead: str = "host"           # move the next scheduled expert up while the current one generates
     switch_tolerance: float = 0.0     # serve "coe" from a hot expert whose expected score is within
                                       # this much of the best (cold) one; 0 = off
+    join_running: bool = True         # requests for the running expert join its batch at the next token
 
     def __post_init__(self) -> None:
         _require(self.policy in SCHEDULER_POLICIES, "policy", "one of " + ", ".join(SCHEDULER_POLICIES),
@@ -248,6 +249,7 @@ class SchedulerConfig:
                  self.lookahead)
         _require(is_number(self.switch_tolerance) and self.switch_tolerance >= 0, "switch_tolerance",
                  "a score difference >= 0", self.switch_tolerance)
+        _require(isinstance(self.join_running, bool), "join_running", "true or false", self.join_running)
 
 
 OPTIONAL_PUBLIC_PATHS = ("/health", "/metrics")
@@ -490,6 +492,7 @@ scheduler:
   max_queue_per_expert: 128 # waiting requests per expert; beyond this: 429
   lookahead: host           # move the next scheduled expert up while the current one generates: host, device (GPUs), none
   switch_tolerance: 0       # "coe": serve from a hot expert scoring within this of the best cold one (0 = off)
+  join_running: true        # requests for the running expert join its batch at the next token (not under fifo)
 
 server:
   host: 127.0.0.1

@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterator
 
-from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
 from coe.models.info import describe
 
 
@@ -42,17 +42,30 @@ def write_weights(folder: Path, num_bytes: int = 1000) -> Path:
 
 class LetterRunner(Runner):
     """Generates a, b, c, a, b, ... (never an end token). ``delay_s`` sleeps before each token;
-    ``fail_after`` raises RuntimeError('device lost') after that many tokens."""
+    ``fail_after`` raises RuntimeError('device lost') after that many tokens. With
+    ``sequences`` > 1 it decodes that many together and takes joiners (``LetterDecoder``)."""
 
-    def __init__(self, host: HostWeights, delay_s: float = 0.0, fail_after: int | None = None):
+    def __init__(self, host: HostWeights, delay_s: float = 0.0, fail_after: int | None = None,
+                 sequences: int = 1):
         super().__init__(host.expert, LetterVocab(), context_length=1000, num_bytes=host.num_bytes)
         self.host, self.delay_s, self.fail_after = host, delay_s, fail_after
+        self.max_batch_size = sequences
+        self.joins_running_batch = sequences > 1
         self.closed = False
         self.batches: list[list[str]] = []  # request ids of each generate() call
+        self.joined: list[str] = []  # request ids that joined a running batch
 
-    def generate(self, batch):
+    def generate(self, batch, join=None):
         self.batches.append([r.id for r in batch])
-        return super().generate(batch)
+
+        def recording_join(count):
+            requests = join(count)
+            self.joined.extend(r.id for r in requests)
+            return requests
+        return super().generate(batch, recording_join if join is not None else None)
+
+    def _open_decoder(self, prompts, samplings):
+        return LetterDecoder(self, len(prompts))
 
     def _sample(self, prompt_ids: list[int], sampling) -> Iterator[int]:
         assert not self.closed, f"runner of {self.expert.name} used after close()"
@@ -65,6 +78,27 @@ class LetterRunner(Runner):
 
     def close(self) -> None:
         self.closed = True
+
+
+class LetterDecoder(Decoder):
+    """Every sequence generates a, b, c, ... from its own start; one ``delay_s`` per step."""
+
+    joins = True
+
+    def __init__(self, runner: LetterRunner, count: int):
+        self.runner, self.steps = runner, [0] * count
+
+    def add(self, prompt_ids, sampling) -> int:
+        self.steps.append(0)
+        return len(self.steps) - 1
+
+    def step(self, active):
+        if self.runner.delay_s:
+            time.sleep(self.runner.delay_s)
+        tokens = {i: self.steps[i] % 3 for i in active}
+        for i in active:
+            self.steps[i] += 1
+        return tokens
 
 
 class LetterBackend(Backend):

@@ -374,3 +374,70 @@ def test_resolve_with_zero_tolerance_keeps_the_planned_expert(make):
     engine.cache.activate("b")
     expert, decision = engine.resolve("coe", prompt="2+2")
     assert expert == "a" and decision.planned_expert is None
+
+
+# ---- continuous batching: joining the running batch --------------------------------------------
+
+def _wait_for(condition, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+def test_a_request_for_the_running_expert_joins_its_batch_at_the_next_token(make):
+    engine = make(backend=LetterBackend(runner_options={"a": {"delay_s": 0.01, "sequences": 4}}), cache=COLD)
+    engine.start()
+    first, first_events = submit(engine, "a", max_tokens=60)
+    assert _wait_for(lambda: len(first_events) >= 3)  # a's batch is generating
+    late, late_events = submit(engine, "a", max_tokens=3)
+    assert _wait_for(lambda: finals(late_events))
+    assert finals(late_events)[0].completion.text == "abc"
+    assert not finals(first_events), "the late request waited for the running batch to finish"
+    (runner,) = engine.fake.runners["a"]
+    assert runner.batches == [[first.id]] and runner.joined == [late.id]  # one generate call
+    assert late.served_tier == "device" and late.switch_s == 0.0
+    assert _wait_for(lambda: finals(first_events))
+    assert finals(first_events)[0].completion.completion_tokens == 60
+    assert _wait_for(lambda: value(engine, "coe_requests_in_flight") == 0)
+    assert value(engine, "coe_requests_running") == 0
+
+
+def test_no_one_joins_while_another_experts_request_is_overdue(make):
+    engine = make(backend=LetterBackend(runner_options={"a": {"delay_s": 0.01, "sequences": 4}}), cache=COLD,
+                  scheduler=SchedulerConfig(max_wait_ms=0))
+    engine.start()
+    _, first_events = submit(engine, "a", max_tokens=40)
+    assert _wait_for(lambda: len(first_events) >= 3)
+    submit(engine, "b")  # overdue at once (max_wait 0)
+    late, late_events = submit(engine, "a", max_tokens=3)
+    assert _wait_for(lambda: finals(late_events))
+    (runner, *_) = engine.fake.runners["a"]
+    assert late.id not in runner.joined
+    assert finals(first_events)  # a's first batch drained before the late request ran
+
+
+@pytest.mark.parametrize("scheduler", [SchedulerConfig(join_running=False), SchedulerConfig(policy="fifo")])
+def test_join_running_off_or_fifo_waits_for_the_batch(make, scheduler):
+    engine = make(backend=LetterBackend(runner_options={"a": {"delay_s": 0.01, "sequences": 4}}), cache=COLD,
+                  scheduler=scheduler)
+    engine.start()
+    _, first_events = submit(engine, "a", max_tokens=30)
+    assert _wait_for(lambda: len(first_events) >= 3)
+    late, late_events = submit(engine, "a", max_tokens=3)
+    assert _wait_for(lambda: finals(late_events))
+    assert finals(first_events)  # finished first: the late request ran in a batch of its own
+    assert engine.fake.runners["a"][0].joined == []
+
+
+def test_a_joined_request_that_cannot_run_ends_with_its_error_and_the_batch_goes_on(make):
+    engine = make(backend=LetterBackend(runner_options={"a": {"delay_s": 0.01, "sequences": 4}}), cache=COLD)
+    engine.start()
+    _, first_events = submit(engine, "a", max_tokens=40)
+    assert _wait_for(lambda: len(first_events) >= 3)
+    _, bad_events = submit(engine, "a", prompt="x" * 990, max_tokens=20)  # over the 1000-token context
+    assert _wait_for(lambda: bad_events)
+    assert bad_events[0].error is not None and bad_events[0].error.code == "context_length_exceeded"
+    assert not finals(first_events)  # refused when it joined, while the batch ran on
+    assert _wait_for(lambda: finals(first_events))
+    assert finals(first_events)[0].completion.completion_tokens == 40

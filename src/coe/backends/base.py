@@ -73,11 +73,19 @@ class Decoder(ABC):
     Contract: the first ``step`` returns each sequence's first generated token (after prefill);
     every later ``step`` feeds back the tokens returned last time for the sequences still in
     ``active`` and returns their next tokens. A sequence left out of ``active`` is finished and
-    never comes back. ``close`` frees per-batch state and may be called twice.
+    never comes back. A decoder with ``joins`` takes new sequences between steps (``add``): the
+    next ``step`` prefills them and returns their first tokens with everyone else's next ones.
+    ``close`` frees per-batch state and may be called twice.
     """
+
+    joins = False
 
     @abstractmethod
     def step(self, active: Sequence[int]) -> dict[int, int]: ...
+
+    def add(self, prompt_ids: list[int], sampling: SamplingParams) -> int:
+        """A new sequence for the running batch; returns its index."""
+        raise NotImplementedError(f"{type(self).__name__} does not take sequences mid-batch")
 
     def close(self) -> None:
         """Free the batch's state."""
@@ -124,10 +132,13 @@ class Runner(ABC):
     Contract: the engine thread alone calls ``generate``; ``Request.cancel`` may come from any
     thread and is honoured between tokens; ``close`` frees the weights and may be called twice.
     A runner that can decode several sequences in one forward pass sets ``max_batch_size`` > 1 and
-    implements ``_open_decoder``; otherwise the requests of a batch run one after the other.
+    implements ``_open_decoder``; otherwise the requests of a batch run one after the other. One
+    whose decoder ``joins`` sets ``joins_running_batch``: ``generate`` then asks ``join`` for more
+    requests whenever a sequence slot is free (continuous batching).
     """
 
     max_batch_size = 1
+    joins_running_batch = False
 
     def __init__(self, expert: ExpertConfig, vocab: Vocab, context_length: int, num_bytes: int):
         self.expert = expert
@@ -156,29 +167,43 @@ class Runner(ABC):
     def close(self) -> None:
         """Free the weights. Subclasses release their own handles."""
 
-    def generate(self, batch: Sequence[Request]) -> Iterator[StreamEvent]:
-        """Every request's events; each request ends with a completion or an error event."""
+    def generate(self, batch: Sequence[Request],
+                 join: Callable[[int], Sequence[Request]] | None = None) -> Iterator[StreamEvent]:
+        """Every request's events; each request ends with a completion or an error event.
+        ``join(n)``: up to n more requests for this expert, asked while the last group decodes
+        if this runner joins running batches; their events come in the same stream."""
         sequences = []
         for request in batch:
+            seq, error = self._sequence(request)
+            if error is not None:
+                yield error
+            else:
+                sequences.append(seq)
+        groups = list(self._groups(sequences))
+        if not groups and join is not None and self.joins_running_batch:
+            groups = [[]]  # every request of the batch was refused: the batch may still take others
+        for number, group in enumerate(groups):
+            joining = join if self.joins_running_batch and number == len(groups) - 1 else None
             try:
-                prompt, implied_stop = self.prompt_text(request)
-                prompt_ids = self.vocab.encode(prompt)
-                self._check_context(len(prompt_ids), request.sampling.max_tokens)
-            except CoEError as exc:
-                yield StreamEvent(request.id, error=exc)
-                continue
-            sequences.append(_Sequence(request, prompt_ids, implied_stop))
-        for group in self._groups(sequences):
-            try:
-                if len(group) == 1:
+                if len(group) == 1 and joining is None:
                     yield from self._decode_one(group[0])
                 else:
-                    yield from self._decode_many(group)
+                    yield from self._decode_many(group, joining)
             except CoEError as exc:
                 yield from self._fail_unfinished(group, exc)
             except Exception as exc:  # a backend failure ends these requests, not the engine
                 yield from self._fail_unfinished(group, GenerationError(
                     f"{self.expert.name}: generation failed: {exc}"))
+
+    def _sequence(self, request: Request) -> tuple[_Sequence | None, StreamEvent | None]:
+        """The request's decoding state, or the error event that ends it (bad prompt, too long)."""
+        try:
+            prompt, implied_stop = self.prompt_text(request)
+            prompt_ids = self.vocab.encode(prompt)
+            self._check_context(len(prompt_ids), request.sampling.max_tokens)
+        except CoEError as exc:
+            return None, StreamEvent(request.id, error=exc)
+        return _Sequence(request, prompt_ids, implied_stop), None
 
     def _groups(self, sequences: list[_Sequence]) -> Iterator[list[_Sequence]]:
         """Consecutive groups that fit one decoder (size and shared token capacity)."""
@@ -224,12 +249,25 @@ class Runner(ABC):
         seq.ended = True
         yield from seq.finish()
 
-    def _decode_many(self, group: list[_Sequence]) -> Iterator[StreamEvent]:
-        """One decoder for the whole group: each step is one forward pass over the active sequences."""
+    def _decode_many(self, group: list[_Sequence],
+                     join: Callable[[int], Sequence[Request]] | None = None) -> Iterator[StreamEvent]:
+        """One decoder for the whole group: each step is one forward pass over the active
+        sequences. With ``join``, free slots are offered to waiting requests after every step;
+        one that does not fit the shared token capacity yet waits here for a finished sequence."""
         decoder = self._open_decoder([s.prompt_ids for s in group], [s.request.sampling for s in group])
+        held = sum(_need(s) for s in group)
         try:
-            active = list(range(len(group)))
-            while active:
+            active, waiting = list(range(len(group))), []
+            while True:
+                if join is not None:
+                    yield from self._take_joiners(join, len(active) + len(waiting), waiting)
+                    while waiting and (not active or held + _need(waiting[0]) <= self._batch_token_capacity()):
+                        seq = waiting.pop(0)
+                        group.append(seq)
+                        active.append(decoder.add(seq.prompt_ids, seq.request.sampling))
+                        held += _need(seq)
+                if not active:
+                    return
                 tokens = decoder.step(active)
                 still = []
                 for i in active:
@@ -241,10 +279,23 @@ class Runner(ABC):
                         still.append(i)
                     else:
                         seq.ended = True
+                        held -= _need(seq)
                         yield from seq.finish()
                 active = still
         finally:
             decoder.close()
+            group.extend(waiting)  # not started: _fail_unfinished ends them if the group failed
+
+    def _take_joiners(self, join, in_use: int, waiting: list[_Sequence]) -> Iterator[StreamEvent]:
+        """Ask for requests to fill the free slots; the ones that cannot run end with their error."""
+        if in_use >= self.max_batch_size:
+            return
+        for request in join(self.max_batch_size - in_use):
+            seq, error = self._sequence(request)
+            if error is not None:
+                yield error
+            else:
+                waiting.append(seq)
 
     def _check_context(self, num_prompt_tokens: int, max_tokens: int) -> None:
         if num_prompt_tokens + max_tokens > self.context_length:
@@ -252,6 +303,11 @@ class Runner(ABC):
                 f"{self.expert.name} has a context of {self.context_length} tokens; the prompt has "
                 f"{num_prompt_tokens} and max_tokens asks for {max_tokens} more. Shorten the prompt "
                 f"or lower max_tokens.", param="max_tokens")
+
+def _need(seq: _Sequence) -> int:
+    """Token cells a sequence may hold: its prompt plus max_tokens."""
+    return len(seq.prompt_ids) + seq.request.sampling.max_tokens
+
 
 class Backend(ABC):
     """Reads an expert's weights into host memory and materialises them as a Runner.

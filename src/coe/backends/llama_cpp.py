@@ -115,6 +115,7 @@ class LlamaRunner(Runner):
 
         super().__init__(expert, LlamaVocab(model, chat_template), ctx.n_ctx(), num_bytes)
         self.max_batch_size = max_sequences(expert.params)
+        self.joins_running_batch = self.max_batch_size > 1
         self.model, self.ctx = model, ctx
         self._n_batch = int(ctx.params.n_batch)
         self.batch = _internals.LlamaBatch(n_tokens=self._n_batch, embd=0, n_seq_max=1, verbose=False)
@@ -204,32 +205,47 @@ class LlamaRunner(Runner):
 
 
 class _LlamaDecoder(Decoder):
-    """Sequence i of the batch is llama.cpp sequence id i in the runner's context."""
+    """Each sequence of the batch holds one of the context's llama.cpp sequence ids while it runs;
+    a finished sequence's id (and its KV cells) go to the next sequence that joins."""
+
+    joins = True
 
     def __init__(self, runner: LlamaRunner, prompts: list[list[int]], samplings: list[SamplingParams]):
-        self.runner, self.prompts = runner, prompts
-        self.samplers = [runner._sampler(s) for s in samplings]
-        self.n_past = [0] * len(prompts)
-        self.last: dict[int, int] | None = None
+        self.runner, self.prompts = runner, []
+        self.samplers: list = []
+        self.n_past: list[int] = []
+        self.seq_ids: dict[int, int] = {}  # sequence index -> llama.cpp sequence id, while it runs
+        self.free_ids = list(range(runner.max_batch_size))
+        self.last: dict[int, int] = {}  # index -> the token sampled last (prefilled sequences only)
         runner.ctx.kv_cache_clear()
+        for prompt, sampling in zip(prompts, samplings):
+            self.add(prompt, sampling)
+
+    def add(self, prompt_ids: list[int], sampling: SamplingParams) -> int:
+        self.prompts.append(prompt_ids)
+        self.samplers.append(self.runner._sampler(sampling))
+        self.n_past.append(0)
+        return len(self.prompts) - 1
 
     def step(self, active: Sequence[int]) -> dict[int, int]:
         runner = self.runner
-        if self.last is None:  # prefill each prompt, sample its first token from its last logits
-            self.last = {}
-            for i in active:
-                self.n_past[i] = runner._eval(self.prompts[i], 0, seq_id=i)
-                self.last[i] = runner._pick(self.samplers[i], -1)
-            return dict(self.last)
-        for i in [i for i in self.last if i not in active]:
-            runner.ctx.kv_cache_seq_rm(i, -1, -1)  # a finished sequence frees its cells
-            del self.last[i]
-        runner._fill([(self.last[i], self.n_past[i], i) for i in active], last_only=False)
-        runner.ctx.decode(runner.batch)
-        for k, i in enumerate(active):
-            self.n_past[i] += 1
-            self.last[i] = runner._pick(self.samplers[i], k)
-        return dict(self.last)
+        for i in [i for i in self.seq_ids if i not in active]:
+            seq_id = self.seq_ids.pop(i)
+            runner.ctx.kv_cache_seq_rm(seq_id, -1, -1)  # a finished sequence frees its cells and id
+            self.free_ids.append(seq_id)
+            self.last.pop(i, None)
+        running = [i for i in active if i in self.last]
+        if running:  # one token for every sequence already prefilled, in one forward pass
+            runner._fill([(self.last[i], self.n_past[i], self.seq_ids[i]) for i in running], last_only=False)
+            runner.ctx.decode(runner.batch)
+            for k, i in enumerate(running):
+                self.n_past[i] += 1
+                self.last[i] = runner._pick(self.samplers[i], k)
+        for i in [i for i in active if i not in self.last]:  # new: prefill, first token from its last logits
+            self.seq_ids[i] = self.free_ids.pop(0)
+            self.n_past[i] = runner._eval(self.prompts[i], 0, seq_id=self.seq_ids[i])
+            self.last[i] = runner._pick(self.samplers[i], -1)
+        return {i: self.last[i] for i in active}
 
     def close(self) -> None:
         for sampler in self.samplers:

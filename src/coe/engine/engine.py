@@ -244,14 +244,14 @@ class Engine:
         try:
             self._run_batch(batch, started_s, ended)
         except Exception as exc:  # keep serving: one failed batch must not kill the loop
-            self._fail([r for r in batch.requests if r.id not in ended],
+            self._fail([r for r in self._running if r.id not in ended],
                        exc if isinstance(exc, CoEError) else GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
         finally:
             with self._work:
-                self._running = ()
+                served, self._running = len(self._running), ()
         self.scheduler.record_service(time.perf_counter() - started_s)
         self.metrics.running.set(0)
-        self.num_served += len(batch.requests)
+        self.num_served += served
         return True
 
     def _run_batch(self, batch: Batch, started_s: float, ended: set[str]) -> None:
@@ -270,20 +270,36 @@ class Engine:
 
     def _generate(self, batch: Batch, runner, ended: set[str]) -> None:
         crash = None  # a runner reports its own crash as GenerationError events
+        join = (lambda count: self._join(batch.expert, count)) if self.config.scheduler.join_running else None
         try:
-            for event in runner.generate(batch.requests):
-                self._deliver(batch.requests, event)
+            for event in runner.generate(batch.requests, join):
+                self._deliver(self._running, event)
                 if event.is_final:
                     ended.add(event.request_id)
                 if isinstance(event.error, GenerationError):
                     crash = event.error.message
             self._record_outcome(batch.expert, crash)
         except CoEError as exc:
-            self._fail([r for r in batch.requests if r.id not in ended], exc)
+            self._fail([r for r in self._running if r.id not in ended], exc)
         except Exception as exc:  # the runner crashed: the expert backs off, its requests end
             self.health.failed(batch.expert, time.monotonic(), f"{type(exc).__name__}: {exc}")
-            self._fail([r for r in batch.requests if r.id not in ended],
+            self._fail([r for r in self._running if r.id not in ended],
                        GenerationError(f"{batch.expert}: {type(exc).__name__}: {exc}"))
+
+    def _join(self, expert: str, count: int) -> tuple[Request, ...]:
+        """Requests that arrived for ``expert`` while its batch runs, to join it (continuous
+        batching): served from the device with no switch paid."""
+        with self._work:
+            if self._stopping:
+                return ()
+            joined = self.scheduler.join(expert, count, time.monotonic())
+            self._running = (*self._running, *joined)
+            running = len(self._running)
+        for request in joined:
+            request.served_tier, request.switch_s = "device", 0.0
+        if joined:
+            self.metrics.running.set(running)
+        return joined
 
     def _record_outcome(self, expert: str, crash: str | None) -> None:
         """A generation that ended without a crash clears the expert's backoff; a crash starts it."""
