@@ -397,6 +397,7 @@ def test_a_request_for_the_running_expert_joins_its_batch_at_the_next_token(make
     (runner,) = engine.fake.runners["a"]
     assert runner.batches == [[first.id]] and runner.joined == [late.id]  # one generate call
     assert late.served_tier == "device" and late.switch_s == 0.0
+    assert value(engine, "coe_requests_joined_total", expert="a") == 1
     assert _wait_for(lambda: finals(first_events))
     assert finals(first_events)[0].completion.completion_tokens == 60
     assert _wait_for(lambda: value(engine, "coe_requests_in_flight") == 0)

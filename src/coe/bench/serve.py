@@ -273,6 +273,7 @@ def summarise(results: list[dict], makespan_s: float, metrics: dict[str, float])
             "switches": int(metrics.get("coe_cache_switches_total", 0)),
             "switch_s_total": round(metrics.get("coe_switch_seconds_sum", 0.0), 3),
             "mean_batch_size": round(metrics.get("coe_batch_size_sum", 0.0) / max(metrics.get("coe_batch_size_count", 0.0), 1), 3),
+            "joined_running_batch": int(metrics.get("coe_requests_joined_total", 0)),
             "served_from_tier": tiers,
             "served_off_plan": sum(1 for r in done if r["planned_expert"]),
             "mean_score_given_up": round(sum(r["score_given_up"] or 0 for r in done) / max(len(done), 1), 5),
@@ -348,7 +349,8 @@ def ratios(baseline: dict, candidate: dict) -> dict:
 
 def print_table(result: dict) -> None:
     keys = ("completed", "errors", "lost", "throughput_rps", "tokens_per_s", "ttft_p50_s", "ttft_p99_s",
-            "latency_p50_s", "latency_p99_s", "switches", "switch_s_total", "mean_batch_size", "makespan_s",
+            "latency_p50_s", "latency_p99_s", "switches", "switch_s_total", "mean_batch_size",
+            "joined_running_batch", "makespan_s",
             "served_off_plan", "mean_score_given_up")
     kinds = [k for k in CONFIGS if k in result]
     print(f"\n{'':16}" + "".join(f"{k:>12}" for k in kinds))

@@ -299,6 +299,7 @@ class Engine:
             request.served_tier, request.switch_s = "device", 0.0
         if joined:
             self.metrics.running.set(running)
+            self.metrics.joined.labels(expert).inc(len(joined))
         return joined
 
     def _record_outcome(self, expert: str, crash: str | None) -> None:

@@ -36,6 +36,8 @@ class EngineMetrics:
                                 "it was found in", ["tier"], buckets=_LATENCY_BUCKETS_S, registry=r)
         self.batch_size = Histogram("coe_batch_size", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32),
                                     registry=r)
+        self.joined = Counter("coe_requests_joined", "Requests that joined a batch already generating "
+                              "(continuous batching)", ["expert"], registry=r)
         self.decisions = Counter("coe_router_decisions", "Model 'coe' routing decisions",
                                  ["category", "expert"], registry=r)
         self.served_from = Counter("coe_batches", "Batches served, by the tier their expert was found in "
