@@ -83,8 +83,6 @@ class LetterRunner(Runner):
 class LetterDecoder(Decoder):
     """Every sequence generates a, b, c, ... from its own start; one ``delay_s`` per step."""
 
-    joins = True
-
     def __init__(self, runner: LetterRunner, count: int):
         self.runner, self.steps = runner, [0] * count
 

@@ -73,12 +73,10 @@ class Decoder(ABC):
     Contract: the first ``step`` returns each sequence's first generated token (after prefill);
     every later ``step`` feeds back the tokens returned last time for the sequences still in
     ``active`` and returns their next tokens. A sequence left out of ``active`` is finished and
-    never comes back. A decoder with ``joins`` takes new sequences between steps (``add``): the
-    next ``step`` prefills them and returns their first tokens with everyone else's next ones.
-    ``close`` frees per-batch state and may be called twice.
+    never comes back. The decoder of a runner that ``joins_running_batch`` takes new sequences
+    between steps (``add``): the next ``step`` prefills them and returns their first tokens with
+    everyone else's next ones. ``close`` frees per-batch state and may be called twice.
     """
-
-    joins = False
 
     @abstractmethod
     def step(self, active: Sequence[int]) -> dict[int, int]: ...
@@ -180,8 +178,6 @@ class Runner(ABC):
             else:
                 sequences.append(seq)
         groups = list(self._groups(sequences))
-        if not groups and join is not None and self.joins_running_batch:
-            groups = [[]]  # every request of the batch was refused: the batch may still take others
         for number, group in enumerate(groups):
             joining = join if self.joins_running_batch and number == len(groups) - 1 else None
             try:

@@ -5,7 +5,8 @@ model (mmap, no weight repacking), so the weights stay shared with the page cach
 vocabulary and tensors are already parsed; **hot** (``materialize``) adds a context (KV cache and
 compute buffers). Making a warm expert hot therefore costs one context creation, not a model load.
 (A warm-up decode after it was measured to buy nothing: the first request's time to first token
-and the footprint are the same without it, and it cost 18-85 ms per switch.) The GGUF file carries the tokenizer and chat template.
+and the footprint are the same without it, and it cost 18-85 ms per switch.) The GGUF file
+carries the tokenizer and chat template.
 
 Expert params: n_ctx, n_threads, n_batch, use_mmap (default true), repack (llama.cpp's extra
 buffer types: weights copied into repacked CPU buffers; default false, see `coe bench switch`),
@@ -207,8 +208,6 @@ class LlamaRunner(Runner):
 class _LlamaDecoder(Decoder):
     """Each sequence of the batch holds one of the context's llama.cpp sequence ids while it runs;
     a finished sequence's id (and its KV cells) go to the next sequence that joins."""
-
-    joins = True
 
     def __init__(self, runner: LlamaRunner, prompts: list[list[int]], samplings: list[SamplingParams]):
         self.runner, self.prompts = runner, []
