@@ -481,14 +481,14 @@ def run(args) -> dict:
             file = folder / "model.safetensors"
             if disk is None and (file.stat().st_size > 1e9 or i == len(shapes) - 1):
                 disk, method = disk_gbps(file)
-            rows.append(synthetic_row(store, name, cfg, folder, device, prompts))
-            row = rows[-1]
+            row = synthetic_row(store, name, cfg, folder, device, prompts)
+            rows.append(row)
             print(f"  measured {name}: naive {row['naive_s']:.3f}s, cold->hot {row['cold_to_hot_s']:.3f}s, "
                   f"warm->hot {row['warm_to_hot_s']:.3f}s, hot ttft {row['hot_ttft_s']:.3f}s", flush=True)
             for leftover in folder.iterdir():
                 leftover.unlink()
     if disk is None:
-        disk, method = disk_gbps(ModelCache(default_config(), store).path_of(default_config().experts[-1]))
+        disk, method = disk_gbps(store.ensure(default_config().experts[-1].source))  # a packaged model
     copy_gbps = h2d or memcpy  # host -> device tier: into device memory on CUDA, into existing host memory on CPU
     for row in rows:
         # the weights' read alone: a GGUF expert's disk -> host move also builds the llama.cpp model

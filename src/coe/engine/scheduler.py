@@ -84,10 +84,7 @@ class Scheduler:
         if expert is None:
             return None
         limit = self._fifo_run_length(expert) if self.policy == "fifo" else self.max_batch_size
-        queue = self._queues[expert]
-        taken = tuple(queue.popleft() for _ in range(min(limit, len(queue))))
-        self._count -= len(taken)
-        return Batch(expert, taken, reason)
+        return Batch(expert, self._take(expert, limit), reason)
 
     def join(self, expert: str, count: int, now_s: float) -> tuple[Request, ...]:
         """Remove and return up to ``count`` of ``expert``'s waiting requests for the batch it is
@@ -100,6 +97,11 @@ class Scheduler:
         if not queue or any(now_s - q[0].arrival_s >= self.max_wait_s
                             for name, q in self._queues.items() if q and name != expert):
             return ()
+        return self._take(expert, count)
+
+    def _take(self, expert: str, count: int) -> tuple[Request, ...]:
+        """Remove up to ``count`` of ``expert``'s oldest waiting requests."""
+        queue = self._queues[expert]
         taken = tuple(queue.popleft() for _ in range(min(count, len(queue))))
         self._count -= len(taken)
         return taken
