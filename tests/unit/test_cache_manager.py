@@ -633,6 +633,10 @@ class CacheModel:
             if max(estimate, host_bytes) > host_room:
                 return False
         if tier == "device" and current != "device":
+            pinned_hot = [s for s in self.cache.states()
+                          if s.pinned and s.name != name and self.cache.tier_of(s.name) == "device"]
+            if len(pinned_hot) > self.cache.config.cache.max_hot_experts - 1:  # none of them can go
+                return False
             estimate = self.device_seen.get(name)
             if estimate is None:
                 estimate = host_bytes if self.kind == "cuda" else 0
