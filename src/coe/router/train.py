@@ -20,8 +20,8 @@ import torch.nn.functional as F
 
 from coe.errors import ConfigError
 from coe.router.data import CATEGORIES, GENERALIST, Example, by_split
-from coe.router.encoder import (DEFAULT_PRECISION, ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION,
-                                SentenceEncoder)
+from coe.router.encoder import (DEFAULT_MAX_TOKENS, DEFAULT_PRECISION, ENCODER_DIST, ENCODER_IMPL,
+                                ENCODER_VERSION, SentenceEncoder)
 from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
@@ -274,7 +274,7 @@ def data_version() -> str:
     recipe = repr((sorted(data.CATEGORIES), [(s.name, s.category, s.cap, s.eval_shared)
                                             for s in data.default_sources()],
                    data.EVAL_SHARE, data.RECIPE, TrainSettings(), FEATURES_VERSION,
-                   ENCODER_IMPL, DEFAULT_PRECISION))
+                   ENCODER_IMPL, DEFAULT_PRECISION, DEFAULT_MAX_TOKENS))
     return hashlib.blake2b(recipe.encode(), digest_size=6).hexdigest()
 
 
