@@ -1,5 +1,5 @@
 import sys
 
-from coe.cli import main
+from coe.cli import entry
 
-sys.exit(main())
+sys.exit(entry())

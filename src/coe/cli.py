@@ -539,6 +539,21 @@ def _suite_names() -> list[str]:
     return list(SUITES)
 
 
+def entry() -> int:
+    """The ``coe`` command. It re-executes itself once with glibc's malloc asking for transparent
+    huge pages (``COE_HUGE_PAGES=0`` keeps the process as it is): a llama.cpp context, whose KV
+    cache is fresh memory, builds 2-2.5x faster, and every expert switch builds one."""
+    from coe.backends.memory import huge_page_environment
+
+    environ = huge_page_environment(dict(os.environ))
+    if environ is not None:
+        try:
+            os.execve(sys.executable, [sys.executable, "-m", "coe", *sys.argv[1:]], environ)
+        except OSError:
+            pass  # run as we are
+    return main()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -551,4 +566,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(entry())

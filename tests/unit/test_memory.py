@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from coe.backends.memory import (PAGE_BYTES, HostBufferPool, anon_rss_bytes, drop_file_cache, read_sequential,
-                                 resident_file_bytes)
+from coe.backends.memory import (PAGE_BYTES, HostBufferPool, anon_rss_bytes, drop_file_cache, huge_page_environment,
+                                 read_sequential, resident_file_bytes)
 
 SIZE = 3 * 2**20 + 123  # not a whole number of pages
 
@@ -204,3 +204,26 @@ def test_pool_is_safe_from_several_threads(pool):
     assert errors == []
     assert pool.num_allocated + pool.num_reused == 800
     assert pool.num_allocated <= 4 and pool.free_bytes == 4096 * pool.num_allocated
+
+
+@pytest.mark.parametrize("mode, environ, expected", [
+    ("always [madvise] never\n", {"A": "1"}, "glibc.malloc.hugetlb=1"),
+    ("[always] madvise never\n", {"GLIBC_TUNABLES": "glibc.malloc.arena_max=2"},
+     "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"),
+    ("always madvise [never]\n", {}, None),
+    ("always [madvise] never\n", {"COE_HUGE_PAGES": "0"}, None),
+    ("always [madvise] never\n", {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=0"}, None),  # the user's choice
+])
+def test_huge_pages_are_asked_for_once_unless_off(tmp_path, mode, environ, expected):
+    setting = tmp_path / "enabled"
+    setting.write_text(mode)
+    got = huge_page_environment(environ, setting)
+    if expected is None:
+        assert got is None
+    else:
+        assert got == {**environ, "GLIBC_TUNABLES": expected}
+        assert huge_page_environment(got, setting) is None  # the re-executed process runs as it is
+
+
+def test_no_huge_pages_where_the_kernel_setting_is_missing(tmp_path):
+    assert huge_page_environment({}, tmp_path / "missing") is None
