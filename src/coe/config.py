@@ -443,7 +443,8 @@ DEFAULT_YAML = """\
 experts:
   # source: a packaged model id (`coe experts` lists them), a .gguf file, or a safetensors folder.
   # backend: auto (from the source), llama_cpp (GGUF) or torch_hf (safetensors checkpoints).
-  # params: backend options; llama_cpp takes n_ctx, n_threads, n_batch, use_mmap;
+  # params: backend options; llama_cpp takes n_ctx, n_threads, n_batch, use_mmap, repack,
+  #         max_sequences, cache_prompt (prefix caching, default true), top_k, min_p, repeat_penalty;
   #         torch_hf takes dtype (float32, bfloat16), device (cpu, cuda), n_ctx.
   - name: smollm2-135m
     source: smollm2-135m

@@ -75,6 +75,7 @@ class Completion:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0  # prompt tokens taken from KV cells a previous request left (prefix caching)
 
 
 @dataclass(frozen=True)

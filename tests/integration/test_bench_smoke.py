@@ -40,3 +40,17 @@ def test_bench_switch_on_synthetic_experts_writes_every_field(tmp_path):
     replay = result["replay"]
     assert replay["lru_switch_s"] > 0 and replay["policy_switch_s"] > 0
     assert [p for p in ("lru", "gdsf", "lrfu") if p in replay] == ["lru", "gdsf", "lrfu"]
+
+
+def test_bench_prefix_reuses_the_first_turn_on_a_packaged_expert(tmp_path, coe_home):
+    from coe.models import ModelStore
+
+    pytest.importorskip("llama_cpp")
+    if ModelStore(coe_home).status("smollm2-135m") == "not installed":
+        pytest.skip("packaged model smollm2-135m is not installed (make setup)")
+    result = _bench(tmp_path, "prefix", "--experts", "smollm2-135m", "--conversations", "2", "--max-tokens", "4")
+    row = result["experts"][0]
+    assert row["off"]["second_turn"]["cached_tokens_mean"] == 0
+    on = row["on"]["second_turn"]
+    assert row["on"]["first_turn"]["prompt_tokens_mean"] <= on["cached_tokens_mean"] < on["prompt_tokens_mean"]
+    assert row["second_turn_speedup"] > 0

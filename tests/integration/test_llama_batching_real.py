@@ -2,8 +2,11 @@
 requests joining a running batch (continuous batching) in sequence slots freed by finished ones.
 Greedy decoding must give every request the text it gets alone. (On prompts with a confident
 answer: where two tokens are all but tied, a different order of KV cells, hence of the floating
-point sums, may pick the other one, as in any batched inference.)"""
+point sums, may pick the other one, as in any batched inference.) Prefix caching: a new sequence
+starts from the KV cells of the longest prompt prefix any sequence holds."""
 from __future__ import annotations
+
+import math
 
 import pytest
 
@@ -20,16 +23,19 @@ LONG = "List the numbers from 1 to 20, separated by commas."
 QUESTIONS = ("Name three colors.", "What is 2 + 2?")
 
 
-@pytest.fixture(scope="module")
-def runner(coe_home):
+def open_runner(coe_home, params: dict):
     pytest.importorskip("llama_cpp")
     store = ModelStore(coe_home)
     if store.status(SMALL) == "not installed":
         pytest.skip(f"packaged model {SMALL} is not installed (make setup)")
-    expert = ExpertConfig(SMALL, SMALL, params={"n_ctx": 1024, "max_sequences": 2})
     backend = LlamaCppBackend()
-    host = backend.read(expert, store.ensure(SMALL), HostBufferPool())
-    runner = backend.materialize(host)
+    host = backend.read(ExpertConfig(SMALL, SMALL, params=params), store.ensure(SMALL), HostBufferPool())
+    return host, backend.materialize(host)
+
+
+@pytest.fixture(scope="module")
+def runner(coe_home):
+    host, runner = open_runner(coe_home, {"n_ctx": 1024, "max_sequences": 2})
     yield runner
     runner.close()
     host.release()
@@ -75,3 +81,91 @@ def test_requests_joining_a_running_batch_reuse_freed_slots_and_get_their_own_te
     assert got[first.id] == alone(runner, LONG, 40)
     for request, question in zip(joiners, QUESTIONS):
         assert got[request.id] == alone(runner, question, 6), question
+
+
+def test_a_request_after_a_long_one_sees_none_of_its_kv_cells(runner):
+    """Between requests only the cells' metadata is cleared (the buffer keeps the old numbers):
+    the next prompt's logits must be exactly those of a context that never held anything else."""
+    prompt_ids = runner.vocab.encode(QUESTIONS[1])
+    before = runner.next_token_logprobs(prompt_ids)
+    alone(runner, LONG, 40)
+    assert runner.next_token_logprobs(prompt_ids) == before
+
+
+def completions(events) -> dict[str, object]:
+    return {e.request_id: e.completion for e in events if e.is_final}
+
+
+def prompt_ids(runner, question: str) -> list[int]:
+    return runner.vocab.encode(runner.prompt_text(ask(question, 1))[0])
+
+
+def test_a_reused_prefix_gives_exactly_the_logits_of_the_prompt_evaluated_in_two_parts(runner):
+    """Prefix caching evaluates only the prompt's new tokens: the same numbers as evaluating the
+    prompt in two chunks split there (not bit-equal to one chunk: llama.cpp's kernels round
+    differently for other batch sizes, as with any chunked prefill)."""
+    ids = prompt_ids(runner, LONG + " Then name three colors.")
+    split = len(ids) // 2
+    runner.forget_all()
+    runner.next_token_logprobs(ids[:split])  # leaves the first half in the cells
+    reused = runner.next_token_logprobs(ids)
+    assert runner.last_cached_tokens == split
+    runner.forget_all()
+    runner._eval(ids[:split], 0)
+    runner._eval(ids[split:], split)
+    n_vocab = runner.model.n_vocab()
+    logits = runner._lib.llama_get_logits_ith(runner.ctx.ctx, -1)
+    two_parts = [logits[i] for i in range(n_vocab)]
+    best = max(range(n_vocab), key=two_parts.__getitem__)
+    assert max(range(n_vocab), key=reused.__getitem__) == best
+    top = max(two_parts)
+    norm = top + math.log(sum(math.exp(x - top) for x in two_parts))
+    assert max(abs(r - (x - norm)) for r, x in zip(reused, two_parts)) < 1e-9
+
+
+def test_sequences_of_one_batch_share_the_prompt_prefix_they_have_in_common(runner):
+    runner.forget_all()
+    requests = [ask(QUESTIONS[0], 4), ask(QUESTIONS[1], 4)]
+    done = completions(runner.generate(requests))
+    common = 0
+    for a, b in zip(prompt_ids(runner, QUESTIONS[0]), prompt_ids(runner, QUESTIONS[1])):
+        if a != b:
+            break
+        common += 1
+    assert common > 0  # the chat template's system prompt and turn header
+    assert [done[r.id].cached_tokens for r in requests] == [0, common]
+
+
+def test_prompt_caching_can_be_turned_off(coe_home):
+    host, runner = open_runner(coe_home, {"n_ctx": 512, "cache_prompt": False})
+    try:
+        for _ in range(2):
+            request = ask(QUESTIONS[1], 2)
+            assert completions(runner.generate([request]))[request.id].cached_tokens == 0
+    finally:
+        runner.close()
+        host.release()
+
+
+def test_two_interleaved_conversations_each_keep_their_cells(runner):
+    runner.forget_all()
+    first = {q: completions(runner.generate([ask(q, 6)])) for q in QUESTIONS}
+    for question in QUESTIONS:
+        turn1 = next(iter(first[question].values()))
+        follow_up = Request(SMALL, SamplingParams(max_tokens=4, temperature=0.0), messages=(
+            ChatMessage("user", question), ChatMessage("assistant", turn1.text), ChatMessage("user", "Why?")))
+        assert completions(runner.generate([follow_up]))[follow_up.id].cached_tokens >= turn1.prompt_tokens
+
+
+def test_cells_left_by_finished_requests_make_room_when_a_prompt_needs_it(coe_home):
+    """A context of 256 cells: each long prompt needs most of them, so every request must evict
+    what the previous ones left, and none fails for lack of room."""
+    host, runner = open_runner(coe_home, {"n_ctx": 256, "max_sequences": 2})
+    try:
+        for n in range(4):
+            request = ask(f"{n} " + "Please repeat these words back to me. " * 20, 8)
+            done = completions(runner.generate([request]))[request.id]
+            assert done.completion_tokens >= 1 and 150 < done.prompt_tokens < 248
+    finally:
+        runner.close()
+        host.release()

@@ -116,3 +116,28 @@ def test_client_disconnect_mid_stream_does_not_stall_the_server(smollm_server, c
     reply = client.chat.completions.create(model=EXPERT, messages=HELLO, max_tokens=4)
     assert reply.usage.completion_tokens >= 1
     assert smollm_server.alive()
+
+
+def test_a_follow_up_turn_reports_the_prompt_tokens_it_reused(client):
+    """Prefix caching: the second turn's prompt starts with the first turn's, whose KV cells the
+    expert still holds; usage says how many prompt tokens were not evaluated again."""
+    question = [{"role": "user", "content": "Name a fruit that is yellow."}]
+    first = client.chat.completions.create(model=EXPERT, messages=question, max_tokens=8, temperature=0)
+    follow_up = question + [{"role": "assistant", "content": first.choices[0].message.content},
+                            {"role": "user", "content": "And a red one?"}]
+    second = client.chat.completions.create(model=EXPERT, messages=follow_up, max_tokens=8, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert second.usage.prompt_tokens_details.cached_tokens < second.usage.prompt_tokens
+
+
+def test_the_server_process_runs_with_huge_pages_for_malloc(smollm_server):
+    """`python -m coe` re-executed itself with the glibc tunable (where the kernel offers
+    transparent huge pages), keeping its pid."""
+    from pathlib import Path
+
+    from coe.backends.memory import huge_page_environment
+
+    if huge_page_environment({}) is None:
+        pytest.skip("no transparent huge pages or not glibc here")
+    environ = Path(f"/proc/{smollm_server.process.pid}/environ").read_bytes().split(b"\0")
+    assert b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1" in environ

@@ -81,6 +81,10 @@ class Decoder(ABC):
     @abstractmethod
     def step(self, active: Sequence[int]) -> dict[int, int]: ...
 
+    def cached_tokens(self, index: int) -> int:
+        """Prompt tokens of sequence ``index`` its prefill took from cached KV cells."""
+        return 0
+
     def add(self, prompt_ids: list[int], sampling: SamplingParams) -> int:
         """A new sequence for the running batch; returns its index."""
         raise NotImplementedError(f"{type(self).__name__} does not take sequences mid-batch")
@@ -97,6 +101,7 @@ class _Sequence:
         self.text = TextAssembler(request.sampling.stop + implied_stop)
         self.finish_reason: str | None = None
         self.num_generated = 0
+        self.cached_tokens = 0  # prompt tokens the runner did not evaluate again (prefix caching)
         self.ended = False  # its final event (completion or error) was yielded
 
     def feed(self, token_id: int, vocab: "Vocab") -> StreamEvent | None:
@@ -121,7 +126,8 @@ class _Sequence:
             yield StreamEvent(self.request.id, delta=tail)
         yield StreamEvent(self.request.id, completion=Completion(
             text=self.text.text, finish_reason=self.finish_reason or "length",
-            prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_generated))
+            prompt_tokens=len(self.prompt_ids), completion_tokens=self.num_generated,
+            cached_tokens=self.cached_tokens))
 
 
 class Runner(ABC):
@@ -137,6 +143,7 @@ class Runner(ABC):
 
     max_batch_size = 1
     joins_running_batch = False
+    last_cached_tokens = 0  # prompt tokens the last ``_sample`` prefill took from cached KV cells
 
     def __init__(self, expert: ExpertConfig, vocab: Vocab, context_length: int, num_bytes: int):
         self.expert = expert
@@ -233,6 +240,8 @@ class Runner(ABC):
         tokens = self._sample(seq.prompt_ids, seq.request.sampling)
         try:
             for token_id in tokens:
+                if seq.num_generated == 0:
+                    seq.cached_tokens = self.last_cached_tokens
                 event = seq.feed(token_id, self.vocab)
                 if event is not None:
                     yield event
@@ -276,6 +285,7 @@ class Runner(ABC):
                     else:
                         seq.ended = True
                         held -= _need(seq)
+                        seq.cached_tokens = decoder.cached_tokens(i)
                         yield from seq.finish()
                 active = still
         finally:

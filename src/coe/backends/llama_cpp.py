@@ -35,6 +35,7 @@ DEFAULT_SEQUENCES = 8
 DEFAULT_TOP_K = 40
 DEFAULT_MIN_P = 0.05
 PENALTY_LAST_N = 64
+NO_KV_SLOT = 1  # llama_decode: no room in the KV cache for the batch (nothing was written)
 
 
 def _llama_cpp():
@@ -125,18 +126,24 @@ class LlamaRunner(Runner):
         self._top_k = int(params.get("top_k", DEFAULT_TOP_K))
         self._min_p = float(params.get("min_p", DEFAULT_MIN_P))
         self._repeat_penalty = float(params.get("repeat_penalty", 1.0))
+        self._n_swa = int(lib.llama_model_n_swa(model.model))
+        self._held: dict[int, list[int]] = {}  # llama.cpp sequence id -> tokens its KV cells hold, from position 0
+        self._busy: set[int] = set()  # sequence ids of running sequences
+        self._used_at: dict[int, int] = {}  # sequence id -> when its cells were last used (a counter)
+        self._clock = 0
+        self._cache_prompt = bool(params.get("cache_prompt", True))
 
     def _eval(self, ids: list[int], n_past: int, seq_id: int = 0) -> int:
         """Prefill ``ids`` for one sequence; logits are kept for its last token (batch index -1)."""
         for i in range(0, len(ids), self._n_batch):
             chunk = ids[i:i + self._n_batch]
-            self._fill([(token, n_past + k, seq_id) for k, token in enumerate(chunk)], last_only=True)
-            self.ctx.decode(self.batch)
+            self._decode([(token, n_past + k, seq_id) for k, token in enumerate(chunk)], last_only=True)
             n_past += len(chunk)
         return n_past
 
-    def _fill(self, entries: list[tuple[int, int, int]], last_only: bool) -> None:
-        """Put (token, position, sequence) entries into the batch, with logits for the last or for all."""
+    def _decode(self, entries: list[tuple[int, int, int]], last_only: bool) -> None:
+        """One forward pass over (token, position, sequence) entries, with logits for the last or
+        for all; the tokens join what their sequences' KV cells hold."""
         batch = self.batch.batch
         batch.n_tokens = len(entries)
         for k, (token, pos, seq_id) in enumerate(entries):
@@ -144,6 +151,90 @@ class LlamaRunner(Runner):
             batch.seq_id[k][0], batch.n_seq_id[k] = seq_id, 1
             batch.logits[k] = not last_only
         batch.logits[len(entries) - 1] = True
+        in_batch = {seq_id for _, _, seq_id in entries}
+        code = self._lib.llama_decode(self.ctx.ctx, batch)
+        while code == NO_KV_SLOT and self._evict_idle(in_batch):
+            code = self._lib.llama_decode(self.ctx.ctx, batch)
+        if code != 0:
+            self.forget_all()  # what the cells hold is unknown now
+            raise RuntimeError(f"llama_decode returned {code}")
+        for token, pos, seq_id in entries:
+            held = self._held.setdefault(seq_id, [])
+            del held[pos:]
+            held.append(token)
+
+    def _start(self, prompt_ids: list[int], free_ids: list[int]) -> int:
+        """Prefill a new sequence in one of ``free_ids`` (the id is taken from the list), reusing
+        the longest prefix of the prompt that any sequence's KV cells hold (prefix caching: the
+        chat template's system prompt, a conversation's earlier turns, few-shot examples). Cells
+        of finished sequences stay until their id is taken or the context needs the room."""
+        source, reused = self._longest_prefix(prompt_ids)
+        others = [s for s in free_ids if s != source]
+        extends = source is not None and reused == len(self._held[source])
+        if source in free_ids and (extends or not others):
+            seq_id = source  # the prompt continues what these cells hold, or no other id is free
+        else:  # copy the prefix into another id: an empty one first, else the least recently used
+            seq_id = min(others, key=lambda s: (s in self._held, self._used_at.get(s, 0)))
+        free_ids.remove(seq_id)
+        self._busy.add(seq_id)
+        if source != seq_id:
+            self._drop(seq_id)
+            if reused:
+                self.ctx.kv_cache_seq_cp(source, seq_id, 0, reused)
+                self._held[seq_id] = prompt_ids[:reused]
+                self._touch(source)
+        if not self.ctx.kv_cache_seq_rm(seq_id, reused, -1):
+            self._drop(seq_id)
+            reused = 0
+        self._held[seq_id] = self._held.get(seq_id, [])[:reused]
+        self._touch(seq_id)
+        self.last_cached_tokens = reused
+        self._eval(prompt_ids[reused:], reused, seq_id)
+        return seq_id
+
+    def _finish(self, seq_id: int) -> None:
+        """The sequence in ``seq_id`` ended: its cells stay, for a later prompt to reuse."""
+        self._busy.discard(seq_id)
+
+    def _touch(self, seq_id: int) -> None:
+        self._clock += 1
+        self._used_at[seq_id] = self._clock
+
+    def _evict_idle(self, keep: set[int]) -> bool:
+        """Free the cells of the least recently used finished sequence; False if there is none."""
+        idle = [s for s in self._held if s not in self._busy and s not in keep]
+        if not idle:
+            return False
+        self._drop(min(idle, key=lambda s: self._used_at.get(s, 0)))
+        return True
+
+    def _longest_prefix(self, prompt_ids: list[int]) -> tuple[int | None, int]:
+        """(sequence id, tokens) of the longest cached prefix of the prompt that can be reused:
+        never the whole prompt (its last token is evaluated for the first token's logits), and
+        not where a sliding-window cache already dropped cells the rest of the prompt attends to."""
+        best, best_len = None, 0
+        for seq_id, held in self._held.items() if self._cache_prompt else ():
+            n = _common_prefix(held, prompt_ids, len(prompt_ids) - 1)
+            if n > best_len and self._window_kept(seq_id, n):
+                best, best_len = seq_id, n
+        return best, best_len
+
+    def _window_kept(self, seq_id: int, reused: int) -> bool:
+        pos_min = self._lib.llama_memory_seq_pos_min(self.ctx.memory, seq_id)
+        return pos_min <= 0 or (self._n_swa > 0 and pos_min <= reused - self._n_swa)
+
+    def _drop(self, seq_id: int) -> None:
+        if self._held.pop(seq_id, None) is not None:
+            self.ctx.kv_cache_seq_rm(seq_id, -1, -1)
+
+    def forget_all(self) -> None:
+        """Drop every sequence from the KV cache. Only the cells' metadata: llama.cpp's own
+        ``kv_cache_clear`` also zeroes the whole buffer (n_ctx cells, 94 MB for SmolLM2 at 4096),
+        which cost 8-10 ms before every request; empty cells are masked out, never read."""
+        self._held.clear()
+        self._busy.clear()
+        if self.ctx.memory is not None:
+            self._lib.llama_memory_clear(self.ctx.memory, False)
 
     def _sampler(self, sampling: SamplingParams):
         from llama_cpp import _internals
@@ -168,27 +259,24 @@ class LlamaRunner(Runner):
     def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
         sampler = self._sampler(sampling)
         try:
-            self.ctx.kv_cache_clear()
-            n_past = self._eval(prompt_ids, 0)
+            seq_id = self._start(prompt_ids, list(range(self.max_batch_size)))
+            n_past = len(prompt_ids)
             while True:
                 token_id = self._pick(sampler, -1)
                 yield token_id
-                n_past = self._eval([token_id], n_past)
+                n_past = self._eval([token_id], n_past, seq_id)
         finally:
             sampler.close()
+            self._busy.clear()
 
     def next_token_logprobs(self, prompt_ids: list[int]) -> list[float]:
         import numpy as np
 
         self._check_context(len(prompt_ids), 1)
-        self.ctx.kv_cache_clear()
-        try:
-            self._eval(prompt_ids, 0)
-            n_vocab = self.model.n_vocab()
-            logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx.ctx, -1), shape=(n_vocab,))
-            logits = logits.astype(np.float64)
-        finally:
-            self.ctx.kv_cache_clear()
+        self._finish(self._start(prompt_ids, list(range(self.max_batch_size))))
+        n_vocab = self.model.n_vocab()
+        logits = np.ctypeslib.as_array(self._lib.llama_get_logits_ith(self.ctx.ctx, -1), shape=(n_vocab,))
+        logits = logits.astype(np.float64)
         top = logits.max()
         return (logits - top - np.log(np.exp(logits - top).sum())).tolist()
 
@@ -207,7 +295,9 @@ class LlamaRunner(Runner):
 
 class _LlamaDecoder(Decoder):
     """Each sequence of the batch holds one of the context's llama.cpp sequence ids while it runs;
-    a finished sequence's id (and its KV cells) go to the next sequence that joins."""
+    a finished sequence's id goes to the next sequence that joins. A new sequence starts from the
+    longest prefix of its prompt that any cells hold (``LlamaRunner._start``); a finished
+    sequence's cells stay for later prompts until its id is taken or the context needs the room."""
 
     def __init__(self, runner: LlamaRunner, prompts: list[list[int]], samplings: list[SamplingParams]):
         self.runner, self.prompts = runner, []
@@ -216,7 +306,7 @@ class _LlamaDecoder(Decoder):
         self.seq_ids: dict[int, int] = {}  # sequence index -> llama.cpp sequence id, while it runs
         self.free_ids = list(range(runner.max_batch_size))
         self.last: dict[int, int] = {}  # index -> the token sampled last (prefilled sequences only)
-        runner.ctx.kv_cache_clear()
+        self.reused: dict[int, int] = {}  # index -> prompt tokens taken from cached cells
         for prompt, sampling in zip(prompts, samplings):
             self.add(prompt, sampling)
 
@@ -230,28 +320,32 @@ class _LlamaDecoder(Decoder):
         runner = self.runner
         for i in [i for i in self.seq_ids if i not in active]:
             seq_id = self.seq_ids.pop(i)
-            runner.ctx.kv_cache_seq_rm(seq_id, -1, -1)  # a finished sequence frees its cells and id
+            runner._finish(seq_id)
             self.free_ids.append(seq_id)
             self.last.pop(i, None)
         running = [i for i in active if i in self.last]
         if running:  # one token for every sequence already prefilled, in one forward pass
-            runner._fill([(self.last[i], self.n_past[i], self.seq_ids[i]) for i in running], last_only=False)
-            runner.ctx.decode(runner.batch)
+            runner._decode([(self.last[i], self.n_past[i], self.seq_ids[i]) for i in running], last_only=False)
             for k, i in enumerate(running):
                 self.n_past[i] += 1
                 self.last[i] = runner._pick(self.samplers[i], k)
         for i in [i for i in active if i not in self.last]:  # new: prefill, first token from its last logits
-            self.seq_ids[i] = self.free_ids.pop(0)
-            self.n_past[i] = runner._eval(self.prompts[i], 0, seq_id=self.seq_ids[i])
+            self.seq_ids[i] = runner._start(self.prompts[i], self.free_ids)
+            self.reused[i] = runner.last_cached_tokens
+            self.n_past[i] = len(self.prompts[i])
             self.last[i] = runner._pick(self.samplers[i], -1)
         return {i: self.last[i] for i in active}
+
+    def cached_tokens(self, index: int) -> int:
+        return self.reused.get(index, 0)
 
     def close(self) -> None:
         for sampler in self.samplers:
             sampler.close()
         self.samplers = []
-        if self.runner.ctx is not None:
-            self.runner.ctx.kv_cache_clear()
+        for seq_id in self.seq_ids.values():
+            self.runner._finish(seq_id)
+        self.seq_ids = {}
 
 
 class LlamaCppBackend(Backend):
@@ -291,6 +385,15 @@ class LlamaCppBackend(Backend):
         runner = LlamaRunner(host.expert, host.payload, ctx, host.num_bytes, host.info.chat_template)
         runner.footprint_bytes = _delta(anon_before)
         return runner
+
+
+def _common_prefix(a: list[int], b: list[int], limit: int) -> int:
+    n = 0
+    for x, y in zip(a, b[:limit]):
+        if x != y:
+            break
+        n += 1
+    return n
 
 
 def _release(model, path: Path) -> None:

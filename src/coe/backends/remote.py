@@ -143,7 +143,7 @@ class RemoteExpert(OffloadedExpert):
                     yield StreamEvent(request.id, delta=delta)
         yield StreamEvent(request.id, completion=Completion(
             "".join(text), _finish_reason(finish), int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or len(text))))
+            int(usage.get("completion_tokens") or len(text)), _cached_tokens(usage)))
 
     def close(self) -> None:
         super().close()
@@ -180,3 +180,8 @@ def _retry_after_s(response) -> float | None:
         return max(0.0, float(response.headers.get("retry-after", "")))
     except ValueError:
         return None
+
+
+def _cached_tokens(usage: dict) -> int:
+    details = usage.get("prompt_tokens_details")
+    return int((details.get("cached_tokens") if isinstance(details, dict) else 0) or 0)

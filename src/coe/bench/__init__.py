@@ -15,6 +15,7 @@ BENCHES = {
     "load": ("coe.bench.load", "torch expert load bandwidth (disk->host->device) vs raw copies"),
     "router": ("coe.bench.router", "router latency (one prompt) and throughput (batches of 64)"),
     "switch": ("coe.bench.switch", "expert switch time (cold/warm -> hot) vs on-demand loading; LRU vs GDSF vs LRFU replay"),
+    "prefix": ("coe.bench.prefix", "prefix caching: time to first token of follow-up turns vs cache_prompt false"),
     "serve": ("coe.bench.serve", "real servers under a replayed trace: naive (FIFO, no warm tier) vs coe's defaults"),
     "soak": ("coe.bench.soak", "a real server under a long mix of valid and invalid requests: nothing lost, memory back to baseline"),
 }

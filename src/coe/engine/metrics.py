@@ -23,7 +23,7 @@ class EngineMetrics:
         r = self.registry
         self.requests = Counter("coe_requests", "Requests that ended, by expert and outcome "
                                 "(completed, cancelled, error, timeout, rejected)", ["expert", "outcome"], registry=r)
-        self.tokens = Counter("coe_tokens", "Tokens processed, by expert and kind (prompt, completion)",
+        self.tokens = Counter("coe_tokens", "Tokens processed, by expert and kind (prompt, completion; prompt_cached: prompt tokens served from cached KV cells)",
                               ["expert", "kind"], registry=r)
         self.in_flight = Gauge("coe_requests_in_flight", "Requests admitted and not yet ended "
                                "(queued or generating): the server's slots in use", registry=r)
@@ -70,6 +70,7 @@ class EngineMetrics:
             outcome = (request.cancel_reason or "cancelled") if cancelled else "completed"
             self.tokens.labels(request.expert, "prompt").inc(event.completion.prompt_tokens)
             self.tokens.labels(request.expert, "completion").inc(event.completion.completion_tokens)
+            self.tokens.labels(request.expert, "prompt_cached").inc(event.completion.cached_tokens)
         else:
             outcome = "timeout" if getattr(event.error, "code", None) == "request_timeout" else "error"
         self.requests.labels(request.expert, outcome).inc()

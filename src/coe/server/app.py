@@ -373,7 +373,8 @@ class _Reply:
 
 def _usage(completion: Completion) -> dict:
     return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens}
+            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": completion.cached_tokens}}
 
 
 def _sse_data(payload: dict | str) -> bytes:
