@@ -21,13 +21,13 @@ import random
 import statistics
 import threading
 import time
+from typing import TYPE_CHECKING
 
-import torch
-
-from coe.router.batching import BatchingRouter
 from coe.router.data import mtbench_path
-from coe.router.learned import LearnedRouter
 from coe.router.service import default_artifact_dir
+
+if TYPE_CHECKING:  # torch loads only when the bench runs: `coe --help` builds every bench's parser
+    from coe.router.learned import LearnedRouter
 
 TARGET_P50_MS = 15.0
 TARGET_PROMPTS_PER_S = 300.0
@@ -38,7 +38,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--single", type=int, default=300, help="prompts timed one at a time")
     parser.add_argument("--batches", type=int, default=15, help="batches of --batch-size timed")
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's own choice)")
     parser.add_argument("--clients", type=int, default=16, help="concurrent routing threads")
 
 
@@ -63,6 +63,11 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def run(args) -> dict:
+    import torch
+
+    from coe.router.learned import LearnedRouter
+
+    args.threads = args.threads or torch.get_num_threads()
     torch.set_num_threads(args.threads)
     folder = args.artifact or default_artifact_dir(args.home)
     router = LearnedRouter.load(folder, "chat")
@@ -104,6 +109,8 @@ def _measure(router: LearnedRouter, prompts: list[str], args) -> dict:
 
 def _concurrent(router: LearnedRouter, prompts: list[str], clients: int) -> dict:
     """Prompts/s when ``clients`` threads route single prompts at once."""
+    from coe.router.batching import BatchingRouter
+
     batching = BatchingRouter(router)
     direct_rate = _threaded_rate(router, prompts, clients)
     batched_rate = _threaded_rate(batching, prompts, clients)
