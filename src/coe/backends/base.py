@@ -240,8 +240,6 @@ class Runner(ABC):
         tokens = self._sample(seq.prompt_ids, seq.request.sampling)
         try:
             for token_id in tokens:
-                if seq.num_generated == 0:
-                    seq.cached_tokens = self.last_cached_tokens
                 event = seq.feed(token_id, self.vocab)
                 if event is not None:
                     yield event
@@ -252,6 +250,7 @@ class Runner(ABC):
             if close is not None:
                 close()
         seq.ended = True
+        seq.cached_tokens = self.last_cached_tokens  # set by this sequence's prefill
         yield from seq.finish()
 
     def _decode_many(self, group: list[_Sequence],

@@ -181,12 +181,11 @@ class LlamaRunner(Runner):
             self._drop(seq_id)
             if reused:
                 self.ctx.kv_cache_seq_cp(source, seq_id, 0, reused)
-                self._held[seq_id] = prompt_ids[:reused]
                 self._touch(source)
         if not self.ctx.kv_cache_seq_rm(seq_id, reused, -1):
             self._drop(seq_id)
             reused = 0
-        self._held[seq_id] = self._held.get(seq_id, [])[:reused]
+        self._held[seq_id] = prompt_ids[:reused]  # the common prefix, whichever id held it
         self._touch(seq_id)
         self.last_cached_tokens = reused
         self._eval(prompt_ids[reused:], reused, seq_id)
