@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
 import pytest
@@ -190,10 +191,14 @@ def test_bench_serve_writes_both_configurations(tmp_path, coe_home):
     out = tmp_path / "serve.json"
     result = subprocess.run(
         [sys.executable, "-m", "coe", "bench", "serve", "--experts", "2", "--requests", "6", "--rate", "4",
-         "--max-tokens-median", "8", "--workdir", str(tmp_path / "work"), "--json", str(out)],
-        capture_output=True, text=True, timeout=900, env={**os.environ, "COE_HOME": str(coe_home)})
+         "--max-tokens-median", "8", "--json", str(out)],
+        capture_output=True, text=True, timeout=900,
+        env={**os.environ, "COE_HOME": str(coe_home), "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
     record = json.loads(out.read_text())
+    workdir = Path(record["setup"]["workdir"])
+    assert workdir.parent == tmp_path and (workdir / "coe.log").exists()
+    assert not (workdir / "experts").exists()  # the GBs of expert copies are gone, the logs stay
     for kind in ("naive", "coe"):
         row = record[kind]
         for key in ("throughput_rps", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "latency_p99_s",

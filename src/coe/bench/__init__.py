@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import platform
+import signal
 import time
 from pathlib import Path
 
@@ -35,10 +36,20 @@ def add_bench_parser(sub):
 
 def run_bench(args) -> int:
     module = _import(BENCHES[args.bench][0])
+    exit_on_sigterm()
     result = module.run(args)
     write_json(Path(args.out), args.bench, result)
     print(f"\nwrote {args.out}")
     return 0
+
+
+def exit_on_sigterm() -> None:
+    """A `timeout` or `kill` unwinds like Ctrl-C: servers are stopped and temp folders (GBs of
+    expert copies) are deleted by the benches' own ``finally`` and ``with`` blocks."""
+    def _exit(signum, _frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, _exit)
 
 
 def write_json(path: Path, name: str, result: dict) -> None:

@@ -56,7 +56,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens-median", type=float, default=32.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", help="replay this JSONL trace instead of generating one")
-    parser.add_argument("--workdir", help="where expert copies, configs, trace and logs go (default: temp)")
+    parser.add_argument("--workdir", help="where expert copies, configs, trace and logs go (default: a temp folder, "
+                        "whose expert copies are deleted at the end)")
     parser.add_argument("--only", choices=CONFIGS, help="run one configuration only")
     parser.add_argument("--routed", action="store_true",
                         help="model 'coe' through the router over the packaged experts: coe with and "
@@ -323,9 +324,13 @@ def run(args) -> dict:
                         "max_tokens_median": args.max_tokens_median, "seed": args.seed,
                         "overrides": args.set, "routed": args.routed, "ray": args.ray,
                         "threads": args.threads if args.ray else None, "workdir": str(workdir)}}
-    for kind in kinds:
-        if args.only in (None, kind):
-            result[kind] = run_one(kind, experts, trace, args, workdir)
+    try:
+        for kind in kinds:
+            if args.only in (None, kind):
+                result[kind] = run_one(kind, experts, trace, args, workdir)
+    finally:
+        if not args.workdir:  # the expert copies are GBs; the logs, trace and results stay
+            shutil.rmtree(workdir / "experts", ignore_errors=True)
     if "naive" in result and "coe" in result:
         result["ratios"] = ratios(result["naive"], result["coe"])
     if "ray1" in result and "ray2" in result:
