@@ -561,6 +561,9 @@ def main(argv: list[str] | None = None) -> int:
     except CoEError as exc:
         print(f"coe: error: {exc.message}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a full disk, a file that went away, a port taken: the message, no trace
+        print(f"coe: error: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

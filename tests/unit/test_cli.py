@@ -208,3 +208,11 @@ def test_workload_in_expert_mode_sends_requests_to_the_config_experts(tmp_path, 
     spec, items = read_trace(out)
     assert (spec.count, spec.rate_rps, spec.seed, spec.experts) == (20, 4.0, 3, ("x", "y"))
     assert {item.model for item in items} <= {"x", "y"} and len(items) == 20
+
+
+def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    target = tmp_path / "a-file" / "coe.yaml"  # its parent is a file: the write fails
+    assert main(["init", str(target)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("coe: error: ") and str(target) in err and "Traceback" not in err

@@ -6,10 +6,12 @@ sha256 is verified once; a small ``.verified`` record next to it skips re-hashin
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -179,8 +181,12 @@ def sha256_file(path: Path) -> str:
 
 
 def _concatenate(parts: list[Path], target: Path) -> str:
-    """Write parts in order to target atomically; return the sha256 of what was written."""
+    """Write parts in order to target atomically; return the sha256 of what was written.
+    A disk without room for the whole file is refused before writing (and a full disk midway
+    leaves no partial file), with the numbers."""
     target.parent.mkdir(parents=True, exist_ok=True)
+    needed_bytes = sum(part.stat().st_size for part in parts)
+    _check_room(target, needed_bytes)
     tmp = target.with_name(target.name + f".tmp{os.getpid()}")
     digest = hashlib.sha256()
     try:
@@ -191,6 +197,23 @@ def _concatenate(parts: list[Path], target: Path) -> str:
                         digest.update(block)
                         out.write(block)
         os.replace(tmp, target)
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise _no_room(target, needed_bytes) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return digest.hexdigest()
+
+
+def _check_room(target: Path, needed_bytes: int) -> None:
+    existing_bytes = target.stat().st_size if target.exists() else 0  # replaced, so it frees its room
+    if shutil.disk_usage(target.parent).free + existing_bytes < needed_bytes:
+        raise _no_room(target, needed_bytes)
+
+
+def _no_room(target: Path, needed_bytes: int) -> ModelNotAvailable:
+    free_bytes = shutil.disk_usage(target.parent).free
+    return ModelNotAvailable(f"no room to assemble {target}: it needs {needed_bytes / 2**20:.0f} MiB and "
+                             f"{target.parent} has {free_bytes / 2**20:.0f} MiB free (set COE_HOME to a "
+                             f"disk with room, or free some)")
