@@ -12,6 +12,7 @@ CONFIG ?=
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml requirements/models.txt requirements/data.txt scripts/llama_wheel.sh
+	@test -x $(BIN)/python || scripts/check_disk.sh . 6
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
