@@ -288,9 +288,21 @@ def test_join_stops_while_another_expert_is_overdue_so_the_batch_drains():
     scheduler = Scheduler(max_wait_s=2.0)
     fill(scheduler, [("b", "b1"), ("a", "a1")])  # b1 arrived at 0 s, a1 at 1 s
     assert [r.prompt for r in scheduler.join("a", 1, now_s=1.5)] == ["a1"]
-    fill(scheduler, [("a", "a2")])
-    assert scheduler.join("a", 1, now_s=2.0) == ()  # b1 has waited 2 s: a's batch takes no one else
+    scheduler.add(req("a", "a2", 1.8))
+    assert scheduler.join("a", 1, now_s=2.0) == ()  # b1 has waited 2 s: a's batch takes no one younger
     assert drain(scheduler, now_s=2.0, current="a")[0] == ("b", ["b1"])
+
+
+def test_under_overload_requests_older_than_the_overdue_one_still_join():
+    """A backlog: a's queue holds requests from before and after b's overdue one. The older ones
+    keep the running batch full; the younger wait until b has been served."""
+    scheduler = Scheduler(max_wait_s=2.0)
+    for tag, arrival_s in [("a1", 0.0), ("a2", 1.0), ("a3", 3.0)]:
+        scheduler.add(req("a", tag, arrival_s))
+    scheduler.add(req("b", "b1", 2.0))
+    assert [r.prompt for r in scheduler.join("a", 4, now_s=10.0)] == ["a1", "a2"]
+    assert scheduler.join("a", 4, now_s=10.0) == ()
+    assert drain(scheduler, now_s=10.0, current="a") == [("b", ["b1"]), ("a", ["a3"])]
 
 
 @pytest.mark.parametrize("count", [0, -1])

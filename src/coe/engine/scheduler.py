@@ -10,8 +10,9 @@ The ``fifo`` policy is the baseline: the oldest request goes next, with the requ
 it that want the same expert.
 
 Continuous batching (``join``): while a batch generates, requests that arrive for its expert join
-it at the next token instead of waiting for the whole batch, unless another expert's request is
-overdue; then the batch takes no one else and drains, so the bound above still holds.
+it at the next token instead of waiting for the whole batch. Once another expert's request is
+overdue, only requests older than it may still join; then the batch drains, so the bound above
+still holds (what joins was ahead of the overdue request anyway).
 """
 from __future__ import annotations
 
@@ -88,23 +89,28 @@ class Scheduler:
 
     def join(self, expert: str, count: int, now_s: float) -> tuple[Request, ...]:
         """Remove and return up to ``count`` of ``expert``'s waiting requests for the batch it is
-        running: none under ``fifo`` (arrival order), none while another expert's oldest request
-        has waited ``max_wait_s``."""
+        running: none under ``fifo`` (arrival order). While another expert's oldest request has
+        waited ``max_wait_s``, only requests that arrived before it join: nobody overdue is
+        overtaken by a younger request, and under overload the batch stays full while it serves
+        the backlog in arrival order."""
         if self.policy == "fifo" or count <= 0:
             return ()
         self._drop_cancelled()
-        queue = self._queues.get(expert)
-        if not queue or any(now_s - q[0].arrival_s >= self.max_wait_s
-                            for name, q in self._queues.items() if q and name != expert):
+        if not self._queues.get(expert):
             return ()
-        return self._take(expert, count)
+        overdue = [q[0].arrival_s for name, q in self._queues.items()
+                   if q and name != expert and now_s - q[0].arrival_s >= self.max_wait_s]
+        return self._take(expert, count, before_s=min(overdue, default=math.inf))
 
-    def _take(self, expert: str, count: int) -> tuple[Request, ...]:
-        """Remove up to ``count`` of ``expert``'s oldest waiting requests."""
+    def _take(self, expert: str, count: int, before_s: float = math.inf) -> tuple[Request, ...]:
+        """Remove up to ``count`` of ``expert``'s oldest waiting requests (those that arrived
+        before ``before_s``)."""
         queue = self._queues[expert]
-        taken = tuple(queue.popleft() for _ in range(min(count, len(queue))))
+        taken = []
+        while queue and len(taken) < count and queue[0].arrival_s < before_s:
+            taken.append(queue.popleft())
         self._count -= len(taken)
-        return taken
+        return tuple(taken)
 
     def peek_expert(self, now_s: float, resident: Collection[str] = (), current: str | None = None) -> str | None:
         """The expert ``next_batch`` would choose now, without removing anything (for lookahead loads)."""
