@@ -15,8 +15,8 @@ from __future__ import annotations
 import statistics
 import time
 
-from coe.cache import ModelCache
-from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, default_config
+from coe.bench.switch import standalone_cache
+from coe.config import ExpertConfig, default_config
 from coe.models import ModelStore
 from coe.router.data import mtbench_path, read_jsonl
 from coe.types import ChatMessage, Request, SamplingParams
@@ -59,8 +59,7 @@ def _timed(runner, request: Request) -> tuple[float, object]:
 
 def measure(store: ModelStore, expert: ExpertConfig, cache_prompt: bool, talks, max_tokens: int) -> dict:
     config = ExpertConfig(expert.name, expert.source, params={**expert.params, "cache_prompt": cache_prompt})
-    cache = ModelCache(CoEConfig(experts=(config,), router=RouterConfig(enabled=False),
-                                 cache=CacheConfig(prefetch="none")), store)
+    cache = standalone_cache((config,), store)
     try:
         runner = cache.activate(expert.name)
         _timed(runner, _chat(expert.name, [("user", "Hello")], 4))  # the first decode after a load

@@ -513,13 +513,18 @@ def _device_name(torch, device: str) -> str:
     return torch.cuda.get_device_name(torch.device(device)) if device.startswith("cuda") else "cpu"
 
 
+def standalone_cache(experts, store) -> ModelCache:
+    """A cache of these experts alone: no router, no prefetch (the bench moves every expert itself)."""
+    return ModelCache(CoEConfig(experts=tuple(experts), router=RouterConfig(enabled=False),
+                                cache=CacheConfig(prefetch="none")), store)
+
+
 def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict]:
     """Measure every default (packaged GGUF) expert; with ``with_settings`` also the llama.cpp
     settings table."""
     rows, settings = [], {}
     defaults = default_config()
-    cache = ModelCache(CoEConfig(experts=defaults.experts, router=RouterConfig(enabled=False),
-                                 cache=CacheConfig(prefetch="none")), store)
+    cache = standalone_cache(defaults.experts, store)
     for expert in defaults.experts:
         path = cache.path_of(expert)
         row = {"name": expert.name, "kind": "packaged", "backend": "llama_cpp", "weight_bytes": path.stat().st_size}
@@ -537,8 +542,7 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
 
 def synthetic_row(store, name: str, cfg: dict, folder: Path, device: str, prompts) -> dict:
     expert = ExpertConfig(name, str(folder), backend="torch_hf", params={"dtype": "bfloat16", "device": device})
-    cache = ModelCache(CoEConfig(experts=(expert,), router=RouterConfig(enabled=False),
-                                 cache=CacheConfig(prefetch="none")), store)
+    cache = standalone_cache((expert,), store)
     file = folder / "model.safetensors"
     row = {"name": name, "kind": "synthetic", "backend": "torch_hf", "weight_bytes": file.stat().st_size,
            "num_params": sum(math.prod(s) for s in checkpoint_shapes(cfg).values())}
