@@ -183,11 +183,13 @@ def cmd_workload(args) -> int:
     experts = tuple(e.name for e in load_config(args.config).experts) if args.model_mode == "expert" else ()
     spec = WorkloadSpec(count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
                         zipf_s=args.zipf, experts=experts, model_mode=args.model_mode,
-                        max_tokens_median=args.max_tokens_median, seed=args.seed)
+                        max_tokens_median=args.max_tokens_median, follow_up_share=args.follow_ups,
+                        think_s_mean=args.think_s, seed=args.seed)
     items = generate(spec)
     save_trace(items, args.out, spec)
     summary = summarize(items)
-    print(f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s")
+    print(f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s"
+          f"{', %d of them follow-ups' % summary['follow_ups'] if summary['follow_ups'] else ''}")
     return 0
 
 
@@ -424,6 +426,8 @@ def cmd_eval(args) -> int:
 # ---- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
+    from coe.bench.workload import add_follow_up_arguments
+
     parser = argparse.ArgumentParser(prog="coe", description="Composition of Experts: many LLMs behind one "
                                      "OpenAI-compatible endpoint.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -463,6 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=float, default=1.0, help="burstiness of gamma arrivals (>1: bursts)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the category mix")
     p.add_argument("--max-tokens-median", type=float, default=48.0)
+    add_follow_up_arguments(p)
     p.add_argument("--model-mode", choices=("coe", "expert"), default="coe",
                    help="coe: every request asks for model 'coe'; expert: categories go to the config's experts")
     p.add_argument("--config")

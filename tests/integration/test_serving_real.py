@@ -191,7 +191,8 @@ def test_bench_serve_writes_both_configurations(tmp_path, coe_home):
     out = tmp_path / "serve.json"
     result = subprocess.run(
         [sys.executable, "-m", "coe", "bench", "serve", "--experts", "2", "--requests", "6", "--rate", "4",
-         "--max-tokens-median", "8", "--json", str(out)],
+         "--max-tokens-median", "8", "--seed", "3", "--follow-ups", "1.0", "--think-s", "0.2",
+         "--json", str(out)],  # seed 3: one MT-Bench first turn, so one follow-up
         capture_output=True, text=True, timeout=900,
         env={**os.environ, "COE_HOME": str(coe_home), "TMPDIR": str(tmp_path)})
     assert result.returncode == 0, result.stdout + result.stderr
@@ -204,7 +205,14 @@ def test_bench_serve_writes_both_configurations(tmp_path, coe_home):
         for key in ("throughput_rps", "tokens_per_s", "ttft_p50_s", "ttft_p99_s", "latency_p99_s",
                     "switches", "completed", "errors", "lost"):
             assert key in row, (kind, key)
-        assert row["completed"] + row["errors"] + row["lost"] == 6
-        assert row["lost"] == 0
+        assert row["completed"] + row["errors"] + row["lost"] + row["skipped"] == 7
+        assert row["lost"] == 0 and row["follow_ups"] == 1
         assert row["slots_in_use_after"] == 0
     assert "throughput_x" in record["ratios"]
+    results = {r["index"]: r for r in map(json.loads, (workdir / "coe-results.jsonl").read_text().splitlines())}
+    trace = {r["index"]: r for r in map(json.loads, (workdir / "trace.jsonl").read_text().splitlines()[1:])}
+    follow_up = results[6]
+    first = results[trace[6]["after"]]
+    # the follow-up carried the first turn and its answer, and reused the cells of that first turn
+    assert follow_up["follow_up"] and follow_up["prompt_tokens"] > first["prompt_tokens"]
+    assert follow_up["cached_tokens"] >= first["prompt_tokens"] - 1

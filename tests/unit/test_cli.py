@@ -210,6 +210,18 @@ def test_workload_in_expert_mode_sends_requests_to_the_config_experts(tmp_path, 
     assert {item.model for item in items} <= {"x", "y"} and len(items) == 20
 
 
+def test_workload_with_follow_ups_says_how_many(tmp_path, capsys):
+    from coe.bench.workload import read_trace
+
+    out = tmp_path / "trace.jsonl"
+    assert main(["workload", "--out", str(out), "--requests", "6", "--rate", "4", "--seed", "3",
+                 "--follow-ups", "1", "--think-s", "2"]) == 0
+    assert capsys.readouterr().out.rstrip().endswith(", 1 of them follow-ups")
+    spec, items = read_trace(out)
+    assert (spec.follow_up_share, spec.think_s_mean) == (1.0, 2.0)
+    assert len(items) == 7 and items[6].after is not None
+
+
 def test_an_os_error_is_one_line_naming_the_path(tmp_path, capsys):
     (tmp_path / "a-file").write_text("")
     target = tmp_path / "a-file" / "coe.yaml"  # its parent is a file: the write fails

