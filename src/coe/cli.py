@@ -178,13 +178,12 @@ def _fetch_text(url: str, path: str) -> str:
 
 def cmd_workload(args) -> int:
     """Write a replayable JSONL trace (for `coe bench serve --trace`)."""
-    from coe.bench.workload import WorkloadSpec, generate, save_trace, summarize
+    from coe.bench.workload import generate, save_trace, spec_from_arguments, summarize
 
     experts = tuple(e.name for e in load_config(args.config).experts) if args.model_mode == "expert" else ()
-    spec = WorkloadSpec(count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
-                        zipf_s=args.zipf, experts=experts, model_mode=args.model_mode,
-                        max_tokens_median=args.max_tokens_median, follow_up_share=args.follow_ups,
-                        think_s_mean=args.think_s, seed=args.seed)
+    spec = spec_from_arguments(args, count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
+                               zipf_s=args.zipf, experts=experts, model_mode=args.model_mode,
+                               max_tokens_median=args.max_tokens_median, seed=args.seed)
     items = generate(spec)
     save_trace(items, args.out, spec)
     summary = summarize(items)
@@ -426,7 +425,7 @@ def cmd_eval(args) -> int:
 # ---- parser ------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    from coe.bench.workload import add_follow_up_arguments
+    from coe.bench.workload import add_prompt_arguments
 
     parser = argparse.ArgumentParser(prog="coe", description="Composition of Experts: many LLMs behind one "
                                      "OpenAI-compatible endpoint.")
@@ -467,7 +466,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cv", type=float, default=1.0, help="burstiness of gamma arrivals (>1: bursts)")
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the category mix")
     p.add_argument("--max-tokens-median", type=float, default=48.0)
-    add_follow_up_arguments(p)
+    add_prompt_arguments(p)
     p.add_argument("--model-mode", choices=("coe", "expert"), default="coe",
                    help="coe: every request asks for model 'coe'; expert: categories go to the config's experts")
     p.add_argument("--config")

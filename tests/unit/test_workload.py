@@ -300,3 +300,26 @@ def test_a_follow_up_round_trips_through_a_trace_file(tmp_path):
     path = save_trace([first, second], tmp_path / "t.jsonl")
     assert load_trace(path) == [first, second]
     assert "after" not in json.loads(first.to_json())  # traces without follow-ups read as before
+
+
+def test_mtbench_only_conversations():
+    categories = workload.categories_with(("mtbench",))
+    assert categories == ("code", "math", "writing", "reasoning", "extraction", "stem", "humanities")
+    s = WorkloadSpec(count=30, categories=categories, sources=("mtbench",), follow_up_share=1.0, seed=1)
+    items = generate(s)
+    assert {i.source for i in items[:30]} == {"mtbench"} and len(items) == 60  # every first turn followed
+    assert {i.source for i in items[30:]} == {"mtbench_turn2"}
+    with pytest.raises(WorkloadError, match="among \\['mtbench'\\]"):
+        generate(WorkloadSpec(count=5, categories=("chat",), sources=("mtbench",)))
+
+
+def test_spec_from_arguments_takes_the_categories_of_the_sources():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    workload.add_prompt_arguments(parser)
+    s = workload.spec_from_arguments(parser.parse_args(["--sources", "mtbench", "--follow-ups", "0.5"]), count=9)
+    assert s.sources == ("mtbench",) and s.follow_up_share == 0.5 and s.count == 9
+    assert s.categories == workload.categories_with(("mtbench",))
+    with pytest.raises(WorkloadError, match="--sources: no category"):
+        workload.spec_from_arguments(parser.parse_args(["--sources", "nowhere"]), count=9)

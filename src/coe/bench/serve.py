@@ -37,8 +37,8 @@ from pathlib import Path
 import yaml
 
 from coe.backends.memory import drop_file_cache
-from coe.bench.workload import (TraceItem, WorkloadSpec, add_follow_up_arguments, generate, load_trace,
-                                save_trace)
+from coe.bench.workload import (TraceItem, add_prompt_arguments, generate, load_trace, save_trace,
+                                spec_from_arguments)
 from coe.config import default_config
 from coe.models.catalog import ModelStore
 
@@ -55,7 +55,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--cv", type=float, default=3.0, help="burstiness of gamma arrivals")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the category mix")
     parser.add_argument("--max-tokens-median", type=float, default=32.0)
-    add_follow_up_arguments(parser)
+    add_prompt_arguments(parser)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--trace", help="replay this JSONL trace instead of generating one")
     parser.add_argument("--workdir", help="where expert copies, configs, trace and logs go (default: a temp folder, "
@@ -131,11 +131,10 @@ def server_config(kind: str, experts: list[tuple[str, Path]], hot: int, override
 def make_trace(args, experts: list[str], workdir: Path) -> list[TraceItem]:
     if args.trace:
         return load_trace(args.trace)
-    spec = WorkloadSpec(count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
-                        zipf_s=args.zipf, experts=() if args.routed else tuple(experts),
-                        model_mode="coe" if args.routed else "expert",
-                        max_tokens_median=args.max_tokens_median, follow_up_share=args.follow_ups,
-                        think_s_mean=args.think_s, seed=args.seed)
+    spec = spec_from_arguments(args, count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
+                               zipf_s=args.zipf, experts=() if args.routed else tuple(experts),
+                               model_mode="coe" if args.routed else "expert",
+                               max_tokens_median=args.max_tokens_median, seed=args.seed)
     items = generate(spec)
     save_trace(items, workdir / "trace.jsonl", spec)
     return items
@@ -369,12 +368,15 @@ def run(args) -> dict:
     experts = packaged_experts(args.home) if args.routed else expert_files(args.home, args.experts, workdir)
     kinds = ("ray1", "ray2") if args.ray else ("coe", "coe_resident") if args.routed else ("naive", "coe")
     trace = make_trace(args, [name for name, _ in experts], workdir)
-    print(f"{len(experts)} experts, {args.hot} hot at most; trace: {len(trace)} requests over "
-          f"{trace[-1].arrival_s:.1f} s ({workdir})", flush=True)
+    follow_ups = sum(item.after is not None for item in trace)
+    print(f"{len(experts)} experts, {args.hot} hot at most; trace: {len(trace)} requests"
+          f"{f' ({follow_ups} follow-ups)' if follow_ups else ''} arriving over "
+          f"{max(item.arrival_s for item in trace):.1f} s ({workdir})", flush=True)
     result = {"setup": {"experts": [name for name, _ in experts], "hot": args.hot, "requests": len(trace),
                         "rate_rps": args.rate, "arrival": args.arrival, "zipf_s": args.zipf,
                         "max_tokens_median": args.max_tokens_median, "seed": args.seed,
-                        "follow_up_share": args.follow_ups, "think_s_mean": args.think_s,
+                        "sources": list(args.sources), "follow_up_share": args.follow_ups,
+                        "think_s_mean": args.think_s,
                         "overrides": args.set, "routed": args.routed, "ray": args.ray,
                         "threads": args.threads if args.ray else None, "workdir": str(workdir)}}
     try:

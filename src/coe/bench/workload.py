@@ -128,6 +128,7 @@ class WorkloadSpec:
     max_tokens_max: int = 256
     prompts_per_category: int = 200
     max_prompt_chars: int = 4000
+    sources: tuple[str, ...] = ()  # only prompts from these sources (e.g. "mtbench"); () = all
     follow_up_share: float = 0.0  # of MT-Bench first turns, followed by their second turn
     think_s_mean: float = 5.0  # mean pause between an answer and its follow-up
     seed: int = 0
@@ -135,6 +136,7 @@ class WorkloadSpec:
     def __post_init__(self) -> None:
         object.__setattr__(self, "categories", _names("categories", self.categories))
         object.__setattr__(self, "experts", _names("experts", self.experts))
+        object.__setattr__(self, "sources", _names("sources", self.sources))
         _check_rate_count(self.rate_rps, self.count)
         _check_int("count", self.count, 1)
         _check_choice("arrival", self.arrival, ARRIVALS)
@@ -182,7 +184,7 @@ class WorkloadSpec:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["categories"], out["experts"] = list(self.categories), list(self.experts)
+        out["categories"], out["experts"], out["sources"] = list(self.categories), list(self.experts), list(self.sources)
         return out
 
     @classmethod
@@ -194,13 +196,26 @@ class WorkloadSpec:
         return cls(**data)
 
 
-def add_follow_up_arguments(parser) -> None:
-    """``--follow-ups`` and ``--think-s``, for the commands that generate traces."""
+def add_prompt_arguments(parser) -> None:
+    """``--sources``, ``--follow-ups`` and ``--think-s``, for the commands that generate traces."""
+    parser.add_argument("--sources", nargs="+", default=(), metavar="SOURCE",
+                        help="prompts from these datasets only (e.g. mtbench); the categories are then "
+                             "those that have prompts from them")
     parser.add_argument("--follow-ups", type=float, default=0.0, metavar="SHARE",
                         help="share of MT-Bench first turns followed by their second turn, sent with "
                              "the first answer in its history (default 0)")
     parser.add_argument("--think-s", type=float, default=5.0,
                         help="mean pause between an answer and its follow-up (default 5)")
+
+
+def spec_from_arguments(args, **fields_) -> WorkloadSpec:
+    """A spec from the arguments ``add_prompt_arguments`` adds, plus ``fields_``."""
+    sources = tuple(args.sources)
+    if sources:
+        fields_["categories"] = categories_with(sources)
+        if not fields_["categories"]:
+            raise WorkloadError(f"--sources: no category has prompts from {list(sources)}")
+    return WorkloadSpec(sources=sources, follow_up_share=args.follow_ups, think_s_mean=args.think_s, **fields_)
 
 
 def _names(field: str, value: object) -> tuple[str, ...]:
@@ -387,12 +402,15 @@ def _interleave(lists: list[list[Prompt]], cap: int) -> list[Prompt]:
 
 
 def category_pool(category: str, per_category: int = 200, seed: int = 0,
-                  max_prompt_chars: int = 4000) -> list[Prompt]:
-    """Up to ``per_category`` distinct prompts of one category, the same for the same seed."""
+                  max_prompt_chars: int = 4000, sources: Sequence[str] = ()) -> list[Prompt]:
+    """Up to ``per_category`` distinct prompts of one category (from ``sources`` only, when
+    given), the same for the same seed."""
     rng = np.random.default_rng([seed, _stable_int(category)])
     seen: set[str] = set()
     shuffled: list[list[Prompt]] = []
     for source in category_sources(category):
+        if sources and source.name not in sources:
+            continue
         kept = []
         for text in _read_texts(source):
             if isinstance(text, str) and text.strip() and len(text) <= max_prompt_chars and text not in seen:
@@ -402,14 +420,19 @@ def category_pool(category: str, per_category: int = 200, seed: int = 0,
     pool = _interleave(shuffled, per_category)
     if not pool:
         raise WorkloadError(f"category {category!r}: no prompts of at most {max_prompt_chars} "
-                            f"characters in its sources")
+                            f"characters in its sources{f' among {list(sources)}' if sources else ''}")
     return pool
 
 
 def prompt_pool(categories: Sequence[str], per_category: int = 200, seed: int = 0,
-                max_prompt_chars: int = 4000) -> dict[str, list[Prompt]]:
+                max_prompt_chars: int = 4000, sources: Sequence[str] = ()) -> dict[str, list[Prompt]]:
     """``{category: [Prompt]}`` for each category, read from the packaged datasets."""
-    return {c: category_pool(c, per_category, seed, max_prompt_chars) for c in categories}
+    return {c: category_pool(c, per_category, seed, max_prompt_chars, sources) for c in categories}
+
+
+def categories_with(sources: Sequence[str], categories: Sequence[str] = DEFAULT_CATEGORIES) -> tuple[str, ...]:
+    """The categories (in the given order) that have prompts from at least one of ``sources``."""
+    return tuple(c for c in categories if any(s.name in sources for s in category_sources(c)))
 
 
 # -- generation -----------------------------------------------------------------------------------
@@ -430,7 +453,8 @@ def generate(spec: WorkloadSpec, pool: dict[str, list[Prompt]] | None = None) ->
     """The trace a spec describes. ``pool`` (from ``prompt_pool``) skips reading the datasets;
     without it the pool is built from ``spec`` (seed, prompts_per_category, max_prompt_chars)."""
     if pool is None:
-        pool = prompt_pool(spec.categories, spec.prompts_per_category, spec.seed, spec.max_prompt_chars)
+        pool = prompt_pool(spec.categories, spec.prompts_per_category, spec.seed, spec.max_prompt_chars,
+                           spec.sources)
     empty = [c for c in spec.categories if not pool.get(c)]
     if empty:
         raise WorkloadError(f"the prompt pool has no prompts for categories {empty}")
