@@ -323,3 +323,12 @@ def test_spec_from_arguments_takes_the_categories_of_the_sources():
     assert s.categories == workload.categories_with(("mtbench",))
     with pytest.raises(WorkloadError, match="--sources: no category"):
         workload.spec_from_arguments(parser.parse_args(["--sources", "nowhere"]), count=9)
+
+
+def test_a_follow_up_of_a_missing_request_or_a_repeated_index_names_the_file(tmp_path):
+    first = TraceItem(0, 0.0, "math", "m", [{"role": "user", "content": "q1"}], 8, "mtbench")
+    orphan = TraceItem(5, 0.0, "math", "m", [{"role": "user", "content": "q2"}], 8, "mtbench_turn2", after=3)
+    with pytest.raises(WorkloadError, match="t.jsonl: request 5 follows request 3, which is not in the trace"):
+        load_trace(save_trace([first, orphan], tmp_path / "t.jsonl"))
+    with pytest.raises(WorkloadError, match="share an index"):
+        load_trace(save_trace([first, first], tmp_path / "u.jsonl"))

@@ -562,6 +562,12 @@ def read_trace(path: str | Path) -> tuple[WorkloadSpec | None, list[TraceItem]]:
             raise WorkloadError(f"{path}:{n}: {exc.message}") from exc
     if not items:
         raise WorkloadError(f"{path}: no trace items")
+    indices = {item.index for item in items}
+    if len(indices) < len(items):
+        raise WorkloadError(f"{path}: two trace items share an index")
+    for item in items:
+        if item.after is not None and item.after not in indices:
+            raise WorkloadError(f"{path}: request {item.index} follows request {item.after}, which is not in the trace")
     return spec, items
 
 
