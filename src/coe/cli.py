@@ -187,8 +187,8 @@ def cmd_workload(args) -> int:
     items = generate(spec)
     save_trace(items, args.out, spec)
     summary = summarize(items)
-    print(f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s"
-          f"{', %d of them follow-ups' % summary['follow_ups'] if summary['follow_ups'] else ''}")
+    follow_ups = f", {summary['follow_ups']} of them follow-ups" if summary["follow_ups"] else ""
+    print(f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s{follow_ups}")
     return 0
 
 

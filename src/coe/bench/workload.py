@@ -43,7 +43,7 @@ import json
 import math
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -272,7 +272,7 @@ class TraceItem:
     def from_dict(cls, data: object) -> TraceItem:
         if not isinstance(data, dict):
             raise WorkloadError("a trace item must be a JSON object")
-        missing = [f.name for f in fields(cls) if f.name not in data and f.name not in ("after", "think_s")]
+        missing = [f.name for f in fields(cls) if f.name not in data and f.default is MISSING]
         if missing:
             raise WorkloadError(f"trace item is missing field(s) {missing}")
         _check_int("index", data["index"], 0)
