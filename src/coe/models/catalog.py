@@ -207,8 +207,8 @@ def _concatenate(parts: list[Path], target: Path) -> str:
 
 
 def _check_room(target: Path, needed_bytes: int) -> None:
-    existing_bytes = target.stat().st_size if target.exists() else 0  # replaced, so it frees its room
-    if shutil.disk_usage(target.parent).free + existing_bytes < needed_bytes:
+    # an older file at target frees its room only at os.replace, after the new one is written
+    if shutil.disk_usage(target.parent).free < needed_bytes:
         raise _no_room(target, needed_bytes)
 
 
