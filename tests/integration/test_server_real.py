@@ -99,6 +99,27 @@ def test_malformed_json_is_400(smollm_server):
     assert "not valid JSON" in response.json()["error"]["message"]
 
 
+@pytest.mark.parametrize("declare_length", [True, False])
+def test_a_client_that_sends_a_large_body_before_reading_gets_the_413(smollm_server, declare_length):
+    """urllib writes the whole body before it reads anything: the server must read (and drop) the
+    rest of a refused body, or the client sees a connection reset instead of the answer."""
+    import json
+    import urllib.error
+    import urllib.request
+
+    body = json.dumps({"model": EXPERT, "messages": [{"role": "user", "content": "x" * 10_000_000}]}).encode()
+    data = body if declare_length else iter([body[i:i + 65536] for i in range(0, len(body), 65536)])
+    request = urllib.request.Request(smollm_server.v1 + "/chat/completions", data=data, method="POST",
+                                     headers={"content-type": "application/json",
+                                              **({} if declare_length else {"transfer-encoding": "chunked"})})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=60)
+    assert refused.value.code == 413
+    error = json.loads(refused.value.read())["error"]
+    assert error["code"] == "request_too_large" and error["param"] == "body"
+    assert httpx.get(smollm_server.base_url + "/health", timeout=10).status_code == 200
+
+
 def test_openai_client_raises_typed_errors(client):
     with pytest.raises(openai.NotFoundError):
         client.chat.completions.create(model="missing-expert", messages=HELLO)

@@ -14,7 +14,6 @@ top_k, min_p, repeat_penalty.
 """
 from __future__ import annotations
 
-import logging
 import os
 import time
 from pathlib import Path
@@ -24,7 +23,7 @@ from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
 from coe.backends.memory import (HostBufferPool, anon_rss_bytes, drop_file_cache, read_sequential,
                                  resident_file_bytes)
 from coe.config import ExpertConfig
-from coe.errors import LoadError, MissingExtra
+from coe.errors import LoadError
 from coe.models.info import describe
 from coe.types import SamplingParams
 
@@ -39,14 +38,9 @@ NO_KV_SLOT = 1  # llama_decode: no room in the KV cache for the batch (nothing w
 
 
 def _llama_cpp():
-    try:
-        import llama_cpp
-    except ImportError:
-        raise MissingExtra("llama_cpp", "llama") from None
-    quiet = logging.getLogger("llama-cpp-python")
-    if quiet.level == logging.NOTSET:  # llama.cpp logs every context creation to stderr otherwise
-        quiet.setLevel(logging.ERROR)
-    return llama_cpp
+    from coe.backends.llama_lib import load_llama_cpp
+
+    return load_llama_cpp()
 
 
 def model_params(params: dict):
@@ -357,6 +351,8 @@ class LlamaCppBackend(Backend):
         info = describe(path)
         if info.format != "gguf":
             raise LoadError(f"expert {expert.name}: llama_cpp needs a .gguf file, got {path}")
+        if expert.params.get("repack", False):
+            _check_repack(expert, path)
         read_s = 0.0
         if (resident_file_bytes(path) or 0) < info.num_bytes:
             started = time.perf_counter()
@@ -384,6 +380,23 @@ class LlamaCppBackend(Backend):
         runner = LlamaRunner(host.expert, host.payload, ctx, host.num_bytes, host.info.chat_template)
         runner.footprint_bytes = _delta(anon_before)
         return runner
+
+
+_repack_checked: dict[Path, str | None] = {}
+
+
+def _check_repack(expert: ExpertConfig, path: Path) -> None:
+    """``repack: true`` runs llama.cpp's repacked (and, on AMX CPUs, AMX) kernels: tried once per
+    file in a child process first, so a build or CPU where they crash refuses the expert with the
+    reason instead of taking the server down."""
+    from coe.backends.llama_lib import probe_default_load
+
+    if path not in _repack_checked:
+        _repack_checked[path] = probe_default_load(path, repack=True)
+    problem = _repack_checked[path]
+    if problem is not None:
+        raise LoadError(f"expert {expert.name}: params.repack: true does not work with this llama.cpp "
+                        f"build on this CPU ({problem}); set repack: false")
 
 
 def _common_prefix(a: list[int], b: list[int], limit: int) -> int:

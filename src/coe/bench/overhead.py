@@ -8,6 +8,7 @@ from __future__ import annotations
 import statistics
 import time
 
+from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.config import ExpertConfig, default_config
 from coe.engine import Engine
 from coe.types import Request, SamplingParams
@@ -28,8 +29,7 @@ def _rss_bytes() -> int:
 
 
 def _direct(path: str, args) -> dict:
-    import llama_cpp
-
+    llama_cpp = load_llama_cpp()
     rss_before = _rss_bytes()
     started = time.perf_counter()
     llm = llama_cpp.Llama(model_path=path, n_ctx=4096, n_threads=args.threads, n_threads_batch=args.threads,
@@ -81,17 +81,24 @@ def run(args) -> dict:
     engine = Engine.from_config(config, args.home)
     rows = []
     for name in names:
-        path = str(engine.cache.path_of(config.expert(name)))
-        direct = _direct(path, args)
+        path = engine.cache.path_of(config.expert(name))
+        problem = probe_default_load(path)  # the direct side loads with llama-cpp-python's defaults
+        direct = _direct(str(path), args) if problem is None else None
         coe = _through_coe(engine, name, args)
-        rows.append({"expert": name, "direct": direct, "coe": coe,
-                     "gen_ratio": coe["gen_s"] / direct["gen_s"],
-                     "direct_tok_s": direct["tokens"] / direct["gen_s"], "coe_tok_s": coe["tokens"] / coe["gen_s"]})
+        rows.append({"expert": name, "direct": direct, "coe": coe, "direct_unavailable": problem,
+                     "gen_ratio": coe["gen_s"] / direct["gen_s"] if direct else None,
+                     "direct_tok_s": direct["tokens"] / direct["gen_s"] if direct else None,
+                     "coe_tok_s": coe["tokens"] / coe["gen_s"]})
     header = f"{'expert':<20} {'load s direct/coe':>18} {'tok/s direct':>12} {'tok/s coe':>10} " \
              f"{'coe/direct time':>16} {'RSS MB direct/coe':>18}"
     print(header)
     for r in rows:
-        d, c = r["direct"], r["coe"]
+        c = r["coe"]
+        if r["direct"] is None:
+            print(f"{r['expert']:<20} {'n/a':>8} / {c['load_s']:<7.2f} {'n/a':>12} {r['coe_tok_s']:>10.1f} {'n/a':>16} "
+                  f"{'n/a':>8} / {c['rss_bytes'] / 1e6:<7.0f}  (direct cannot run here: {r['direct_unavailable']})")
+            continue
+        d = r["direct"]
         print(f"{r['expert']:<20} {d['load_s']:>8.2f} / {c['load_s']:<7.2f} {r['direct_tok_s']:>12.1f} "
               f"{r['coe_tok_s']:>10.1f} {r['gen_ratio']:>16.3f} {d['rss_bytes'] / 1e6:>8.0f} / {c['rss_bytes'] / 1e6:<7.0f}")
     return {"prompt": PROMPT, "max_tokens": args.max_tokens, "repeats": args.repeats, "threads": args.threads,

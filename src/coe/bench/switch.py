@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.backends.memory import drop_file_cache, read_sequential
 from coe.cache.manager import ModelCache
 from coe.cache.tiers import Budgets
@@ -254,11 +255,7 @@ def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
 
 def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
     """llama-cpp-python's defaults: Llama(path) (mmap, repacking on), then the first token."""
-    import llama_cpp
-
-    from coe.backends.llama_cpp import _llama_cpp
-
-    _llama_cpp()
+    llama_cpp = load_llama_cpp()
     if cached:
         read_sequential(path)
     else:
@@ -299,14 +296,15 @@ def naive_torch_s(folder: Path, prompt: str, cached: bool, device: str = "cpu") 
     return time.perf_counter() - started
 
 
-def llama_settings(path: Path, prompt: str) -> list[dict]:
-    """Load time, first token and tokens/s for mmap on/off x repacking on/off (file cached)."""
+def llama_settings(path: Path, prompt: str, repack_works: bool = True) -> list[dict]:
+    """Load time, first token and tokens/s for mmap on/off x repacking on/off (file cached);
+    without ``repack_works`` (it crashed in a probe) the repacking rows are left out."""
     from coe.backends.llama_cpp import LlamaCppBackend
     from coe.backends.memory import HostBufferPool
 
     rows = []
     for use_mmap in (True, False):
-        for repack in (False, True):
+        for repack in (False, True) if repack_works else (False,):
             expert = ExpertConfig("settings", str(path), params={"use_mmap": use_mmap, "repack": repack})
             read_sequential(path)
             started = time.perf_counter()
@@ -483,7 +481,7 @@ def run(args) -> dict:
                 disk, method = disk_gbps(file)
             row = synthetic_row(store, name, cfg, folder, device, prompts)
             rows.append(row)
-            print(f"  measured {name}: naive {row['naive_s']:.3f}s, cold->hot {row['cold_to_hot_s']:.3f}s, "
+            print(f"  measured {name}: naive {_num(row['naive_s'], '.3f')}s, cold->hot {row['cold_to_hot_s']:.3f}s, "
                   f"warm->hot {row['warm_to_hot_s']:.3f}s, hot ttft {row['hot_ttft_s']:.3f}s", flush=True)
             for leftover in folder.iterdir():
                 leftover.unlink()
@@ -494,7 +492,7 @@ def run(args) -> dict:
         # the weights' read alone: a GGUF expert's disk -> host move also builds the llama.cpp model
         row["cold_read_gbps"] = row["weight_bytes"] / row["file_read_s"] / 1e9 if row["file_read_s"] else None
         row["bound_s"] = row["weight_bytes"] / (copy_gbps * 1e9) + row["hot_ttft_s"]
-        row["warm_speedup"] = row["naive_s"] / row["warm_to_hot_s"]
+        row["warm_speedup"] = row["naive_s"] / row["warm_to_hot_s"] if row["naive_s"] is not None else None
         row["warm_vs_bound"] = row["warm_to_hot_s"] / row["bound_s"]
         row["cold_read_vs_disk"] = (row["cold_read_gbps"] or 0) / disk
         row["cold_read_vs_file_disk"] = (row["cold_read_gbps"] or 0) / row["file_disk_gbps"]
@@ -507,6 +505,11 @@ def run(args) -> dict:
               "experts": rows, "llama_settings": settings, "replay": replay_result}
     print_report(result)
     return result
+
+
+def _num(value: float | None, spec: str) -> str:
+    """A table cell: the number, or n/a where a baseline could not run."""
+    return "n/a" if value is None else format(value, spec)
 
 
 def _device_name(torch, device: str) -> str:
@@ -528,14 +531,20 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
     for expert in defaults.experts:
         path = cache.path_of(expert)
         row = {"name": expert.name, "kind": "packaged", "backend": "llama_cpp", "weight_bytes": path.stat().st_size}
-        row["naive_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=False)
-        row["naive_cached_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=True)
+        problem = probe_default_load(path)  # the naive baseline loads with repacking on
+        if problem is None:
+            row["naive_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=False)
+            row["naive_cached_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=True)
+        else:
+            row["naive_s"] = row["naive_cached_s"] = None
+            row["naive_unavailable"] = problem
+            print(f"  {expert.name}: the naive baseline cannot run on this machine: {problem}", flush=True)
         row.update(measure_cache(cache, expert.name, path, prompts))
         cache.evict(expert.name, "host")
         rows.append(row)
         print(f"  measured {expert.name}", flush=True)
         if with_settings:
-            settings[expert.name] = llama_settings(path, next(prompts))
+            settings[expert.name] = llama_settings(path, next(prompts), repack_works=problem is None)
     cache.close()
     return rows, settings
 
@@ -563,9 +572,11 @@ def print_report(result: dict) -> None:
               f"{'hot ttft':>8} {'naive/warm':>10} {'warm/bound':>10} {'warm GB/s':>9}")
     print(header)
     for r in result["experts"]:
-        print(f"{r['name']:<26} {r['weight_bytes'] / 1e9:>5.2f} {r['naive_s']:>8.3f} {r['cold_to_hot_s']:>7.3f} "
+        print(f"{r['name']:<26} {r['weight_bytes'] / 1e9:>5.2f} {_num(r['naive_s'], '.3f'):>8} {r['cold_to_hot_s']:>7.3f} "
               f"{r['cold_read_vs_disk']:>9.2f} {r['cold_read_vs_file_disk']:>9.2f} {r['warm_to_hot_s']:>7.3f} {r['hot_ttft_s']:>8.3f} "
-              f"{r['warm_speedup']:>10.1f} {r['warm_vs_bound']:>10.2f} {r['materialize_gbps']:>9.2f}")
+              f"{_num(r['warm_speedup'], '.1f'):>10} {r['warm_vs_bound']:>10.2f} {r['materialize_gbps']:>9.2f}")
+        if r.get("naive_unavailable"):
+            print(f"  {r['name']}: no naive baseline on this machine ({r['naive_unavailable']})")
     for name, rows in result["llama_settings"].items():
         print(f"llama.cpp settings, {name}: " + "; ".join(
             f"mmap={int(r['use_mmap'])} repack={int(r['repack'])}: load {r['load_s']:.2f}s, "

@@ -14,6 +14,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from coe.config import ROUTED_MODEL
 from coe.engine import Engine
@@ -190,19 +191,43 @@ async def _parse_body(http: HTTPRequest, schema: type[BaseModel], limits):
 
 
 async def _read_body(http: HTTPRequest, max_bytes: int) -> bytes:
-    """The body, refused with 413 as soon as it is known to exceed ``max_bytes``."""
+    """The body, refused with 413 as soon as it is known to exceed ``max_bytes``. The rest of a
+    refused body is read and discarded first (bounded), so a client that sends the whole body
+    before reading the answer gets the 413 rather than a connection reset."""
     declared = http.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
+        await _discard_body(http, 0)
         raise PayloadTooLarge(f"the request body has {declared} bytes; the limit is {max_bytes} "
                               f"(server.max_body_bytes)", param="body")
     chunks, size = [], 0
     async for chunk in http.stream():
         size += len(chunk)
         if size > max_bytes:
+            await _discard_body(http, size)
             raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes (server.max_body_bytes)",
                                   param="body")
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+DISCARD_MAX_BYTES = 64 * 2**20  # of a refused body, read at most this much (nginx's lingering close)
+DISCARD_MAX_S = 5.0             # ... for at most this long; then the connection closes unread
+
+
+async def _discard_body(http: HTTPRequest, read_bytes: int) -> None:
+    """Read what is left of a refused body, up to DISCARD_MAX_BYTES in all and DISCARD_MAX_S."""
+    async def drain() -> None:
+        size = read_bytes
+        async for chunk in http.stream():
+            size += len(chunk)
+            if size > DISCARD_MAX_BYTES:
+                return
+    try:
+        await asyncio.wait_for(drain(), DISCARD_MAX_S)
+    except RuntimeError:  # starlette: "Stream consumed", the body had all arrived
+        pass
+    except (asyncio.TimeoutError, ClientDisconnect, OSError):  # a slow or gone client: close unread
+        pass
 
 
 def _describe_validation(errors: list) -> tuple[str, str | None]:
