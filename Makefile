@@ -36,8 +36,14 @@ browser:
 serve: router
 	$(BIN)/coe serve --host $(HOST) --port $(PORT) $(if $(CONFIG),--config $(CONFIG))
 
-test: router browser
+# ruff (lint + format check) and mypy over src/, and the import layers.
+lint: setup
+	$(BIN)/ruff check src
+	$(BIN)/ruff format --check src
+	$(BIN)/mypy
 	$(BIN)/lint-imports
+
+test: router browser lint
 	$(BIN)/python -m pytest -q tests
 
 unit: setup

@@ -1,8 +1,10 @@
 """The command line. The only code that reads argv and the environment."""
+
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -18,21 +20,29 @@ def coe_home() -> Path:
 
 
 def load_config(path: str | None) -> CoEConfig:
-    """--config FILE, else ./coe.yaml if present, else the built-in default of four packaged experts."""
-    if path:
-        return from_yaml(path)
-    if Path(DEFAULT_CONFIG_NAME).exists():
-        return from_yaml(DEFAULT_CONFIG_NAME)
-    return default_config()
+    """--config FILE, else ./coe.yaml if present, else the built-in default of four packaged
+    experts. Every expert's params are checked for the backend that will read it."""
+    from coe.models import check_params
+
+    path = path or (DEFAULT_CONFIG_NAME if Path(DEFAULT_CONFIG_NAME).exists() else None)
+    config = from_yaml(path) if path else default_config()
+    try:
+        check_params(config)
+    except ConfigError as exc:
+        raise ConfigError(
+            f"{path}: {exc.message}" if path else exc.message, param=exc.param
+        ) from None
+    return config
 
 
 def _human_bytes(num_bytes: int | None) -> str:
     if num_bytes is None:
         return "-"
+    amount = float(num_bytes)
     for unit in ("B", "KB", "MB", "GB"):
-        if num_bytes < 1000 or unit == "GB":
-            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1000
+        if amount < 1000 or unit == "GB":
+            return f"{amount:.0f} {unit}" if unit == "B" else f"{amount:.1f} {unit}"
+        amount /= 1000
     return ""
 
 
@@ -49,6 +59,7 @@ def print_table(rows: list[list[str]], header: list[str]) -> None:
 
 
 # ---- commands ----------------------------------------------------------------------------------
+
 
 def cmd_init(args) -> int:
     target = Path(args.path)
@@ -76,11 +87,19 @@ def cmd_serve(args) -> int:
         return serve_ray(args, config, host, port)
     engine = Engine.from_config(config, coe_home())
     keys = len(config.server.api_keys)
-    print(f"coe serving {len(config.experts)} experts ({', '.join(e.name for e in config.experts)}) "
-          f"on http://{host}:{port}/v1" + (f" ({keys} API key{'s' if keys > 1 else ''} required)" if keys else ""),
-          flush=True)
-    uvicorn.run(create_app(engine), host=host, port=port, log_level=args.log_level,
-                timeout_graceful_shutdown=config.server.shutdown_grace_s)
+    print(
+        f"coe serving {len(config.experts)} experts ({', '.join(e.name for e in config.experts)}) "
+        f"on http://{host}:{port}/v1"
+        + (f" ({keys} API key{'s' if keys > 1 else ''} required)" if keys else ""),
+        flush=True,
+    )
+    uvicorn.run(
+        create_app(engine),
+        host=host,
+        port=port,
+        log_level=args.log_level,
+        timeout_graceful_shutdown=math.ceil(config.server.shutdown_grace_s),
+    )
     return 0
 
 
@@ -92,7 +111,9 @@ def serve_ray(args, config: CoEConfig, host: str, port: int) -> int:
     if args.replicas is not None:
         if args.replicas < 1:
             raise CoEError(f"--replicas: expected an integer >= 1, got {args.replicas}")
-        config = dataclasses.replace(config, ray=dataclasses.replace(config.ray, replicas=args.replicas))
+        config = dataclasses.replace(
+            config, ray=dataclasses.replace(config.ray, replicas=args.replicas)
+        )
     serve_on_ray(config, coe_home(), host, port, args.address)
     return 0
 
@@ -116,13 +137,40 @@ def cmd_experts(args) -> int:
         experts, sources = snapshot["experts"], {}
     else:
         config = load_config(args.config)
-        experts = [s.to_dict() for s in _states(config)]
+        from coe.server.shapes import expert_json
+
+        experts = [expert_json(s) for s in _states(config)]
         sources = {e.name: e.source for e in config.experts}
-    rows = [[e["name"], _human_params(e["num_params"]), _human_bytes(e["weight_bytes"]), e["backend"],
-             e["tier"], e["state"], _human_bytes(e["host_bytes"] or None), _human_bytes(e["device_bytes"] or None),
-             "yes" if e["pinned"] else "", sources.get(e["name"], "")] for e in experts]
-    print_table(rows, ["name", "params", "weights", "backend", "tier", "state", "host", "device", "pinned",
-                       "source"])
+    rows = [
+        [
+            e["name"],
+            _human_params(e["num_params"]),
+            _human_bytes(e["weight_bytes"]),
+            e["backend"],
+            e["tier"],
+            e["state"],
+            _human_bytes(e["host_bytes"] or None),
+            _human_bytes(e["device_bytes"] or None),
+            "yes" if e["pinned"] else "",
+            sources.get(e["name"], ""),
+        ]
+        for e in experts
+    ]
+    print_table(
+        rows,
+        [
+            "name",
+            "params",
+            "weights",
+            "backend",
+            "tier",
+            "state",
+            "host",
+            "device",
+            "pinned",
+            "source",
+        ],
+    )
     if args.url:
         _print_cache_summary(snapshot)
     return 0
@@ -133,17 +181,27 @@ def _fetch_experts(url: str) -> dict:
     try:
         return json.loads(text)
     except ValueError as exc:
-        raise ConfigError(f"--url: {url} did not answer /v1/experts with JSON ({exc})", param="url") from None
+        raise ConfigError(
+            f"--url: {url} did not answer /v1/experts with JSON ({exc})", param="url"
+        ) from None
 
 
 def _print_cache_summary(snapshot: dict) -> None:
     for name, tier in snapshot["tiers"].items():
-        print(f"{name} tier: {_human_bytes(tier['used_bytes'])} of {_human_bytes(tier['budget_bytes'])}")
+        print(
+            f"{name} tier: {_human_bytes(tier['used_bytes'])} of {_human_bytes(tier['budget_bytes'])}"
+        )
     stats = snapshot["stats"]
-    half_life = f" (half-life {snapshot['frequency_half_life']} requests)" if snapshot.get("frequency_half_life") else ""
-    print(f"policy {snapshot['policy']}{half_life}: {stats['activations']} activations, {stats['hits']} hot hits, "
-          f"{stats['warm_hits']} warm hits, {stats['misses']} misses, {stats['switches']} switches, "
-          f"{_human_bytes(stats['bytes_moved']['disk->host'])} read from disk")
+    half_life = (
+        f" (half-life {snapshot['frequency_half_life']} requests)"
+        if snapshot.get("frequency_half_life")
+        else ""
+    )
+    print(
+        f"policy {snapshot['policy']}{half_life}: {stats['activations']} activations, {stats['hits']} hot hits, "
+        f"{stats['warm_hits']} warm hits, {stats['misses']} misses, {stats['switches']} switches, "
+        f"{_human_bytes(stats['bytes_moved']['disk->host'])} read from disk"
+    )
 
 
 def cmd_top(args) -> int:
@@ -180,15 +238,30 @@ def cmd_workload(args) -> int:
     """Write a replayable JSONL trace (for `coe bench serve --trace`)."""
     from coe.bench.workload import generate, save_trace, spec_from_arguments, summarize
 
-    experts = tuple(e.name for e in load_config(args.config).experts) if args.model_mode == "expert" else ()
-    spec = spec_from_arguments(args, count=args.requests, rate_rps=args.rate, arrival=args.arrival, cv=args.cv,
-                               zipf_s=args.zipf, experts=experts, model_mode=args.model_mode,
-                               max_tokens_median=args.max_tokens_median, seed=args.seed)
+    experts = (
+        tuple(e.name for e in load_config(args.config).experts)
+        if args.model_mode == "expert"
+        else ()
+    )
+    spec = spec_from_arguments(
+        args,
+        count=args.requests,
+        rate_rps=args.rate,
+        arrival=args.arrival,
+        cv=args.cv,
+        zipf_s=args.zipf,
+        experts=experts,
+        model_mode=args.model_mode,
+        max_tokens_median=args.max_tokens_median,
+        seed=args.seed,
+    )
     items = generate(spec)
     save_trace(items, args.out, spec)
     summary = summarize(items)
     follow_ups = f", {summary['follow_ups']} of them follow-ups" if summary["follow_ups"] else ""
-    print(f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s{follow_ups}")
+    print(
+        f"wrote {args.out}: {summary['num_requests']} requests over {summary['duration_s']:.1f} s{follow_ups}"
+    )
     return 0
 
 
@@ -205,9 +278,17 @@ def cmd_models(args) -> int:
     for model_id, model in sorted(PACKAGED.items()):
         state = store.status(model_id)
         info = describe(store.target_path(model)) if state == "ready" else None
-        rows.append([model_id, _human_params(info.num_params if info else None),
-                     _human_bytes(info.num_bytes if info else None), info.architecture if info else "-",
-                     info.quantization if info else "-", "yes" if model.chat_tuned else "no", state])
+        rows.append(
+            [
+                model_id,
+                _human_params(info.num_params if info else None),
+                _human_bytes(info.num_bytes if info else None),
+                info.architecture if info else "-",
+                info.quantization if info else "-",
+                "yes" if model.chat_tuned else "no",
+                state,
+            ]
+        )
     print_table(rows, ["id", "params", "bytes", "arch", "quant", "chat", "state"])
     return 0
 
@@ -218,12 +299,16 @@ def cmd_generate(args) -> int:
 
     config = load_config(args.config)
     engine = Engine.from_config(config, coe_home())
-    expert, _ = engine.resolve(args.expert)
-    sampling = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed)
+    expert, _ = engine.routing.resolve(args.expert)
+    sampling = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed
+    )
     if args.raw:
         request = Request(expert=expert, sampling=sampling, prompt=args.prompt)
     else:
-        request = Request(expert=expert, sampling=sampling, messages=(ChatMessage("user", args.prompt),))
+        request = Request(
+            expert=expert, sampling=sampling, messages=(ChatMessage("user", args.prompt),)
+        )
     try:
         for event in engine.stream(request):
             if event.error is not None:
@@ -231,8 +316,10 @@ def cmd_generate(args) -> int:
             print(event.delta, end="", flush=True)
             if event.completion is not None:
                 c = event.completion
-                print(f"\n[{expert}: {c.completion_tokens} tokens, finish_reason={c.finish_reason}]",
-                      file=sys.stderr)
+                print(
+                    f"\n[{expert}: {c.completion_tokens} tokens, finish_reason={c.finish_reason}]",
+                    file=sys.stderr,
+                )
     finally:
         engine.stop()
     return 0
@@ -254,14 +341,20 @@ def _progress(stage: str, done: int, total: int) -> None:
     width = 30
     filled = int(width * done / total) if total else width
     end = "\n" if done >= total else ""
-    print(f"\r{stage:<6} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}", end=end,
-          file=sys.stderr, flush=True)
+    print(
+        f"\r{stage:<6} [{'#' * filled}{'.' * (width - filled)}] {done}/{total}",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
 
 
 def router_folder(config: CoEConfig) -> Path:
     from coe.router.service import default_artifact_dir
 
-    return Path(config.router.artifact) if config.router.artifact else default_artifact_dir(coe_home())
+    return (
+        Path(config.router.artifact) if config.router.artifact else default_artifact_dir(coe_home())
+    )
 
 
 def ensure_router(config: CoEConfig) -> None:
@@ -272,8 +365,12 @@ def ensure_router(config: CoEConfig) -> None:
 
     folder = router_folder(config)
     if not is_current(folder):
-        print(f"coe: no current trained router in {folder}; training the default one now "
-              f"(offline, a few minutes)", file=sys.stderr, flush=True)
+        print(
+            f"coe: no current trained router in {folder}; training the default one now "
+            f"(offline, a few minutes)",
+            file=sys.stderr,
+            flush=True,
+        )
         train_and_save(folder, coe_home() / "router" / "cache", progress=_progress)
 
 
@@ -294,14 +391,28 @@ def cmd_router_train(args) -> int:
     if args.if_missing and not args.data and args.precision == "int8" and is_current(out):
         print(f"router in {out} is current; nothing to do")
         return 0
-    settings = TrainSettings(**{k: v for k, v in (("epochs", args.epochs),
-                                                   ("hidden_size", args.hidden)) if v is not None})
-    result = train_and_save(out, coe_home() / "router" / "cache", args.data, settings,
-                            config.router.fallback_category, _progress, args.precision)
+    settings = TrainSettings(
+        **{
+            k: v
+            for k, v in (("epochs", args.epochs), ("hidden_size", args.hidden))
+            if v is not None
+        }
+    )
+    result = train_and_save(
+        out,
+        coe_home() / "router" / "cache",
+        args.data,
+        settings,
+        config.router.fallback_category,
+        _progress,
+        args.precision,
+    )
     meta = result.head.meta
-    print(f"trained on {meta.data['train']} prompts in {result.seconds:.0f} s; categories: "
-          f"{', '.join(meta.categories)}; temperature {meta.temperature:.3f}; fallback below "
-          f"confidence {meta.threshold:.2f} -> {config.router.fallback_category!r}")
+    print(
+        f"trained on {meta.data['train']} prompts in {result.seconds:.0f} s; categories: "
+        f"{', '.join(meta.categories)}; temperature {meta.temperature:.3f}; fallback below "
+        f"confidence {meta.threshold:.2f} -> {config.router.fallback_category!r}"
+    )
     for evaluation in result.evaluations.values():
         print(format_evaluation(evaluation))
     print(f"wrote {out}")
@@ -321,15 +432,21 @@ def cmd_router_map(args) -> int:
     router = build_expert_router(config, params)
     table = load_score_table(config.router.scores)
     print(f"scores: {table.source}")
-    problem = map_problem(config.router, router.router.categories, params, table,
-                          config.default_expert)
+    problem = map_problem(
+        config.router, router.router.categories, params, table, config.default_expert
+    )
     if problem is None:
-        print(f"no configured expert has scores and a known size: every category goes to "
-              f"{config.default_expert}")
+        print(
+            f"no configured expert has scores and a known size: every category goes to "
+            f"{config.default_expert}"
+        )
     else:
         print("Pareto frontier (average active parameters -> expected score):")
-        print(format_frontier(pareto_frontier(problem.table, problem.params, problem.frequencies,
-                                              problem.pins)))
+        print(
+            format_frontier(
+                pareto_frontier(problem.table, problem.params, problem.frequencies, problem.pins)
+            )
+        )
     budget = config.router.budget_params
     print(f"chosen map ({f'budget {budget:.3g} params' if budget else 'no budget'}):")
     print_table([[c, e] for c, e in router.assignment.items()], ["category", "expert"])
@@ -349,13 +466,20 @@ def cmd_route(args) -> int:
     if args.jsonl:
         return _route_jsonl(router)
     if not args.prompt:
-        raise CoEError("give a prompt, or --jsonl to read {\"prompt\": ...} lines from stdin")
+        raise CoEError('give a prompt, or --jsonl to read {"prompt": ...} lines from stdin')
     decision, category = router.explain_prompt(args.prompt)
-    print_table([[c, f"{p:.3f}", router.assignment.get(c, "")] for c, p in category.ranked()],
-                ["category", "probability", "expert"])
-    print(f"category: {decision.category}  confidence: {decision.confidence:.3f}  "
-          f"expert: {decision.expert}" + (f"  (fallback: {decision.reason})" if decision.fallback else ""))
-    print("alternatives: " + ", ".join(f"{c} -> {e} ({p:.3f})" for c, e, p in decision.alternatives))
+    print_table(
+        [[c, f"{p:.3f}", router.assignment.get(c, "")] for c, p in category.ranked()],
+        ["category", "probability", "expert"],
+    )
+    print(
+        f"category: {decision.category}  confidence: {decision.confidence:.3f}  "
+        f"expert: {decision.expert}"
+        + (f"  (fallback: {decision.reason})" if decision.fallback else "")
+    )
+    print(
+        "alternatives: " + ", ".join(f"{c} -> {e} ({p:.3f})" for c, e, p in decision.alternatives)
+    )
     return 0
 
 
@@ -385,7 +509,9 @@ def _jsonl_prompt(raw: bytes, number: int) -> str:
     except json.JSONDecodeError as exc:
         raise InvalidRequest(f"stdin line {number}: not valid JSON ({exc.msg})") from None
     if not isinstance(row, dict) or not isinstance(row.get("prompt"), str):
-        raise InvalidRequest(f"stdin line {number}: expected an object with a string field 'prompt'")
+        raise InvalidRequest(
+            f"stdin line {number}: expected an object with a string field 'prompt'"
+        )
     return row["prompt"]
 
 
@@ -402,33 +528,54 @@ def cmd_eval(args) -> int:
     config = load_config(args.config)
     ensure_router(config)
     settings = EvalSettings(
-        out=Path(args.out), cache_dir=Path(args.cache) if args.cache else coe_home() / "eval" / "cache",
-        suite=args.suite, experts=tuple(e for e in (args.experts or "").split(",") if e),
-        limit=args.limit, url=args.url, api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
-        judge_url=args.judge, judge_model=args.judge_model,
+        out=Path(args.out),
+        cache_dir=Path(args.cache) if args.cache else coe_home() / "eval" / "cache",
+        suite=args.suite,
+        experts=tuple(e for e in (args.experts or "").split(",") if e),
+        limit=args.limit,
+        url=args.url,
+        api_key=os.environ.get(args.api_key_env) if args.api_key_env else None,
+        judge_url=args.judge,
+        judge_model=args.judge_model,
         judge_api_key=os.environ.get(args.judge_key_env) if args.judge_key_env else None,
-        choice_mode=args.choice_mode)
+        choice_mode=args.choice_mode,
+    )
     report, paths = evaluate(config, coe_home(), settings, progress=_progress)
     rows = sorted(report["points"], key=lambda p: p["avg_active_params"])
-    print_table([[p["name"] + (" *" if p.get("detail", {}).get("chosen") else ""), p["kind"], f"{p['score']:.3f}",
-                  f"±{p['ci95']:.3f}", _human_params(int(p["avg_active_params"]))] for p in rows],
-                ["policy", "kind", "score", "95%", "avg active"])
+    print_table(
+        [
+            [
+                p["name"] + (" *" if p.get("detail", {}).get("chosen") else ""),
+                p["kind"],
+                f"{p['score']:.3f}",
+                f"±{p['ci95']:.3f}",
+                _human_params(int(p["avg_active_params"])),
+            ]
+            for p in rows
+        ],
+        ["policy", "kind", "score", "95%", "avg active"],
+    )
     for suite, why in report["skipped"].items():
         print(f"skipped {suite}: {why}")
-    print(f"{report['run']['items']} items, {report['run']['results_computed']} results computed, "
-          f"{report['run']['results_cached']} from the cache, {report['run']['seconds']:.0f} s "
-          f"(* = the map chosen for the configured budget)")
+    print(
+        f"{report['run']['items']} items, {report['run']['results_computed']} results computed, "
+        f"{report['run']['results_cached']} from the cache, {report['run']['seconds']:.0f} s "
+        f"(* = the map chosen for the configured budget)"
+    )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 
 
 # ---- parser ------------------------------------------------------------------------------------
 
+
 def build_parser() -> argparse.ArgumentParser:
     from coe.bench.workload import add_prompt_arguments
 
-    parser = argparse.ArgumentParser(prog="coe", description="Composition of Experts: many LLMs behind one "
-                                     "OpenAI-compatible endpoint.")
+    parser = argparse.ArgumentParser(
+        prog="coe",
+        description="Composition of Experts: many LLMs behind one OpenAI-compatible endpoint.",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("init", help="write a commented default config")
@@ -440,11 +587,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--host")
     p.add_argument("--port", type=int)
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    p.add_argument("--ray", action="store_true", help="deploy on Ray Serve: an ingress and expert replicas")
-    p.add_argument("--address", help="with --ray: the Ray cluster (ray://HOST:10001 or HOST:6379; "
-                                     "default: start a local one)")
-    p.add_argument("--replicas", type=int, help="with --ray: expert replicas (default: ray.replicas)")
+    p.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    p.add_argument(
+        "--ray", action="store_true", help="deploy on Ray Serve: an ingress and expert replicas"
+    )
+    p.add_argument(
+        "--address",
+        help="with --ray: the Ray cluster (ray://HOST:10001 or HOST:6379; "
+        "default: start a local one)",
+    )
+    p.add_argument(
+        "--replicas", type=int, help="with --ray: expert replicas (default: ray.replicas)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("experts", help="list the configured experts, their tier and footprint")
@@ -452,23 +608,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--url", help="a running server (http://HOST:PORT) to show its cache instead")
     p.set_defaults(func=cmd_experts)
 
-    p = sub.add_parser("top", help="live view of a running server's metrics (queues, tiers, tokens/s)")
+    p = sub.add_parser(
+        "top", help="live view of a running server's metrics (queues, tiers, tokens/s)"
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server (http://HOST:PORT)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes")
     p.add_argument("--once", action="store_true", help="print one screen and exit")
     p.set_defaults(func=cmd_top)
 
-    p = sub.add_parser("workload", help="write a replayable request trace (JSONL) from packaged datasets")
+    p = sub.add_parser(
+        "workload", help="write a replayable request trace (JSONL) from packaged datasets"
+    )
     p.add_argument("--out", default="trace.jsonl")
     p.add_argument("--requests", type=int, default=200)
     p.add_argument("--rate", type=float, default=1.0, help="mean arrival rate (requests/s)")
     p.add_argument("--arrival", choices=("poisson", "gamma"), default="poisson")
-    p.add_argument("--cv", type=float, default=1.0, help="burstiness of gamma arrivals (>1: bursts)")
+    p.add_argument(
+        "--cv", type=float, default=1.0, help="burstiness of gamma arrivals (>1: bursts)"
+    )
     p.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent of the category mix")
     p.add_argument("--max-tokens-median", type=float, default=48.0)
     add_prompt_arguments(p)
-    p.add_argument("--model-mode", choices=("coe", "expert"), default="coe",
-                   help="coe: every request asks for model 'coe'; expert: categories go to the config's experts")
+    p.add_argument(
+        "--model-mode",
+        choices=("coe", "expert"),
+        default="coe",
+        help="coe: every request asks for model 'coe'; expert: categories go to the config's experts",
+    )
     p.add_argument("--config")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_workload)
@@ -492,15 +658,24 @@ def build_parser() -> argparse.ArgumentParser:
     router_sub = p.add_subparsers(dest="router_command", required=True)
     p = router_sub.add_parser("train", help="train the router on packaged datasets or your own")
     p.add_argument("--data", help="labelled prompts: JSONL with prompt+category, or CSV")
-    p.add_argument("--out", help="artifact folder (default: the config's router.artifact or "
-                                 "$COE_HOME/router/default)")
+    p.add_argument(
+        "--out",
+        help="artifact folder (default: the config's router.artifact or $COE_HOME/router/default)",
+    )
     p.add_argument("--config")
     p.add_argument("--epochs", type=int)
     p.add_argument("--hidden", type=int, help="hidden units of the head (0: softmax regression)")
-    p.add_argument("--precision", default="int8", choices=["int8", "float32"],
-                   help="encoder precision (int8: per-row int8 linears, the default)")
-    p.add_argument("--if-missing", action="store_true",
-                   help="do nothing when a current default router is already there")
+    p.add_argument(
+        "--precision",
+        default="int8",
+        choices=["int8", "float32"],
+        help="encoder precision (int8: per-row int8 linears, the default)",
+    )
+    p.add_argument(
+        "--if-missing",
+        action="store_true",
+        help="do nothing when a current default router is already there",
+    )
     p.set_defaults(func=cmd_router_train)
     p = router_sub.add_parser("map", help="print the Pareto frontier and the chosen map")
     p.add_argument("--config")
@@ -515,21 +690,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_route)
 
     from coe.bench import add_bench_parser
-    p = sub.add_parser("eval", help="score experts on packaged benchmarks and compare the routed CoE "
-                                    "with every single expert (report.md/json, quality.png)")
-    p.add_argument("--suite", default="quick", help="a set: quick (default, under 20 min), standard (the "
-                   "packaged score table), all; or suite names separated by commas: " + ", ".join(_suite_names()))
+
+    p = sub.add_parser(
+        "eval",
+        help="score experts on packaged benchmarks and compare the routed CoE "
+        "with every single expert (report.md/json, quality.png)",
+    )
+    p.add_argument(
+        "--suite",
+        default="quick",
+        help="a set: quick (default, under 20 min), standard (the "
+        "packaged score table), all; or suite names separated by commas: "
+        + ", ".join(_suite_names()),
+    )
     p.add_argument("--out", default="eval-report", help="folder for the report")
     p.add_argument("--experts", help="comma-separated expert names (default: all configured)")
     p.add_argument("--limit", type=int, help="items per suite")
     p.add_argument("--config")
-    p.add_argument("--url", help="evaluate the experts of a running OpenAI-compatible server instead")
+    p.add_argument(
+        "--url", help="evaluate the experts of a running OpenAI-compatible server instead"
+    )
     p.add_argument("--api-key-env", help="environment variable holding the --url server's API key")
-    p.add_argument("--judge", help="OpenAI-compatible judge (http://HOST:PORT) for chat suites (MT-Bench)")
+    p.add_argument(
+        "--judge", help="OpenAI-compatible judge (http://HOST:PORT) for chat suites (MT-Bench)"
+    )
     p.add_argument("--judge-model", default="coe", help="the judge's model name")
     p.add_argument("--judge-key-env", help="environment variable holding the judge's API key")
-    p.add_argument("--choice-mode", default="logprob", choices=["logprob", "letter"],
-                   help="multiple choice by option-letter log-probabilities (in-process) or generated letter")
+    p.add_argument(
+        "--choice-mode",
+        default="logprob",
+        choices=["logprob", "letter"],
+        help="multiple choice by option-letter log-probabilities (in-process) or generated letter",
+    )
     p.add_argument("--cache", help="result cache folder (default: $COE_HOME/eval/cache)")
     p.set_defaults(func=cmd_eval)
 
@@ -565,7 +757,9 @@ def main(argv: list[str] | None = None) -> int:
     except CoEError as exc:
         print(f"coe: error: {exc.message}", file=sys.stderr)
         return 2
-    except OSError as exc:  # a full disk, a file that went away, a port taken: the message, no trace
+    except (
+        OSError
+    ) as exc:  # a full disk, a file that went away, a port taken: the message, no trace
         print(f"coe: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

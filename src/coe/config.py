@@ -2,35 +2,53 @@
 
 Every validation error is a ConfigError whose message names the field; ``from_yaml`` adds the file.
 """
+
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, TypeGuard, TypeVar
 
 from coe.errors import ConfigError
+from coe.types import CachePolicy, Choice, SchedulerPolicy
+
+ChoiceT = TypeVar("ChoiceT", bound=Choice)
 
 BACKENDS = ("auto", "llama_cpp", "torch_hf", "remote")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$")
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]i?B|B)?\s*$", re.IGNORECASE)
-_UNITS = {"b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
-          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 ROUTED_MODEL = "coe"
 
 
 def parse_bytes(value: Any, field_name: str) -> int:
     """An int, or a string like '4GiB' / '512MB'."""
     if isinstance(value, bool):
-        raise ConfigError(f"{field_name}: expected a size in bytes, got {value!r}", param=field_name)
+        raise ConfigError(
+            f"{field_name}: expected a size in bytes, got {value!r}", param=field_name
+        )
     if isinstance(value, int):
         if value < 0:
             raise ConfigError(f"{field_name}: expected a size >= 0, got {value}", param=field_name)
         return value
     match = _SIZE.match(str(value))
     if not match:
-        raise ConfigError(f"{field_name}: expected a size like 4GiB or 512MB, got {value!r}", param=field_name)
+        raise ConfigError(
+            f"{field_name}: expected a size like 4GiB or 512MB, got {value!r}", param=field_name
+        )
     return int(float(match.group(1)) * _UNITS[(match.group(2) or "B").lower()])
 
 
@@ -45,11 +63,15 @@ def parse_count(value: Any, field_name: str) -> float:
     else:
         match = _COUNT.match(str(value)) if isinstance(value, str) else None
         if not match:
-            raise ConfigError(f"{field_name}: expected a count like 1.5B, 500M or 1e9, got {value!r}",
-                              param=field_name)
+            raise ConfigError(
+                f"{field_name}: expected a count like 1.5B, 500M or 1e9, got {value!r}",
+                param=field_name,
+            )
         number = float(match.group(1)) * _COUNT_UNITS[match.group(2).lower()]
     if not number > 0:
-        raise ConfigError(f"{field_name}: expected a positive count, got {value!r}", param=field_name)
+        raise ConfigError(
+            f"{field_name}: expected a positive count, got {value!r}", param=field_name
+        )
     return number
 
 
@@ -58,9 +80,23 @@ def _require(ok: bool, field_name: str, expected: str, got: Any) -> None:
         raise ConfigError(f"{field_name}: expected {expected}, got {got!r}", param=field_name)
 
 
+def _choice(kind: type[ChoiceT], value: Any, field_name: str) -> ChoiceT:
+    """``value`` as a member of the enumeration ``kind``, or ConfigError listing its members."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise ConfigError(
+            f"{field_name}: expected {kind.names()}, got {value!r}", param=field_name
+        ) from None
+
+
 def _positive_int(value: Any, field_name: str) -> None:
-    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0,
-             field_name, "an integer > 0", value)
+    _require(
+        isinstance(value, int) and not isinstance(value, bool) and value > 0,
+        field_name,
+        "an integer > 0",
+        value,
+    )
 
 
 @dataclass(frozen=True)
@@ -74,14 +110,30 @@ class ExpertConfig:
     params: dict = field(default_factory=dict)  # backend options, e.g. n_ctx, n_threads
 
     def __post_init__(self) -> None:
-        _require(isinstance(self.name, str) and bool(_NAME.fullmatch(self.name)) and self.name != ROUTED_MODEL,
-                 "name", f"letters, digits, '.', '_', ':' or '-' (not {ROUTED_MODEL!r})", self.name)
-        _require(isinstance(self.source, str) and self.source != "", "source",
-                 "a packaged model id or a path", self.source)
+        _require(
+            isinstance(self.name, str)
+            and bool(_NAME.fullmatch(self.name))
+            and self.name != ROUTED_MODEL,
+            "name",
+            f"letters, digits, '.', '_', ':' or '-' (not {ROUTED_MODEL!r})",
+            self.name,
+        )
+        _require(
+            isinstance(self.source, str) and self.source != "",
+            "source",
+            "a packaged model id or a path",
+            self.source,
+        )
         _require(self.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS), self.backend)
         _require(isinstance(self.params, dict), "params", "a mapping", self.params)
         if self.is_remote:
             remote_settings(self)  # validated here, so a bad remote expert fails at load time
+        elif self.backend in BACKEND_PARAMS:
+            BACKEND_PARAMS[self.backend].parse(self.params)
+        else:  # auto: the backend is known once the source is (coe.models.sources.check_params)
+            _reject_unknown(
+                self.params, set().union(*(c.names() for c in BACKEND_PARAMS.values())), "params"
+            )
 
     @property
     def is_remote(self) -> bool:
@@ -89,30 +141,155 @@ class ExpertConfig:
         return self.backend == "remote"
 
 
+_PARAM_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
+_PARAM_WORDS = {
+    "int": "an integer",
+    "float": "a number",
+    "bool": "true or false",
+    "str": "a string",
+}
+
+
+@dataclass(frozen=True)
+class BackendParams:
+    """An expert's ``params`` for one backend: every key known and typed, ranges checked, or a
+    ConfigError naming ``params.KEY``."""
+
+    @classmethod
+    def names(cls) -> set[str]:
+        return {f.name for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def parse(cls, params: dict, where: str = "params") -> BackendParams:
+        _reject_unknown(params, cls.names(), where)
+        for f in dataclasses.fields(cls):
+            if f.name not in params:
+                continue
+            value, kind = params[f.name], str(f.type)
+            optional = kind.endswith(" | None")
+            allowed = _PARAM_TYPES[kind.removesuffix(" | None")]
+            ok = (value is None and optional) or (
+                isinstance(value, allowed) and (bool in allowed or not isinstance(value, bool))
+            )
+            words = _PARAM_WORDS[kind.removesuffix(" | None")] + (" (or null)" if optional else "")
+            _require(ok, f"{where}.{f.name}", words, value)
+        return _construct(cls, dict(params), where)
+
+    @classmethod
+    def of(cls, expert: ExpertConfig):
+        """The expert's params (validated when the config was built; this only types them)."""
+        return cls.parse(expert.params)
+
+
+@dataclass(frozen=True)
+class LlamaCppParams(BackendParams):
+    """``params`` of a GGUF expert (llama.cpp)."""
+
+    DEFAULT_CONTEXT: ClassVar[int] = 4096
+
+    n_ctx: int | None = (
+        None  # context cells shared by the sequences of a batch (default: min(4096, trained))
+    )
+    n_threads: int | None = None  # default: every core
+    n_batch: int = 512  # prompt tokens per forward pass
+    use_mmap: bool = True  # weights stay in the page cache (the warm tier shares them)
+    repack: bool = False  # llama.cpp's extra buffer types: faster kernels, weights copied at load
+    max_sequences: int = 8  # sequences decoded together in one forward pass
+    cache_prompt: bool = (
+        True  # prefix caching: a new sequence reuses cached cells of its prompt's prefix
+    )
+    top_k: int = 40  # llama.cpp server's sampling defaults (OpenAI requests carry
+    min_p: float = 0.05  # only temperature and top_p)
+    repeat_penalty: float = 1.0
+    n_gpu_layers: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_ctx", "n_threads"):
+            value = getattr(self, name)
+            _require(value is None or value > 0, name, "an integer > 0", value)
+        for name in ("n_batch", "max_sequences"):
+            _positive_int(getattr(self, name), name)
+        _require(self.top_k >= 0, "top_k", "an integer >= 0", self.top_k)
+        _require(0 <= self.min_p <= 1, "min_p", "a number between 0 and 1", self.min_p)
+        _require(self.repeat_penalty > 0, "repeat_penalty", "a number > 0", self.repeat_penalty)
+        _require(self.n_gpu_layers >= 0, "n_gpu_layers", "an integer >= 0", self.n_gpu_layers)
+
+    def threads(self) -> int:
+        return self.n_threads or os.cpu_count() or 1
+
+
+TORCH_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class TorchParams(BackendParams):
+    """``params`` of a safetensors checkpoint expert (torch)."""
+
+    dtype: str = "float32"
+    device: str = "cpu"  # cpu, cuda or cuda:N
+    n_ctx: int = 4096  # tokens per sequence (at most the model's max_position_embeddings)
+    max_sequences: int = 8  # sequences decoded together in one forward pass
+    top_k: int = 0  # sampling defaults: off unless set
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+
+    def __post_init__(self) -> None:
+        _require(
+            self.dtype in TORCH_DTYPES, "dtype", "one of " + ", ".join(TORCH_DTYPES), self.dtype
+        )
+        _require(
+            re.fullmatch(r"cpu|cuda(:\d+)?", self.device) is not None,
+            "device",
+            "cpu, cuda or cuda:N",
+            self.device,
+        )
+        for name in ("n_ctx", "max_sequences"):
+            _positive_int(getattr(self, name), name)
+        _require(self.top_k >= 0, "top_k", "an integer >= 0", self.top_k)
+        _require(0 <= self.min_p <= 1, "min_p", "a number between 0 and 1", self.min_p)
+        _require(self.repeat_penalty > 0, "repeat_penalty", "a number > 0", self.repeat_penalty)
+
+
+BACKEND_PARAMS: dict[str, type[BackendParams]] = {
+    "llama_cpp": LlamaCppParams,
+    "torch_hf": TorchParams,
+}
+
+
 @dataclass(frozen=True)
 class RemoteSettings:
     """How to reach a remote expert (``backend: remote``); read from the expert's ``params``."""
 
-    url: str                        # the server's /v1 base
-    model: str                      # the model name the remote server knows
-    num_params: float               # active parameters, declared: the map optimiser prices it
+    url: str  # the server's /v1 base
+    model: str  # the model name the remote server knows
+    num_params: float  # active parameters, declared: the map optimiser prices it
     api_key_env: str | None = None  # environment variable holding its API key
-    timeout_s: float = 600.0        # whole request (reading the stream)
+    timeout_s: float = 600.0  # whole request (reading the stream)
     connect_timeout_s: float = 5.0
-    retries: int = 2                # more attempts before the first token (connect errors, 429, 5xx)
-    backoff_s: float = 0.5          # first wait between attempts; doubles
-    max_concurrency: int = 16       # requests in flight to it at once
+    retries: int = 2  # more attempts before the first token (connect errors, 429, 5xx)
+    backoff_s: float = 0.5  # first wait between attempts; doubles
+    max_concurrency: int = 16  # requests in flight to it at once
 
 
-_REMOTE_PARAMS = {"model", "num_params", "api_key_env", "timeout_s", "connect_timeout_s", "retries",
-                  "backoff_s", "max_concurrency"}
+_REMOTE_PARAMS = {
+    "model",
+    "num_params",
+    "api_key_env",
+    "timeout_s",
+    "connect_timeout_s",
+    "retries",
+    "backoff_s",
+    "max_concurrency",
+}
 
 
 def openai_endpoint(url: str, api_key: str | None) -> tuple[str, dict[str, str]]:
     """The ``/v1`` base of an OpenAI-compatible server given as http://HOST:PORT or .../v1, and
     the headers that carry its API key."""
     url = url.rstrip("/")
-    return (url if url.endswith("/v1") else url + "/v1"), ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    return (url if url.endswith("/v1") else url + "/v1"), (
+        {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    )
 
 
 def remote_settings(expert: ExpertConfig) -> RemoteSettings:
@@ -120,72 +297,130 @@ def remote_settings(expert: ExpertConfig) -> RemoteSettings:
     params = expert.params
     _reject_unknown(params, _REMOTE_PARAMS, "params")
     url = expert.source.rstrip("/")
-    _require(re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) is not None, "source",
-             "the http(s) URL of an OpenAI-compatible server for backend remote", expert.source)
-    _require("num_params" in params, "params.num_params",
-             "the remote expert's active parameters (like 7B) so the map optimiser can price it", None)
+    _require(
+        re.fullmatch(r"https?://[^\s/]+(/\S*)?", url) is not None,
+        "source",
+        "the http(s) URL of an OpenAI-compatible server for backend remote",
+        expert.source,
+    )
+    _require(
+        "num_params" in params,
+        "params.num_params",
+        "the remote expert's active parameters (like 7B) so the map optimiser can price it",
+        None,
+    )
     model = params.get("model", expert.name)
     _require(isinstance(model, str) and model != "", "params.model", "the remote model name", model)
     key_env = params.get("api_key_env")
-    _require(key_env is None or (isinstance(key_env, str) and key_env != ""), "params.api_key_env",
-             "the name of an environment variable", key_env)
+    _require(
+        key_env is None or (isinstance(key_env, str) and key_env != ""),
+        "params.api_key_env",
+        "the name of an environment variable",
+        key_env,
+    )
     for name in ("timeout_s", "connect_timeout_s", "backoff_s"):
         value = params.get(name, 1.0)
         _require(is_number(value) and value > 0, f"params.{name}", "a number of seconds > 0", value)
     retries = params.get("retries", 2)
-    _require(isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0,
-             "params.retries", "an integer >= 0", retries)
+    _require(
+        isinstance(retries, int) and not isinstance(retries, bool) and retries >= 0,
+        "params.retries",
+        "an integer >= 0",
+        retries,
+    )
     _positive_int(params.get("max_concurrency", 16), "params.max_concurrency")
-    return RemoteSettings(url=openai_endpoint(url, None)[0], model=model,
-                          num_params=parse_count(params["num_params"], "params.num_params"),
-                          **{k: params[k] for k in ("api_key_env", "timeout_s", "connect_timeout_s",
-                                                    "retries", "backoff_s", "max_concurrency") if k in params})
+    return RemoteSettings(
+        url=openai_endpoint(url, None)[0],
+        model=model,
+        num_params=parse_count(params["num_params"], "params.num_params"),
+        **{
+            k: params[k]
+            for k in (
+                "api_key_env",
+                "timeout_s",
+                "connect_timeout_s",
+                "retries",
+                "backoff_s",
+                "max_concurrency",
+            )
+            if k in params
+        },
+    )
 
 
 @dataclass(frozen=True)
 class RouterConfig:
     """How model "coe" picks an expert: category router, then the category-to-expert map."""
 
-    enabled: bool = True                 # false: every "coe" request goes to default_expert
-    artifact: str | None = None          # trained router folder (default: COE_HOME/router/default)
-    default_expert: str | None = None    # the generalist: fallback category and router-off target
-    fallback_category: str = "chat"      # where prompts go when the router is unsure
-    threshold: float | None = None       # override the calibrated confidence threshold
-    scores: str | None = None            # category x expert score table (JSON); default: measured table
-    budget_params: float | None = None   # average active parameters allowed; None = best score
-    pins: dict = field(default_factory=dict)         # category -> expert, fixed by hand
+    enabled: bool = True  # false: every "coe" request goes to default_expert
+    artifact: str | None = None  # trained router folder (default: COE_HOME/router/default)
+    default_expert: str | None = None  # the generalist: fallback category and router-off target
+    fallback_category: str = "chat"  # where prompts go when the router is unsure
+    threshold: float | None = None  # override the calibrated confidence threshold
+    scores: str | None = None  # category x expert score table (JSON); default: measured table
+    budget_params: float | None = None  # average active parameters allowed; None = best score
+    pins: dict = field(default_factory=dict)  # category -> expert, fixed by hand
     frequencies: dict = field(default_factory=dict)  # category -> weight (default: uniform)
-    stay_margin: float = 0.2             # a conversation changes expert only when the router is
-                                         # this much more confident in the new category
+    stay_margin: float = 0.2  # a conversation changes expert only when the router is
+    # this much more confident in the new category
 
     def __post_init__(self) -> None:
         _require(isinstance(self.enabled, bool), "enabled", "true or false", self.enabled)
         for name in ("artifact", "scores", "default_expert"):
             value = getattr(self, name)
-            _require(value is None or (isinstance(value, str) and value != ""), name, "a string", value)
-        _require(isinstance(self.fallback_category, str) and self.fallback_category != "",
-                 "fallback_category", "a category name", self.fallback_category)
-        _require(self.threshold is None or (is_number(self.threshold) and 0 <= self.threshold <= 1),
-                 "threshold", "a number between 0 and 1", self.threshold)
+            _require(
+                value is None or (isinstance(value, str) and value != ""), name, "a string", value
+            )
+        _require(
+            isinstance(self.fallback_category, str) and self.fallback_category != "",
+            "fallback_category",
+            "a category name",
+            self.fallback_category,
+        )
+        _require(
+            self.threshold is None or (is_number(self.threshold) and 0 <= self.threshold <= 1),
+            "threshold",
+            "a number between 0 and 1",
+            self.threshold,
+        )
         if self.budget_params is not None:
-            object.__setattr__(self, "budget_params", parse_count(self.budget_params, "budget_params"))
-        _require(isinstance(self.pins, dict) and all(isinstance(k, str) and isinstance(v, str)
-                                                     for k, v in self.pins.items()),
-                 "pins", "a mapping of category -> expert name", self.pins)
-        _require(isinstance(self.frequencies, dict) and all(
-            isinstance(k, str) and is_number(v) and v >= 0 for k, v in self.frequencies.items()),
-                 "frequencies", "a mapping of category -> non-negative weight", self.frequencies)
-        _require(is_number(self.stay_margin) and 0 <= self.stay_margin <= 1, "stay_margin",
-                 "a number between 0 and 1", self.stay_margin)
+            object.__setattr__(
+                self, "budget_params", parse_count(self.budget_params, "budget_params")
+            )
+        _require(
+            isinstance(self.pins, dict)
+            and all(isinstance(k, str) and isinstance(v, str) for k, v in self.pins.items()),
+            "pins",
+            "a mapping of category -> expert name",
+            self.pins,
+        )
+        _require(
+            isinstance(self.frequencies, dict)
+            and all(
+                isinstance(k, str) and is_number(v) and v >= 0 for k, v in self.frequencies.items()
+            ),
+            "frequencies",
+            "a mapping of category -> non-negative weight",
+            self.frequencies,
+        )
+        _require(
+            is_number(self.stay_margin) and 0 <= self.stay_margin <= 1,
+            "stay_margin",
+            "a number between 0 and 1",
+            self.stay_margin,
+        )
 
 
-def is_number(value: Any) -> bool:
+def is_number(value: Any) -> TypeGuard[int | float]:
     """An int or float, but not a bool."""
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-CACHE_POLICIES = ("lrfu", "gdsf", "lru")
-PREFETCH_TIERS = ("host", "device", "none")
+MOVE_TIERS = (
+    "host",
+    "device",
+    "none",
+)  # where prefetch and lookahead move an expert (none: nowhere)
 
 
 @dataclass(frozen=True)
@@ -193,14 +428,18 @@ class CacheConfig:
     """The three tiers: disk (cold), host RAM (warm), device (hot). Budgets left out are derived
     from the machine's free memory at start-up."""
 
-    device_bytes: int | None = None   # hot experts' runtimes (GPU memory on CUDA)
-    host_bytes: int | None = None     # warm experts' weights in RAM (pinned on CUDA)
-    policy: str = "lrfu"              # lrfu or gdsf (cost-aware), or lru
-    frequency_half_life: int | str = "auto"  # lrfu: requests over which a request count halves; auto: chosen online
-    prefetch: str = "host"            # where a routed request's expert is moved while it queues
-    pins: tuple = ()                  # experts loaded hot at start-up and never evicted
-    max_hot_experts: int = 4          # experts hot at once, whatever their bytes (Ollama's max loaded models)
-    keep_warm: bool = True            # false: no warm tier, an expert leaving the device goes back to disk
+    device_bytes: int | None = None  # hot experts' runtimes (GPU memory on CUDA)
+    host_bytes: int | None = None  # warm experts' weights in RAM (pinned on CUDA)
+    policy: CachePolicy = CachePolicy.LRFU  # lrfu or gdsf (cost-aware), or lru
+    frequency_half_life: int | str = (
+        "auto"  # lrfu: requests over which a request count halves; auto: chosen online
+    )
+    prefetch: str = "host"  # where a routed request's expert is moved while it queues
+    pins: tuple = ()  # experts loaded hot at start-up and never evicted
+    max_hot_experts: int = (
+        4  # experts hot at once, whatever their bytes (Ollama's max loaded models)
+    )
+    keep_warm: bool = True  # false: no warm tier, an expert leaving the device goes back to disk
 
     def __post_init__(self) -> None:
         _require(isinstance(self.keep_warm, bool), "keep_warm", "true or false", self.keep_warm)
@@ -209,47 +448,72 @@ class CacheConfig:
             value = getattr(self, name)
             if value is not None:
                 object.__setattr__(self, name, parse_bytes(value, name))
-        _require(self.policy in CACHE_POLICIES, "policy", "one of " + ", ".join(CACHE_POLICIES), self.policy)
+        object.__setattr__(self, "policy", _choice(CachePolicy, self.policy, "policy"))
         half_life = self.frequency_half_life
-        _require(half_life == "auto" or (isinstance(half_life, int) and not isinstance(half_life, bool) and half_life > 0),
-                 "frequency_half_life", "auto or an integer > 0 (requests)", half_life)
-        _require(self.prefetch in PREFETCH_TIERS, "prefetch", "one of " + ", ".join(PREFETCH_TIERS), self.prefetch)
+        _require(
+            half_life == "auto"
+            or (isinstance(half_life, int) and not isinstance(half_life, bool) and half_life > 0),
+            "frequency_half_life",
+            "auto or an integer > 0 (requests)",
+            half_life,
+        )
+        _require(
+            self.prefetch in MOVE_TIERS,
+            "prefetch",
+            "one of " + ", ".join(MOVE_TIERS),
+            self.prefetch,
+        )
         pins = self.pins
-        _require(isinstance(pins, (list, tuple)) and all(isinstance(n, str) for n in pins),
-                 "pins", "a list of expert names", pins)
+        _require(
+            isinstance(pins, (list, tuple)) and all(isinstance(n, str) for n in pins),
+            "pins",
+            "a list of expert names",
+            pins,
+        )
         object.__setattr__(self, "pins", tuple(pins))
-
-
-SCHEDULER_POLICIES = ("expert", "fifo")
-LOOKAHEAD_TIERS = ("device", "host", "none")
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Which expert's requests run next, and how many wait."""
 
-    policy: str = "expert"            # expert: stay on resident experts, batch by expert; fifo: arrival order
-    max_batch_size: int = 8           # requests for the same expert served together
-    max_wait_ms: float = 2000         # a request waiting this long goes next, whatever the switch costs
-    max_queue: int = 256              # waiting requests in all; beyond: 429 with Retry-After
-    max_queue_per_expert: int = 128   # waiting requests per expert; beyond: 429
-    lookahead: str = "host"           # move the next scheduled expert up while the current one generates
-    switch_tolerance: float = 0.0     # serve "coe" from a hot expert whose expected score is within
-                                      # this much of the best (cold) one; 0 = off
-    join_running: bool = True         # requests for the running expert join its batch at the next token
+    policy: SchedulerPolicy = (
+        SchedulerPolicy.EXPERT
+    )  # expert: stay on resident experts, batch by expert; fifo: arrival order
+    max_batch_size: int = 8  # requests for the same expert served together
+    max_wait_ms: float = 2000  # a request waiting this long goes next, whatever the switch costs
+    max_queue: int = 256  # waiting requests in all; beyond: 429 with Retry-After
+    max_queue_per_expert: int = 128  # waiting requests per expert; beyond: 429
+    lookahead: str = "host"  # move the next scheduled expert up while the current one generates
+    switch_tolerance: float = 0.0  # serve "coe" from a hot expert whose expected score is within
+    # this much of the best (cold) one; 0 = off
+    join_running: bool = True  # requests for the running expert join its batch at the next token
 
     def __post_init__(self) -> None:
-        _require(self.policy in SCHEDULER_POLICIES, "policy", "one of " + ", ".join(SCHEDULER_POLICIES),
-                 self.policy)
+        object.__setattr__(self, "policy", _choice(SchedulerPolicy, self.policy, "policy"))
         for name in ("max_batch_size", "max_queue", "max_queue_per_expert"):
             _positive_int(getattr(self, name), name)
-        _require(is_number(self.max_wait_ms) and self.max_wait_ms >= 0, "max_wait_ms",
-                 "a number of milliseconds >= 0", self.max_wait_ms)
-        _require(self.lookahead in LOOKAHEAD_TIERS, "lookahead", "one of " + ", ".join(LOOKAHEAD_TIERS),
-                 self.lookahead)
-        _require(is_number(self.switch_tolerance) and self.switch_tolerance >= 0, "switch_tolerance",
-                 "a score difference >= 0", self.switch_tolerance)
-        _require(isinstance(self.join_running, bool), "join_running", "true or false", self.join_running)
+        _require(
+            is_number(self.max_wait_ms) and self.max_wait_ms >= 0,
+            "max_wait_ms",
+            "a number of milliseconds >= 0",
+            self.max_wait_ms,
+        )
+        _require(
+            self.lookahead in MOVE_TIERS,
+            "lookahead",
+            "one of " + ", ".join(MOVE_TIERS),
+            self.lookahead,
+        )
+        _require(
+            is_number(self.switch_tolerance) and self.switch_tolerance >= 0,
+            "switch_tolerance",
+            "a score difference >= 0",
+            self.switch_tolerance,
+        )
+        _require(
+            isinstance(self.join_running, bool), "join_running", "true or false", self.join_running
+        )
 
 
 OPTIONAL_PUBLIC_PATHS = ("/health", "/metrics")
@@ -261,32 +525,64 @@ class ServerConfig:
     port: int = 8000
     max_tokens_limit: int = 4096
     default_max_tokens: int = 256
-    request_timeout_s: float = 600.0   # queued + generating; beyond: 408 (or an error event mid-stream)
-    shutdown_grace_s: float = 30.0     # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
-    api_keys: tuple = field(default=(), repr=False)  # with keys, /v1 routes need one (also COE_API_KEYS)
+    request_timeout_s: float = (
+        600.0  # queued + generating; beyond: 408 (or an error event mid-stream)
+    )
+    shutdown_grace_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
+    api_keys: tuple = field(
+        default=(), repr=False
+    )  # with keys, /v1 routes need one (also COE_API_KEYS)
     public_paths: tuple = ("/health",)  # of /health and /metrics: which stay open when keys are set
-    rate_limit_per_minute: int = 0     # requests per key per minute; beyond: 429 (0 = no limit)
-    max_body_bytes: int = 4 * 2**20    # larger request bodies: 413
-    max_messages: int = 512            # more messages in one chat request: 400
+    rate_limit_per_minute: int = 0  # requests per key per minute; beyond: 429 (0 = no limit)
+    max_body_bytes: int = 4 * 2**20  # larger request bodies: 413
+    max_messages: int = 512  # more messages in one chat request: 400
 
     def __post_init__(self) -> None:
         for name, allowed in (("api_keys", None), ("public_paths", OPTIONAL_PUBLIC_PATHS)):
             value = getattr(self, name)
-            _require(isinstance(value, (list, tuple)) and all(isinstance(v, str) and v.strip() for v in value)
-                     and (allowed is None or all(v in allowed for v in value)), name,
-                     "a list of non-empty strings" if allowed is None else "a list of " + ", ".join(allowed),
-                     "[...]" if name == "api_keys" else value)  # never echo a key
+            _require(
+                isinstance(value, (list, tuple))
+                and all(isinstance(v, str) and v.strip() for v in value)
+                and (allowed is None or all(v in allowed for v in value)),
+                name,
+                "a list of non-empty strings"
+                if allowed is None
+                else "a list of " + ", ".join(allowed),
+                "[...]" if name == "api_keys" else value,
+            )  # never echo a key
             object.__setattr__(self, name, tuple(value))
-        _require(isinstance(self.rate_limit_per_minute, int) and not isinstance(self.rate_limit_per_minute, bool)
-                 and self.rate_limit_per_minute >= 0, "rate_limit_per_minute", "an integer >= 0",
-                 self.rate_limit_per_minute)
+        _require(
+            isinstance(self.rate_limit_per_minute, int)
+            and not isinstance(self.rate_limit_per_minute, bool)
+            and self.rate_limit_per_minute >= 0,
+            "rate_limit_per_minute",
+            "an integer >= 0",
+            self.rate_limit_per_minute,
+        )
         for name in ("request_timeout_s", "shutdown_grace_s"):
-            _require(is_number(getattr(self, name)) and getattr(self, name) > 0, name, "seconds > 0",
-                     getattr(self, name))
-        _require(isinstance(self.host, str) and self.host != "", "host", "a host name or address", self.host)
-        _require(isinstance(self.port, int) and not isinstance(self.port, bool) and 0 <= self.port < 65536,
-                 "port", "an integer in 0..65535", self.port)
-        object.__setattr__(self, "max_body_bytes", parse_bytes(self.max_body_bytes, "max_body_bytes"))
+            _require(
+                is_number(getattr(self, name)) and getattr(self, name) > 0,
+                name,
+                "seconds > 0",
+                getattr(self, name),
+            )
+        _require(
+            isinstance(self.host, str) and self.host != "",
+            "host",
+            "a host name or address",
+            self.host,
+        )
+        _require(
+            isinstance(self.port, int)
+            and not isinstance(self.port, bool)
+            and 0 <= self.port < 65536,
+            "port",
+            "an integer in 0..65535",
+            self.port,
+        )
+        object.__setattr__(
+            self, "max_body_bytes", parse_bytes(self.max_body_bytes, "max_body_bytes")
+        )
         _require(self.max_body_bytes > 0, "max_body_bytes", "a size > 0", self.max_body_bytes)
         _positive_int(self.max_messages, "max_messages")
         _positive_int(self.max_tokens_limit, "max_tokens_limit")
@@ -301,12 +597,12 @@ class RayConfig:
     """`coe serve --ray`: the expert replicas on Ray Serve (each one a coe engine with its own
     tier cache; requests go to a replica that already holds their expert)."""
 
-    replicas: int = 2                  # expert replicas (the start, when autoscaling is set)
-    cpus_per_replica: float = 1.0      # Ray CPUs each replica reserves
-    gpus_per_replica: float = 0.0      # Ray GPUs each replica reserves (experts with device: cuda)
-    max_experts_per_replica: int = 4   # experts a replica advertises as loaded (Serve multiplexing)
-    max_ongoing_requests: int = 16     # requests one replica takes at once
-    autoscaling: dict | None = None    # {min_replicas, max_replicas, target_ongoing_requests}
+    replicas: int = 2  # expert replicas (the start, when autoscaling is set)
+    cpus_per_replica: float = 1.0  # Ray CPUs each replica reserves
+    gpus_per_replica: float = 0.0  # Ray GPUs each replica reserves (experts with device: cuda)
+    max_experts_per_replica: int = 4  # experts a replica advertises as loaded (Serve multiplexing)
+    max_ongoing_requests: int = 16  # requests one replica takes at once
+    autoscaling: dict | None = None  # {min_replicas, max_replicas, target_ongoing_requests}
 
     def __post_init__(self) -> None:
         for name in ("replicas", "max_experts_per_replica", "max_ongoing_requests"):
@@ -315,14 +611,20 @@ class RayConfig:
             value = getattr(self, name)
             _require(is_number(value) and value >= 0, name, "a number >= 0", value)
         if self.autoscaling is not None:
-            _require(isinstance(self.autoscaling, dict), "autoscaling", "a mapping", self.autoscaling)
+            _require(
+                isinstance(self.autoscaling, dict), "autoscaling", "a mapping", self.autoscaling
+            )
             _reject_unknown(self.autoscaling, _AUTOSCALING, "autoscaling")
             for name in ("min_replicas", "max_replicas"):
                 if name in self.autoscaling:
                     _positive_int(self.autoscaling[name], f"autoscaling.{name}")
             target = self.autoscaling.get("target_ongoing_requests", 1)
-            _require(is_number(target) and target > 0, "autoscaling.target_ongoing_requests",
-                     "a number > 0", target)
+            _require(
+                is_number(target) and target > 0,
+                "autoscaling.target_ongoing_requests",
+                "a number > 0",
+                target,
+            )
 
 
 @dataclass(frozen=True)
@@ -340,14 +642,24 @@ class CoEConfig:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         _require(not duplicates, "experts", "unique names", duplicates)
         default = self.router.default_expert
-        _require(default is None or default in names, "router.default_expert",
-                 "one of " + ", ".join(names), default)
+        _require(
+            default is None or default in names,
+            "router.default_expert",
+            "one of " + ", ".join(names),
+            default,
+        )
         for category, expert in self.router.pins.items():
-            _require(expert in names, f"router.pins.{category}", "one of " + ", ".join(names), expert)
+            _require(
+                expert in names, f"router.pins.{category}", "one of " + ", ".join(names), expert
+            )
         for i, expert in enumerate(self.cache.pins):
             _require(expert in names, f"cache.pins[{i}]", "one of " + ", ".join(names), expert)
-            _require(not self.expert(expert).is_remote, f"cache.pins[{i}]",
-                     "a local expert (a remote expert holds no weights here)", expert)
+            _require(
+                not self.expert(expert).is_remote,
+                f"cache.pins[{i}]",
+                "a local expert (a remote expert holds no weights here)",
+                expert,
+            )
 
     def expert(self, name: str) -> ExpertConfig:
         for expert in self.experts:
@@ -365,18 +677,28 @@ DEFAULT_BUDGET_PARAMS = 1.0e9  # average active parameters of the default compos
 
 def default_config() -> CoEConfig:
     """The four packaged experts."""
-    return CoEConfig(experts=(
-        ExpertConfig("smollm2-135m", "smollm2-135m", description="small generalist chat"),
-        ExpertConfig("gemma3-270m", "gemma3-270m", description="base model, plain completion"),
-        ExpertConfig("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", description="code"),
-        ExpertConfig("qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b", description="code and reasoning"),
-    ), router=RouterConfig(default_expert="smollm2-135m", budget_params=DEFAULT_BUDGET_PARAMS))
+    return CoEConfig(
+        experts=(
+            ExpertConfig("smollm2-135m", "smollm2-135m", description="small generalist chat"),
+            ExpertConfig("gemma3-270m", "gemma3-270m", description="base model, plain completion"),
+            ExpertConfig("qwen2.5-coder-0.5b", "qwen2.5-coder-0.5b", description="code"),
+            ExpertConfig(
+                "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b", description="code and reasoning"
+            ),
+        ),
+        router=RouterConfig(default_expert="smollm2-135m", budget_params=DEFAULT_BUDGET_PARAMS),
+    )
 
 
 # ---- YAML edge --------------------------------------------------------------------------------
 
-_SECTIONS = {"router": RouterConfig, "cache": CacheConfig, "scheduler": SchedulerConfig, "server": ServerConfig,
-             "ray": RayConfig}
+_SECTIONS = {
+    "router": RouterConfig,
+    "cache": CacheConfig,
+    "scheduler": SchedulerConfig,
+    "server": ServerConfig,
+    "ray": RayConfig,
+}
 
 
 def from_yaml(path: str | Path) -> CoEConfig:
@@ -401,8 +723,12 @@ def from_dict(data: Any) -> CoEConfig:
     _reject_unknown(data, {"experts", *_SECTIONS}, "")
     raw_experts = data.get("experts")
     if not isinstance(raw_experts, list):
-        raise ConfigError(f"experts: expected a list of experts, got {raw_experts!r}", param="experts")
-    experts = tuple(_build(ExpertConfig, item, f"experts[{i}]") for i, item in enumerate(raw_experts))
+        raise ConfigError(
+            f"experts: expected a list of experts, got {raw_experts!r}", param="experts"
+        )
+    experts = tuple(
+        _build(ExpertConfig, item, f"experts[{i}]") for i, item in enumerate(raw_experts)
+    )
     sections = {key: _build(cls, data.get(key) or {}, key) for key, cls in _SECTIONS.items()}
     return _construct(CoEConfig, {"experts": experts, **sections}, "")
 
@@ -412,11 +738,16 @@ def _build(cls, item: Any, where: str):
         raise ConfigError(f"{where}: expected a mapping, got {item!r}", param=where)
     names = {f.name for f in dataclasses.fields(cls)}
     _reject_unknown(item, names, where)
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    required = [
+        f.name
+        for f in dataclasses.fields(cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     missing = [name for name in required if name not in item]
     if missing:
-        raise ConfigError(f"{where}.{missing[0]}: required field is missing", param=f"{where}.{missing[0]}")
+        raise ConfigError(
+            f"{where}.{missing[0]}: required field is missing", param=f"{where}.{missing[0]}"
+        )
     return _construct(cls, item, where)
 
 
@@ -432,8 +763,10 @@ def _reject_unknown(item: dict, known: set, where: str) -> None:
     unknown = sorted(str(k) for k in item if k not in known)
     if unknown:
         prefix = f"{where}." if where else ""
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown field (expected one of {', '.join(sorted(known))})",
-                          param=prefix + unknown[0])
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown field (expected one of {', '.join(sorted(known))})",
+            param=prefix + unknown[0],
+        )
 
 
 DEFAULT_YAML = """\
@@ -443,9 +776,11 @@ DEFAULT_YAML = """\
 experts:
   # source: a packaged model id (`coe experts` lists them), a .gguf file, or a safetensors folder.
   # backend: auto (from the source), llama_cpp (GGUF) or torch_hf (safetensors checkpoints).
-  # params: backend options; llama_cpp takes n_ctx, n_threads, n_batch, use_mmap, repack,
-  #         max_sequences, cache_prompt (prefix caching, default true), top_k, min_p, repeat_penalty;
-  #         torch_hf takes dtype (float32, bfloat16), device (cpu, cuda), n_ctx.
+  # params: backend options, checked at start-up (an unknown or ill-typed key is an error);
+  #         llama_cpp takes n_ctx, n_threads, n_batch, use_mmap, repack, max_sequences,
+  #         cache_prompt (prefix caching, default true), top_k, min_p, repeat_penalty, n_gpu_layers;
+  #         torch_hf takes dtype (float32, bfloat16, float16), device (cpu, cuda), n_ctx,
+  #         max_sequences, top_k, min_p, repeat_penalty.
   - name: smollm2-135m
     source: smollm2-135m
     description: small generalist chat
@@ -491,7 +826,7 @@ scheduler:
   max_wait_ms: 2000         # a request that waited this long goes next, whatever the switch costs
   max_queue: 256            # waiting requests in all; beyond this: 429 with Retry-After
   max_queue_per_expert: 128 # waiting requests per expert; beyond this: 429
-  lookahead: host           # move the next scheduled expert up while the current one generates: host, device (GPUs), none
+  lookahead: host           # move the next scheduled expert up while this one generates: host, device (GPUs), none
   switch_tolerance: 0       # "coe": serve from a hot expert scoring within this of the best cold one (0 = off)
   join_running: true        # requests for the running expert join its batch at the next token (not under fifo)
 

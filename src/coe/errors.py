@@ -3,6 +3,7 @@
 Every error carries the HTTP status and OpenAI error ``type``/``code`` it maps to, so the
 server translates it in exactly one handler and the CLI prints its message without a trace.
 """
+
 from __future__ import annotations
 
 
@@ -14,8 +15,14 @@ class CoEError(Exception):
     code: str | None = None
     retry_after_s: float | None = None  # set: the HTTP answer carries Retry-After
 
-    def __init__(self, message: str, *, param: str | None = None, code: str | None = None,
-                 retry_after_s: float | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        retry_after_s: float | None = None,
+    ):
         super().__init__(message)
         self.message = message
         self.param = param
@@ -26,8 +33,14 @@ class CoEError(Exception):
 
     def to_openai(self) -> dict:
         """The OpenAI wire format: {"error": {"message", "type", "param", "code"}}."""
-        return {"error": {"message": self.message, "type": self.error_type,
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 class ConfigError(CoEError):

@@ -1,16 +1,59 @@
 """Plain dataclasses shared by every layer. No torch, no I/O."""
+
 from __future__ import annotations
 
 import itertools
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
+from enum import Enum
 
 from coe.errors import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
 _ids = itertools.count(1)
+
+
+class Choice(str, Enum):
+    """An enumeration whose members are their own (JSON, YAML) strings: ``Tier.DEVICE == "device"``."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    @classmethod
+    def names(cls) -> str:
+        """'a, b or c' for messages."""
+        values = [str(m.value) for m in cls]
+        return ", ".join(values[:-1]) + " or " + values[-1] if len(values) > 1 else values[0]
+
+
+class Tier(Choice):
+    """Where an expert's weights are: ready to generate (device: "hot"), in RAM (host: "warm"),
+    only on disk ("cold"), or served by another process or server (remote)."""
+
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+    REMOTE = "remote"
+
+
+class CachePolicy(Choice):
+    """How the cache picks what to evict: cost-aware (lrfu, gdsf) or by recency (lru)."""
+
+    LRFU = "lrfu"
+    GDSF = "gdsf"
+    LRU = "lru"
+
+
+class SchedulerPolicy(Choice):
+    """expert: keep serving resident experts and batch by expert; fifo: arrival order (the baseline)."""
+
+    EXPERT = "expert"
+    FIFO = "fifo"
 
 
 @dataclass(frozen=True)
@@ -28,19 +71,25 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    score_ids: tuple[
+        int, ...
+    ] = ()  # token ids whose log-probabilities each step reports (evaluation)
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}",
-                                 param="max_tokens")
+            raise InvalidRequest(
+                f"max_tokens must be an integer >= 1, got {self.max_tokens!r}", param="max_tokens"
+            )
         if not 0.0 <= self.temperature <= 2.0:
-            raise InvalidRequest(f"temperature must be in [0, 2], got {self.temperature}",
-                                 param="temperature")
+            raise InvalidRequest(
+                f"temperature must be in [0, 2], got {self.temperature}", param="temperature"
+            )
         if not 0.0 < self.top_p <= 1.0:
             raise InvalidRequest(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if len(self.stop) > MAX_STOP_SEQUENCES or any(not s for s in self.stop):
-            raise InvalidRequest(f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings",
-                                 param="stop")
+            raise InvalidRequest(
+                f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings", param="stop"
+            )
 
 
 @dataclass(frozen=True)
@@ -54,16 +103,24 @@ class RouteDecision:
     fallback: bool = False
     reason: str = ""
     planned_expert: str | None = None  # the map's choice, when a hot expert served instead
-    score_given_up: float = 0.0        # its expected score minus the serving expert's
+    score_given_up: float = 0.0  # its expected score minus the serving expert's
 
     def to_dict(self) -> dict:
         """The JSON shape clients see (the server's `coe` field, `coe route --jsonl`)."""
-        shape = {"category": self.category, "confidence": round(self.confidence, 4),
-                 "expert": self.expert, "fallback": self.fallback, "reason": self.reason,
-                 "alternatives": [{"category": c, "expert": e, "probability": p}
-                                  for c, e, p in self.alternatives]}
+        shape = {
+            "category": self.category,
+            "confidence": round(self.confidence, 4),
+            "expert": self.expert,
+            "fallback": self.fallback,
+            "reason": self.reason,
+            "alternatives": [
+                {"category": c, "expert": e, "probability": p} for c, e, p in self.alternatives
+            ],
+        }
         if self.planned_expert is not None:
-            shape.update(planned_expert=self.planned_expert, score_given_up=round(self.score_given_up, 4))
+            shape.update(
+                planned_expert=self.planned_expert, score_given_up=round(self.score_given_up, 4)
+            )
         return shape
 
 
@@ -75,7 +132,9 @@ class Completion:
     finish_reason: str  # stop | length | cancelled
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = 0  # prompt tokens taken from KV cells a previous request left (prefix caching)
+    cached_tokens: int = (
+        0  # prompt tokens taken from KV cells a previous request left (prefix caching)
+    )
 
 
 @dataclass(frozen=True)
@@ -111,9 +170,9 @@ class Request:
     route: RouteDecision | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")
     arrival_s: float = field(default_factory=time.monotonic)
-    served_tier: str | None = None  # where its expert was when its batch started: device, host, disk
-    switch_s: float = 0.0           # time its batch waited for the expert to become ready
-    served_by: str | None = None    # the Ray Serve replica that ran it (coe serve --ray)
+    served_tier: Tier | None = None  # where its expert was when its batch started
+    switch_s: float = 0.0  # time its batch waited for the expert to become ready
+    served_by: str | None = None  # the Ray Serve replica that ran it (coe serve --ray)
     cancel_reason: str = ""
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 

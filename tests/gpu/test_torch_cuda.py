@@ -12,7 +12,7 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 from coe.backends.memory import HostBufferPool  # noqa: E402
-from coe.backends.torch_hf import TorchHFBackend  # noqa: E402
+from coe.backends.torch import TorchBackend  # noqa: E402
 from coe.cache.manager import ModelCache  # noqa: E402
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig  # noqa: E402
 from coe.models.catalog import ModelStore  # noqa: E402
@@ -31,7 +31,7 @@ def _greedy_text(runner, prompt: str, max_tokens: int = 12) -> str:
 
 
 def test_read_pins_host_weights_and_materialize_moves_them_to_the_device(tiny_checkpoint):
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     host = backend.read(_expert(tiny_checkpoint, "cuda"), tiny_checkpoint, HostBufferPool(pin=True))
     assert host.payload.buffer.is_pinned() and all(t.is_pinned() for t in host.payload.state.values())
     runner = backend.materialize(host)
@@ -43,7 +43,7 @@ def test_read_pins_host_weights_and_materialize_moves_them_to_the_device(tiny_ch
 
 
 def test_cuda_logits_match_cpu(tiny_checkpoint):
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     runners = {d: backend.materialize(backend.read(_expert(tiny_checkpoint, d), tiny_checkpoint,
                                                    HostBufferPool(pin=d == "cuda")))
                for d in ("cpu", "cuda")}
@@ -57,7 +57,7 @@ def test_cuda_logits_match_cpu(tiny_checkpoint):
 
 
 def test_bfloat16_generation_on_cuda(tiny_checkpoint):
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     runner = backend.materialize(backend.read(_expert(tiny_checkpoint, "cuda", "bfloat16"), tiny_checkpoint,
                                               HostBufferPool(pin=True)))
     assert _greedy_text(runner, "abc") == _greedy_text(runner, "abc")

@@ -14,6 +14,7 @@ from coe.backends.memory import resident_file_bytes
 from coe.cache import ModelCache
 from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig
+from coe.engine.batch import generate
 from coe.errors import CacheFull
 from coe.models import ModelStore, describe
 from coe.types import ChatMessage, Request, SamplingParams
@@ -47,7 +48,7 @@ def gguf_cache(store, **cache) -> ModelCache:
 def answer(runner, max_tokens: int = 8) -> str:
     request = Request(runner.expert.name, SamplingParams(max_tokens=max_tokens, temperature=0.0),
                       messages=(ChatMessage("user", "What is 2 + 2? Answer briefly."),))
-    events = list(runner.generate([request]))
+    events = list(generate(runner, [request]))
     final = events[-1]
     assert final.error is None, final.error
     assert final.completion.completion_tokens >= 1
@@ -70,7 +71,7 @@ def test_gguf_expert_through_the_tiers(store, paths):
         assert cache.tier_of(SMALL) == "device" and cache.tier_of(LARGER) == "disk"
         assert answer(runner).strip()
         state = states(cache)[SMALL]
-        assert state.state == "hot"
+        assert state.tier == "device"
         size = describe(paths[SMALL]).num_bytes
         # warm: the file's pages in the page cache, measured with mincore (plus what llama.cpp owns)
         assert state.host_bytes >= 0.9 * size
@@ -139,7 +140,7 @@ def test_prefetch_to_the_host_makes_the_expert_warm(store):
         assert cache.prefetch(LARGER, "host").result(timeout=300) is None
         assert cache.tier_of(LARGER) == "host"
         state = states(cache)[LARGER]
-        assert state.state == "warm" and state.host_bytes > 0 and state.device_bytes == 0
+        assert state.tier == "host" and state.host_bytes > 0 and state.device_bytes == 0
         assert answer(cache.activate(LARGER)).strip()
         assert cache.stats.warm_hits == 1 and cache.stats.misses == 0
         cache.prefetch(SMALL, "device").result(timeout=300)
@@ -152,7 +153,7 @@ def test_prefetch_to_the_host_makes_the_expert_warm(store):
 
 def greedy(runner) -> str:
     request = Request(runner.expert.name, SamplingParams(max_tokens=12, temperature=0.0), prompt="Once upon")
-    final = list(runner.generate([request]))[-1]
+    final = list(generate(runner, [request]))[-1]
     assert final.error is None, final.error
     return final.completion.text
 
@@ -182,8 +183,7 @@ def test_torch_expert_reuses_the_pooled_buffer_of_an_evicted_one(make_checkpoint
         assert cache.tier_of("a") == "disk"
         assert cache.pool.free_bytes == size  # kept for the next expert, and counted in the host tier
         assert cache.tiers["host"].used_bytes == size
-        snapshot = cache.snapshot()
-        assert snapshot["reusable_buffer_bytes"] == size
+        assert cache.snapshot().reusable_buffer_bytes == size
 
         text_b = greedy(cache.activate("b"))
         assert cache.pool.num_reused == 1 and cache.pool.num_allocated == 1

@@ -13,6 +13,7 @@ import pytest
 from coe.backends.llama_cpp import LlamaCppBackend
 from coe.backends.memory import HostBufferPool
 from coe.config import ExpertConfig
+from coe.engine.batch import RunningBatch, generate, next_token_logprobs, prompt_of
 from coe.models import ModelStore
 from coe.types import ChatMessage, Request, SamplingParams
 
@@ -54,12 +55,12 @@ def texts(events) -> dict[str, str]:
 
 def alone(runner, question: str, max_tokens: int) -> str:
     request = ask(question, max_tokens)
-    return texts(runner.generate([request]))[request.id]
+    return texts(generate(runner, [request]))[request.id]
 
 
 def test_a_batch_decoded_together_gives_each_request_its_own_text(runner):
     requests = [ask(LONG, 30), ask(QUESTIONS[0], 6)]
-    together = texts(runner.generate(requests))
+    together = texts(generate(runner, requests))
     assert [together[r.id] for r in requests] == [alone(runner, LONG, 30), alone(runner, QUESTIONS[0], 6)]
 
 
@@ -68,16 +69,16 @@ def test_requests_joining_a_running_batch_reuse_freed_slots_and_get_their_own_te
     once that finished (taking the slot and KV cells it left)."""
     first = ask(LONG, 40)
     joiners = [ask(q, 6) for q in QUESTIONS]
-    offered, calls = list(joiners), []
-
-    def join(count: int):
-        calls.append(count)
-        if len(calls) < 3 or not offered or count == 0:
-            return []
-        return [offered.pop(0)]
-
-    got = texts(runner.generate([first], join))
-    assert not offered and 1 in calls and max(calls) <= 2  # one free slot of two while the long one runs
+    batch = RunningBatch(runner)
+    events = batch.admit([first]) + batch.step() + batch.step()
+    for joiner in joiners:
+        events += batch.admit([joiner])
+        while len(batch.running) + len(batch.waiting) == 2:  # until the joiner (the short one) ends
+            events += batch.step()
+    while not batch.done:
+        events += batch.step()
+    batch.close()
+    got = texts(events)
     assert got[first.id] == alone(runner, LONG, 40)
     for request, question in zip(joiners, QUESTIONS):
         assert got[request.id] == alone(runner, question, 6), question
@@ -87,9 +88,9 @@ def test_a_request_after_a_long_one_sees_none_of_its_kv_cells(runner):
     """Between requests only the cells' metadata is cleared (the buffer keeps the old numbers):
     the next prompt's logits must be exactly those of a context that never held anything else."""
     prompt_ids = runner.vocab.encode(QUESTIONS[1])
-    before = runner.next_token_logprobs(prompt_ids)
+    before = all_logprobs(runner, prompt_ids)[0]
     alone(runner, LONG, 40)
-    assert runner.next_token_logprobs(prompt_ids) == before
+    assert all_logprobs(runner, prompt_ids)[0] == before
 
 
 def completions(events) -> dict[str, object]:
@@ -97,7 +98,19 @@ def completions(events) -> dict[str, object]:
 
 
 def prompt_ids(runner, question: str) -> list[int]:
-    return runner.vocab.encode(runner.prompt_text(ask(question, 1))[0])
+    return runner.vocab.encode(prompt_of(runner.vocab, ask(question, 1))[0])
+
+
+def all_logprobs(runner, ids: list[int]) -> tuple[list[float], int]:
+    """The next token's log-probabilities over the whole vocabulary, and the prompt tokens the
+    prefill took from cached cells."""
+    decoder = runner.open_decoder()
+    try:
+        decoder.add(0, ids, SamplingParams(max_tokens=1, temperature=0.0, score_ids=tuple(range(runner.n_vocab))))
+        token = decoder.step()[0]
+        return list(token.scored), token.cached_prompt_tokens
+    finally:
+        decoder.close()
 
 
 def test_a_reused_prefix_gives_exactly_the_logits_of_the_prompt_evaluated_in_two_parts(runner):
@@ -107,14 +120,14 @@ def test_a_reused_prefix_gives_exactly_the_logits_of_the_prompt_evaluated_in_two
     ids = prompt_ids(runner, LONG + " Then name three colors.")
     split = len(ids) // 2
     runner.forget_all()
-    runner.next_token_logprobs(ids[:split])  # leaves the first half in the cells
-    reused = runner.next_token_logprobs(ids)
-    assert runner.last_cached_tokens == split
+    next_token_logprobs(runner, ids[:split], [0])  # leaves the first half in the cells
+    reused, cached = all_logprobs(runner, ids)
+    assert cached == split
     runner.forget_all()
-    runner._eval(ids[:split], 0)
-    runner._eval(ids[split:], split)
-    n_vocab = runner.model.n_vocab()
-    logits = runner._lib.llama_get_logits_ith(runner.ctx.ctx, -1)
+    runner.decode([(token, k, 0) for k, token in enumerate(ids[:split])], all_logits=False)
+    runner.decode([(token, split + k, 0) for k, token in enumerate(ids[split:])], all_logits=False)
+    n_vocab = runner.n_vocab
+    logits = runner.lib.llama_get_logits_ith(runner.ctx.ctx, -1)
     two_parts = [logits[i] for i in range(n_vocab)]
     best = max(range(n_vocab), key=two_parts.__getitem__)
     assert max(range(n_vocab), key=reused.__getitem__) == best
@@ -126,7 +139,7 @@ def test_a_reused_prefix_gives_exactly_the_logits_of_the_prompt_evaluated_in_two
 def test_sequences_of_one_batch_share_the_prompt_prefix_they_have_in_common(runner):
     runner.forget_all()
     requests = [ask(QUESTIONS[0], 4), ask(QUESTIONS[1], 4)]
-    done = completions(runner.generate(requests))
+    done = completions(generate(runner, requests))
     common = 0
     for a, b in zip(prompt_ids(runner, QUESTIONS[0]), prompt_ids(runner, QUESTIONS[1])):
         if a != b:
@@ -141,7 +154,7 @@ def test_prompt_caching_can_be_turned_off(coe_home):
     try:
         for _ in range(2):
             request = ask(QUESTIONS[1], 2)
-            assert completions(runner.generate([request]))[request.id].cached_tokens == 0
+            assert completions(generate(runner, [request]))[request.id].cached_tokens == 0
     finally:
         runner.close()
         host.release()
@@ -149,12 +162,12 @@ def test_prompt_caching_can_be_turned_off(coe_home):
 
 def test_two_interleaved_conversations_each_keep_their_cells(runner):
     runner.forget_all()
-    first = {q: completions(runner.generate([ask(q, 6)])) for q in QUESTIONS}
+    first = {q: completions(generate(runner, [ask(q, 6)])) for q in QUESTIONS}
     for question in QUESTIONS:
         turn1 = next(iter(first[question].values()))
         follow_up = Request(SMALL, SamplingParams(max_tokens=4, temperature=0.0), messages=(
             ChatMessage("user", question), ChatMessage("assistant", turn1.text), ChatMessage("user", "Why?")))
-        assert completions(runner.generate([follow_up]))[follow_up.id].cached_tokens >= turn1.prompt_tokens
+        assert completions(generate(runner, [follow_up]))[follow_up.id].cached_tokens >= turn1.prompt_tokens
 
 
 def test_cells_left_by_finished_requests_make_room_when_a_prompt_needs_it(coe_home):
@@ -164,7 +177,7 @@ def test_cells_left_by_finished_requests_make_room_when_a_prompt_needs_it(coe_ho
     try:
         for n in range(4):
             request = ask(f"{n} " + "Please repeat these words back to me. " * 20, 8)
-            done = completions(runner.generate([request]))[request.id]
+            done = completions(generate(runner, [request]))[request.id]
             assert done.completion_tokens >= 1 and 150 < done.prompt_tokens < 248
     finally:
         runner.close()

@@ -60,6 +60,7 @@ def test_an_expert_with_repack_on_serves(coe_home):
     from coe.backends.llama_cpp import LlamaCppBackend
     from coe.backends.memory import HostBufferPool
     from coe.config import ExpertConfig
+    from coe.engine.batch import generate
     from coe.types import Request, SamplingParams
 
     path = packaged_paths(coe_home)["smollm2-135m"]
@@ -69,7 +70,7 @@ def test_an_expert_with_repack_on_serves(coe_home):
     runner = backend.materialize(host)
     try:
         request = Request("repacked", SamplingParams(max_tokens=8, temperature=0.0), prompt="The capital of France is")
-        final = [e for e in runner.generate([request]) if e.is_final][-1]
+        final = [e for e in generate(runner, [request]) if e.is_final][-1]
         assert final.error is None and final.completion.completion_tokens >= 1
     finally:
         runner.close()

@@ -1,5 +1,4 @@
 """Scripted parts shared by unit tests (each has a real counterpart in the integration tests)."""
-import itertools
 import json
 import struct
 import threading
@@ -7,9 +6,9 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections import Counter
 from pathlib import Path
-from typing import Iterator
 
 from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
+from coe.backends.sampling import Token
 from coe.models.info import describe
 
 
@@ -41,62 +40,62 @@ def write_weights(folder: Path, num_bytes: int = 1000) -> Path:
 
 
 class LetterRunner(Runner):
-    """Generates a, b, c, a, b, ... (never an end token). ``delay_s`` sleeps before each token;
-    ``fail_after`` raises RuntimeError('device lost') after that many tokens. With
-    ``sequences`` > 1 it decodes that many together and takes joiners (``LetterDecoder``)."""
+    """Every sequence generates a, b, c, a, b, ... from its own start (never an end token).
+    ``delay_s`` sleeps before each step; ``fail_after`` raises RuntimeError('device lost') at the
+    step after that many; ``sequences`` is max_sequences (more join a running decoder as rows free)."""
 
     def __init__(self, host: HostWeights, delay_s: float = 0.0, fail_after: int | None = None,
                  sequences: int = 1):
-        super().__init__(host.expert, LetterVocab(), context_length=1000, num_bytes=host.num_bytes)
+        super().__init__(host.expert, LetterVocab(), context_length=1000, num_bytes=host.num_bytes,
+                         max_sequences=sequences)
         self.host, self.delay_s, self.fail_after = host, delay_s, fail_after
-        self.max_batch_size = sequences
-        self.joins_running_batch = sequences > 1
         self.closed = False
-        self.batches: list[list[str]] = []  # request ids of each generate() call
-        self.joined: list[str] = []  # request ids that joined a running batch
+        self.decoders: list[LetterDecoder] = []
 
-    def generate(self, batch, join=None):
-        self.batches.append([r.id for r in batch])
-
-        def recording_join(count):
-            requests = join(count)
-            self.joined.extend(r.id for r in requests)
-            return requests
-        return super().generate(batch, recording_join if join is not None else None)
-
-    def _open_decoder(self, prompts, samplings):
-        return LetterDecoder(self, len(prompts))
-
-    def _sample(self, prompt_ids: list[int], sampling) -> Iterator[int]:
+    def open_decoder(self) -> "LetterDecoder":
         assert not self.closed, f"runner of {self.expert.name} used after close()"
-        for i in itertools.count():
-            if self.fail_after is not None and i >= self.fail_after:
-                raise RuntimeError("device lost")
-            if self.delay_s:
-                time.sleep(self.delay_s)
-            yield i % 3
+        decoder = LetterDecoder(self)
+        self.decoders.append(decoder)
+        return decoder
+
+    @property
+    def sequences_given(self) -> int:
+        return sum(len(d.added_at) for d in self.decoders)
 
     def close(self) -> None:
         self.closed = True
 
 
 class LetterDecoder(Decoder):
-    """Every sequence generates a, b, c, ... from its own start; one ``delay_s`` per step."""
+    """``added_at[i]``: how many steps had run when the i-th sequence was added (0: at the start;
+    more: it joined a running decoder)."""
 
-    def __init__(self, runner: LetterRunner, count: int):
-        self.runner, self.steps = runner, [0] * count
+    def __init__(self, runner: LetterRunner):
+        self.runner, self.max_sequences = runner, runner.max_sequences
+        self.live: dict[int, int] = {}  # seq -> tokens generated
+        self.added_at: list[int] = []
+        self.steps = 0
 
-    def add(self, prompt_ids, sampling) -> int:
-        self.steps.append(0)
-        return len(self.steps) - 1
+    def has_room(self, need_tokens: int) -> bool:
+        return len(self.live) < self.max_sequences and need_tokens <= self.runner.context_length
 
-    def step(self, active):
+    def add(self, seq, prompt_ids, sampling) -> None:
+        self.live[seq] = 0
+        self.added_at.append(self.steps)
+
+    def step(self):
+        if self.runner.fail_after is not None and self.steps >= self.runner.fail_after:
+            raise RuntimeError("device lost")
         if self.runner.delay_s:
             time.sleep(self.runner.delay_s)
-        tokens = {i: self.steps[i] % 3 for i in active}
-        for i in active:
-            self.steps[i] += 1
+        self.steps += 1
+        tokens = {seq: Token(count % 3) for seq, count in self.live.items()}
+        for seq in self.live:
+            self.live[seq] += 1
         return tokens
+
+    def remove(self, seq) -> None:
+        del self.live[seq]
 
 
 class LetterBackend(Backend):
@@ -140,8 +139,8 @@ class LetterBackend(Backend):
         return runner
 
     def generated(self, name: str) -> int:
-        """Requests the expert's runners were given."""
-        return sum(len(batch) for runner in self.runners.get(name, []) for batch in runner.batches)
+        """Sequences the expert's runners were given."""
+        return sum(runner.sequences_given for runner in self.runners.get(name, []))
 
 
 def fake_engine(tmp_path: Path, names=("a", "b"), backend: LetterBackend | None = None,

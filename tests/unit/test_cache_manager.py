@@ -22,13 +22,14 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from fakes import LetterVocab, write_weights
+from fakes import LetterDecoder, LetterVocab, write_weights
 
 from coe.backends.base import Backend, HostWeights, Runner
 from coe.backends.memory import HostBufferPool
-from coe.cache import ModelCache
+from coe.cache import ModelCache, TierUsage
 from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig
+from coe.engine.batch import generate
 from coe.errors import CacheFull, CoEError, LoadError, UnknownExpert
 from coe.models import ModelStore
 from coe.models.info import describe
@@ -40,16 +41,18 @@ KB = 1000
 # ---- fakes -------------------------------------------------------------------------------------
 
 class FakeRunner(Runner):
+    delay_s, fail_after = 0.0, None  # what LetterDecoder reads
+
     def __init__(self, host: HostWeights, footprint_bytes: int):
         super().__init__(host.expert, LetterVocab(), context_length=1000, num_bytes=host.num_bytes)
         self.host = host
         self.footprint_bytes = footprint_bytes
         self.closed = False
 
-    def _sample(self, prompt_ids: list[int], sampling) -> Iterator[int]:
+    def open_decoder(self) -> LetterDecoder:
         assert not self.closed, f"runner of {self.expert.name} used after close()"
         assert self.host.payload is not None, f"runner of {self.expert.name} used after its host weights were released"
-        yield from itertools.cycle((0, 1, 2))
+        return LetterDecoder(self)
 
     def close(self) -> None:
         self.closed = True
@@ -111,7 +114,7 @@ class FakeBackend(Backend):
 
 
 def generates(runner: Runner) -> str:
-    events = list(runner.generate([Request(runner.expert.name, SamplingParams(max_tokens=3), prompt="hi")]))
+    events = list(generate(runner, [Request(runner.expert.name, SamplingParams(max_tokens=3), prompt="hi")]))
     final = events[-1]
     assert final.error is None, final.error
     assert final.completion.text == "abc"
@@ -160,7 +163,7 @@ def test_activate_makes_an_expert_hot_and_therefore_warm(folders):
     runner = cache.activate("a")
     generates(runner)
     (a, *_) = cache.states()
-    assert (a.state, a.tier, a.host_bytes, a.device_bytes) == ("hot", "device", 1500, 300)
+    assert (a.tier, a.availability, a.host_bytes, a.device_bytes) == ("device", "ready", 1500, 300)
     assert cache.tier_of("a") == "device" and cache.is_resident("a")
     assert cache.tiers["host"].used_bytes == 1500 and cache.tiers["device"].used_bytes == 300
     assert cache.activate("a") is runner
@@ -174,7 +177,7 @@ def test_evict_from_the_device_leaves_the_expert_warm(folders):
     assert runner.closed
     assert cache.tier_of("a") == "host" and not cache.is_resident("a")
     (a, *_) = cache.states()
-    assert (a.state, a.host_bytes, a.device_bytes) == ("warm", 1500, 0)
+    assert (a.tier, a.host_bytes, a.device_bytes) == ("host", 1500, 0)
     assert cache.tiers["device"].used_bytes == 0 and cache.tiers["host"].used_bytes == 1500
     assert cache.fake.releases["a"] == 0
     again = cache.activate("a")  # warm -> hot: no read
@@ -190,7 +193,7 @@ def test_evict_from_the_host_sends_the_expert_to_disk(folders):
     assert runner.closed and cache.fake.releases["a"] == 1 and cache.fake.live == set()
     assert cache.tier_of("a") == "disk"
     assert {t: cache.tiers[t].used_bytes for t in ("host", "device")} == {"host": 0, "device": 0}
-    assert cache.states()[0].state == "ready"
+    assert (cache.states()[0].tier, cache.states()[0].availability) == ("disk", "ready")
     cache.evict("a", "host")  # already on disk: nothing to do
     cache.evict("b", "device")
     generates(cache.activate("a"))
@@ -489,9 +492,7 @@ def test_stats_count_hits_misses_switches_evictions_and_bytes(folders):
     assert stats.bytes_moved == {"disk->host": 3 * size, "host->device": 4 * size}
     assert all(v > 0 for v in stats.seconds_moving.values())  # the fake clock ticks once per call
     assert tiers(cache) == {"a": "disk", "b": "device", "c": "device"}
-    d = stats.to_dict()
-    assert d["misses"] == 3 and d["evictions"] == {"device": 0, "host": 1}
-    assert cache.snapshot()["stats"] == d
+    assert cache.snapshot().stats == stats
     assert {s.name: s.requests for s in cache.states()} == {"a": 3, "b": 2, "c": 1}
 
 
@@ -500,15 +501,14 @@ def test_snapshot(folders):
     cache.activate("a")
     cache.pin("b", "host")
     snapshot = cache.snapshot()
-    assert snapshot["policy"] == "gdsf" and snapshot["device_kind"] == "cpu"
-    assert snapshot["tiers"] == {"device": {"budget_bytes": 5 * KB, "used_bytes": 77},
-                                 "host": {"budget_bytes": 10 * KB, "used_bytes": 2 * weight_bytes(folders["a"])}}
-    assert snapshot["reusable_buffer_bytes"] == 0
-    experts = {e["name"]: e for e in snapshot["experts"]}
-    assert experts["a"]["tier"] == "device" and experts["a"]["device_bytes"] == 77
-    assert experts["b"]["tier"] == "host" and experts["b"]["pinned"] is True
-    assert experts["c"]["tier"] == "disk" and experts["c"]["weight_bytes"] == weight_bytes(folders["c"])
-    json.dumps(snapshot)  # what the server sends
+    assert snapshot.policy == "gdsf" and snapshot.device_kind == "cpu"
+    assert snapshot.tiers == {"device": TierUsage(5 * KB, 77), "host": TierUsage(10 * KB, 2 * weight_bytes(folders["a"]))}
+    assert snapshot.reusable_buffer_bytes == 0
+    experts = {e.name: e for e in snapshot.experts}
+    assert experts["a"].tier == "device" and experts["a"].device_bytes == 77
+    assert experts["b"].tier == "host" and experts["b"].pinned is True
+    assert experts["c"].tier == "disk" and experts["c"].num_bytes == weight_bytes(folders["c"])
+    assert snapshot.stats.activations == 1 and snapshot.stats is not cache.stats  # a copy
 
 
 # ---- policies ----------------------------------------------------------------------------------
@@ -721,24 +721,24 @@ class CacheModel:
             footprint = self.footprints[name]
             host_bytes = footprint.host if footprint.host is not None else self.weight_bytes[name]
             assert state.pinned == (name in self.pinned)
-            if state.state == "hot":  # inclusive: hot experts are warm too
+            if state.tier == "device":  # inclusive: hot experts are warm too
                 assert (state.host_bytes, state.device_bytes) == (host_bytes, footprint.device)
                 assert name in cache.fake.live
-            elif state.state == "warm":
+            elif state.tier == "host":
                 assert (state.host_bytes, state.device_bytes) == (host_bytes, 0)
                 assert name in cache.fake.live
             else:
-                assert state.state == "ready" and (state.host_bytes, state.device_bytes) == (0, 0)
+                assert state.tier == "disk" and (state.host_bytes, state.device_bytes) == (0, 0)
                 assert name not in cache.fake.live
             if name in self.pinned:
                 assert state.tier in (("device",) if self.pinned[name] == "device" else ("host", "device"))
             runner = self.runners.get(name)
-            if runner is not None and state.state != "hot":
+            if runner is not None and state.tier != "device":
                 assert runner.closed
         # nothing is held but the experts' measured footprints: no stray reservation
         assert cache.tiers["host"].used_bytes == sum(s.host_bytes for s in states.values())
         assert cache.tiers["device"].used_bytes == sum(s.device_bytes for s in states.values())
-        assert sum(not r.closed for r in cache.fake.runners) == sum(s.state == "hot" for s in states.values())
+        assert sum(not r.closed for r in cache.fake.runners) == sum(s.tier == "device" for s in states.values())
 
 
 # ---- how many experts are hot, and whether leaving the device keeps them warm --------------------

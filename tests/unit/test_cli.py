@@ -86,7 +86,9 @@ def test_experts_url_shows_a_running_servers_cache(tiny_config, capsys):
 
     cache = ModelCache(from_yaml(tiny_config), ModelStore("unused"))
     cache.activate("tiny")
-    snapshot = cache.snapshot()
+    from coe.server.shapes import snapshot_json
+
+    snapshot = snapshot_json(cache.snapshot())
     cache.close()
     server = serve_json(snapshot)
     try:

@@ -245,3 +245,55 @@ def test_the_default_yaml_spells_out_every_new_field():
                  "max_hot_experts", "keep_warm", "request_timeout_s", "shutdown_grace_s", "api_keys",
                  "public_paths", "rate_limit_per_minute", "frequency_half_life"):
         assert f"\n  {name}: " in DEFAULT_YAML, name
+
+
+# ---- expert params, per backend --------------------------------------------------------------
+
+def expert_yaml(source: str, params: str, backend: str | None = None) -> str:
+    line = f"    backend: {backend}\n" if backend else ""
+    return f"experts:\n  - name: x\n    source: {source}\n{line}    params: {params}\n"
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{n_ctxx: 8192}", "experts[0].params.n_ctxx: unknown field (expected one of cache_prompt, max_sequences"),
+    ("{n_ctx: big}", "experts[0].params.n_ctx: expected an integer (or null), got 'big'"),
+    ("{repack: 1}", "experts[0].params.repack: expected true or false, got 1"),
+    ("{min_p: 2}", "experts[0].params.min_p: expected a number between 0 and 1, got 2"),
+    ("{dtype: bfloat16}", "experts[0].params.dtype: unknown field"),  # a torch key on a llama.cpp expert
+])
+def test_a_bad_llama_cpp_param_names_the_file_and_the_field(tmp_path, params, message):
+    path = write(tmp_path, expert_yaml("/m/x.gguf", params, backend="llama_cpp"))
+    error = config_error(path)
+    assert error.message.startswith(f"{path}: ") and message in error.message
+
+
+@pytest.mark.parametrize("params, message", [
+    ("{n_ctxx: 8192}", "experts[0].params.n_ctxx: unknown field (expected one of device, dtype"),
+    ("{dtype: int8}", "experts[0].params.dtype: expected one of float32, bfloat16, float16, got 'int8'"),
+    ("{max_sequences: '8'}", "experts[0].params.max_sequences: expected an integer, got '8'"),
+    ("{device: tpu}", "experts[0].params.device: expected cpu, cuda or cuda:N, got 'tpu'"),
+    ("{repack: true}", "experts[0].params.repack: unknown field"),  # a llama.cpp key on a torch expert
+])
+def test_a_bad_torch_param_names_the_file_and_the_field(tmp_path, params, message):
+    path = write(tmp_path, expert_yaml("/m/x", params, backend="torch_hf"))
+    error = config_error(path)
+    assert str(path) in error.message and message in error.message
+
+
+def test_auto_experts_are_checked_for_the_backend_their_source_resolves_to(tmp_path):
+    """``backend: auto``: keys no backend knows fail when the file is read; keys of the other
+    backend fail once the source is known (a packaged model is GGUF), in `coe serve`'s loader."""
+    from coe.cli import load_config
+
+    error = config_error(write(tmp_path, expert_yaml("smollm2-135m", "{n_ctxx: 1}")))
+    assert "experts[0].params.n_ctxx: unknown field" in error.message
+    path = write(tmp_path, expert_yaml("smollm2-135m", "{dtype: bfloat16}"))
+    assert from_yaml(path).expert("x").params == {"dtype": "bfloat16"}  # some backend takes it
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    assert info.value.message.startswith(f"{path}: experts[0].params.dtype: unknown field")
+    folder = tmp_path / "checkpoint"
+    folder.mkdir()
+    with pytest.raises(ConfigError, match=r"experts\[0\]\.params\.repack: unknown field"):
+        load_config(str(write(tmp_path, expert_yaml(str(folder), "{repack: true}"))))
+    assert load_config(str(write(tmp_path, expert_yaml(str(folder), "{dtype: bfloat16}")))).expert("x").backend == "auto"

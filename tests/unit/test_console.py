@@ -29,7 +29,7 @@ class MathOrCode(Router):
 @pytest.fixture
 def client(tmp_path):
     engine = fake_engine(tmp_path, router=RouterConfig(default_expert="b", budget_params="1B"))
-    engine.router = ExpertRouter(MathOrCode(), {"math": "a", "code": "b", "chat": "b"})
+    engine.routing.router = ExpertRouter(MathOrCode(), {"math": "a", "code": "b", "chat": "b"})
     with TestClient(create_app(engine)) as client:
         yield client
 

@@ -12,6 +12,7 @@ from coe.engine import Engine
 from coe.engine.health import ExpertHealth
 from coe.errors import CacheFull, ExpertUnavailable, ModelNotAvailable, Overloaded, UnknownExpert
 from coe.models import ModelStore
+from coe.server.shapes import state_word
 from coe.types import ChatMessage, Request, RouteDecision, SamplingParams
 
 
@@ -24,6 +25,10 @@ def two_checkpoints(tiny_checkpoint, tmp_path_factory):
 
 def checkpoint_bytes(path) -> int:
     return (path / "model.safetensors").stat().st_size
+
+
+def value(engine, name, **labels) -> float:
+    return engine.metrics.registry.get_sample_value(name, labels) or 0.0
 
 
 def make_engine(tmp_path, experts, budgets=None, **sections) -> Engine:
@@ -77,7 +82,7 @@ def test_engine_thread_serves_and_stops(tmp_path, tiny_checkpoint):
 def test_unknown_model(tmp_path, tiny_checkpoint):
     engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
     with pytest.raises(UnknownExpert, match="available: coe, tiny") as info:
-        engine.resolve("gpt-4")
+        engine.routing.resolve("gpt-4")
     assert info.value.http_status == 404
     with pytest.raises(UnknownExpert):
         engine.submit(Request("gpt-4", prompt="x"))
@@ -88,12 +93,12 @@ def test_resolve(tmp_path, two_checkpoints):
     a, b = two_checkpoints
     engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)],
                          router=RouterConfig(default_expert="b"))
-    assert engine.resolve("a") == ("a", None)
-    expert, route = engine.resolve("coe")
+    assert engine.routing.resolve("a") == ("a", None)
+    expert, route = engine.routing.resolve("coe")
     assert expert == "b"
     assert isinstance(route, RouteDecision)
     assert route.fallback and route.expert == "b"
-    assert make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)]).resolve("coe")[0] == "a"
+    assert make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)]).routing.resolve("coe")[0] == "a"
 
 
 def test_cache_evicts_the_least_recently_used_expert(tmp_path, two_checkpoints):
@@ -110,11 +115,11 @@ def test_cache_evicts_the_least_recently_used_expert(tmp_path, two_checkpoints):
     assert cache.is_resident("b") and not cache.is_resident("a")
     assert runner_a.model is None  # the evicted runner was closed
 
-    states = {s.name: s.state for s in cache.states()}
+    states = {s.name: state_word(s) for s in cache.states()}
     assert states == {"a": "ready", "b": "hot"}
     assert {s.name: s.tier for s in cache.states()} == {"a": "disk", "b": "device"}
     assert run(engine, "a")[-1].completion is not None
-    assert {s.name: s.state for s in cache.states()} == {"a": "hot", "b": "ready"}
+    assert {s.name: state_word(s) for s in cache.states()} == {"a": "hot", "b": "ready"}
     assert cache.stats.evictions["host"] == 2
     assert cache.tiers["host"].used_bytes <= budget
 
@@ -128,7 +133,7 @@ def test_a_tight_device_tier_keeps_the_other_expert_warm(tmp_path, two_checkpoin
     run(engine, "a")
     run(engine, "b")
     cache.evict("a", "device")
-    assert {s.name: s.state for s in cache.states()} == {"a": "warm", "b": "hot"}
+    assert {s.name: state_word(s) for s in cache.states()} == {"a": "warm", "b": "hot"}
     before = cache.stats.bytes_moved["disk->host"]
     assert run(engine, "a")[-1].completion is not None  # warm -> hot: no read from disk
     assert cache.stats.bytes_moved["disk->host"] == before
@@ -174,12 +179,12 @@ def test_a_failing_expert_does_not_stop_the_engine(tmp_path, tiny_checkpoint):
 
 
 def test_a_crashing_runner_becomes_an_error_event(tmp_path, tiny_checkpoint, monkeypatch):
-    engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)])
+    config = CoEConfig(experts=(torch_expert("tiny", tiny_checkpoint),))
+    engine = Engine(config, ModelCache(config, ModelStore(tmp_path / "home")), health=ExpertHealth(base_backoff_s=0.2))
 
     def explode(name):
         raise RuntimeError("disk on fire")
 
-    engine.health = ExpertHealth(base_backoff_s=0.2)
     monkeypatch.setattr(engine.cache, "activate", explode)
     (event,) = run(engine, "tiny")
     assert event.error.http_status == 503 and event.error.retry_after_s == pytest.approx(0.2)
@@ -200,8 +205,11 @@ def test_requests_for_one_expert_are_batched(tmp_path, tiny_checkpoint):
     for request in requests:
         engine.submit(request)
     assert engine.queue_depth() == 3
-    assert engine.step() is True
-    assert engine.step() is False
+    steps = 0
+    while engine.step():  # one step per token of the batch: the three decode together
+        steps += 1
+    assert steps <= 3 and engine.queue_depth() == 0
+    assert value(engine, "coe_batch_size_count") == 1 and value(engine, "coe_batch_size_sum") == 3
     finals = [e for e in seen if e.is_final]
     assert [e.request_id for e in finals] == [r.id for r in requests]
     assert all(e.completion is not None for e in finals)
@@ -222,11 +230,11 @@ def test_states_of_missing_and_unreadable_sources(tmp_path, tiny_checkpoint):
                                     ExpertConfig("gone", str(tmp_path / "gone.gguf")),
                                     ExpertConfig("junk", str(unreadable))])
     states = {s.name: s for s in engine.cache.states()}
-    assert states["tiny"].state == "ready" and states["tiny"].backend == "torch_hf"
+    assert state_word(states["tiny"]) == "ready" and states["tiny"].backend == "torch_hf"
     assert states["tiny"].num_bytes == checkpoint_bytes(tiny_checkpoint)
     assert states["tiny"].num_params > 0 and states["tiny"].load_s is None
-    assert states["gone"].state == "missing" and states["gone"].num_bytes is None
-    assert states["junk"].state == "unreadable" and states["junk"].num_params is None
+    assert state_word(states["gone"]) == "missing" and states["gone"].num_bytes is None
+    assert state_word(states["junk"]) == "unreadable" and states["junk"].num_params is None
 
 
 def test_stop_fails_queued_requests_instead_of_dropping_them(tmp_path, tiny_checkpoint):
@@ -252,7 +260,7 @@ def test_submit_prefetches_the_expert_while_it_queues(tmp_path, tiny_checkpoint)
     assert engine.cache.stats.prefetches == 1
     engine.cache.prefetch("tiny", "host").result(timeout=60)  # the same move, or a no-op after it
     assert engine.cache.tier_of("tiny") == "host"
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert engine.cache.tier_of("tiny") == "device"
     assert engine.cache.stats.warm_hits == 1 and engine.cache.stats.misses == 0
     engine.stop()
@@ -263,7 +271,7 @@ def test_prefetch_none_leaves_the_expert_on_disk_until_it_runs(tmp_path, tiny_ch
     engine.submit(Request("tiny", SamplingParams(max_tokens=2), prompt="queued"))
     assert engine.cache.stats.prefetches == 0
     assert engine.cache.tier_of("tiny") == "disk"
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert engine.cache.stats.misses == 1
     engine.stop()
 
@@ -278,10 +286,19 @@ def test_config_pins_are_made_hot_and_pinned_at_start(tmp_path, tiny_checkpoint)
         while not engine.cache.states()[0].pinned and time.monotonic() < deadline:
             time.sleep(0.02)
         (state,) = engine.cache.states()
-        assert state.pinned and state.state == "hot"
+        assert state.pinned and state_word(state) == "hot"
         with pytest.raises(CacheFull, match="pinned"):
             engine.cache.evict("tiny")
         assert run(engine, "tiny")[-1].completion is not None
     finally:
         engine.stop()
     assert engine.cache.tier_of("tiny") == "disk"  # stop() unloads pins too
+
+
+def serve_batch(engine) -> bool:
+    """Step until the batch the first step took has ended (a step is one token); False when idle."""
+    if not engine.step():
+        return False
+    while engine.running_expert is not None:
+        engine.step()
+    return True

@@ -72,7 +72,7 @@ def spy_prefetch(engine) -> list:
 def test_a_batch_records_the_tier_its_expert_was_found_in_and_the_switch_time(make):
     engine = make(backend=LetterBackend(read_delay_s=0.05), cache=COLD, scheduler=SchedulerConfig(lookahead="none"))
     cold = [submit(engine, "a") for _ in range(2)]
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     for request, events in cold:
         (final,) = finals(events)
         assert final.completion.text == "abc"
@@ -81,12 +81,12 @@ def test_a_batch_records_the_tier_its_expert_was_found_in_and_the_switch_time(ma
     assert cold[0][0].switch_s == cold[1][0].switch_s  # one switch for the whole batch
 
     hot, _ = submit(engine, "a")
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert hot.served_tier == "device" and hot.switch_s < 0.05
 
     engine.cache.prefetch("b", "host").result(timeout=10)
     warm, _ = submit(engine, "b")
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert warm.served_tier == "host" and warm.switch_s < 0.05
 
     assert {tier: value(engine, "coe_batches_total", tier=tier) for tier in ("disk", "host", "device")} == \
@@ -144,11 +144,11 @@ def test_lookahead_loads_the_next_scheduled_expert_while_this_batch_runs(make, l
     submit(engine, "a")
     later, _ = submit(engine, "b")
     assert calls == []  # cache.prefetch none: submitting hints nothing
-    assert engine.step() is True  # serves a; b is scheduled next
+    assert serve_batch(engine) is True  # serves a; b is scheduled next
     assert [(name, tier) for name, tier, _ in calls] == [("b", lookahead)]
     calls[0][2].result(timeout=10)
     assert engine.cache.tier_of("b") == lookahead
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert later.served_tier == lookahead
     assert len(calls) == 1  # nothing after b
 
@@ -158,9 +158,9 @@ def test_lookahead_none_loads_nothing_ahead(make):
     calls = spy_prefetch(engine)
     submit(engine, "a")
     later, _ = submit(engine, "b")
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert calls == [] and engine.cache.tier_of("b") == "disk"
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert later.served_tier == "disk"
 
 
@@ -171,14 +171,14 @@ def test_lookahead_skips_a_resident_next_expert_and_the_current_one(make):
     calls = spy_prefetch(engine)
     submit(engine, "a")
     submit(engine, "b")
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert calls == []  # b is next, and already hot
 
     engine = make(cache=COLD, scheduler=SchedulerConfig(lookahead="device", max_batch_size=1))
     calls = spy_prefetch(engine)
     submit(engine, "a")
     submit(engine, "a")
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert calls == []  # the next batch is a again
 
 
@@ -200,7 +200,7 @@ def test_lookahead_does_not_hold_up_the_current_batch(make):
     backend.read, engine.cache.tier_of = read, tier_of
     _, events = submit(engine, "a")
     submit(engine, "b")
-    stepping = threading.Thread(target=engine.step)
+    stepping = threading.Thread(target=serve_batch, args=(engine,))
     stepping.start()
     try:
         deadline = time.monotonic() + 2
@@ -261,7 +261,7 @@ def test_a_failing_batch_ends_every_request_once_and_frees_its_slots(make, failu
     engine = make(backend=backend, cache=COLD)
     batch = [submit(engine, "a", max_tokens=5) for _ in range(3)]
     assert value(engine, "coe_requests_in_flight") == 3
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     for _, events in batch:
         (final,) = finals(events)
         assert final is events[-1]
@@ -279,7 +279,7 @@ def test_a_failing_batch_ends_every_request_once_and_frees_its_slots(make, failu
     assert value(engine, "coe_requests_running") == 0
     assert value(engine, "coe_requests_total", expert="a", outcome="error") == 3
     _, events = submit(engine, "b")  # the engine keeps serving
-    assert engine.step() is True
+    assert serve_batch(engine) is True
     assert finals(events)[0].completion.text == "abc"
     assert value(engine, "coe_requests_in_flight") == 0
 
@@ -354,15 +354,15 @@ def routed_engine(make, tolerance: float) -> Engine:
                   router=RouterConfig(default_expert="b"))
     table = ScoreTable.from_dict({"source": "test", "scores": {"math": {"a": 0.80, "b": 0.75},
                                                                 "code": {"a": 0.5, "b": 0.6}}})
-    engine.router = ExpertRouter(OneCategory(), {"math": "a", "code": "b", "chat": "b"}, table=table)
+    engine.routing.router = ExpertRouter(OneCategory(), {"math": "a", "code": "b", "chat": "b"}, table=table)
     return engine
 
 
 def test_resolve_serves_coe_from_a_hot_expert_within_the_switch_tolerance(make):
     engine = routed_engine(make, tolerance=0.1)
-    assert engine.resolve("coe", prompt="2+2")[0] == "a"  # nothing hot: the planned expert
+    assert engine.routing.resolve("coe", prompt="2+2")[0] == "a"  # nothing hot: the planned expert
     engine.cache.activate("b")
-    expert, decision = engine.resolve("coe", prompt="2+2")
+    expert, decision = engine.routing.resolve("coe", prompt="2+2")
     assert expert == "b" == decision.expert
     assert decision.planned_expert == "a" and decision.score_given_up == pytest.approx(0.05)
     assert value(engine, "coe_router_decisions_total", category="math", expert="b") == 1
@@ -372,7 +372,7 @@ def test_resolve_serves_coe_from_a_hot_expert_within_the_switch_tolerance(make):
 def test_resolve_with_zero_tolerance_keeps_the_planned_expert(make):
     engine = routed_engine(make, tolerance=0.0)
     engine.cache.activate("b")
-    expert, decision = engine.resolve("coe", prompt="2+2")
+    expert, decision = engine.routing.resolve("coe", prompt="2+2")
     assert expert == "a" and decision.planned_expert is None
 
 
@@ -395,7 +395,8 @@ def test_a_request_for_the_running_expert_joins_its_batch_at_the_next_token(make
     assert finals(late_events)[0].completion.text == "abc"
     assert not finals(first_events), "the late request waited for the running batch to finish"
     (runner,) = engine.fake.runners["a"]
-    assert runner.batches == [[first.id]] and runner.joined == [late.id]  # one generate call
+    (decoder,) = runner.decoders  # one batch: the late request joined it
+    assert decoder.added_at[0] == 0 and decoder.added_at[1] >= 3
     assert late.served_tier == "device" and late.switch_s == 0.0
     assert value(engine, "coe_requests_joined_total", expert="a") == 1
     assert _wait_for(lambda: finals(first_events))
@@ -414,7 +415,8 @@ def test_no_one_joins_while_another_experts_request_is_overdue(make):
     late, late_events = submit(engine, "a", max_tokens=3)
     assert _wait_for(lambda: finals(late_events))
     (runner, *_) = engine.fake.runners["a"]
-    assert late.id not in runner.joined
+    assert all(d.added_at[1:] == [] for d in runner.decoders)  # nobody joined a running batch
+    assert value(engine, "coe_requests_joined_total", expert="a") == 0
     assert finals(first_events)  # a's first batch drained before the late request ran
 
 
@@ -428,7 +430,7 @@ def test_join_running_off_or_fifo_waits_for_the_batch(make, scheduler):
     late, late_events = submit(engine, "a", max_tokens=3)
     assert _wait_for(lambda: finals(late_events))
     assert finals(first_events)  # finished first: the late request ran in a batch of its own
-    assert engine.fake.runners["a"][0].joined == []
+    assert all(d.added_at[1:] == [] for d in engine.fake.runners["a"][0].decoders)
 
 
 def test_a_joined_request_that_cannot_run_ends_with_its_error_and_the_batch_goes_on(make):
@@ -442,3 +444,12 @@ def test_a_joined_request_that_cannot_run_ends_with_its_error_and_the_batch_goes
     assert not finals(first_events)  # refused when it joined, while the batch ran on
     assert _wait_for(lambda: finals(first_events))
     assert finals(first_events)[0].completion.completion_tokens == 40
+
+
+def serve_batch(engine) -> bool:
+    """Step until the batch the first step took has ended (a step is one token); False when idle."""
+    if not engine.step():
+        return False
+    while engine.running_expert is not None:
+        engine.step()
+    return True

@@ -11,7 +11,7 @@ from fastapi.testclient import TestClient
 from fakes import LetterBackend, fake_engine
 
 from coe.config import RouterConfig
-from coe.engine.health import ExpertHealth
+from coe.engine.health import ExpertHealth, HealthState
 from coe.errors import LoadError
 from coe.router.base import Router
 from coe.router.mapping import ScoreTable
@@ -27,7 +27,8 @@ def test_backoff_doubles_caps_and_clears_on_success():
     assert health.is_healthy("a", 5.0)
     assert health.failed("a", 5.0, "boom") == 10
     assert health.failed("a", 15.0, "boom") == 12  # capped
-    assert health.snapshot(16.0)["a"] == {"healthy": False, "failures": 3, "retry_after_s": 11.0, "reason": "boom"}
+    assert health.snapshot(16.0)["a"] == HealthState(healthy=False, failures=3, retry_after_s=11.0, reason="boom")
+    assert health.reason("a") == "boom" and health.reason("never-failed") == ""
     health.succeeded("a")
     assert health.is_healthy("a", 16.0) and health.snapshot(16.0) == {}
 
@@ -48,7 +49,7 @@ def broken_a(tmp_path):
     engine = fake_engine(tmp_path, names=("a", "b", "c"), backend=backend, router=RouterConfig(default_expert="c"))
     table = ScoreTable.from_dict({"source": "test", "scores": {"math": {"a": 0.9, "b": 0.7, "c": 0.1},
                                                                 "code": {"a": 0.1, "b": 0.2, "c": 0.3}}})
-    engine.router = ExpertRouter(AlwaysMath(), {"math": "a", "code": "c", "chat": "c"}, table=table)
+    engine.routing.router = ExpertRouter(AlwaysMath(), {"math": "a", "code": "c", "chat": "c"}, table=table)
     with TestClient(create_app(engine)) as client:
         yield client, engine
 

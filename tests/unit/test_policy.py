@@ -1,6 +1,7 @@
 import pytest
 
-from coe.cache.policy import AUTO_HALF_LIVES, POLICIES, Candidate, Eviction, Popularity, choose_victims, decay, priority
+from coe.types import CachePolicy
+from coe.cache.policy import AUTO_HALF_LIVES, Candidate, Eviction, Popularity, choose_victims, decay, priority
 
 GB = 10**9
 
@@ -106,7 +107,7 @@ def test_lrfu_counts_an_expert_moved_up_before_its_request_as_requested_now():
 
 
 def test_unknown_policy():
-    assert POLICIES == ("lrfu", "gdsf", "lru")
+    assert tuple(CachePolicy) == ("lrfu", "gdsf", "lru")
     with pytest.raises(ValueError, match="unknown cache policy 'fifo'"):
         priority("fifo", clock=0.0, recency=0.0, frequency=1, reload_s=1.0, num_bytes=1)
 

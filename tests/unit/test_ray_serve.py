@@ -162,10 +162,12 @@ def test_an_engine_shows_the_tiers_of_its_cache_view_with_offloaded_experts(tmp_
 
     from fakes import fake_engine
 
+    from coe.server.shapes import snapshot_from_json, snapshot_json
+
     engine = fake_engine(tmp_path, names=("a", "b"), remote={"far": lambda request: httpx.Response(500)})
-    assert [e["tier"] for e in engine.snapshot()["experts"]] == ["disk", "disk", "remote"]
-    engine.cache_view = lambda: snapshot_of({"a": ("hot", 10, 3)}, switches=2)
-    snapshot = engine.snapshot()
+    assert [e.tier for e in engine.views.snapshot().experts] == ["disk", "disk", "remote"]
+    engine.views.cache_view = lambda: snapshot_from_json(snapshot_of({"a": ("hot", 10, 3)}, switches=2))
+    snapshot = snapshot_json(engine.views.snapshot())
     assert [e["name"] for e in snapshot["experts"]] == ["a", "b", "far"]
     assert [e["tier"] for e in snapshot["experts"]] == ["device", "disk", "remote"]
     assert snapshot["stats"]["switches"] == 2

@@ -174,7 +174,7 @@ def routed_engine(tmp_path, handler):
     engine = fake_engine(tmp_path, names=("a", "b"), remote={"far": handler}, router=RouterConfig(default_expert="a"))
     table = ScoreTable.from_dict({"source": "test", "scores": {"math": {"far": 0.9, "b": 0.7, "a": 0.1},
                                                                 "code": {"far": 0.1, "b": 0.2, "a": 0.3}}})
-    engine.router = ExpertRouter(AlwaysMath(), {"math": "far", "code": "a", "chat": "a"}, table=table)
+    engine.routing.router = ExpertRouter(AlwaysMath(), {"math": "far", "code": "a", "chat": "a"}, table=table)
     return engine
 
 

@@ -7,7 +7,7 @@ import shutil
 import pytest
 
 from coe.backends.memory import HostBufferPool
-from coe.backends.torch_hf import TorchHFBackend
+from coe.backends.torch import TorchBackend
 from coe.config import ExpertConfig
 from coe.errors import CoEError, ModelNotAvailable
 from coe.models.info import describe
@@ -19,7 +19,7 @@ def copy_checkpoint(src, dst):
 
 
 def read(path):
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     return backend.read(ExpertConfig("x", str(path), backend="torch_hf"), path, HostBufferPool())
 
 

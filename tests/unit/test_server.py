@@ -5,12 +5,11 @@ The last section runs on fake backends (tests/unit/fakes.py): admission, /metric
 """
 import json
 import time
-from typing import Iterator
 
 import pytest
 from fastapi.testclient import TestClient
 
-from fakes import LetterBackend, LetterVocab, fake_engine
+from fakes import LetterBackend, LetterDecoder, LetterVocab, fake_engine
 
 from coe.backends.base import Runner
 from coe.cache import ModelCache
@@ -277,12 +276,13 @@ def test_max_completion_tokens_wins(client):
 class FailingRunner(Runner):
     """Yields 'a', 'b', 'c' and then fails, like a backend crashing mid-generation."""
 
+    delay_s, fail_after = 0.0, 3  # what LetterDecoder reads
+
     def __init__(self, expert: ExpertConfig):
         super().__init__(expert, LetterVocab(), context_length=1000, num_bytes=1)
 
-    def _sample(self, prompt_ids: list[int], sampling: SamplingParams) -> Iterator[int]:
-        yield from (0, 1, 2)
-        raise RuntimeError("device lost")
+    def open_decoder(self) -> LetterDecoder:
+        return LetterDecoder(self)
 
 
 @pytest.fixture

@@ -1,15 +1,18 @@
-"""TorchHFBackend on tiny random checkpoints written by conftest (real torch, real safetensors)."""
+"""TorchBackend on tiny random checkpoints written by conftest (real torch, real safetensors)."""
 import json
 import shutil
 
 import pytest
 import torch
 
-from coe.backends import backend_name_for, get_backend
+from coe.backends import get_backend
 from coe.backends.memory import HostBufferPool
-from coe.backends.torch_hf import ByteVocab, TorchHFBackend, TorchRunner
+from coe.backends.torch import ByteVocab, TorchBackend, TorchRunner
 from coe.config import ExpertConfig
+from coe.engine.batch import generate as generate_events
+from coe.engine.batch import prompt_of
 from coe.errors import ConfigError, ContextLengthExceeded, LoadError
+from coe.models import backend_of
 from coe.types import ChatMessage, Request, SamplingParams
 
 PROMPT = "The quick brown fox"
@@ -20,14 +23,14 @@ def expert_for(path, **params) -> ExpertConfig:
 
 
 def load(path, **params) -> TorchRunner:
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     return backend.materialize(backend.read(expert_for(path, **params), path, HostBufferPool()))
 
 
 def generate(runner, prompt=PROMPT, messages=None, **sampling):
     """(text joined from deltas, final event) of one request."""
     request = Request("tiny", SamplingParams(**sampling), prompt=None if messages else prompt, messages=messages)
-    events = list(runner.generate([request]))
+    events = list(generate_events(runner, [request]))
     final = events[-1]
     assert all(not e.is_final for e in events[:-1])
     assert final.error is None, final.error
@@ -35,8 +38,13 @@ def generate(runner, prompt=PROMPT, messages=None, **sampling):
 
 
 def sample_ids(runner, prompt_ids, count, **sampling):
-    tokens = runner._sample(prompt_ids, SamplingParams(max_tokens=count, **sampling))
-    return [next(tokens) for _ in range(count)]
+    """The ids one sequence decodes alone (EOS ignored)."""
+    decoder = runner.open_decoder()
+    decoder.add(0, prompt_ids, SamplingParams(max_tokens=count, **sampling))
+    try:
+        return [decoder.step()[0].id for _ in range(count)]
+    finally:
+        decoder.close()
 
 
 @pytest.fixture(scope="module")
@@ -52,9 +60,9 @@ def qwen2_runner(tiny_qwen2_checkpoint):
 # ---- read and materialize ----------------------------------------------------------------------
 
 def test_read_keeps_weights_on_the_host(tiny_checkpoint):
-    host = TorchHFBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
-    cfg, state = host.payload.cfg, host.payload.state
-    assert cfg["model_type"] == "llama"
+    host = TorchBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
+    args, state = host.payload.args, host.payload.state
+    assert args.model_type == "llama"
     assert host.info.format == "safetensors"
     assert host.num_bytes == (tiny_checkpoint / "model.safetensors").stat().st_size
     assert "lm_head.weight" not in state
@@ -63,7 +71,7 @@ def test_read_keeps_weights_on_the_host(tiny_checkpoint):
 
 def test_read_fills_one_pooled_buffer_and_views_it_without_copies(tiny_checkpoint):
     pool = HostBufferPool()
-    host = TorchHFBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, pool)
+    host = TorchBackend().read(expert_for(tiny_checkpoint), tiny_checkpoint, pool)
     size = (tiny_checkpoint / "model.safetensors").stat().st_size
     assert host.footprint_bytes == size  # one buffer, float32 checkpoint read as float32: no conversion
     assert pool.num_allocated == 1 and pool.free_bytes == 0
@@ -78,7 +86,7 @@ def test_read_fills_one_pooled_buffer_and_views_it_without_copies(tiny_checkpoin
 
 def test_release_returns_the_buffer_and_the_next_read_reuses_it(tiny_checkpoint, make_checkpoint):
     pool = HostBufferPool()
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     first = backend.read(expert_for(tiny_checkpoint), tiny_checkpoint, pool)
     first.release()
     first.release()  # twice is harmless
@@ -96,7 +104,7 @@ def test_release_returns_the_buffer_and_the_next_read_reuses_it(tiny_checkpoint,
 
 
 def test_materialize_on_cpu_shares_the_host_buffer(tiny_checkpoint):
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     host = backend.read(expert_for(tiny_checkpoint), tiny_checkpoint, HostBufferPool())
     runner = backend.materialize(host)
     buffer_ptr = next(iter(host.payload.state.values())).untyped_storage().data_ptr()
@@ -108,9 +116,9 @@ def test_materialize_on_cpu_shares_the_host_buffer(tiny_checkpoint):
 def test_views_at_same_offsets_rebuild_every_tensor_from_a_copy_of_the_buffer(tiny_checkpoint, dtype):
     """What CUDA's one-copy materialize does, checked on CPU: tensors that view the host buffer
     become views of the copy; converted ones (bfloat16 from a float32 file) are copied alone."""
-    from coe.backends.torch_hf import views_at_same_offsets
+    from coe.backends.torch import views_at_same_offsets
 
-    warm = TorchHFBackend().read(expert_for(tiny_checkpoint, dtype=dtype), tiny_checkpoint, HostBufferPool()).payload
+    warm = TorchBackend().read(expert_for(tiny_checkpoint, dtype=dtype), tiny_checkpoint, HostBufferPool()).payload
     copy = warm.buffer.clone()
     moved = views_at_same_offsets(warm.state, warm.buffer, copy)
     assert set(moved) == set(warm.state)
@@ -123,7 +131,7 @@ def test_views_at_same_offsets_rebuild_every_tensor_from_a_copy_of_the_buffer(ti
 
 
 def test_a_dtype_conversion_counts_in_the_footprint(tiny_checkpoint):
-    host = TorchHFBackend().read(expert_for(tiny_checkpoint, dtype="bfloat16"), tiny_checkpoint, HostBufferPool())
+    host = TorchBackend().read(expert_for(tiny_checkpoint, dtype="bfloat16"), tiny_checkpoint, HostBufferPool())
     size = (tiny_checkpoint / "model.safetensors").stat().st_size
     state = host.payload.state
     assert {t.dtype for t in state.values()} == {torch.bfloat16}
@@ -139,14 +147,14 @@ def test_a_corrupt_safetensors_header_is_a_load_error_and_the_buffer_goes_back(t
     weights.write_bytes(bytes(data))
     pool = HostBufferPool()
     with pytest.raises(LoadError, match="not a readable safetensors file"):
-        TorchHFBackend().read(expert_for(folder), folder, pool)
+        TorchBackend().read(expert_for(folder), folder, pool)
     assert pool.free_bytes == len(data)
 
 
 def test_tensors_in_copies_a_misaligned_tensor(tmp_path):
     from safetensors.torch import save_file
 
-    from coe.backends.torch_hf import tensors_in
+    from coe.backends.torch import tensors_in
 
     path = tmp_path / "t.safetensors"
     save_file({"w": torch.arange(6, dtype=torch.float32).view(2, 3), "b": torch.ones(3, dtype=torch.uint8)}, str(path))
@@ -175,17 +183,17 @@ def test_materialize_builds_on_meta_and_loads_every_parameter(runner, tiny_check
 
 
 def test_materialize_uses_meta_device_for_construction(tiny_checkpoint, monkeypatch):
-    import coe.backends.torch_hf as torch_hf
+    import coe.backends.torch as torch_backend
 
     devices = []
-    real_build = torch_hf.build_model
+    real_build = torch_backend.build_model
 
-    def spy(cfg):
-        model = real_build(cfg)
+    def spy(args):
+        model = real_build(args)
         devices.append({p.device.type for p in model.parameters()})
         return model
 
-    monkeypatch.setattr(torch_hf, "build_model", spy)
+    monkeypatch.setattr(torch_backend, "build_model", spy)
     load(tiny_checkpoint)
     assert devices == [{"meta"}]
 
@@ -197,9 +205,13 @@ def test_bfloat16_dtype_param(tiny_checkpoint):
     assert completion.completion_tokens + (completion.finish_reason == "stop") >= 1
 
 
-def test_bad_dtype_and_device_are_load_errors(tiny_checkpoint):
-    with pytest.raises(LoadError, match="dtype"):
+def test_bad_params_are_config_errors_and_a_missing_device_a_load_error(tiny_checkpoint):
+    with pytest.raises(ConfigError, match="params.dtype: expected one of float32, bfloat16, float16"):
         load(tiny_checkpoint, dtype="int8")
+    with pytest.raises(ConfigError, match="params.n_ctxx: unknown field"):
+        load(tiny_checkpoint, n_ctxx=8192)
+    with pytest.raises(ConfigError, match="params.max_sequences: expected an integer"):
+        load(tiny_checkpoint, max_sequences="8")
     if not torch.cuda.is_available():
         with pytest.raises(LoadError, match="CUDA"):
             load(tiny_checkpoint, device="cuda")
@@ -215,15 +227,16 @@ def test_qwen2_checkpoint_loads_its_qkv_biases(qwen2_runner, tiny_qwen2_checkpoi
 
 
 def test_backend_lookup():
-    assert isinstance(get_backend("torch_hf"), TorchHFBackend)
+    assert isinstance(get_backend("torch_hf"), TorchBackend)
     with pytest.raises(ConfigError, match="unknown backend"):
         get_backend("vllm")
 
 
 def test_auto_backend_is_torch_for_folders_and_llama_cpp_for_files(tiny_checkpoint):
-    assert backend_name_for("auto", tiny_checkpoint) == "torch_hf"
-    assert backend_name_for("auto", tiny_checkpoint / "model.safetensors") == "llama_cpp"
-    assert backend_name_for("torch_hf", tiny_checkpoint / "x.gguf") == "torch_hf"
+    assert backend_of(ExpertConfig("x", str(tiny_checkpoint))) == "torch_hf"
+    assert backend_of(ExpertConfig("x", str(tiny_checkpoint / "model.safetensors"))) == "llama_cpp"
+    assert backend_of(ExpertConfig("x", "x.gguf", backend="torch_hf")) == "torch_hf"
+    assert backend_of(ExpertConfig("x", "smollm2-135m")) == "llama_cpp"  # packaged models are GGUF
 
 
 # ---- generation --------------------------------------------------------------------------------
@@ -290,15 +303,16 @@ def test_kv_cache_matches_a_full_forward(request, which):
     generated = sample_ids(runner, prompt_ids, 12, temperature=0.0)
     sequence = prompt_ids + generated
     with torch.inference_mode():
-        cache = runner._new_cache(len(sequence))
-        model(torch.tensor(prompt_ids), cache, 0)  # prefill
+        cache = runner.new_cache(1, len(sequence))
+        model(torch.tensor([prompt_ids]), cache, 0)  # prefill
         for position in range(len(prompt_ids), len(sequence)):
-            incremental = model(torch.tensor(sequence[position:position + 1]), cache, position)  # [V]
-        full = model(torch.tensor(sequence), runner._new_cache(len(sequence)), 0)  # [V]
+            incremental = model(torch.tensor([sequence[position:position + 1]]), cache, position)[0]  # [V]
+        full = model(torch.tensor([sequence]), runner.new_cache(1, len(sequence)), 0)[0]  # [V]
         # greedy decoding through the cache picked what a full forward over each prefix picks
         for k in range(1, len(generated)):
             prefix = sequence[:len(prompt_ids) + k]
-            assert int(torch.argmax(model(torch.tensor(prefix), runner._new_cache(len(prefix)), 0))) == generated[k]
+            logits = model(torch.tensor([prefix]), runner.new_cache(1, len(prefix)), 0)[0]
+            assert int(torch.argmax(logits)) == generated[k]
     assert full.shape == (258,)
     torch.testing.assert_close(incremental, full, atol=1e-4, rtol=1e-4)
 
@@ -306,8 +320,8 @@ def test_kv_cache_matches_a_full_forward(request, which):
 def test_position_matters(runner):
     """RoPE is applied: the same token at another position gives other logits."""
     with torch.inference_mode():
-        a = runner.model(torch.tensor([65, 66]), runner._new_cache(2), 0)
-        b = runner.model(torch.tensor([67, 65, 66]), runner._new_cache(3), 0)
+        a = runner.model(torch.tensor([[65, 66]]), runner.new_cache(1, 2), 0)
+        b = runner.model(torch.tensor([[67, 65, 66]]), runner.new_cache(1, 3), 0)
     assert not torch.allclose(a, b)
 
 
@@ -323,7 +337,7 @@ def test_stop_string_ends_generation_before_it(runner):
 
 def test_chat_without_template_uses_the_plain_transcript(runner):
     messages = (ChatMessage("user", "hi"),)
-    prompt, stop = runner.prompt_text(Request("tiny", messages=messages))
+    prompt, stop = prompt_of(runner.vocab, Request("tiny", messages=messages))
     assert prompt == "User: hi\nAssistant:" and stop == ("\nUser:",)
     _, completion = generate(runner, messages=messages, max_tokens=3, temperature=0.0)
     assert completion.prompt_tokens == len(prompt) + 1
@@ -335,14 +349,14 @@ def test_chat_template_from_tokenizer_config(tiny_checkpoint, tmp_path):
     template = "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
     (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": template}))
     runner = load(folder)
-    prompt, stop = runner.prompt_text(Request("tiny", messages=(ChatMessage("user", "hi"),)))
+    prompt, stop = prompt_of(runner.vocab, Request("tiny", messages=(ChatMessage("user", "hi"),)))
     assert (prompt, stop) == ("<user>hi<assistant>", ())
 
 
 def test_cancelled_request_stops(runner):
     request = Request("tiny", SamplingParams(max_tokens=10), prompt=PROMPT)
     request.cancel()
-    events = list(runner.generate([request]))
+    events = list(generate_events(runner, [request]))
     assert len(events) == 1
     assert events[0].completion.finish_reason == "cancelled"
     assert events[0].completion.completion_tokens == 0
@@ -352,7 +366,7 @@ def test_context_length_exceeded(tiny_checkpoint):
     small = load(tiny_checkpoint, n_ctx=32)
     assert small.context_length == 32
     request = Request("tiny", SamplingParams(max_tokens=20), prompt="x" * 12)  # 13 prompt tokens + 20 > 32
-    (event,) = list(small.generate([request]))
+    (event,) = list(generate_events(small, [request]))
     assert isinstance(event.error, ContextLengthExceeded)
     assert event.error.code == "context_length_exceeded"
     assert "32" in event.error.message
@@ -386,7 +400,7 @@ def with_config(tiny_checkpoint, tmp_path, **changes):
 def test_unsupported_config_is_a_load_error(tiny_checkpoint, tmp_path, changes, match):
     folder = with_config(tiny_checkpoint, tmp_path, **changes)
     with pytest.raises(LoadError, match=match):
-        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
+        TorchBackend().read(expert_for(folder), folder, HostBufferPool())
 
 
 def test_unreadable_config_is_a_load_error(tiny_checkpoint, tmp_path):
@@ -394,17 +408,17 @@ def test_unreadable_config_is_a_load_error(tiny_checkpoint, tmp_path):
     shutil.copytree(tiny_checkpoint, folder)
     (folder / "config.json").write_text("{not json")
     with pytest.raises(LoadError, match="config.json"):
-        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
+        TorchBackend().read(expert_for(folder), folder, HostBufferPool())
     (folder / "config.json").unlink()
     with pytest.raises(LoadError, match="config.json"):
-        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
+        TorchBackend().read(expert_for(folder), folder, HostBufferPool())
 
 
 @pytest.mark.parametrize("changes", [{"hidden_size": 32}, {"num_hidden_layers": 3}, {"intermediate_size": 64},
                                      {"model_type": "qwen2"}, {"vocab_size": 300}])
 def test_weights_not_matching_config_are_a_load_error(tiny_checkpoint, tmp_path, changes):
     folder = with_config(tiny_checkpoint, tmp_path, **changes)
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     host = backend.read(expert_for(folder), folder, HostBufferPool())
     with pytest.raises(LoadError, match="weights do not match config.json"):
         backend.materialize(host)
@@ -412,7 +426,7 @@ def test_weights_not_matching_config_are_a_load_error(tiny_checkpoint, tmp_path,
 
 def test_untied_checkpoint_without_lm_head_is_a_load_error(tiny_checkpoint, tmp_path):
     folder = with_config(tiny_checkpoint, tmp_path, tie_word_embeddings=False)
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     with pytest.raises(LoadError, match="lm_head"):
         backend.materialize(backend.read(expert_for(folder), folder, HostBufferPool()))
 
@@ -428,7 +442,7 @@ def test_folder_without_weights_is_not_loadable(tiny_checkpoint, tmp_path):
     folder.mkdir()
     shutil.copy(tiny_checkpoint / "config.json", folder)
     with pytest.raises(Exception) as info:
-        TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
+        TorchBackend().read(expert_for(folder), folder, HostBufferPool())
     assert "no *.safetensors" in str(info.value)
 
 
@@ -491,8 +505,8 @@ def test_sharded_checkpoint_whose_first_shard_has_an_odd_size(tiny_checkpoint, t
               str(folder / "model-00001-of-00002.safetensors"))
     save_file({name: saved[name] for name in names[1:]}, str(folder / "model-00002-of-00002.safetensors"))
     assert (folder / "model-00001-of-00002.safetensors").stat().st_size % 2 == 1
-    host = TorchHFBackend().read(expert_for(folder), folder, HostBufferPool())
+    host = TorchBackend().read(expert_for(folder), folder, HostBufferPool())
     state = host.payload.state
     assert all(torch.equal(state[name], saved[name]) for name in saved)
     del state["odd.marker"]
-    assert generate(TorchHFBackend().materialize(host), max_tokens=3, temperature=0.0)[1].completion_tokens >= 0
+    assert generate(TorchBackend().materialize(host), max_tokens=3, temperature=0.0)[1].completion_tokens >= 0

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from coe.backends.memory import HostBufferPool
-from coe.backends.torch_hf import TorchHFBackend, TorchRunner
+from coe.backends.torch import TorchBackend, TorchRunner
 from coe.config import ExpertConfig
+from coe.engine.batch import generate, next_token_logprobs
 from coe.types import Request, SamplingParams
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -15,7 +16,7 @@ MAX_TOKENS = [9, 20, 6, 14]
 
 
 def load(path, **params) -> TorchRunner:
-    backend = TorchHFBackend()
+    backend = TorchBackend()
     expert = ExpertConfig("tiny", str(path), backend="torch_hf", params=params)
     return backend.materialize(backend.read(expert, path, HostBufferPool()))
 
@@ -42,7 +43,7 @@ def requests(prompts=PROMPTS, max_tokens=MAX_TOKENS, **sampling):
 def completions(runner, batch):
     """{request id: (text joined from deltas, completion)}; every request ends with one completion."""
     texts, done = {r.id: "" for r in batch}, {}
-    for event in runner.generate(batch):
+    for event in generate(runner, batch):
         assert event.error is None, event.error
         assert event.request_id not in done
         texts[event.request_id] += event.delta
@@ -58,21 +59,23 @@ def alone(runner, batch):
 
 
 def decoder_ids(runner, prompts, samplings, steps):
-    """Token ids from the batched decoder, every sequence kept active for ``steps`` steps (EOS ignored)."""
-    decoder = runner._open_decoder(prompts, samplings)
+    """Token ids from one decoder, every sequence kept for ``steps`` steps (EOS ignored)."""
+    decoder = runner.open_decoder()
     try:
+        for i, (prompt, sampling) in enumerate(zip(prompts, samplings)):
+            decoder.add(i, prompt, sampling)
         out = [[] for _ in prompts]
         for _ in range(steps):
-            for i, token in decoder.step(range(len(prompts))).items():
-                out[i].append(token)
+            for i, token in decoder.step().items():
+                out[i].append(token.id)
         return out
     finally:
         decoder.close()
 
 
 def sample_ids(runner, prompt_ids, count, sampling):
-    tokens = runner._sample(prompt_ids, sampling)
-    return [next(tokens) for _ in range(count)]
+    """The tokens of one sequence decoded alone."""
+    return decoder_ids(runner, [prompt_ids], [sampling], count)[0]
 
 
 class ForwardCalls:
@@ -100,13 +103,13 @@ def test_batched_forward_matches_each_sequence_alone(runner):
     for row, prompt in enumerate(prompts):
         ids[row, :len(prompt)] = torch.tensor(prompt)
     with torch.inference_mode():
-        cache = runner._new_cache(max(lengths) + 1, batch=len(prompts))
+        cache = runner.new_cache(len(prompts), max(lengths) + 1)
         prefill = model(ids, cache, 0, last=torch.tensor(lengths) - 1)  # [B, V]
         step = model(torch.tensor([[65]] * len(prompts)), cache, lengths)  # token 65 at each row's next position
         for row, prompt in enumerate(prompts):
-            own = runner._new_cache(len(prompt) + 1)
-            torch.testing.assert_close(prefill[row], model(torch.tensor(prompt), own, 0), atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(step[row], model(torch.tensor([65]), own, len(prompt)), atol=1e-5, rtol=1e-5)
+            own = runner.new_cache(1, len(prompt) + 1)
+            torch.testing.assert_close(prefill[row], model(torch.tensor([prompt]), own, 0)[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(step[row], model(torch.tensor([[65]]), own, len(prompt))[0], atol=1e-5, rtol=1e-5)
     assert prefill.shape == step.shape == (len(prompts), 258)
 
 
@@ -122,19 +125,19 @@ def test_greedy_batched_tokens_equal_each_sequence_alone(runner):
 
 def test_greedy_batched_completions_equal_each_request_alone(runner):
     batch = requests(temperature=0.0)
-    assert runner.max_batch_size == 8  # the default: all four in one decoder
+    assert runner.max_sequences == 8  # the default: all four in one decoder
     assert completions(runner, batch) == alone(runner, requests(temperature=0.0))
     assert [c.completion_tokens for _, c in completions(runner, batch)] != [0] * len(batch)
 
 
-def test_max_sequences_splits_a_batch_into_groups(tiny_checkpoint, llama):
+def test_max_sequences_bounds_the_rows_and_the_rest_join_as_rows_free(tiny_checkpoint, llama):
     small = load(tiny_checkpoint, max_sequences=2)
-    assert small.max_batch_size == 2
+    assert small.max_sequences == 2
     prompts, max_tokens = PROMPTS + ["one more"], MAX_TOKENS + [5]
     with ForwardCalls(small.model) as calls:
         got = completions(small, requests(prompts, max_tokens, temperature=0.0))
     assert max(shape[0] for shape in calls.shapes if len(shape) == 2) == 2  # never more than 2 rows
-    assert got == alone(llama, requests(prompts, max_tokens, temperature=0.0))  # groups of 2, 2 and 1
+    assert got == alone(llama, requests(prompts, max_tokens, temperature=0.0))
 
 
 # ---- sequences finishing at different times ----------------------------------------------------
@@ -142,33 +145,31 @@ def test_max_sequences_splits_a_batch_into_groups(tiny_checkpoint, llama):
 def test_a_request_cancelled_mid_batch_ends_cancelled_and_the_others_complete(llama, monkeypatch):
     batch = requests(max_tokens=[20] * len(PROMPTS), temperature=0.0)
     victim = batch[1]
-    steps, rows = [], []
-    open_decoder = llama._open_decoder
+    rows = []  # cache rows after each step
+    open_decoder = llama.open_decoder
 
-    def spying_open(prompts, samplings):
-        decoder = open_decoder(prompts, samplings)
+    def spying_open():
+        decoder = open_decoder()
         step = decoder.step
 
-        def spying_step(active):
-            steps.append(list(active))
-            if len(steps) == 4:
-                victim.cancel()
-            tokens = step(active)
+        def spying_step():
+            if len(rows) == 3:
+                victim.cancel()  # during the 4th step
+            tokens = step()
             rows.append(decoder.cache[0][0].shape[0])
             return tokens
 
         decoder.step = spying_step
         return decoder
 
-    monkeypatch.setattr(llama, "_open_decoder", spying_open)
+    monkeypatch.setattr(llama, "open_decoder", spying_open)
     got = completions(llama, batch)
     expected = alone(llama, requests(max_tokens=[20] * len(PROMPTS), temperature=0.0))
     assert got[1][1].finish_reason == "cancelled"
     assert got[1][1].completion_tokens == 3  # tokens of steps 1-3; the 4th was dropped
     assert expected[1][1].text.startswith(got[1][1].text)
     assert [g for k, g in enumerate(got) if k != 1] == [e for k, e in enumerate(expected) if k != 1]
-    assert all(1 not in active for active in steps[4:])  # the cancelled sequence left the batch ...
-    assert rows[3] == len(PROMPTS) and all(r < len(PROMPTS) for r in rows[4:])  # ... and its cache row
+    assert rows[3] == len(PROMPTS) and all(r < len(PROMPTS) for r in rows[4:])  # its cache row left the batch
 
 
 def test_a_stop_string_ends_one_request_early_while_the_others_continue(llama):
@@ -262,23 +263,44 @@ def test_generate_makes_about_one_forward_pass_per_token_not_per_sequence(llama)
 
 def test_finished_rows_leave_the_forward_pass(llama):
     prompts = [llama.vocab.encode(p) for p in PROMPTS]
-    decoder = llama._open_decoder(prompts, [SamplingParams(temperature=0.0)] * len(prompts))
+    decoder = llama.open_decoder()
+    for i, prompt in enumerate(prompts):
+        decoder.add(i, prompt, SamplingParams(temperature=0.0))
     with ForwardCalls(llama.model) as calls:
-        first = decoder.step([0, 1, 2, 3])
-        second = decoder.step([0, 2, 3])
-        third = decoder.step([3])
+        first = decoder.step()
+        decoder.remove(1)
+        second = decoder.step()
+        decoder.remove(0)
+        decoder.remove(2)
+        third = decoder.step()
     decoder.close()
     decoder.close()  # twice is harmless
     assert calls.shapes[1:] == [(3, 1), (1, 1)]
     assert set(first) == {0, 1, 2, 3} and set(second) == {0, 2, 3} and set(third) == {3}
-    assert [first[3], second[3], third[3]] == sample_ids(llama, prompts[3], 3, SamplingParams(temperature=0.0))
-    assert [first[0], second[0]] == sample_ids(llama, prompts[0], 2, SamplingParams(temperature=0.0))
+    assert [t.id for t in (first[3], second[3], third[3])] == sample_ids(llama, prompts[3], 3, SamplingParams(temperature=0.0))
+    assert [first[0].id, second[0].id] == sample_ids(llama, prompts[0], 2, SamplingParams(temperature=0.0))
+
+
+def test_a_sequence_added_while_others_run_decodes_as_it_would_alone(llama):
+    """Continuous batching on the torch decoder: a new row is prefilled beside the running ones."""
+    prompts = [llama.vocab.encode(p) for p in PROMPTS]
+    greedy = SamplingParams(max_tokens=30, temperature=0.0)
+    decoder = llama.open_decoder()
+    decoder.add(0, prompts[0], greedy)
+    got = {0: [], 1: []}
+    for step in range(8):
+        if step == 3:
+            decoder.add(1, prompts[1], greedy)
+        for seq, token in decoder.step().items():
+            got[seq].append(token.id)
+    decoder.close()
+    assert got[0] == sample_ids(llama, prompts[0], 8, greedy)
+    assert got[1] == sample_ids(llama, prompts[1], 5, greedy)
 
 
 def test_next_token_logprobs_are_a_distribution_led_by_the_greedy_token(runner):
     prompt_ids = runner.vocab.encode("The quick brown fox")
-    logprobs = torch.tensor(runner.next_token_logprobs(prompt_ids))
-    assert logprobs.ndim == 1 and len(logprobs) >= 256  # the whole vocabulary
+    logprobs = torch.tensor(next_token_logprobs(runner, prompt_ids, range(258)))
     assert torch.exp(logprobs).sum().item() == pytest.approx(1.0, abs=1e-4)
-    greedy = next(runner._sample(prompt_ids, SamplingParams(max_tokens=1, temperature=0.0)))
+    greedy = sample_ids(runner, prompt_ids, 1, SamplingParams(max_tokens=1, temperature=0.0))[0]
     assert int(torch.argmax(logprobs)) == greedy

@@ -9,6 +9,7 @@ faulty one), else the one that scores best on this CPU (each variant's own ``ggm
 is 0 where the CPU lacks an instruction it was built for). A build with the CPU backend linked in
 (no variant files) needs nothing.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -65,17 +66,27 @@ def _register() -> CpuBackend:
     import llama_cpp.llama_cpp as bindings
 
     lib_dir = Path(llama_cpp.__file__).parent / "lib"
-    variants = {p.name[len(_PREFIX):-len(_SUFFIX)]: p for p in sorted(lib_dir.glob(f"{_PREFIX}*{_SUFFIX}"))}
+    variants = {
+        p.name[len(_PREFIX) : -len(_SUFFIX)]: p
+        for p in sorted(lib_dir.glob(f"{_PREFIX}*{_SUFFIX}"))
+    }
     if not variants:
         return CpuBackend(None, None)
     lib = bindings._lib  # dlsym through libllama finds the ggml it is linked against
     lib.ggml_backend_reg_count.restype = ctypes.c_size_t
-    lib.ggml_backend_load.argtypes, lib.ggml_backend_load.restype = [ctypes.c_char_p], ctypes.c_void_p
+    lib.ggml_backend_load.argtypes, lib.ggml_backend_load.restype = (
+        [ctypes.c_char_p],
+        ctypes.c_void_p,
+    )
     chosen = os.environ.get(VARIANT_ENV) or _best(variants)
     if chosen not in variants:
-        raise LoadError(f"{VARIANT_ENV}={chosen!r}: this llama.cpp build has the CPU variants "
-                        f"{', '.join(variants)}")
-    if lib.ggml_backend_reg_count() == 0 and not lib.ggml_backend_load(str(variants[chosen]).encode()):
+        raise LoadError(
+            f"{VARIANT_ENV}={chosen!r}: this llama.cpp build has the CPU variants "
+            f"{', '.join(variants)}"
+        )
+    if lib.ggml_backend_reg_count() == 0 and not lib.ggml_backend_load(
+        str(variants[chosen]).encode()
+    ):
         raise LoadError(f"llama.cpp could not load its CPU backend {variants[chosen]}")
     return CpuBackend(chosen, variants[chosen], tuple(variants))
 
@@ -89,14 +100,18 @@ def _best(variants: dict[str, Path]) -> str:
         scores[name] = score()
     best = max(scores, key=lambda name: scores[name])
     if scores[best] <= 0:
-        raise LoadError(f"no llama.cpp CPU backend in {next(iter(variants.values())).parent} runs on this CPU")
+        raise LoadError(
+            f"no llama.cpp CPU backend in {next(iter(variants.values())).parent} runs on this CPU"
+        )
     return best
 
 
 PROBE_TIMEOUT_S = 300.0
 
 
-def probe_default_load(path: Path, repack: bool = True, timeout_s: float = PROBE_TIMEOUT_S) -> str | None:
+def probe_default_load(
+    path: Path, repack: bool = True, timeout_s: float = PROBE_TIMEOUT_S
+) -> str | None:
     """Load ``path`` and decode one token in a child process, with llama.cpp's default model
     settings (``repack``: its extra buffer types, i.e. repacked weights and, on AMX CPUs, the AMX
     kernels). None if that worked; else what went wrong. A native crash ends only the child."""
@@ -106,8 +121,12 @@ def probe_default_load(path: Path, repack: bool = True, timeout_s: float = PROBE
 
     code = "import sys; from coe.backends.llama_lib import _probe; _probe(sys.argv[1], sys.argv[2] == '1')"
     try:
-        done = subprocess.run([sys.executable, "-c", code, str(path), "1" if repack else "0"],
-                              capture_output=True, text=True, timeout=timeout_s)
+        done = subprocess.run(
+            [sys.executable, "-c", code, str(path), "1" if repack else "0"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+        )
     except subprocess.TimeoutExpired:
         return f"loading {path.name} and decoding one token took longer than {timeout_s:.0f} s"
     if done.returncode < 0:

@@ -10,6 +10,7 @@
   pages, so the fresh buffers that are not pooled (llama.cpp's KV cache and compute buffers)
   fault 2 MB at a time instead of 4 KB.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -22,7 +23,9 @@ from pathlib import Path
 READ_CHUNK_BYTES = 32 * 2**20
 PAGE_BYTES = mmap.PAGESIZE
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc'd memory
+HUGE_PAGES_TUNABLE = (
+    "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc'd memory
+)
 
 
 def anon_rss_bytes() -> int | None:
@@ -51,8 +54,14 @@ def _libc_functions():
             _libc = False
         else:
             lib.mmap.restype = ctypes.c_void_p
-            lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                                 ctypes.c_int, ctypes.c_long]
+            lib.mmap.argtypes = [
+                ctypes.c_void_p,
+                ctypes.c_size_t,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_int,
+                ctypes.c_long,
+            ]
             lib.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
             lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
             lib.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
@@ -123,7 +132,7 @@ def read_sequential(path: Path, into: memoryview | None = None) -> int:
             return _read_into(f, into[:size])
         chunk = memoryview(bytearray(min(READ_CHUNK_BYTES, max(size, 1))))
         total = 0
-        while (n := f.readinto(chunk)):
+        while n := f.readinto(chunk):
             total += n
         return total
 
@@ -134,7 +143,9 @@ def _read_into(f, target: memoryview) -> int:
     prefault = None
     if not target.readonly and len(target) > 4 * READ_CHUNK_BYTES:
         address = ctypes.addressof(ctypes.c_char.from_buffer(target))
-        prefault = threading.Thread(target=_populate_chunks, args=(address, len(target)), daemon=True)
+        prefault = threading.Thread(
+            target=_populate_chunks, args=(address, len(target)), daemon=True
+        )
         prefault.start()
     try:
         return _read_chunks(f, target)
@@ -151,7 +162,7 @@ def _populate_chunks(address: int, num_bytes: int) -> None:
 def _read_chunks(f, target: memoryview) -> int:
     done = 0
     while done < len(target):
-        n = f.readinto(target[done:done + READ_CHUNK_BYTES])
+        n = f.readinto(target[done : done + READ_CHUNK_BYTES])
         if not n:
             raise OSError(f"{f.name}: file ended after {done} of {len(target)} bytes")
         done += n
@@ -211,8 +222,12 @@ class HostBufferPool:
         exactly ``protect_bytes`` (about to be reused) is kept. Returns the bytes freed."""
         freed = 0
         with self._lock:
-            protected = next((buf for buf in self._free if protect_bytes and buf.numel() == protect_bytes), None)
-            others = sorted((buf for buf in self._free if buf is not protected), key=lambda buf: buf.numel())
+            protected = next(
+                (buf for buf in self._free if protect_bytes and buf.numel() == protect_bytes), None
+            )
+            others = sorted(
+                (buf for buf in self._free if buf is not protected), key=lambda buf: buf.numel()
+            )
             held = sum(buf.numel() for buf in self._free)
             while others and held > keep_bytes:
                 buf = others.pop()
@@ -222,7 +237,9 @@ class HostBufferPool:
         return freed
 
 
-def huge_page_environment(environ: dict[str, str], thp_setting: Path = THP_SETTING) -> dict[str, str] | None:
+def huge_page_environment(
+    environ: dict[str, str], thp_setting: Path = THP_SETTING
+) -> dict[str, str] | None:
     """``environ`` plus the glibc tunable that makes malloc ask for transparent huge pages, or
     None when there is nothing to change: already set, turned off (``COE_HUGE_PAGES=0``), not
     glibc, or transparent huge pages disabled. Tunables are read at process start, so the caller
@@ -231,7 +248,7 @@ def huge_page_environment(environ: dict[str, str], thp_setting: Path = THP_SETTI
     if environ.get("COE_HUGE_PAGES") == "0" or "glibc.malloc.hugetlb" in tunables:
         return None
     try:
-        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+        if not (os.confstr("CS_GNU_LIBC_VERSION") or "").startswith("glibc"):
             return None
     except (ValueError, OSError, AttributeError):  # not glibc, or no confstr on this platform
         return None
@@ -241,4 +258,7 @@ def huge_page_environment(environ: dict[str, str], thp_setting: Path = THP_SETTI
         return None
     if "[never]" in mode or "[" not in mode:
         return None
-    return {**environ, "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE}
+    return {
+        **environ,
+        "GLIBC_TUNABLES": f"{tunables}:{HUGE_PAGES_TUNABLE}" if tunables else HUGE_PAGES_TUNABLE,
+    }

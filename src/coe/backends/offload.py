@@ -5,6 +5,7 @@ They hold no weights here, so they never enter the model cache. The engine hands
 to ``submit``: each runs on one of the expert's worker threads (``max_concurrency`` at once),
 because the other side batches on its own.
 """
+
 from __future__ import annotations
 
 import threading
@@ -24,7 +25,9 @@ class OffloadedExpert(ABC):
 
     def __init__(self, name: str, num_params: int | None, max_concurrency: int):
         self.name, self.num_params, self.max_concurrency = name, num_params, max_concurrency
-        self._workers = ThreadPoolExecutor(max_concurrency, thread_name_prefix=f"coe-{self.kind}-{name}")
+        self._workers = ThreadPoolExecutor(
+            max_concurrency, thread_name_prefix=f"coe-{self.kind}-{name}"
+        )
         self._lock = threading.Lock()
         self._active: set[Request] = set()
         self._closed = False

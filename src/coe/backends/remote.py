@@ -6,12 +6,13 @@ threads, not through the scheduler. Failures before the first token are retried 
 errors, timeouts, 429, 5xx), then reported as ExpertUnavailable, so a routed request can still move
 to another expert; a failure after the first token ends the request with a GenerationError.
 """
+
 from __future__ import annotations
 
 import json
 import os
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 
 from coe.backends.offload import OffloadedExpert
 from coe.config import ExpertConfig, RemoteSettings, openai_endpoint, remote_settings
@@ -35,30 +36,40 @@ class RemoteExpert(OffloadedExpert):
 
     kind = "remote"
 
-    def __init__(self, expert: ExpertConfig, environ: dict[str, str] | None = None,
-                 transport=None, sleep: Callable[[float], None] = time.sleep):
+    def __init__(
+        self,
+        expert: ExpertConfig,
+        environ: dict[str, str] | None = None,
+        transport=None,
+        sleep: Callable[[float], None] = time.sleep,
+    ):
         import httpx
 
         self.expert = expert
         self.settings: RemoteSettings = remote_settings(expert)
-        environ = os.environ if environ is None else environ
+        env: Mapping[str, str] = os.environ if environ is None else environ
         key = None
         if self.settings.api_key_env:
-            key = environ.get(self.settings.api_key_env)
+            key = env.get(self.settings.api_key_env)
             if not key:
-                raise CoEError(f"{expert.name}: params.api_key_env names {self.settings.api_key_env}, "
-                               f"which is not set in the environment")
+                raise CoEError(
+                    f"{expert.name}: params.api_key_env names {self.settings.api_key_env}, "
+                    f"which is not set in the environment"
+                )
         base, headers = openai_endpoint(self.settings.url, key)
-        self._client = httpx.Client(base_url=base, headers=headers, transport=transport,
-                                    timeout=httpx.Timeout(self.settings.timeout_s,
-                                                          connect=self.settings.connect_timeout_s))
+        self._client = httpx.Client(
+            base_url=base,
+            headers=headers,
+            transport=transport,
+            timeout=httpx.Timeout(self.settings.timeout_s, connect=self.settings.connect_timeout_s),
+        )
         self._sleep = sleep
         super().__init__(expert.name, int(self.settings.num_params), self.settings.max_concurrency)
 
     def stream(self, request: Request) -> Iterator[StreamEvent]:
         """The request's events, ending with a completion or an error event. Raises
         ExpertUnavailable when every attempt failed before the first token."""
-        reasons = []
+        reasons: list[tuple[str, float]] = []  # (why an attempt failed, the wait before the next)
         for attempt in range(self.settings.retries + 1):
             if attempt:
                 self._sleep(reasons[-1][1])
@@ -66,14 +77,20 @@ class RemoteExpert(OffloadedExpert):
                 yield from self._attempt(request)
                 return
             except _Retry as failure:
-                backoff_s = self.settings.backoff_s * 2 ** attempt
-                wait_s = min(failure.wait_s, MAX_RETRY_AFTER_S) if failure.wait_s is not None else backoff_s
+                backoff_s = self.settings.backoff_s * 2**attempt
+                wait_s = (
+                    min(failure.wait_s, MAX_RETRY_AFTER_S)
+                    if failure.wait_s is not None
+                    else backoff_s
+                )
                 reasons.append((failure.reason, wait_s))
             if request.cancelled:
                 break
         tries = len(reasons)
-        raise ExpertUnavailable(f"{self.name}: the remote endpoint {self.settings.url} failed "
-                                f"{tries} time{'s' if tries > 1 else ''} ({reasons[-1][0]})")
+        raise ExpertUnavailable(
+            f"{self.name}: the remote endpoint {self.settings.url} failed "
+            f"{tries} time{'s' if tries > 1 else ''} ({reasons[-1][0]})"
+        )
 
     def _attempt(self, request: Request) -> Iterator[StreamEvent]:
         import httpx
@@ -91,15 +108,25 @@ class RemoteExpert(OffloadedExpert):
         except httpx.HTTPError as exc:
             reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if started:
-                yield StreamEvent(request.id, error=GenerationError(
-                    f"{self.name}: the remote stream broke after the first token ({reason})"))
+                yield StreamEvent(
+                    request.id,
+                    error=GenerationError(
+                        f"{self.name}: the remote stream broke after the first token ({reason})"
+                    ),
+                )
                 return
             raise _Retry(reason) from None
 
     def _body(self, request: Request) -> tuple[str, dict]:
         s = request.sampling
-        body = {"model": self.settings.model, "stream": True, "stream_options": {"include_usage": True},
-                "max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p}
+        body = {
+            "model": self.settings.model,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+        }
         if s.stop:
             body["stop"] = list(s.stop)
         if s.seed is not None:
@@ -117,14 +144,22 @@ class RemoteExpert(OffloadedExpert):
         status = response.status_code
         if status in _RETRIED_STATUS:
             raise _Retry(f"HTTP {status}: {message}", _retry_after_s(response))
-        if status in (400, 413, 422):  # the request itself (context too long, bad stop...): the client's to fix
+        if status in (
+            400,
+            413,
+            422,
+        ):  # the request itself (context too long, bad stop...): the client's to fix
             raise InvalidRequest(f"{self.name} (remote) refused the request: {message}")
         # 401/403/404...: our configuration of this expert is wrong; it is unavailable, not the client's fault
-        raise ExpertUnavailable(f"{self.name}: the remote endpoint {self.settings.url} answered "
-                                f"HTTP {status}: {message}")
+        raise ExpertUnavailable(
+            f"{self.name}: the remote endpoint {self.settings.url} answered "
+            f"HTTP {status}: {message}"
+        )
 
     def _events(self, request: Request, response) -> Iterator[StreamEvent]:
-        text, finish, usage = [], None, {}
+        text: list[str] = []
+        finish: str | None = None
+        usage: dict = {}
         for data in _sse_data(response.iter_lines()):
             if request.cancelled:
                 finish = "cancelled"
@@ -136,14 +171,25 @@ class RemoteExpert(OffloadedExpert):
                 raise GenerationError(f"{self.name} (remote): {_message_of(chunk)}")
             usage = chunk.get("usage") or usage
             for choice in chunk.get("choices") or ():
-                delta = choice.get("text") if "text" in choice else (choice.get("delta") or {}).get("content")
+                delta = (
+                    choice.get("text")
+                    if "text" in choice
+                    else (choice.get("delta") or {}).get("content")
+                )
                 finish = choice.get("finish_reason") or finish
                 if delta:
                     text.append(delta)
                     yield StreamEvent(request.id, delta=delta)
-        yield StreamEvent(request.id, completion=Completion(
-            "".join(text), _finish_reason(finish), int(usage.get("prompt_tokens") or 0),
-            int(usage.get("completion_tokens") or len(text)), _cached_tokens(usage)))
+        yield StreamEvent(
+            request.id,
+            completion=Completion(
+                "".join(text),
+                _finish_reason(finish),
+                int(usage.get("prompt_tokens") or 0),
+                int(usage.get("completion_tokens") or len(text)),
+                _cached_tokens(usage),
+            ),
+        )
 
     def close(self) -> None:
         super().close()

@@ -1,4 +1,5 @@
 """Incremental detokenisation with stop strings: bytes in, safe text deltas out."""
+
 from __future__ import annotations
 
 import codecs

@@ -3,6 +3,7 @@
 Results are ratios against a baseline measured in the same run. Run benchmarks alone on the
 machine: parallel builds or tests distort them.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,10 +16,22 @@ BENCHES = {
     "overhead": ("coe.bench.overhead", "coe's generation path vs llama-cpp-python called directly"),
     "load": ("coe.bench.load", "torch expert load bandwidth (disk->host->device) vs raw copies"),
     "router": ("coe.bench.router", "router latency (one prompt) and throughput (batches of 64)"),
-    "switch": ("coe.bench.switch", "expert switch time (cold/warm -> hot) vs on-demand loading; LRU vs GDSF vs LRFU replay"),
-    "prefix": ("coe.bench.prefix", "prefix caching: time to first token of follow-up turns vs cache_prompt false"),
-    "serve": ("coe.bench.serve", "real servers under a replayed trace: naive (FIFO, no warm tier) vs coe's defaults"),
-    "soak": ("coe.bench.soak", "a real server under a long mix of valid and invalid requests: nothing lost, memory back to baseline"),
+    "switch": (
+        "coe.bench.switch",
+        "expert switch time (cold/warm -> hot) vs on-demand loading; LRU vs GDSF vs LRFU replay",
+    ),
+    "prefix": (
+        "coe.bench.prefix",
+        "prefix caching: time to first token of follow-up turns vs cache_prompt false",
+    ),
+    "serve": (
+        "coe.bench.serve",
+        "real servers under a replayed trace: naive (FIFO, no warm tier) vs coe's defaults",
+    ),
+    "soak": (
+        "coe.bench.soak",
+        "a real server under a long mix of valid and invalid requests: nothing lost, memory back to baseline",
+    ),
 }
 
 
@@ -28,8 +41,13 @@ def add_bench_parser(sub):
     benches = parser.add_subparsers(dest="bench", required=True)
     for name, (module, help_text) in BENCHES.items():
         p = benches.add_parser(name, help=help_text)
-        p.add_argument("--out", "--json", dest="out", default=f"bench-results/{name}.json",
-                       help="where to write the JSON results")
+        p.add_argument(
+            "--out",
+            "--json",
+            dest="out",
+            default=f"bench-results/{name}.json",
+            help="where to write the JSON results",
+        )
         _import(module).add_arguments(p)
     return parser
 
@@ -46,6 +64,7 @@ def run_bench(args) -> int:
 def exit_on_sigterm() -> None:
     """A `timeout` or `kill` unwinds like Ctrl-C: servers are stopped and temp folders (GBs of
     expert copies) are deleted by the benches' own ``finally`` and ``with`` blocks."""
+
     def _exit(signum, _frame):
         raise SystemExit(128 + signum)
 
@@ -54,8 +73,13 @@ def exit_on_sigterm() -> None:
 
 def write_json(path: Path, name: str, result: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    record = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": platform.machine(),
-              "processor": platform.processor(), **result}
+    record = {
+        "bench": name,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        **result,
+    }
     path.write_text(json.dumps(record, indent=2) + "\n")
 
 

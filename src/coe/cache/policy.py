@@ -21,14 +21,20 @@ when the mix is steady, a short one follows a mix that shifts. ``Popularity`` ke
 at several half-lives and uses the one whose counts have been predicting the next request best
 (the log-probability each gave the expert actually requested, summed with a decay of its own).
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
 
-POLICIES = ("lrfu", "gdsf", "lru")
+from coe.types import CachePolicy
+
 DEFAULT_HALF_LIFE = 100  # requests
-AUTO_HALF_LIVES = (50, 200, 1000)  # requests: the candidates of ``frequency_half_life: auto``
+AUTO_HALF_LIVES: tuple[int, ...] = (
+    50,
+    200,
+    1000,
+)  # requests: the candidates of ``frequency_half_life: auto``
 SCORE_HALF_LIFE = 300  # requests: how far back a half-life's predictions count
 SMOOTHING = 0.5  # requests every expert is credited with when predicting (none is ever certain)
 _GB = 1e9
@@ -48,25 +54,36 @@ class Eviction:
     clock: float  # the tier's clock after these evictions (gdsf)
 
 
-def priority(policy: str, *, clock: float, recency: float, frequency: float, reload_s: float,
-             num_bytes: int, decayed: float = 0.0, now: float = 0.0,
-             half_life: float = DEFAULT_HALF_LIFE) -> float:
+def priority(
+    policy: CachePolicy,
+    *,
+    clock: float,
+    recency: float,
+    frequency: float,
+    reload_s: float,
+    num_bytes: int,
+    decayed: float = 0.0,
+    now: float = 0.0,
+    half_life: float = DEFAULT_HALF_LIFE,
+) -> float:
     """The priority an expert gets when it is used (or arrives) in a tier. ``recency``: the
     sequence number of its last request; ``decayed``: its decayed count as of that request
     (``decay``); ``now``: the current sequence number (an expert moved up before any request,
     by a prefetch, counts as one request now)."""
-    if policy == "lru":
+    if policy == CachePolicy.LRU:
         return recency
     density = reload_s / max(num_bytes / _GB, 1e-9)
-    if policy == "gdsf":
+    if policy == CachePolicy.GDSF:
         return clock + frequency * density
-    if policy == "lrfu":
+    if policy == CachePolicy.LRFU:
+
         def key(count: float, at: float) -> float:
             return math.log(max(count * density, 1e-12)) + at * math.log(2) / half_life
+
         if now > recency or decayed <= 0:  # moved up ahead of its request
             return max(key(decayed, recency), key(1.0, now))
         return key(decayed, recency)
-    raise ValueError(f"unknown cache policy {policy!r} (expected one of {', '.join(POLICIES)})")
+    raise ValueError(f"unknown cache policy {policy!r} (expected {CachePolicy.names()})")
 
 
 def decay(count: float, elapsed: float, half_life: float = DEFAULT_HALF_LIFE) -> float:
@@ -81,8 +98,12 @@ class Popularity:
     def __init__(self, half_lives: tuple[int, ...], num_experts: int):
         self.half_lives, self.num_experts = tuple(half_lives), max(num_experts, 1)
         self.now = 0  # requests observed
-        self._counts: dict[str, tuple[list[float], int]] = {}  # name -> (counts at its last request, that request)
-        self._totals = [0.0] * len(self.half_lives)  # every expert's decayed counts summed, as of now
+        self._counts: dict[
+            str, tuple[list[float], int]
+        ] = {}  # name -> (counts at its last request, that request)
+        self._totals = [0.0] * len(
+            self.half_lives
+        )  # every expert's decayed counts summed, as of now
         self._scores = [0.0] * len(self.half_lives)
 
     def observe(self, name: str) -> None:
@@ -92,7 +113,9 @@ class Popularity:
         for i, half_life in enumerate(self.half_lives):
             self._totals[i] = decay(self._totals[i], 1, half_life)
             if len(self.half_lives) > 1:
-                predicted = (counts[i] + SMOOTHING) / (self._totals[i] + SMOOTHING * self.num_experts)
+                predicted = (counts[i] + SMOOTHING) / (
+                    self._totals[i] + SMOOTHING * self.num_experts
+                )
                 self._scores[i] = decay(self._scores[i], 1, SCORE_HALF_LIFE) + math.log(predicted)
             self._totals[i] += 1.0
         self._counts[name] = ([count + 1.0 for count in counts], self.now)
@@ -118,22 +141,34 @@ class Popularity:
         return counts[self.best], at
 
 
-def choose_victims(candidates: list[Candidate], incoming_bytes: int, free_bytes: int,
-                   clock: float = 0.0, max_others: int | None = None) -> Eviction:
+def choose_victims(
+    candidates: list[Candidate],
+    incoming_bytes: int,
+    free_bytes: int,
+    clock: float = 0.0,
+    max_others: int | None = None,
+) -> Eviction:
     """Lowest priority first, skipping pinned candidates, until ``incoming_bytes`` fit in
     ``free_bytes`` plus what the victims free and at most ``max_others`` candidates stay.
     Raises ValueError when they cannot fit at all."""
+
     def fits(victims: list[str]) -> bool:
-        return incoming_bytes <= free_bytes and (max_others is None or len(candidates) - len(victims) <= max_others)
+        return incoming_bytes <= free_bytes and (
+            max_others is None or len(candidates) - len(victims) <= max_others
+        )
 
     victims: list[str] = []
     if fits(victims):
         return Eviction((), clock)
-    for candidate in sorted((c for c in candidates if not c.pinned), key=lambda c: (c.priority, c.name)):
+    for candidate in sorted(
+        (c for c in candidates if not c.pinned), key=lambda c: (c.priority, c.name)
+    ):
         victims.append(candidate.name)
         free_bytes += candidate.num_bytes
         clock = max(clock, candidate.priority)
         if fits(victims):
             return Eviction(tuple(victims), clock)
-    raise ValueError(f"{incoming_bytes} bytes do not fit: {free_bytes} bytes free after evicting "
-                     f"every expert that is not pinned or in use")
+    raise ValueError(
+        f"{incoming_bytes} bytes do not fit: {free_bytes} bytes free after evicting "
+        f"every expert that is not pinned or in use"
+    )

@@ -1,25 +1,28 @@
 """Byte budgets of the host and device tiers, and who holds how much of each.
 
-A Tier is plain bookkeeping: ``hold`` refuses any change that would take it over budget, so the
+A TierRoom is plain bookkeeping: ``hold`` refuses any change that would take it over budget, so the
 invariant "no tier exceeds its budget" is checked at every move, not assumed.
 """
+
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
 
 from coe.errors import CacheFull
+from coe.types import Tier
 
 # Defaults when the config leaves a budget out, as shares of memory available at start-up.
-HOST_SHARE = 0.5    # host tier: warm experts (and, on CPU, the hot ones' weights as well)
+HOST_SHARE = 0.5  # host tier: warm experts (and, on CPU, the hot ones' weights as well)
 DEVICE_SHARE_CPU = 0.25  # device tier on CPU: runtimes (llama.cpp contexts, torch buffers)
 DEVICE_SHARE_CUDA = 0.9  # device tier on CUDA: free device memory
 
 
-class Tier:
-    """Contract: not thread-safe on its own; the cache calls it under its state lock."""
+class TierRoom:
+    """The bytes of one tier and who holds them. Contract: not thread-safe on its own; the cache
+    calls it under its state lock."""
 
-    def __init__(self, name: str, budget_bytes: int):
+    def __init__(self, name: Tier, budget_bytes: int):
         self.name = name
         self.budget_bytes = budget_bytes
         self._held: dict[str, int] = {}
@@ -45,8 +48,10 @@ class Tier:
         """Set what ``key`` holds; raises CacheFull (and changes nothing) if that breaks the budget."""
         after = self.used_bytes - self.held(key) + num_bytes
         if after > self.budget_bytes:
-            raise CacheFull(f"{key} needs {num_bytes} bytes of the {self.name} tier; {self.used_bytes - self.held(key)} "
-                            f"of {self.budget_bytes} bytes are held by others (cache.{self.name}_bytes)")
+            raise CacheFull(
+                f"{key} needs {num_bytes} bytes of the {self.name} tier; {self.used_bytes - self.held(key)} "
+                f"of {self.budget_bytes} bytes are held by others (cache.{self.name}_bytes)"
+            )
         self._held[key] = num_bytes
 
     def drop(self, key: str) -> int:
@@ -91,7 +96,9 @@ def resolve_budgets(device_bytes: int | None, host_bytes: int | None, uses_cuda:
     cuda_free = cuda_free_bytes() if uses_cuda else None
     available = available_memory_bytes() if device_bytes is None or host_bytes is None else 0
     if device_bytes is None:
-        device_bytes = int(cuda_free * DEVICE_SHARE_CUDA) if cuda_free else int(available * DEVICE_SHARE_CPU)
+        device_bytes = (
+            int(cuda_free * DEVICE_SHARE_CUDA) if cuda_free else int(available * DEVICE_SHARE_CPU)
+        )
     if host_bytes is None:
         host_bytes = int(available * HOST_SHARE)
     return Budgets(device_bytes, host_bytes, "cuda" if cuda_free else "cpu")

@@ -13,6 +13,7 @@
 Events cross between the two as plain dicts (``to_wire`` / ``from_wire``), errors included, so a
 replica's 4xx or 503 reaches the client exactly as the single-process server would answer it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,9 +29,11 @@ from pathlib import Path
 
 from coe import errors
 from coe.backends.offload import OffloadedExpert
+from coe.cache import CacheSnapshot
 from coe.config import CoEConfig, RouterConfig
 from coe.errors import CoEError, ExpertUnavailable, GenerationError, MissingExtra
-from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent
+from coe.server.shapes import snapshot_from_json, snapshot_json
+from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent, Tier
 
 log = logging.getLogger("coe.distributed")
 
@@ -47,38 +50,67 @@ def require_ray() -> None:
 
 # ---- the wire format between ingress and replicas ------------------------------------------------
 
+
 def request_to_wire(request: Request) -> dict:
     s = request.sampling
-    return {"id": request.id, "prompt": request.prompt,
-            "messages": None if request.messages is None else [[m.role, m.content] for m in request.messages],
-            "sampling": {"max_tokens": s.max_tokens, "temperature": s.temperature, "top_p": s.top_p,
-                         "stop": list(s.stop), "seed": s.seed}}
+    return {
+        "id": request.id,
+        "prompt": request.prompt,
+        "messages": None
+        if request.messages is None
+        else [[m.role, m.content] for m in request.messages],
+        "sampling": {
+            "max_tokens": s.max_tokens,
+            "temperature": s.temperature,
+            "top_p": s.top_p,
+            "stop": list(s.stop),
+            "seed": s.seed,
+        },
+    }
 
 
 def request_from_wire(expert: str, wire: dict) -> Request:
-    messages = None if wire["messages"] is None else tuple(ChatMessage(r, c) for r, c in wire["messages"])
+    messages = (
+        None if wire["messages"] is None else tuple(ChatMessage(r, c) for r, c in wire["messages"])
+    )
     sampling = dict(wire["sampling"], stop=tuple(wire["sampling"]["stop"]))
-    return Request(expert=expert, messages=messages, prompt=wire["prompt"], sampling=SamplingParams(**sampling),
-                   id=wire["id"])
+    return Request(
+        expert=expert,
+        messages=messages,
+        prompt=wire["prompt"],
+        sampling=SamplingParams(**sampling),
+        id=wire["id"],
+    )
 
 
 def event_to_wire(event: StreamEvent, request: Request) -> dict:
     """One event; every one says which replica ran it and where it found the expert (tier, switch time)."""
-    wire: dict = {"tier": request.served_tier, "switch_s": request.switch_s, "replica": request.served_by}
+    wire: dict = {
+        "tier": request.served_tier,
+        "switch_s": request.switch_s,
+        "replica": request.served_by,
+    }
     if event.delta:
         wire["delta"] = event.delta
     if event.completion is not None:
         wire["completion"] = dataclasses.asdict(event.completion)
     if event.error is not None:
-        error = event.error if isinstance(event.error, CoEError) else GenerationError(str(event.error))
-        wire["error"] = {"class": type(error).__name__, "message": error.message, "param": error.param,
-                         "code": error.code, "retry_after_s": error.retry_after_s}
+        error = (
+            event.error if isinstance(event.error, CoEError) else GenerationError(str(event.error))
+        )
+        wire["error"] = {
+            "class": type(error).__name__,
+            "message": error.message,
+            "param": error.param,
+            "code": error.code,
+            "retry_after_s": error.retry_after_s,
+        }
     return wire
 
 
 def event_from_wire(request: Request, wire: dict) -> StreamEvent:
     if wire.get("tier"):
-        request.served_tier, request.switch_s = wire["tier"], wire.get("switch_s") or 0.0
+        request.served_tier, request.switch_s = Tier(wire["tier"]), wire.get("switch_s") or 0.0
     request.served_by = wire.get("replica") or request.served_by
     completion = Completion(**wire["completion"]) if "completion" in wire else None
     error = error_from_wire(wire["error"]) if "error" in wire else None
@@ -98,8 +130,8 @@ def error_from_wire(wire: dict) -> CoEError:
 # ---- what the replicas hold: reported to a registry, merged for the ingress ---------------------
 
 REGISTRY_NAME, REGISTRY_NAMESPACE = "coe-replica-registry", "coe"
-REPORT_EVERY_S = 2.0      # a replica sends its cache snapshot this often
-REPORT_MAX_AGE_S = 10.0   # older reports (a replica gone) are left out
+REPORT_EVERY_S = 2.0  # a replica sends its cache snapshot this often
+REPORT_MAX_AGE_S = 10.0  # older reports (a replica gone) are left out
 _STATE_RANK = {"hot": 3, "warm": 2, "ready": 1}
 
 
@@ -120,8 +152,15 @@ class ReplicaRegistry:
 def merge_snapshots(snapshots: dict[str, dict]) -> dict:
     """The replicas' caches as one `GET /v1/experts` snapshot: budgets, bytes and counters summed;
     each expert in the best state any replica holds it in, with the state per replica."""
-    merged: dict = {"policy": None, "device_kind": None, "replicas": sorted(snapshots),
-                    "tiers": {}, "reusable_buffer_bytes": 0, "stats": {}, "experts": []}
+    merged: dict = {
+        "policy": None,
+        "device_kind": None,
+        "replicas": sorted(snapshots),
+        "tiers": {},
+        "reusable_buffer_bytes": 0,
+        "stats": {},
+        "experts": [],
+    }
     experts: dict[str, dict] = {}
     for replica_id, snap in sorted(snapshots.items()):
         merged["policy"], merged["device_kind"] = snap["policy"], snap["device_kind"]
@@ -132,8 +171,17 @@ def merge_snapshots(snapshots: dict[str, dict]) -> dict:
             total["used_bytes"] += room["used_bytes"]
         _add_counts(merged["stats"], snap["stats"])
         for expert in snap["experts"]:
-            row = experts.setdefault(expert["name"], {**expert, "host_bytes": 0, "device_bytes": 0,
-                                                      "requests": 0, "pinned": False, "replicas": {}})
+            row = experts.setdefault(
+                expert["name"],
+                {
+                    **expert,
+                    "host_bytes": 0,
+                    "device_bytes": 0,
+                    "requests": 0,
+                    "pinned": False,
+                    "replicas": {},
+                },
+            )
             if _STATE_RANK.get(expert["state"], 0) > _STATE_RANK.get(row["state"], 0):
                 row.update(state=expert["state"], tier=expert["tier"])
             for key in ("host_bytes", "device_bytes", "requests"):
@@ -155,30 +203,34 @@ def _add_counts(total: dict, counts: dict) -> None:
 class ReplicaView:
     """The ingress's view of the replicas' caches, read from the registry at most once a second."""
 
-    def __init__(self, fallback: Callable[[], dict], refresh_s: float = 1.0):
+    def __init__(self, fallback: Callable[[], CacheSnapshot], refresh_s: float = 1.0):
         self._fallback, self._refresh_s = fallback, refresh_s
         self._lock = threading.Lock()
-        self._read_at, self._snapshot = 0.0, None
+        self._read_at = 0.0
+        self._snapshot: CacheSnapshot | None = None
 
-    def __call__(self) -> dict:
+    def __call__(self) -> CacheSnapshot:
         with self._lock:
-            if self._snapshot is None or time.monotonic() - self._read_at > self._refresh_s:
-                self._snapshot, self._read_at = self._read(), time.monotonic()
-            return self._snapshot
+            snapshot = self._snapshot
+            if snapshot is None or time.monotonic() - self._read_at > self._refresh_s:
+                snapshot = self._snapshot = self._read()
+                self._read_at = time.monotonic()
+            return snapshot
 
-    def _read(self) -> dict:
+    def _read(self) -> CacheSnapshot:
         import ray
 
+        snapshots: dict[str, dict] = {}
         try:
             registry = ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
-            snapshots = ray.get(registry.snapshots.remote(), timeout=5)
+            snapshots = dict(ray.get(registry.snapshots.remote(), timeout=5))
         except Exception as exc:  # noqa: BLE001 - no replica reported yet, or Ray is shutting down
             log.debug("no replica snapshots: %s", exc)
-            snapshots = {}
-        return merge_snapshots(snapshots) if snapshots else self._fallback()
+        return snapshot_from_json(merge_snapshots(snapshots)) if snapshots else self._fallback()
 
 
 # ---- the expert replica --------------------------------------------------------------------------
+
 
 def replica_config(config: CoEConfig) -> CoEConfig:
     """What one replica serves: the local experts, no router (the ingress routes)."""
@@ -206,7 +258,7 @@ class ExpertReplica:
         while not self._reporting.wait(REPORT_EVERY_S):
             try:
                 registry = registry or ray.get_actor(REGISTRY_NAME, namespace=REGISTRY_NAMESPACE)
-                registry.report.remote(self.replica_id, self.engine.snapshot())
+                registry.report.remote(self.replica_id, snapshot_json(self.engine.views.snapshot()))
             except Exception as exc:  # noqa: BLE001 - the registry is not up (yet); try again later
                 registry = None
                 log.debug("replica report failed: %s", exc)
@@ -216,7 +268,7 @@ class ExpertReplica:
         start moving it to the device tier. A load failure is left to the engine, which answers
         the request with the right error."""
         try:
-            await asyncio.wrap_future(self.engine.cache.prefetch(expert, "device"))
+            await asyncio.wrap_future(self.engine.cache.prefetch(expert, Tier.DEVICE))
         except Exception as exc:  # noqa: BLE001 - reported by the request itself
             log.warning("replica could not preload %s: %s", expert, exc)
         return expert
@@ -224,11 +276,15 @@ class ExpertReplica:
     async def generate(self, wire: dict) -> AsyncIterator[dict]:
         from ray import serve
 
-        expert = await self.hold_multiplexed(serve.get_multiplexed_model_id())
+        expert = await self.hold_multiplexed(serve.get_multiplexed_model_id())  # type: ignore[attr-defined]
         request = request_from_wire(expert, wire)
         request.served_by = self.replica_id
-        loop, events = asyncio.get_running_loop(), asyncio.Queue()
-        request.sink = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+        loop, events = asyncio.get_running_loop(), asyncio.Queue[StreamEvent]()
+
+        def sink(event: StreamEvent) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, event)
+
+        request.sink = sink
         try:
             self.engine.submit(request)
         except CoEError as exc:
@@ -278,6 +334,7 @@ def replica_class(max_experts: int):
 
 # ---- the ingress side ----------------------------------------------------------------------------
 
+
 class RayExpert(OffloadedExpert):
     """A local expert served by the expert replicas, seen from the ingress."""
 
@@ -307,9 +364,15 @@ class RayExpert(OffloadedExpert):
         except Exception as exc:  # the replica died or Ray failed
             reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             if not started:
-                raise ExpertUnavailable(f"{self.name}: the Ray Serve replica failed ({reason})") from None
-            yield StreamEvent(request.id, error=GenerationError(f"{self.name}: the Ray Serve replica failed "
-                                                                f"mid-stream ({reason})"))
+                raise ExpertUnavailable(
+                    f"{self.name}: the Ray Serve replica failed ({reason})"
+                ) from None
+            yield StreamEvent(
+                request.id,
+                error=GenerationError(
+                    f"{self.name}: the Ray Serve replica failed mid-stream ({reason})"
+                ),
+            )
         finally:
             responses.cancel()
 
@@ -322,13 +385,18 @@ class Ingress:
 
         config = dataclasses.replace(config, cache=dataclasses.replace(config.cache, pins=()))
         per_expert = config.ray.max_ongoing_requests * _max_replicas(config)
-        offloaded = {e.name: RayExpert(e.name, replicas, None, per_expert)
-                     for e in config.experts if not e.is_remote}
+        offloaded = {
+            e.name: RayExpert(e.name, replicas, None, per_expert)
+            for e in config.experts
+            if not e.is_remote
+        }
         # the ingress's cache only reads the experts' headers (sizes for the map); it loads nothing
         self.engine = Engine.from_config(config, home, offloaded=offloaded)
         for state in self.engine.cache.states():
             offloaded[state.name].num_params = state.num_params
-        self.engine.cache_view = ReplicaView(self.engine.cache.snapshot)  # tiers live in the replicas
+        self.engine.views.cache_view = ReplicaView(
+            self.engine.cache.snapshot
+        )  # tiers live in the replicas
 
     def __serve_build_asgi_app__(self):
         from coe.server import create_app
@@ -348,24 +416,41 @@ def build_app(config: CoEConfig, home: str | Path):
     ray_config = config.ray
     scaling = None
     if ray_config.autoscaling is not None:
-        scaling = {"min_replicas": ray_config.autoscaling.get("min_replicas", 1),
-                   "initial_replicas": ray_config.replicas,
-                   "max_replicas": _max_replicas(config),
-                   "target_ongoing_requests": ray_config.autoscaling.get("target_ongoing_requests", 2)}
+        scaling = {
+            "min_replicas": ray_config.autoscaling.get("min_replicas", 1),
+            "initial_replicas": ray_config.replicas,
+            "max_replicas": _max_replicas(config),
+            "target_ongoing_requests": ray_config.autoscaling.get("target_ongoing_requests", 2),
+        }
     replicas = serve.deployment(
-        replica_class(ray_config.max_experts_per_replica), name=REPLICA_NAME,
-        num_replicas=None if scaling else ray_config.replicas, autoscaling_config=scaling,
+        replica_class(ray_config.max_experts_per_replica),
+        name=REPLICA_NAME,
+        num_replicas=None if scaling else ray_config.replicas,
+        autoscaling_config=scaling,
         max_ongoing_requests=ray_config.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ray_config.cpus_per_replica, "num_gpus": ray_config.gpus_per_replica},
-    ).bind(config, str(home))
-    ingress = serve.deployment(serve.ingress()(Ingress), name=INGRESS_NAME, num_replicas=1,
-                               max_ongoing_requests=max(1000, config.scheduler.max_queue),
-                               ray_actor_options={"num_cpus": 0})
-    return ingress.bind(config, str(home), replicas)
+        ray_actor_options={
+            "num_cpus": ray_config.cpus_per_replica,
+            "num_gpus": ray_config.gpus_per_replica,
+        },
+    ).bind(config, str(home))  # type: ignore[attr-defined]  # serve.deployment(cls) is a Deployment
+    ingress = serve.deployment(
+        serve.ingress()(Ingress),
+        name=INGRESS_NAME,
+        num_replicas=1,
+        max_ongoing_requests=max(1000, config.scheduler.max_queue),
+        ray_actor_options={"num_cpus": 0},
+    )
+    return ingress.bind(config, str(home), replicas)  # type: ignore[attr-defined]
 
 
-def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, address: str | None,
-                 stop: threading.Event | None = None) -> None:
+def serve_on_ray(
+    config: CoEConfig,
+    home: str | Path,
+    host: str,
+    port: int,
+    address: str | None,
+    stop: threading.Event | None = None,
+) -> None:
     """Deploy on a Ray cluster (``address``; None starts a local one) and block until SIGINT/SIGTERM
     (or ``stop``); then take the application down."""
     require_ray()
@@ -381,14 +466,20 @@ def serve_on_ray(config: CoEConfig, home: str | Path, host: str, port: int, addr
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         ray.remote(ReplicaRegistry).options(  # detached: it outlives whichever process asked first
-            name=REGISTRY_NAME, namespace=REGISTRY_NAMESPACE, lifetime="detached", get_if_exists=True,
-            num_cpus=0).remote()
+            name=REGISTRY_NAME,
+            namespace=REGISTRY_NAMESPACE,
+            lifetime="detached",
+            get_if_exists=True,
+            num_cpus=0,
+        ).remote()
         serve.start(http_options={"host": host, "port": port})
         serve.run(build_app(config, home), name=APP_NAME, route_prefix="/", blocking=False)
         stop = stop or threading.Event()
         for signum in (signal.SIGINT, signal.SIGTERM):
             signal.signal(signum, lambda *_: stop.set())
-        print(f"coe on Ray Serve: {_replica_summary(config)} on http://{host}:{port}/v1", flush=True)
+        print(
+            f"coe on Ray Serve: {_replica_summary(config)} on http://{host}:{port}/v1", flush=True
+        )
         stop.wait()
     finally:
         try:
@@ -411,8 +502,10 @@ def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
     except OSError as exc:
-        raise CoEError(f"--address {address}: no Ray head answers there ({exc.strerror or exc}); start one "
-                       f"with `ray start --head --port {port}`, or leave --address out for a local cluster") from None
+        raise CoEError(
+            f"--address {address}: no Ray head answers there ({exc.strerror or exc}); start one "
+            f"with `ray start --head --port {port}`, or leave --address out for a local cluster"
+        ) from None
 
 
 def attach_auth_token(environ=os.environ) -> None:
@@ -428,6 +521,11 @@ def attach_auth_token(environ=os.environ) -> None:
 
 def _replica_summary(config: CoEConfig) -> str:
     ray_config = config.ray
-    count = (f"{ray_config.autoscaling.get('min_replicas', 1)}-{_max_replicas(config)} autoscaled"
-             if ray_config.autoscaling else str(ray_config.replicas))
-    return f"{count} expert replicas of {len([e for e in config.experts if not e.is_remote])} experts"
+    count = (
+        f"{ray_config.autoscaling.get('min_replicas', 1)}-{_max_replicas(config)} autoscaled"
+        if ray_config.autoscaling
+        else str(ray_config.replicas)
+    )
+    return (
+        f"{count} expert replicas of {len([e for e in config.experts if not e.is_remote])} experts"
+    )

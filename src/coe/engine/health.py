@@ -1,6 +1,7 @@
 """Which experts are healthy. An expert that fails to become ready (load error, out of memory,
 missing or corrupt weights) or crashes while generating is unhealthy for a backoff that doubles
 with each consecutive failure; the first success clears it. Pure: the caller passes the clock."""
+
 from __future__ import annotations
 
 import threading
@@ -17,10 +18,20 @@ class _Record:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class HealthState:
+    healthy: bool
+    failures: int  # consecutive, since the last success
+    retry_after_s: float
+    reason: str
+
+
 class ExpertHealth:
     """Safe to call from any thread."""
 
-    def __init__(self, base_backoff_s: float = BASE_BACKOFF_S, max_backoff_s: float = MAX_BACKOFF_S):
+    def __init__(
+        self, base_backoff_s: float = BASE_BACKOFF_S, max_backoff_s: float = MAX_BACKOFF_S
+    ):
         self.base_backoff_s, self.max_backoff_s = base_backoff_s, max_backoff_s
         self._records: dict[str, _Record] = {}
         self._lock = threading.Lock()
@@ -47,8 +58,18 @@ class ExpertHealth:
     def is_healthy(self, expert: str, now_s: float) -> bool:
         return self.retry_after_s(expert, now_s) == 0.0
 
-    def snapshot(self, now_s: float) -> dict[str, dict]:
+    def reason(self, expert: str) -> str:
+        """Why the expert last failed ("" when it has not)."""
         with self._lock:
-            return {name: {"healthy": r.until_s <= now_s, "failures": r.failures,
-                           "retry_after_s": round(max(0.0, r.until_s - now_s), 1), "reason": r.reason}
-                    for name, r in self._records.items()}
+            record = self._records.get(expert)
+            return record.reason if record else ""
+
+    def snapshot(self, now_s: float) -> dict[str, HealthState]:
+        """Every expert that failed since its last success."""
+        with self._lock:
+            return {
+                name: HealthState(
+                    r.until_s <= now_s, r.failures, max(0.0, r.until_s - now_s), r.reason
+                )
+                for name, r in self._records.items()
+            }

@@ -14,17 +14,16 @@ it at the next token instead of waiting for the whole batch. Once another expert
 overdue, only requests older than it may still join; then the batch drains, so the bound above
 still holds (what joins was ahead of the overdue request anyway).
 """
+
 from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Collection
 from dataclasses import dataclass
-from typing import Collection
 
 from coe.errors import Overloaded
-from coe.types import Request
-
-POLICIES = ("expert", "fifo")
+from coe.types import Request, SchedulerPolicy
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,17 @@ class Batch:
 
 
 class Scheduler:
-    def __init__(self, max_batch_size: int = 8, max_queue: int = 256, max_queue_per_expert: int = 128,
-                 max_wait_s: float = 2.0, policy: str = "expert"):
-        if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {policy!r}")
+    def __init__(
+        self,
+        max_batch_size: int = 8,
+        max_queue: int = 256,
+        max_queue_per_expert: int = 128,
+        max_wait_s: float = 2.0,
+        policy: SchedulerPolicy | str = SchedulerPolicy.EXPERT,
+    ):
+        if policy not in tuple(SchedulerPolicy):
+            raise ValueError(f"policy must be {SchedulerPolicy.names()}, got {policy!r}")
+        policy = SchedulerPolicy(policy)
         self.max_batch_size = max_batch_size
         self.max_queue = max_queue
         self.max_queue_per_expert = max_queue_per_expert
@@ -57,12 +63,16 @@ class Scheduler:
         """Queue a request, or refuse it with Overloaded (HTTP 429 with Retry-After)."""
         queue = self._queues.setdefault(request.expert, deque())
         if self._count >= self.max_queue:
-            raise Overloaded(f"{self._count} requests are waiting (scheduler.max_queue); retry later",
-                             retry_after_s=self.retry_after_s(self._count))
+            raise Overloaded(
+                f"{self._count} requests are waiting (scheduler.max_queue); retry later",
+                retry_after_s=self.retry_after_s(self._count),
+            )
         if len(queue) >= self.max_queue_per_expert:
-            raise Overloaded(f"{len(queue)} requests are waiting for {request.expert} "
-                             f"(scheduler.max_queue_per_expert); retry later",
-                             retry_after_s=self.retry_after_s(len(queue)))
+            raise Overloaded(
+                f"{len(queue)} requests are waiting for {request.expert} "
+                f"(scheduler.max_queue_per_expert); retry later",
+                retry_after_s=self.retry_after_s(len(queue)),
+            )
         queue.append(request)
         self._count += 1
 
@@ -75,7 +85,9 @@ class Scheduler:
         self._service_s = 0.8 * self._service_s + 0.2 * service_s
 
     # -- choice ----------------------------------------------------------------------------------
-    def next_batch(self, now_s: float, resident: Collection[str] = (), current: str | None = None) -> Batch | None:
+    def next_batch(
+        self, now_s: float, resident: Collection[str] = (), current: str | None = None
+    ) -> Batch | None:
         """Remove and return the next batch; None when nothing is waiting.
 
         ``resident``: experts ready to generate (hot); ``current``: the expert that ran last.
@@ -84,7 +96,11 @@ class Scheduler:
         expert, reason = self._choose(now_s, resident, current)
         if expert is None:
             return None
-        limit = self._fifo_run_length(expert) if self.policy == "fifo" else self.max_batch_size
+        limit = (
+            self._fifo_run_length(expert)
+            if self.policy == SchedulerPolicy.FIFO
+            else self.max_batch_size
+        )
         return Batch(expert, self._take(expert, limit), reason)
 
     def join(self, expert: str, count: int, now_s: float) -> tuple[Request, ...]:
@@ -93,36 +109,43 @@ class Scheduler:
         waited ``max_wait_s``, only requests that arrived before it join: nobody overdue is
         overtaken by a younger request, and under overload the batch stays full while it serves
         the backlog in arrival order."""
-        if self.policy == "fifo" or count <= 0:
+        if self.policy == SchedulerPolicy.FIFO or count <= 0:
             return ()
         self._drop_cancelled()
         if not self._queues.get(expert):
             return ()
-        overdue = [q[0].arrival_s for name, q in self._queues.items()
-                   if q and name != expert and now_s - q[0].arrival_s >= self.max_wait_s]
+        overdue = [
+            q[0].arrival_s
+            for name, q in self._queues.items()
+            if q and name != expert and now_s - q[0].arrival_s >= self.max_wait_s
+        ]
         return self._take(expert, count, before_s=min(overdue, default=math.inf))
 
     def _take(self, expert: str, count: int, before_s: float = math.inf) -> tuple[Request, ...]:
         """Remove up to ``count`` of ``expert``'s oldest waiting requests (those that arrived
         before ``before_s``)."""
         queue = self._queues[expert]
-        taken = []
+        taken: list[Request] = []
         while queue and len(taken) < count and queue[0].arrival_s < before_s:
             taken.append(queue.popleft())
         self._count -= len(taken)
         return tuple(taken)
 
-    def peek_expert(self, now_s: float, resident: Collection[str] = (), current: str | None = None) -> str | None:
+    def peek_expert(
+        self, now_s: float, resident: Collection[str] = (), current: str | None = None
+    ) -> str | None:
         """The expert ``next_batch`` would choose now, without removing anything (for lookahead loads)."""
         self._drop_cancelled()
         return self._choose(now_s, resident, current)[0]
 
-    def _choose(self, now_s: float, resident: Collection[str], current: str | None) -> tuple[str | None, str]:
+    def _choose(
+        self, now_s: float, resident: Collection[str], current: str | None
+    ) -> tuple[str | None, str]:
         heads = {name: q[0] for name, q in self._queues.items() if q}
         if not heads:
             return None, ""
         oldest = min(heads, key=lambda name: heads[name].arrival_s)
-        if self.policy == "fifo":
+        if self.policy == SchedulerPolicy.FIFO:
             return oldest, "fifo"
         if now_s - heads[oldest].arrival_s >= self.max_wait_s:
             return oldest, "overdue"
@@ -152,7 +175,9 @@ class Scheduler:
                 queue.extend(kept)
 
     def take_cancelled(self) -> list[Request]:
-        """Requests cancelled while queued, dropped since the last call: the caller ends them."""
+        """Requests cancelled while queued, dropped from the queues since the last call (and now):
+        the caller ends them."""
+        self._drop_cancelled()
         taken, self._cancelled = self._cancelled, []
         return taken
 

@@ -30,6 +30,7 @@ Multiple choice
     a lone letter at the very start. Capital "A" and "I" followed by a lower-case word are read
     as English words, not as options.
 """
+
 from __future__ import annotations
 
 import re
@@ -408,9 +409,7 @@ def math_equal(pred: str | None, gold: str) -> bool:
 # ---------------------------------------------------------------------------------------------
 # Multiple choice
 
-_LETTER_TOKEN_RE = re.compile(
-    r"\s*(?:\(\s*([A-Za-z])\s*\)|\[\s*([A-Za-z])\s*\]|([A-Za-z]))"
-)
+_LETTER_TOKEN_RE = re.compile(r"\s*(?:\(\s*([A-Za-z])\s*\)|\[\s*([A-Za-z])\s*\]|([A-Za-z]))")
 _ANSWER_MARKER_RE = re.compile(
     r"(?i:\banswer\b(?:\s+(?:to\s+(?:this|the)\s+question\s+)?"
     r"(?:is|would\s+be|should\s+be|will\s+be|must\s+be))?\s*[:=\-\u2013]?\s*"

@@ -7,18 +7,20 @@ generated letter). Results are cached on disk in JSONL, keyed by the expert's id
 source, weight bytes), the item's content and the scoring mode, so a rerun, a larger ``--limit``
 or a new expert costs only what is new.
 """
+
 from __future__ import annotations
 
 import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from coe.config import openai_endpoint
+from coe.engine.batch import next_token_logprobs, prompt_of
 from coe.errors import CoEError
 from coe.eval.scoring import Verdict, choice_by_logprobs, score_text
 from coe.eval.suites import LETTERS, EvalItem, item_key
@@ -41,7 +43,7 @@ class ItemResult:
     response: str = ""
 
     @classmethod
-    def from_dict(cls, row: dict) -> "ItemResult":
+    def from_dict(cls, row: dict) -> ItemResult:
         return cls(**{k: row[k] for k in cls.__dataclass_fields__})
 
 
@@ -54,7 +56,9 @@ class ResultCache:
         self._lock = threading.Lock()
 
     def _path(self, identity: str) -> Path:
-        return self.folder / f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}.jsonl"
+        return (
+            self.folder / f"{hashlib.blake2b(identity.encode(), digest_size=8).hexdigest()}.jsonl"
+        )
 
     def _load(self, identity: str) -> dict[str, ItemResult]:
         if identity not in self._rows:
@@ -94,7 +98,7 @@ class EngineTarget:
 
     def __init__(self, engine):
         self.engine = engine
-        self._states = {s.name: s for s in engine.expert_states()}
+        self._states = {s.name: s for s in engine.views.expert_states()}
 
     def identity(self, expert: str) -> str:
         state = self._states[expert]
@@ -108,32 +112,37 @@ class EngineTarget:
         """Local experts score multiple choice by letter log-probabilities; remote ones answer."""
         return expert not in self.engine.remotes
 
-    def letter_logprobs(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
-                        ) -> list[list[float]] | None:
+    def letter_logprobs(
+        self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
+    ) -> list[list[float]] | None:
         """Log-probabilities of the option letters as the answer's first token, per item."""
         out = []
         with self.engine.cache.lease(expert) as runner:
             letter_ids = [runner.vocab.encode(letter)[-1] for letter in LETTERS]
             for item in items:
-                request = Request(expert=expert, messages=item.messages)
-                prompt, _ = runner.prompt_text(request)
-                logprobs = runner.next_token_logprobs(runner.vocab.encode(prompt))
-                out.append([logprobs[letter_ids[i]] for i in range(item.num_options)])
+                prompt, _ = prompt_of(runner.vocab, Request(expert=expert, messages=item.messages))
+                ids = letter_ids[: item.num_options]
+                out.append(next_token_logprobs(runner, runner.vocab.encode(prompt), ids))
                 progress()
         return out
 
-    def generate(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]) -> list[str | CoEError]:
+    def generate(
+        self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
+    ) -> list[str | CoEError]:
         """Greedy answers (or the error that ended one), one scheduler batch at a time, so no
         request waits in a queue long enough to time out."""
         texts: dict[int, str | CoEError] = {}
         chunk_size, indexed = self.engine.config.scheduler.max_batch_size, list(enumerate(items))
         for start in range(0, len(items), chunk_size):
-            chunk = indexed[start:start + chunk_size]
+            chunk = indexed[start : start + chunk_size]
             done: dict[int, StreamEvent] = {}
             ended = threading.Semaphore(0)
             for index, item in chunk:
-                request = Request(expert=expert, messages=item.messages,
-                                  sampling=SamplingParams(max_tokens=item.max_tokens, temperature=0.0))
+                request = Request(
+                    expert=expert,
+                    messages=item.messages,
+                    sampling=SamplingParams(max_tokens=item.max_tokens, temperature=0.0),
+                )
                 request.sink = _collector(done, index, progress, ended)
                 self.engine.submit(request)
             while self.engine.step():
@@ -145,13 +154,18 @@ class EngineTarget:
         return [texts[i] for i in range(len(items))]
 
 
-def _collector(done: dict[int, StreamEvent], index: int, progress: Callable[[], None],
-               ended: threading.Semaphore):
+def _collector(
+    done: dict[int, StreamEvent],
+    index: int,
+    progress: Callable[[], None],
+    ended: threading.Semaphore,
+):
     def sink(event: StreamEvent) -> None:
         if event.is_final:
             done[index] = event
             progress()
             ended.release()
+
     return sink
 
 
@@ -169,8 +183,14 @@ class ServerTarget:
 
     name = "server"
 
-    def __init__(self, url: str, api_key: str | None = None, concurrency: int = 8, timeout_s: float = 600.0,
-                 params: dict[str, int | None] | None = None):
+    def __init__(
+        self,
+        url: str,
+        api_key: str | None = None,
+        concurrency: int = 8,
+        timeout_s: float = 600.0,
+        params: Mapping[str, float | None] | None = None,
+    ):
         self.url = url.rstrip("/")
         self.base, self.headers = openai_endpoint(url, api_key)
         self.concurrency, self.timeout_s = concurrency, timeout_s
@@ -179,26 +199,36 @@ class ServerTarget:
     def identity(self, expert: str) -> str:
         return f"{expert}|{self.url}"
 
-    def num_params(self, expert: str) -> int | None:
+    def num_params(self, expert: str) -> float | None:
         return self._params.get(expert)
 
     def has_logprobs(self, expert: str) -> bool:
         return False  # read the generated letter instead
 
-    def generate(self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]) -> list[str]:
+    def generate(
+        self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
+    ) -> list[str | CoEError]:
         import httpx
 
         with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client:
+
             def one(item: EvalItem) -> str | CoEError:
-                body = {"model": expert, "temperature": 0.0, "max_tokens": item.max_tokens,
-                        "messages": [{"role": m.role, "content": m.content} for m in item.messages]}
+                body = {
+                    "model": expert,
+                    "temperature": 0.0,
+                    "max_tokens": item.max_tokens,
+                    "messages": [{"role": m.role, "content": m.content} for m in item.messages],
+                }
                 response = client.post(self.base + "/chat/completions", json=body)
                 progress()
                 if response.status_code >= 500 or response.status_code in (401, 403, 404, 429):
-                    raise CoEError(f"{self.base}: {expert} answered {response.status_code}: {response.text[:300]}")
+                    raise CoEError(
+                        f"{self.base}: {expert} answered {response.status_code}: {response.text[:300]}"
+                    )
                 if response.status_code != 200:  # this item is beyond the expert (e.g. its context)
                     return CoEError(f"HTTP {response.status_code}: {response.text[:200]}")
                 return response.json()["choices"][0]["message"]["content"] or ""
+
             with ThreadPoolExecutor(self.concurrency) as pool:
                 return list(pool.map(one, items))
 
@@ -213,12 +243,22 @@ class RunLog:
     seconds: float = 0.0
 
 
-def run(target, experts: Sequence[str], items: Sequence[EvalItem], cache: ResultCache,
-        judge: Callable[[EvalItem, str], Verdict] | None = None, choice_mode: str = "logprob",
-        progress: Progress | None = None) -> RunLog:
+def run(
+    target,
+    experts: Sequence[str],
+    items: Sequence[EvalItem],
+    cache: ResultCache,
+    judge: Callable[[EvalItem, str], Verdict] | None = None,
+    choice_mode: str = "logprob",
+    progress: Progress | None = None,
+) -> RunLog:
     """Every expert on every item (judged items only with a judge); one expert at a time."""
     started = time.perf_counter()
-    skipped = {i.suite: "needs a judge (--judge URL); skipped" for i in items if i.kind == "judge" and judge is None}
+    skipped = {
+        i.suite: "needs a judge (--judge URL); skipped"
+        for i in items
+        if i.kind == "judge" and judge is None
+    }
     items = [i for i in items if i.suite not in skipped]
     log = RunLog([], skipped)
     for expert in experts:
@@ -244,8 +284,15 @@ def _mode(item: EvalItem, choice_mode: str, target, expert: str) -> str:
     return "judge" if item.kind == "judge" else "generate"
 
 
-def _compute(target, expert: str, identity: str, todo: list[tuple[EvalItem, str]], cache: ResultCache,
-             judge, progress: Progress | None) -> list[ItemResult]:
+def _compute(
+    target,
+    expert: str,
+    identity: str,
+    todo: list[tuple[EvalItem, str]],
+    cache: ResultCache,
+    judge,
+    progress: Progress | None,
+) -> list[ItemResult]:
     if not todo:
         return []
     count = [0]
@@ -262,24 +309,64 @@ def _compute(target, expert: str, identity: str, todo: list[tuple[EvalItem, str]
         rows = target.letter_logprobs(expert, by_logprob, tick)
         per_item_s = (time.perf_counter() - started) / len(by_logprob)
         for item, row in zip(by_logprob, rows):
-            results.append(_record(cache, identity, expert, item, "logprob", choice_by_logprobs(item, row),
-                                   per_item_s, ""))
+            results.append(
+                _record(
+                    cache,
+                    identity,
+                    expert,
+                    item,
+                    "logprob",
+                    choice_by_logprobs(item, row),
+                    per_item_s,
+                    "",
+                )
+            )
     generated = [(item, mode) for item, mode in todo if mode != "logprob"]
     if generated:
         started = time.perf_counter()
         texts = target.generate(expert, [item for item, _ in generated], tick)
         per_item_s = (time.perf_counter() - started) / len(generated)
         for (item, mode), text in zip(generated, texts):
-            verdict = (Verdict(0.0, f"no answer: {text.message}") if isinstance(text, CoEError)
-                       else score_text(item, text, judge))
-            results.append(_record(cache, identity, expert, item, mode, verdict, per_item_s,
-                                   "" if isinstance(text, CoEError) else text))
+            verdict = (
+                Verdict(0.0, f"no answer: {text.message}")
+                if isinstance(text, CoEError)
+                else score_text(item, text, judge)
+            )
+            results.append(
+                _record(
+                    cache,
+                    identity,
+                    expert,
+                    item,
+                    mode,
+                    verdict,
+                    per_item_s,
+                    "" if isinstance(text, CoEError) else text,
+                )
+            )
     return results
 
 
-def _record(cache: ResultCache, identity: str, expert: str, item: EvalItem, mode: str, verdict: Verdict,
-            seconds: float, response: str) -> ItemResult:
-    result = ItemResult(expert, item.suite, item.category, item.id, verdict.score, verdict.detail, mode,
-                        round(seconds, 4), response[:MAX_RESPONSE_CHARS])
+def _record(
+    cache: ResultCache,
+    identity: str,
+    expert: str,
+    item: EvalItem,
+    mode: str,
+    verdict: Verdict,
+    seconds: float,
+    response: str,
+) -> ItemResult:
+    result = ItemResult(
+        expert,
+        item.suite,
+        item.category,
+        item.id,
+        verdict.score,
+        verdict.detail,
+        mode,
+        round(seconds, 4),
+        response[:MAX_RESPONSE_CHARS],
+    )
     cache.put(identity, result_key(item, mode), result)
     return result

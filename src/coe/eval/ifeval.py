@@ -26,6 +26,7 @@ random letter; user strings used as patterns (keywords, section splitters,
 postscript markers) are regex-escaped; ``combination:repeat_prompt`` falls back
 to the row's prompt when ``prompt_to_repeat`` is missing.
 """
+
 from __future__ import annotations
 
 import collections
@@ -34,9 +35,9 @@ import importlib.util
 import json
 import re
 import unicodedata
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 __all__ = [
     "SUPPORTED",
@@ -295,7 +296,7 @@ _MARKERS: dict[str, str] = {
     "pt": "ãõç",
 }
 
-_SPLIT_WORDS = (r"[\s.,;:!?\"'()\[\]{}«»“”‘’\-–—…*#/|।॥،؛؟]+")
+_SPLIT_WORDS = r"[\s.,;:!?\"'()\[\]{}«»“”‘’\-–—…*#/|।॥،؛؟]+"
 
 
 def _script_of(ch: str) -> str | None:

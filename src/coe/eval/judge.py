@@ -1,5 +1,6 @@
 """An LLM judge for chat-style suites without automatic scoring (MT-Bench): any
 OpenAI-compatible endpoint rates an answer from 1 to 10; the score is rating / 10."""
+
 from __future__ import annotations
 
 import re
@@ -30,7 +31,8 @@ def judge_prompt(item: EvalItem, answer: str) -> str:
         question=item.reference.get("question", item.messages[-1].content),
         reference=f"\n[Reference answer]\n{reference}\n" if reference else "",
         reference_hint=", and compare with the reference answer" if reference else "",
-        answer=answer.strip() or "(empty)")
+        answer=answer.strip() or "(empty)",
+    )
 
 
 def parse_rating(text: str) -> int | None:
@@ -41,19 +43,28 @@ def parse_rating(text: str) -> int | None:
     return int(first or second)
 
 
-def http_judge(url: str, model: str, api_key: str | None = None, timeout_s: float = 300.0
-               ) -> Callable[[EvalItem, str], Verdict]:
+def http_judge(
+    url: str, model: str, api_key: str | None = None, timeout_s: float = 300.0
+) -> Callable[[EvalItem, str], Verdict]:
     """A judge behind ``url`` (http://HOST:PORT or .../v1) answering as ``model``."""
     import httpx
 
     base, headers = openai_endpoint(url, api_key)
 
     def judge(item: EvalItem, answer: str) -> Verdict:
-        body = {"model": model, "temperature": 0.0, "max_tokens": 400,
-                "messages": [{"role": "system", "content": JUDGE_SYSTEM},
-                             {"role": "user", "content": judge_prompt(item, answer)}]}
+        body = {
+            "model": model,
+            "temperature": 0.0,
+            "max_tokens": 400,
+            "messages": [
+                {"role": "system", "content": JUDGE_SYSTEM},
+                {"role": "user", "content": judge_prompt(item, answer)},
+            ],
+        }
         try:
-            response = httpx.post(base + "/chat/completions", json=body, headers=headers, timeout=timeout_s)
+            response = httpx.post(
+                base + "/chat/completions", json=body, headers=headers, timeout=timeout_s
+            )
         except httpx.HTTPError as exc:
             raise CoEError(f"judge {base}: {exc}") from None
         if response.status_code != 200:
@@ -63,4 +74,5 @@ def http_judge(url: str, model: str, api_key: str | None = None, timeout_s: floa
         if rating is None:
             return Verdict(0.0, f"judge gave no rating: {text[-160:]!r}")
         return Verdict(rating / 10, f"judge rating {rating}/10")
+
     return judge

@@ -9,6 +9,7 @@ Maps come from ``router.mapping`` over the measured table. The table and the map
 the items they are then scored on, so the CoE rows are optimistic by construction; the single
 experts and the per-item oracle are not affected.
 """
+
 from __future__ import annotations
 
 import math
@@ -16,9 +17,9 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from coe.eval.harness import ItemResult
 from coe.config import RouterConfig
 from coe.errors import ConfigError
+from coe.eval.harness import ItemResult
 from coe.router.mapping import ExpertMap, ScoreTable, best_map, pareto_frontier
 from coe.router.service import map_problem
 
@@ -35,20 +36,26 @@ class Point:
     detail: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return {"name": self.name, "kind": self.kind, "score": round(self.score, 4),
-                "ci95": round(self.ci95, 4), "avg_active_params": round(self.avg_active_params),
-                **({"detail": self.detail} if self.detail else {})}
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "score": round(self.score, 4),
+            "ci95": round(self.ci95, 4),
+            "avg_active_params": round(self.avg_active_params),
+            **({"detail": self.detail} if self.detail else {}),
+        }
 
 
 @dataclass(frozen=True)
 class Grid:
     """Item scores per expert: ``scores[item][expert]``, with each item's true category."""
+
     scores: dict[str, dict[str, float]]
     category: dict[str, str]
     experts: tuple[str, ...]
 
     @classmethod
-    def of(cls, results: Sequence[ItemResult], experts: Sequence[str]) -> "Grid":
+    def of(cls, results: Sequence[ItemResult], experts: Sequence[str]) -> Grid:
         scores: dict[str, dict[str, float]] = {}
         category: dict[str, str] = {}
         for r in results:
@@ -77,11 +84,19 @@ def _mean_ci(values: Sequence[float]) -> dict:
     n = len(values)
     mean = sum(values) / n if n else 0.0
     var = sum((v - mean) ** 2 for v in values) / (n - 1) if n > 1 else 0.0
-    return {"score": round(mean, 4), "n": n, "ci95": round(Z95 * math.sqrt(var / n), 4) if n else 0.0}
+    return {
+        "score": round(mean, 4),
+        "n": n,
+        "ci95": round(Z95 * math.sqrt(var / n), 4) if n else 0.0,
+    }
 
 
-def map_table(table: Mapping[str, Mapping[str, dict]], experts: Sequence[str], categories: Sequence[str],
-              source: str) -> ScoreTable:
+def map_table(
+    table: Mapping[str, Mapping[str, dict]],
+    experts: Sequence[str],
+    categories: Sequence[str],
+    source: str,
+) -> ScoreTable:
     """The measured table as the map optimiser's input, over all the router's ``categories``. A
     category without a measured suite (the generalist 'chat' without a judge) gets each expert's
     mean over the measured categories, and ``source`` says which."""
@@ -98,10 +113,25 @@ def map_table(table: Mapping[str, Mapping[str, dict]], experts: Sequence[str], c
 Chooser = Callable[[str], str]  # item -> expert
 
 
+def _always(expert: str) -> Chooser:
+    return lambda item: expert
+
+
+def _by_category(
+    assignment: Mapping[str, str], routed: Mapping[str, str], default_expert: str
+) -> Chooser:
+    return lambda item: assignment.get(routed[item], default_expert)
+
+
 class Scorer:
     """Scores policies on the grid with category weights and active-parameter costs."""
 
-    def __init__(self, grid: Grid, params: Mapping[str, float], frequencies: Mapping[str, float] | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        params: Mapping[str, float],
+        frequencies: Mapping[str, float] | None = None,
+    ):
         self.grid, self.params = grid, params
         cats = grid.categories()
         weights = {c: float((frequencies or {}).get(c, 1.0)) for c in cats}
@@ -121,11 +151,15 @@ class Scorer:
             cost += weight * sum(self.params[e] for e in picks) / len(picks)
         return score, Z95 * math.sqrt(var), cost + extra_params
 
-    def point(self, name: str, kind: str, choose: Chooser, extra_params: float = 0.0, **detail) -> Point:
+    def point(
+        self, name: str, kind: str, choose: Chooser, extra_params: float = 0.0, **detail
+    ) -> Point:
         score, ci, cost = self.evaluate(choose, extra_params)
         return Point(name, kind, score, cost, ci, detail)
 
-    def expected_point(self, name: str, kind: str, pick_weights: Callable[[str], dict[str, float]]) -> Point:
+    def expected_point(
+        self, name: str, kind: str, pick_weights: Callable[[str], dict[str, float]]
+    ) -> Point:
         """A stochastic policy, scored in expectation (e.g. a uniformly random router)."""
         score = cost = 0.0
         for cat, weight in self.weights.items():
@@ -146,8 +180,16 @@ class Analysis:
     chosen: ExpertMap
 
 
-def analyse(grid: Grid, params: Mapping[str, float], routed: Mapping[str, str], router_params: float,
-            categories: Sequence[str], source: str, router: RouterConfig, default_expert: str) -> Analysis:
+def analyse(
+    grid: Grid,
+    params: Mapping[str, float],
+    routed: Mapping[str, str],
+    router_params: float,
+    categories: Sequence[str],
+    source: str,
+    router: RouterConfig,
+    default_expert: str,
+) -> Analysis:
     """``routed``: the learned router's category for each item (after its fallback rule);
     ``categories``: every category the router can answer. The maps are built exactly as the
     server builds its map (``router.service.map_problem``: pins, the fallback category's
@@ -156,21 +198,35 @@ def analyse(grid: Grid, params: Mapping[str, float], routed: Mapping[str, str], 
     scores = map_table(table, grid.experts, categories, source)
     problem = map_problem(router, categories, dict(params), scores, default_expert)
     if problem is None:
-        raise ConfigError("no evaluated expert has a known parameter count; nothing to map", param="experts")
+        raise ConfigError(
+            "no evaluated expert has a known parameter count; nothing to map", param="experts"
+        )
     frontier = pareto_frontier(problem.table, problem.params, problem.frequencies, problem.pins)
-    chosen = best_map(problem.table, problem.params, problem.frequencies, router.budget_params, problem.pins)
+    chosen = best_map(
+        problem.table, problem.params, problem.frequencies, router.budget_params, problem.pins
+    )
     scorer = Scorer(grid, params, router.frequencies or None)
-    points = [scorer.point(e, "single", lambda i, e=e: e) for e in grid.experts]
+    points = [scorer.point(e, "single", _always(e)) for e in grid.experts]
     points += _baselines(scorer, grid, params, chosen)
     for k, plan in enumerate(frontier, 1):
-        points.append(scorer.point(f"coe map {k}/{len(frontier)}", "coe",
-                                   lambda i, a=plan.assignment: a.get(routed[i], default_expert), router_params,
-                                   map=plan.assignment, map_expected_score=round(plan.expected_score, 4),
-                                   map_avg_params=round(plan.avg_active_params), chosen=plan == chosen))
+        points.append(
+            scorer.point(
+                f"coe map {k}/{len(frontier)}",
+                "coe",
+                _by_category(plan.assignment, routed, default_expert),
+                router_params,
+                map=plan.assignment,
+                map_expected_score=round(plan.expected_score, 4),
+                map_avg_params=round(plan.avg_active_params),
+                chosen=plan == chosen,
+            )
+        )
     return Analysis(table, scores, frontier, points, chosen)
 
 
-def _baselines(scorer: Scorer, grid: Grid, params: Mapping[str, float], chosen: ExpertMap) -> list[Point]:
+def _baselines(
+    scorer: Scorer, grid: Grid, params: Mapping[str, float], chosen: ExpertMap
+) -> list[Point]:
     experts = grid.experts
     uniform = {e: 1.0 / len(experts) for e in experts}
 
@@ -184,6 +240,10 @@ def _baselines(scorer: Scorer, grid: Grid, params: Mapping[str, float], chosen: 
     return [
         scorer.expected_point("random router (expected)", "baseline", lambda i: uniform),
         scorer.point("random router (one draw)", "baseline", lambda i: drawn[i]),
-        scorer.point("category oracle + chosen map", "baseline", lambda i: chosen.assignment[grid.category[i]]),
+        scorer.point(
+            "category oracle + chosen map",
+            "baseline",
+            lambda i: chosen.assignment[grid.category[i]],
+        ),
         scorer.point("per-item oracle", "baseline", best_for_item),
     ]

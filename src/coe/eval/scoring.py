@@ -6,6 +6,7 @@ generated answer (works against any server). Everything else is scored on the ge
 exact match after answer extraction (GSM8K, MATH), pass@1 in the sandbox (HumanEval, MBPP), rule
 checks (IFEval), AST match (BFCL), or an LLM judge's 1-10 rating (MT-Bench).
 """
+
 from __future__ import annotations
 
 import math
@@ -29,8 +30,11 @@ def choice_by_logprobs(item: EvalItem, letter_logprobs: Sequence[float]) -> Verd
     best = max(range(len(letter_logprobs)), key=lambda i: letter_logprobs[i])
     right = item.reference["answer"]
     probs = _softmax(letter_logprobs)
-    return Verdict(float(best == right), f"picked {LETTERS[best]} (p={probs[best]:.2f}), "
-                                         f"answer {LETTERS[right]} (p={probs[right]:.2f})")
+    return Verdict(
+        float(best == right),
+        f"picked {LETTERS[best]} (p={probs[best]:.2f}), "
+        f"answer {LETTERS[right]} (p={probs[right]:.2f})",
+    )
 
 
 def _softmax(logprobs: Sequence[float]) -> list[float]:
@@ -40,7 +44,9 @@ def _softmax(logprobs: Sequence[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def score_text(item: EvalItem, text: str, judge: Callable[[EvalItem, str], Verdict] | None = None) -> Verdict:
+def score_text(
+    item: EvalItem, text: str, judge: Callable[[EvalItem, str], Verdict] | None = None
+) -> Verdict:
     """Score a generated answer. ``judge`` rates judged items (required for kind 'judge')."""
     scorer = _SCORERS.get(item.kind)
     if item.kind == "judge":
@@ -87,9 +93,11 @@ def _mbpp(item: EvalItem, text: str) -> Verdict:
 def _ifeval(item: EvalItem, text: str) -> Verdict:
     result = ifeval.score_item(item.reference, text)
     kept = sum(result.instruction_strict)
-    return Verdict(float(result.prompt_level_strict),
-                   f"{kept}/{len(result.instruction_strict)} instructions followed (strict); "
-                   f"loose: {'all' if result.prompt_level_loose else 'not all'}")
+    return Verdict(
+        float(result.prompt_level_strict),
+        f"{kept}/{len(result.instruction_strict)} instructions followed (strict); "
+        f"loose: {'all' if result.prompt_level_loose else 'not all'}",
+    )
 
 
 def _bfcl(item: EvalItem, text: str) -> Verdict:
@@ -98,6 +106,11 @@ def _bfcl(item: EvalItem, text: str) -> Verdict:
 
 
 _SCORERS: dict[str, Callable[[EvalItem, str], Verdict]] = {
-    "choice": _choice, "gsm8k": _gsm8k, "math": _math, "humaneval": _humaneval, "mbpp": _mbpp,
-    "ifeval": _ifeval, "bfcl": _bfcl,
+    "choice": _choice,
+    "gsm8k": _gsm8k,
+    "math": _math,
+    "humaneval": _humaneval,
+    "mbpp": _mbpp,
+    "ifeval": _ifeval,
+    "bfcl": _bfcl,
 }

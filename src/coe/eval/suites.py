@@ -8,6 +8,7 @@ are ordered by a stable hash of their id, so ``--limit N`` takes the same sample
 
 Chat-style sets without automatic scoring (MT-Bench) need an LLM judge; ``judged`` marks them.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -67,16 +68,27 @@ def _user(text: str, system: str | None = None) -> tuple[ChatMessage, ...]:
 
 # -- multiple choice --------------------------------------------------------------------------------
 def choice_prompt(question: str, options: list[str]) -> str:
-    lines = [question.strip(), ""] + [f"{LETTERS[i]}. {str(o).strip()}" for i, o in enumerate(options)]
+    lines = [question.strip(), ""] + [
+        f"{LETTERS[i]}. {str(o).strip()}" for i, o in enumerate(options)
+    ]
     return "\n".join(lines + ["", CHOICE_INSTRUCTION])
 
 
-def choice_item(suite: str, category: str, group: str, question: str, options: list, answer: int) -> EvalItem:
+def choice_item(
+    suite: str, category: str, group: str, question: str, options: list, answer: int
+) -> EvalItem:
     options = [str(o) for o in options]
     if not 0 <= answer < len(options) <= len(LETTERS):
         raise ValueError(f"{group}: answer {answer} outside {len(options)} options")
-    return EvalItem(suite, category, group, "choice", _user(choice_prompt(question, options)),
-                    {"options": options, "answer": answer}, max_tokens=8)
+    return EvalItem(
+        suite,
+        category,
+        group,
+        "choice",
+        _user(choice_prompt(question, options)),
+        {"options": options, "answer": answer},
+        max_tokens=8,
+    )
 
 
 def _mmlu(category: str) -> Callable[[], list[EvalItem]]:
@@ -86,9 +98,18 @@ def _mmlu(category: str) -> Callable[[], list[EvalItem]]:
             for i, row in enumerate(data.arrow_rows(f"hails/mmlu_no_train/{subject}/test")):
                 group = f"mmlu:{subject}:{i}"
                 if _reserved(group):
-                    items.append(choice_item(f"mmlu_{category}", category, group, row["question"],
-                                             data.as_list(row["choices"]), int(row["answer"])))
+                    items.append(
+                        choice_item(
+                            f"mmlu_{category}",
+                            category,
+                            group,
+                            row["question"],
+                            data.as_list(row["choices"]),
+                            int(row["answer"]),
+                        )
+                    )
         return items
+
     return load
 
 
@@ -99,8 +120,16 @@ def _arc_challenge() -> list[EvalItem]:
         choices = row["choices"] if isinstance(row["choices"], dict) else eval_dict(row["choices"])
         labels = list(choices["label"])
         if _reserved(group) and row["answerKey"] in labels:
-            items.append(choice_item("arc_challenge", "stem", group, row["question"], list(choices["text"]),
-                                     labels.index(row["answerKey"])))
+            items.append(
+                choice_item(
+                    "arc_challenge",
+                    "stem",
+                    group,
+                    row["question"],
+                    list(choices["text"]),
+                    labels.index(row["answerKey"]),
+                )
+            )
     return items
 
 
@@ -119,8 +148,16 @@ def _hellaswag() -> list[EvalItem]:
     for row in data.arrow_rows("hellaswag/none/validation"):
         group = f"hellaswag:{row['ind']}"
         if _reserved(group):
-            items.append(choice_item("hellaswag", "reasoning", group, f"What happens next? {row['ctx']}",
-                                     data.as_list(row["endings"]), int(row["label"])))
+            items.append(
+                choice_item(
+                    "hellaswag",
+                    "reasoning",
+                    group,
+                    f"What happens next? {row['ctx']}",
+                    data.as_list(row["endings"]),
+                    int(row["label"]),
+                )
+            )
     return items
 
 
@@ -130,7 +167,9 @@ def _medmcqa() -> list[EvalItem]:
         group = f"medmcqa:{doc['id']}"
         if _reserved(group):
             options = [doc["opa"], doc["opb"], doc["opc"], doc["opd"]]
-            items.append(choice_item("medmcqa", "medicine", group, doc["question"], options, int(doc["cop"])))
+            items.append(
+                choice_item("medmcqa", "medicine", group, doc["question"], options, int(doc["cop"]))
+            )
     return items
 
 
@@ -140,7 +179,9 @@ def _medqa() -> list[EvalItem]:
         group = f"medqa:{doc['index']}"
         if not _reserved(group):
             continue
-        question, options = _split_options(doc["query"].removeprefix("Question:").rsplit("Answer:", 1)[0])
+        question, options = _split_options(
+            doc["query"].removeprefix("Question:").rsplit("Answer:", 1)[0]
+        )
         items.append(choice_item("medqa", "medicine", group, question, options, int(doc["gold"])))
     return items
 
@@ -156,7 +197,7 @@ def _split_options(body: str) -> tuple[str, list[str]]:
         tail.append((found.group(1), found.group(2).strip()))
         lines.pop()
     tail.reverse()
-    if [letter for letter, _ in tail] != list(LETTERS[:len(tail)]):
+    if [letter for letter, _ in tail] != list(LETTERS[: len(tail)]):
         raise ValueError(f"options not in order: {[letter for letter, _ in tail]}")
     return "\n".join(lines).strip(), [text for _, text in tail]
 
@@ -182,8 +223,17 @@ def _gsm8k() -> list[EvalItem]:
         group = f"gsm8k:{doc['id']}"
         if _reserved(group):
             text = f"{doc['question']}\n\n{MATH_INSTRUCTION}"
-            items.append(EvalItem("gsm8k", "math", group, "gsm8k", _user(text),
-                                  {"answer": doc["answer"]}, max_tokens=320))
+            items.append(
+                EvalItem(
+                    "gsm8k",
+                    "math",
+                    group,
+                    "gsm8k",
+                    _user(text),
+                    {"answer": doc["answer"]},
+                    max_tokens=320,
+                )
+            )
     return items
 
 
@@ -192,8 +242,17 @@ def _math500() -> list[EvalItem]:
     for doc in data.task_docs("minerva_math_500/gold_bpb_0shot"):
         group = f"math500:{doc['index']}"  # MATH-500 is never in the router's training data
         text = f"{doc['problem']}\n\n{MATH_INSTRUCTION}"
-        items.append(EvalItem("math500", "math", group, "math", _user(text),
-                              {"solution": doc["solution"], "answer": doc["answer"]}, max_tokens=512))
+        items.append(
+            EvalItem(
+                "math500",
+                "math",
+                group,
+                "math",
+                _user(text),
+                {"solution": doc["solution"], "answer": doc["answer"]},
+                max_tokens=512,
+            )
+        )
     return items
 
 
@@ -205,9 +264,16 @@ def _humaneval() -> list[EvalItem]:
     for doc in data.task_docs("codex_humaneval/gold_bpb_0shot"):
         group = doc["task_id"]
         if _reserved(group):
-            problem = {k: doc[k] for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")}
+            problem = {
+                k: doc[k]
+                for k in ("task_id", "prompt", "canonical_solution", "test", "entry_point")
+            }
             text = f"Complete this Python function.\n\n```python\n{doc['prompt']}```\n\n{CODE_INSTRUCTION}"
-            items.append(EvalItem("humaneval", "code", group, "humaneval", _user(text), problem, max_tokens=384))
+            items.append(
+                EvalItem(
+                    "humaneval", "code", group, "humaneval", _user(text), problem, max_tokens=384
+                )
+            )
     return items
 
 
@@ -220,11 +286,19 @@ def _mbpp() -> list[EvalItem]:
         tests = list(doc.get("test_list") or [])
         if not tests:
             continue
-        text = (f"{doc['text']}\n\nYour code must pass this test:\n```python\n{tests[0]}\n```\n\n"
-                f"Write the Python code in one ```python code block.")
-        reference = {"task_id": doc["task_id"], "test_list": tests, "code": doc.get("code", ""),
-                     "test_setup_code": doc.get("test_setup_code", "")}
-        items.append(EvalItem("mbpp", "code", group, "mbpp", _user(text), reference, max_tokens=384))
+        text = (
+            f"{doc['text']}\n\nYour code must pass this test:\n```python\n{tests[0]}\n```\n\n"
+            f"Write the Python code in one ```python code block."
+        )
+        reference = {
+            "task_id": doc["task_id"],
+            "test_list": tests,
+            "code": doc.get("code", ""),
+            "test_setup_code": doc.get("test_setup_code", ""),
+        }
+        items.append(
+            EvalItem("mbpp", "code", group, "mbpp", _user(text), reference, max_tokens=384)
+        )
     return items
 
 
@@ -235,8 +309,17 @@ def _ifeval() -> list[EvalItem]:
     for row in ifeval.load_rows():
         group = f"ifeval:{row['key']}"
         if _reserved(group) and all(i in ifeval.SUPPORTED for i in row["instruction_id_list"]):
-            items.append(EvalItem("ifeval", "writing", group, "ifeval", _user(row["prompt"]), dict(row),
-                                  max_tokens=512))
+            items.append(
+                EvalItem(
+                    "ifeval",
+                    "writing",
+                    group,
+                    "ifeval",
+                    _user(row["prompt"]),
+                    dict(row),
+                    max_tokens=512,
+                )
+            )
     return items
 
 
@@ -250,8 +333,18 @@ def _bfcl() -> list[EvalItem]:
             if _reserved(group):
                 system, user = toolcall.tool_prompt(row)
                 tools = tuple({"type": "function", "function": f} for f in row["function"])
-                items.append(EvalItem("bfcl", "tool_use", group, "bfcl", _user(user, system), row,
-                                      max_tokens=256, tools=tools))
+                items.append(
+                    EvalItem(
+                        "bfcl",
+                        "tool_use",
+                        group,
+                        "bfcl",
+                        _user(user, system),
+                        row,
+                        max_tokens=256,
+                        tools=tools,
+                    )
+                )
     return items
 
 
@@ -261,49 +354,100 @@ def _mtbench() -> list[EvalItem]:
         group = f"mtbench:{row['question_id']}"
         category = data.MTBENCH_CATEGORIES[row["category"]]
         reference = {"question": row["turns"][0], "reference": (row.get("reference") or [""])[0]}
-        items.append(EvalItem("mtbench", category, group, "judge", _user(row["turns"][0]), reference,
-                              max_tokens=512))
+        items.append(
+            EvalItem(
+                "mtbench",
+                category,
+                group,
+                "judge",
+                _user(row["turns"][0]),
+                reference,
+                max_tokens=512,
+            )
+        )
     return items
 
 
-SUITES: dict[str, Suite] = {s.name: s for s in [
-    Suite("mmlu_math", "math", "choice", _mmlu("math")),
-    Suite("gsm8k", "math", "gsm8k", _gsm8k),
-    Suite("math500", "math", "math", _math500),
-    Suite("humaneval", "code", "humaneval", _humaneval),
-    Suite("mbpp", "code", "mbpp", _mbpp),
-    Suite("mmlu_stem", "stem", "choice", _mmlu("stem")),
-    Suite("arc_challenge", "stem", "choice", _arc_challenge),
-    Suite("mmlu_medicine", "medicine", "choice", _mmlu("medicine")),
-    Suite("medmcqa", "medicine", "choice", _medmcqa),
-    Suite("medqa", "medicine", "choice", _medqa),
-    Suite("mmlu_humanities", "humanities", "choice", _mmlu("humanities")),
-    Suite("mmlu_reasoning", "reasoning", "choice", _mmlu("reasoning")),
-    Suite("hellaswag", "reasoning", "choice", _hellaswag),
-    Suite("boolq", "extraction", "choice", _boolq),
-    Suite("ifeval", "writing", "ifeval", _ifeval),
-    Suite("bfcl", "tool_use", "bfcl", _bfcl),
-    Suite("mtbench", "chat", "judge", _mtbench, judged=True),
-]}
+SUITES: dict[str, Suite] = {
+    s.name: s
+    for s in [
+        Suite("mmlu_math", "math", "choice", _mmlu("math")),
+        Suite("gsm8k", "math", "gsm8k", _gsm8k),
+        Suite("math500", "math", "math", _math500),
+        Suite("humaneval", "code", "humaneval", _humaneval),
+        Suite("mbpp", "code", "mbpp", _mbpp),
+        Suite("mmlu_stem", "stem", "choice", _mmlu("stem")),
+        Suite("arc_challenge", "stem", "choice", _arc_challenge),
+        Suite("mmlu_medicine", "medicine", "choice", _mmlu("medicine")),
+        Suite("medmcqa", "medicine", "choice", _medmcqa),
+        Suite("medqa", "medicine", "choice", _medqa),
+        Suite("mmlu_humanities", "humanities", "choice", _mmlu("humanities")),
+        Suite("mmlu_reasoning", "reasoning", "choice", _mmlu("reasoning")),
+        Suite("hellaswag", "reasoning", "choice", _hellaswag),
+        Suite("boolq", "extraction", "choice", _boolq),
+        Suite("ifeval", "writing", "ifeval", _ifeval),
+        Suite("bfcl", "tool_use", "bfcl", _bfcl),
+        Suite("mtbench", "chat", "judge", _mtbench, judged=True),
+    ]
+}
+
 
 @dataclass(frozen=True)
 class SuiteSet:
     """A named selection of suites with per-kind item limits (``--limit`` overrides them)."""
+
     suites: tuple[str, ...]
     limits: dict[str, int]
 
 
 SETS = {
     # The default: one or two suites per category, small enough to finish in under 20 min here.
-    "quick": SuiteSet(("mmlu_math", "gsm8k", "humaneval", "mbpp", "arc_challenge", "medmcqa", "mmlu_humanities",
-                       "hellaswag", "boolq", "ifeval", "bfcl", "mtbench"),
-                      {"choice": 16, "gsm8k": 6, "humaneval": 6, "mbpp": 6, "ifeval": 6, "bfcl": 6, "judge": 8}),
+    "quick": SuiteSet(
+        (
+            "mmlu_math",
+            "gsm8k",
+            "humaneval",
+            "mbpp",
+            "arc_challenge",
+            "medmcqa",
+            "mmlu_humanities",
+            "hellaswag",
+            "boolq",
+            "ifeval",
+            "bfcl",
+            "mtbench",
+        ),
+        {"choice": 16, "gsm8k": 6, "humaneval": 6, "mbpp": 6, "ifeval": 6, "bfcl": 6, "judge": 8},
+    ),
     # What the packaged default score table was measured with (about 35 min here).
-    "standard": SuiteSet(("mmlu_math", "gsm8k", "humaneval", "mbpp", "mmlu_stem", "arc_challenge", "mmlu_medicine",
-                          "medmcqa", "mmlu_humanities", "mmlu_reasoning", "hellaswag", "boolq", "ifeval", "bfcl",
-                          "mtbench"),
-                         {"choice": 24, "gsm8k": 12, "humaneval": 12, "mbpp": 12, "ifeval": 12, "bfcl": 16,
-                          "judge": 16}),
+    "standard": SuiteSet(
+        (
+            "mmlu_math",
+            "gsm8k",
+            "humaneval",
+            "mbpp",
+            "mmlu_stem",
+            "arc_challenge",
+            "mmlu_medicine",
+            "medmcqa",
+            "mmlu_humanities",
+            "mmlu_reasoning",
+            "hellaswag",
+            "boolq",
+            "ifeval",
+            "bfcl",
+            "mtbench",
+        ),
+        {
+            "choice": 24,
+            "gsm8k": 12,
+            "humaneval": 12,
+            "mbpp": 12,
+            "ifeval": 12,
+            "bfcl": 16,
+            "judge": 16,
+        },
+    ),
     "all": SuiteSet(tuple(SUITES), {}),
 }
 
@@ -318,8 +462,11 @@ def resolve(spec: str) -> tuple[list[Suite], dict[str, int]]:
         limits.update(chosen.limits if chosen else {})
         for name in chosen.suites if chosen else (part,):
             if name not in SUITES:
-                raise ConfigError(f"unknown suite {name!r}; choose a set ({', '.join(SETS)}) or suites: "
-                                  f"{', '.join(SUITES)}", param="suite")
+                raise ConfigError(
+                    f"unknown suite {name!r}; choose a set ({', '.join(SETS)}) or suites: "
+                    f"{', '.join(SUITES)}",
+                    param="suite",
+                )
             if name not in names:
                 names.append(name)
     if not names:
@@ -334,6 +481,15 @@ def load_items(suite: Suite, limit: int | None) -> list[EvalItem]:
 
 def item_key(item: EvalItem) -> str:
     """What identifies an item's content for the result cache."""
-    body = json.dumps([item.suite, item.id, item.kind, item.max_tokens,
-                       [(m.role, m.content) for m in item.messages], RECIPE], sort_keys=True)
+    body = json.dumps(
+        [
+            item.suite,
+            item.id,
+            item.kind,
+            item.max_tokens,
+            [(m.role, m.content) for m in item.messages],
+            RECIPE,
+        ],
+        sort_keys=True,
+    )
     return hashlib.blake2b(body.encode(), digest_size=12).hexdigest()

@@ -26,6 +26,7 @@ Parsing is more forgiving than BFCL's decoder (fenced blocks with a language tag
 the list, JSON and OpenAI ``tool_calls`` shapes are accepted) and never ``eval``s model text;
 matching is meant to give the reference's verdict on anything both can parse.
 """
+
 from __future__ import annotations
 
 import ast
@@ -186,16 +187,18 @@ def _python_calls(src: str, allow_empty: bool = False) -> list[Call] | None:
         node = ast.parse(src, mode="eval").body
     except (SyntaxError, ValueError, MemoryError, RecursionError):
         return None
+    elts: list[ast.expr]
     if isinstance(node, ast.Call):
         elts = [node]
     elif isinstance(node, (ast.List, ast.Tuple)):
         elts = node.elts
     else:
         return None
-    if not all(isinstance(e, ast.Call) for e in elts) or (not elts and not allow_empty):
+    calls = [e for e in elts if isinstance(e, ast.Call)]
+    if len(calls) < len(elts) or (not elts and not allow_empty):
         return None
     try:
-        return [_resolve_call(e) for e in elts]
+        return [_resolve_call(e) for e in calls]
     except (ValueError, TypeError, ArithmeticError, RecursionError):
         return None
 
@@ -236,9 +239,10 @@ def _resolve_value(node: ast.expr) -> Any:
     if isinstance(node, ast.Tuple):
         return tuple(_resolve_value(v) for v in node.elts)
     if isinstance(node, ast.Dict):
-        if any(k is None for k in node.keys):
+        keys = [k for k in node.keys if k is not None]
+        if len(keys) < len(node.keys):
             raise ValueError("dict unpacking")
-        return {_resolve_value(k): _resolve_value(v) for k, v in zip(node.keys, node.values)}
+        return {_resolve_value(k): _resolve_value(v) for k, v in zip(keys, node.values)}
     if isinstance(node, ast.BinOp):
         return _binop(node)
     if isinstance(node, ast.Name):
@@ -425,7 +429,7 @@ def _answer_type(acceptable: list) -> type | None:
     return None
 
 
-def _elements_ok(value: list, acceptable_item: Any, inner: type) -> bool:
+def _elements_ok(value: Any, acceptable_item: Any, inner: type) -> bool:
     if not isinstance(acceptable_item, list):
         return True  # the reference only checks element types against list answers
     answer_type = _answer_type(acceptable_item)
@@ -444,8 +448,10 @@ def _check_type(
         return False, is_variable, f"wrong element type in {param!r}: {value!r}"
     if answer_type is not None and type(value) is answer_type:
         return True, True, ""
-    return False, is_variable, (
-        f"wrong type for {param!r}: expected {expected.__name__}, got {type(value).__name__}"
+    return (
+        False,
+        is_variable,
+        (f"wrong type for {param!r}: expected {expected.__name__}, got {type(value).__name__}"),
     )
 
 

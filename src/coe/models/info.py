@@ -1,9 +1,10 @@
 """What a weights file is: bytes, parameters, architecture, quantisation, chat template."""
+
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 from coe.errors import ModelNotAvailable
@@ -52,10 +53,16 @@ def _describe_cached(path: Path, stamp: tuple) -> ModelInfo:
     if path.is_dir():
         return _describe_checkpoint(path)
     header = read_gguf_header(path)
-    return ModelInfo(path=path, format="gguf", num_bytes=path.stat().st_size,
-                     num_params=header.num_params, architecture=header.architecture,
-                     quantization=header.quantization, chat_template=header.chat_template,
-                     context_length=header.context_length)
+    return ModelInfo(
+        path=path,
+        format="gguf",
+        num_bytes=path.stat().st_size,
+        num_params=header.num_params,
+        architecture=header.architecture,
+        quantization=header.quantization,
+        chat_template=header.chat_template,
+        context_length=header.context_length,
+    )
 
 
 def _describe_checkpoint(path: Path) -> ModelInfo:
@@ -63,11 +70,16 @@ def _describe_checkpoint(path: Path) -> ModelInfo:
     config = read_json(path / "config.json")
     tokenizer_config = read_json(path / "tokenizer_config.json")
     architectures = config.get("architectures") or [config.get("model_type", "unknown")]
-    return ModelInfo(path=path, format="safetensors", num_bytes=info.num_bytes,
-                     num_params=info.num_params, architecture=str(architectures[0]),
-                     quantization="/".join(info.dtypes),
-                     chat_template=tokenizer_config.get("chat_template"),
-                     context_length=config.get("max_position_embeddings"))
+    return ModelInfo(
+        path=path,
+        format="safetensors",
+        num_bytes=info.num_bytes,
+        num_params=info.num_params,
+        architecture=str(architectures[0]),
+        quantization="/".join(info.dtypes),
+        chat_template=tokenizer_config.get("chat_template"),
+        context_length=config.get("max_position_embeddings"),
+    )
 
 
 def read_json(path: Path) -> dict:

@@ -1,4 +1,5 @@
 """Read parameter counts and dtypes from safetensors headers (no tensor data, no torch)."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,20 @@ from pathlib import Path
 from coe.errors import ModelNotAvailable
 
 _MAX_HEADER_BYTES = 100 * 1024 * 1024
-DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-               "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+DTYPE_BYTES = {
+    "F64": 8,
+    "F32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I64": 8,
+    "I32": 4,
+    "I16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 
 
 @dataclass(frozen=True)
@@ -56,9 +69,11 @@ def checkpoint_files(directory: Path) -> list[Path]:
     if not files:
         pickles = sorted(p.name for p in directory.glob("*") if p.suffix in PICKLE_SUFFIXES)
         if pickles:
-            raise ModelNotAvailable(f"{directory}: only pickle weights ({', '.join(pickles[:3])}); coe loads "
-                                    f"safetensors and GGUF only, because unpickling can run code. Convert "
-                                    f"the checkpoint to safetensors.")
+            raise ModelNotAvailable(
+                f"{directory}: only pickle weights ({', '.join(pickles[:3])}); coe loads "
+                f"safetensors and GGUF only, because unpickling can run code. Convert "
+                f"the checkpoint to safetensors."
+            )
         raise ModelNotAvailable(f"{directory}: no *.safetensors files")
     return files
 

@@ -3,6 +3,7 @@
 Contract: ``probabilities`` is safe to call from several threads at once and returns one row per
 text, each row summing to 1 over ``categories``.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -47,9 +48,14 @@ class Router(ABC):
         probs = dict(zip(self.categories, (float(p) for p in row)))
         top = max(probs, key=probs.__getitem__)
         if probs[top] < self.threshold and top != self.fallback_category:
-            return CategoryDecision(self.fallback_category, probs[top], probs, fallback=True,
-                                    reason=f"confidence {probs[top]:.2f} in {top!r} is below the "
-                                           f"threshold {self.threshold:.2f}")
+            return CategoryDecision(
+                self.fallback_category,
+                probs[top],
+                probs,
+                fallback=True,
+                reason=f"confidence {probs[top]:.2f} in {top!r} is below the "
+                f"threshold {self.threshold:.2f}",
+            )
         return CategoryDecision(top, probs[top], probs)
 
 
@@ -59,6 +65,8 @@ def check_prompt(text: object) -> str:
     if not text.strip():
         raise InvalidRequest("the prompt is empty: nothing to route", param="prompt")
     if len(text) > MAX_PROMPT_CHARS:
-        raise InvalidRequest(f"the prompt has {len(text)} characters; the router reads at most "
-                             f"{MAX_PROMPT_CHARS}", param="prompt")
+        raise InvalidRequest(
+            f"the prompt has {len(text)} characters; the router reads at most {MAX_PROMPT_CHARS}",
+            param="prompt",
+        )
     return text

@@ -7,6 +7,7 @@ with ``max_wait_s`` > 0 it also waits that long for more) and classifies it in o
 lone request waits for nothing. The encoder's int8 linears scale each
 token on its own, so a prompt gets the same probabilities alone or in a batch.
 """
+
 from __future__ import annotations
 
 import queue
@@ -18,8 +19,9 @@ from coe.router.base import Router
 
 
 class BatchingRouter(Router):
-    def __init__(self, inner: Router, max_texts: int = 64, max_wait_s: float = 0.0,
-                 torch_threads: int = 1):
+    def __init__(
+        self, inner: Router, max_texts: int = 64, max_wait_s: float = 0.0, torch_threads: int = 1
+    ):
         super().__init__(inner.categories, inner.threshold, inner.fallback_category)
         self.inner = inner
         self.torch_threads = torch_threads
@@ -49,8 +51,9 @@ class BatchingRouter(Router):
             while count < self.max_texts:
                 left_s = deadline - time.monotonic()
                 try:
-                    item = (self._queue.get(timeout=left_s) if left_s > 0
-                            else self._queue.get_nowait())
+                    item = (
+                        self._queue.get(timeout=left_s) if left_s > 0 else self._queue.get_nowait()
+                    )
                 except queue.Empty:
                     break
                 pending.append(item)
@@ -68,5 +71,5 @@ class BatchingRouter(Router):
             return
         start = 0
         for batch, future in pending:
-            future.set_result(rows[start:start + len(batch)])
+            future.set_result(rows[start : start + len(batch)])
             start += len(batch)

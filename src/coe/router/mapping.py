@@ -6,6 +6,7 @@ its cost is the average active parameters ``sum_c f_c * params[map[c]]``. ``pare
 lists every non-dominated map exactly (dynamic programming over categories that keeps only the
 non-dominated partial states); ``best_map`` picks the best one under a parameter budget.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,32 +32,49 @@ class ScoreTable:
             if not names:
                 raise ConfigError(f"score table has no {kind}", param=kind)
             if len(set(names)) != len(names):
-                raise ConfigError(f"score table repeats one of its {kind}: {list(names)}", param=kind)
+                raise ConfigError(
+                    f"score table repeats one of its {kind}: {list(names)}", param=kind
+                )
         for cat in self.categories:
             row = self.scores.get(cat, {})
             for expert in self.experts:
                 value = row.get(expert)
                 if not is_number(value) or not math.isfinite(value):
-                    raise ConfigError(f"score table: no valid score for category {cat!r}, "
-                                      f"expert {expert!r} (got {value!r})", param="scores")
+                    raise ConfigError(
+                        f"score table: no valid score for category {cat!r}, "
+                        f"expert {expert!r} (got {value!r})",
+                        param="scores",
+                    )
 
     @classmethod
     def from_dict(cls, data: dict, *, where: str = "scores") -> ScoreTable:
         """Build from ``{"source": str, "scores": {category: {expert: float}}}``; ``where`` names it."""
-        if not isinstance(data, dict) or not isinstance(data.get("scores"), dict) or not data["scores"]:
-            raise ConfigError(f"{where}: expected an object with a non-empty 'scores' object", param="scores")
+        if (
+            not isinstance(data, dict)
+            or not isinstance(data.get("scores"), dict)
+            or not data["scores"]
+        ):
+            raise ConfigError(
+                f"{where}: expected an object with a non-empty 'scores' object", param="scores"
+            )
         source = data.get("source", "")
         if not isinstance(source, str):
             raise ConfigError(f"{where}: 'source' must be a string", param="source")
         experts: list[str] = []
         for cat, row in data["scores"].items():
             if not isinstance(row, dict) or not row:
-                raise ConfigError(f"{where}: scores for category {cat!r} must be a non-empty object",
-                                  param="scores")
+                raise ConfigError(
+                    f"{where}: scores for category {cat!r} must be a non-empty object",
+                    param="scores",
+                )
             experts += [e for e in row if e not in experts]
         try:
-            return cls(tuple(data["scores"]), tuple(experts),
-                       {c: dict(r) for c, r in data["scores"].items()}, source)
+            return cls(
+                tuple(data["scores"]),
+                tuple(experts),
+                {c: dict(r) for c, r in data["scores"].items()},
+                source,
+            )
         except ConfigError as exc:
             raise ConfigError(f"{where}: {exc.message}", param=exc.param) from None
 
@@ -66,14 +84,18 @@ class ScoreTable:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
         except OSError as exc:
-            raise ConfigError(f"{path}: cannot read score file: {exc.strerror or exc}", param="scores") from None
+            raise ConfigError(
+                f"{path}: cannot read score file: {exc.strerror or exc}", param="scores"
+            ) from None
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(f"{path}: not valid JSON: {exc}", param="scores") from None
         return cls.from_dict(data, where=str(path))
 
     def to_dict(self) -> dict:
-        return {"source": self.source,
-                "scores": {c: {e: self.scores[c][e] for e in self.experts} for c in self.categories}}
+        return {
+            "source": self.source,
+            "scores": {c: {e: self.scores[c][e] for e in self.experts} for c in self.categories},
+        }
 
     def restricted(self, experts) -> ScoreTable:
         """The same table with only ``experts`` (kept in table order)."""
@@ -106,12 +128,19 @@ def evaluate_map(assignment, table: ScoreTable, params, frequencies) -> ExpertMa
     freqs = _normalised(frequencies, table)
     cost = _checked_params(params, table)
     ordered = {c: assignment[c] for c in table.categories}
-    return ExpertMap(ordered, sum(freqs[c] * table.scores[c][e] for c, e in ordered.items()),
-                     sum(freqs[c] * cost[e] for c, e in ordered.items()))
+    return ExpertMap(
+        ordered,
+        sum(freqs[c] * table.scores[c][e] for c, e in ordered.items()),
+        sum(freqs[c] * cost[e] for c, e in ordered.items()),
+    )
 
 
-def pareto_frontier(table: ScoreTable, params: dict[str, float], frequencies: dict[str, float],
-                    pins: dict[str, str] | None = None) -> list[ExpertMap]:
+def pareto_frontier(
+    table: ScoreTable,
+    params: dict[str, float],
+    frequencies: dict[str, float],
+    pins: dict[str, str] | None = None,
+) -> list[ExpertMap]:
     """Every non-dominated map, by avg active params ascending with strictly rising score."""
     freqs = _normalised(frequencies, table)
     cost = _checked_params(params, table)
@@ -120,24 +149,36 @@ def pareto_frontier(table: ScoreTable, params: dict[str, float], frequencies: di
     for cat in table.categories:
         options = _options(cat, table, cost, freqs[cat], pins)
         states = _prune([(p + op, s + os, a + (i,)) for p, s, a in states for op, os, i in options])
-    return [ExpertMap({c: table.experts[i] for c, i in zip(table.categories, a)}, score, cost_params)
-            for cost_params, score, a in states]
+    return [
+        ExpertMap({c: table.experts[i] for c, i in zip(table.categories, a)}, score, cost_params)
+        for cost_params, score, a in states
+    ]
 
 
-def best_map(table: ScoreTable, params: dict[str, float], frequencies: dict[str, float],
-             budget_params: float | None, pins: dict[str, str] | None = None) -> ExpertMap:
+def best_map(
+    table: ScoreTable,
+    params: dict[str, float],
+    frequencies: dict[str, float],
+    budget_params: float | None,
+    pins: dict[str, str] | None = None,
+) -> ExpertMap:
     """The best-scoring map whose avg active params fit ``budget_params`` (None: no limit)."""
     frontier = pareto_frontier(table, params, frequencies, pins)
     if budget_params is None:
         return frontier[-1]
     if not is_number(budget_params) or math.isnan(budget_params):
-        raise ConfigError(f"budget must be a number of params, got {budget_params!r}", param="budget_params")
+        raise ConfigError(
+            f"budget must be a number of params, got {budget_params!r}", param="budget_params"
+        )
     fitting = [m for m in frontier if m.avg_active_params <= budget_params * (1 + 1e-9) + EPS]
     if not fitting:
         cheapest = frontier[0].avg_active_params
-        raise ConfigError(f"budget of {format_params(budget_params)} avg active params is below the "
-                          f"cheapest possible map; the minimum feasible budget is {format_params(cheapest)} "
-                          f"({cheapest:.0f} params)", param="budget_params")
+        raise ConfigError(
+            f"budget of {format_params(budget_params)} avg active params is below the "
+            f"cheapest possible map; the minimum feasible budget is {format_params(cheapest)} "
+            f"({cheapest:.0f} params)",
+            param="budget_params",
+        )
     return fitting[-1]
 
 
@@ -153,8 +194,10 @@ def format_params(count: float) -> str:
 def format_frontier(frontier: list[ExpertMap]) -> str:
     """A plain-text table of the frontier: avg active params, expected score, the map."""
     rows = [("avg params", "score", "map (expert: categories)")]
-    rows += [(format_params(m.avg_active_params), f"{m.expected_score:.3f}",
-              _grouped(m.assignment)) for m in frontier]
+    rows += [
+        (format_params(m.avg_active_params), f"{m.expected_score:.3f}", _grouped(m.assignment))
+        for m in frontier
+    ]
     widths = [max(len(r[i]) for r in rows) for i in range(2)]
     return "\n".join(f"{r[0]:>{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]}".rstrip() for r in rows)
 
@@ -166,8 +209,9 @@ def _grouped(assignment: dict[str, str]) -> str:
     return " | ".join(f"{e}: {','.join(cats)}" for e, cats in by_expert.items())
 
 
-def _options(cat: str, table: ScoreTable, cost: dict[str, float], freq: float,
-             pins: dict[str, str]) -> list[tuple[float, float, int]]:
+def _options(
+    cat: str, table: ScoreTable, cost: dict[str, float], freq: float, pins: dict[str, str]
+) -> list[tuple[float, float, int]]:
     """The (params, score, expert index) choices for one category, already weighted by frequency."""
     if cat in pins:
         indices = [table.experts.index(pins[cat])]
@@ -175,10 +219,15 @@ def _options(cat: str, table: ScoreTable, cost: dict[str, float], freq: float,
         indices = [min(range(len(table.experts)), key=lambda i: (cost[table.experts[i]], i))]
     else:
         indices = list(range(len(table.experts)))
-    return [(freq * cost[table.experts[i]], freq * table.scores[cat][table.experts[i]], i) for i in indices]
+    return [
+        (freq * cost[table.experts[i]], freq * table.scores[cat][table.experts[i]], i)
+        for i in indices
+    ]
 
 
-def _prune(states: list[tuple[float, float, tuple[int, ...]]]) -> list[tuple[float, float, tuple[int, ...]]]:
+def _prune(
+    states: list[tuple[float, float, tuple[int, ...]]],
+) -> list[tuple[float, float, tuple[int, ...]]]:
     """Keep the states whose score beats every state at lower-or-equal params (ties: table order)."""
     kept: list[tuple[float, float, tuple[int, ...]]] = []
     for state in sorted(states, key=lambda s: (s[0], -s[1], s[2])):
@@ -194,8 +243,10 @@ def _normalised(frequencies: dict[str, float], table: ScoreTable) -> dict[str, f
     _check_known(set(frequencies), table.categories, "category", "frequencies")
     for cat, freq in frequencies.items():
         if not is_number(freq) or not math.isfinite(freq) or freq < 0:
-            raise ConfigError(f"frequency of category {cat!r} must be a number >= 0, got {freq!r}",
-                              param="frequencies")
+            raise ConfigError(
+                f"frequency of category {cat!r} must be a number >= 0, got {freq!r}",
+                param="frequencies",
+            )
     total = sum(frequencies.get(c, 0.0) for c in table.categories)
     if total <= 0:
         raise ConfigError("category frequencies sum to 0", param="frequencies")
@@ -206,8 +257,10 @@ def _checked_params(params: dict[str, float], table: ScoreTable) -> dict[str, fl
     for expert in table.experts:
         value = params.get(expert)
         if not is_number(value) or not math.isfinite(value) or value < 0:
-            raise ConfigError(f"active params of expert {expert!r} must be a number >= 0, got {value!r}",
-                              param="params")
+            raise ConfigError(
+                f"active params of expert {expert!r} must be a number >= 0, got {value!r}",
+                param="params",
+            )
     return params
 
 
@@ -220,5 +273,7 @@ def _checked_pins(pins: dict[str, str], table: ScoreTable) -> dict[str, str]:
 def _check_known(names: set, known: tuple[str, ...], kind: str, param: str) -> None:
     unknown = sorted(str(n) for n in names if n not in known)
     if unknown:
-        raise ConfigError(f"{param}: unknown {kind} {', '.join(map(repr, unknown))} "
-                          f"(known: {', '.join(known)})", param=param)
+        raise ConfigError(
+            f"{param}: unknown {kind} {', '.join(map(repr, unknown))} (known: {', '.join(known)})",
+            param=param,
+        )

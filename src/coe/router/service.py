@@ -6,13 +6,14 @@ but the last) is recomputed from the messages (the encoder caches embeddings, so
 and the conversation moves to another expert only when the new category beats the old one by
 ``stay_margin``.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from importlib import resources
 from pathlib import Path
-from typing import Sequence
 
 from coe.config import RouterConfig
 from coe.errors import ConfigError, InvalidRequest
@@ -32,7 +33,9 @@ def router_num_params(config: RouterConfig, home: str | Path) -> int:
     from coe.router.encoder import default_encoder_dir
 
     folder = Path(config.artifact) if config.artifact else default_artifact_dir(home)
-    return file_params(default_encoder_dir() / "model.safetensors") + file_params(folder / "head.safetensors")
+    return file_params(default_encoder_dir() / "model.safetensors") + file_params(
+        folder / "head.safetensors"
+    )
 
 
 def load_score_table(path: str | None) -> ScoreTable:
@@ -52,26 +55,46 @@ class MapProblem:
     pins: dict[str, str]
 
 
-def map_problem(config: RouterConfig, categories: Sequence[str], params: dict[str, int | None],
-                table: ScoreTable, default_expert: str) -> MapProblem | None:
+def map_problem(
+    config: RouterConfig,
+    categories: Sequence[str],
+    params: Mapping[str, float | None],
+    table: ScoreTable,
+    default_expert: str,
+) -> MapProblem | None:
     wanted = _wanted(config, categories)
     scored = [e for e in table.experts if params.get(e)]
     wanted_pins = _pins(config, default_expert)
     # a category pinned to an expert the optimiser cannot price is decided by its pin alone
-    covered = [c for c in wanted if c in table.categories
-               and (c not in wanted_pins or wanted_pins[c] in scored)]
+    covered = [
+        c
+        for c in wanted
+        if c in table.categories and (c not in wanted_pins or wanted_pins[c] in scored)
+    ]
     if not scored or not covered:
         return None
-    sub = ScoreTable(tuple(covered), tuple(scored),
-                     {c: {e: table.scores[c][e] for e in scored} for c in covered}, table.source)
-    freqs = ({c: float(config.frequencies.get(c, 0.0)) for c in covered}
-             if config.frequencies else uniform_frequencies(covered))
+    sub = ScoreTable(
+        tuple(covered),
+        tuple(scored),
+        {c: {e: table.scores[c][e] for e in scored} for c in covered},
+        table.source,
+    )
+    freqs = (
+        {c: float(config.frequencies.get(c, 0.0)) for c in covered}
+        if config.frequencies
+        else uniform_frequencies(covered)
+    )
     pins = {c: e for c, e in wanted_pins.items() if c in covered}
-    return MapProblem(sub, {e: float(params[e]) for e in scored}, freqs, pins)
+    return MapProblem(sub, {e: float(params[e] or 0) for e in scored}, freqs, pins)
 
 
-def build_map(config: RouterConfig, categories: Sequence[str], params: dict[str, int | None],
-              default_expert: str, table: ScoreTable) -> tuple[dict[str, str], ExpertMap | None]:
+def build_map(
+    config: RouterConfig,
+    categories: Sequence[str],
+    params: dict[str, int | None],
+    default_expert: str,
+    table: ScoreTable,
+) -> tuple[dict[str, str], ExpertMap | None]:
     """category -> expert for every category the router can emit (plus the fallback).
 
     Experts missing from the score table or without a known size take part only through pins;
@@ -80,8 +103,9 @@ def build_map(config: RouterConfig, categories: Sequence[str], params: dict[str,
     problem = map_problem(config, categories, params, table, default_expert)
     chosen = None
     if problem:
-        chosen = best_map(problem.table, problem.params, problem.frequencies,
-                          config.budget_params, problem.pins)
+        chosen = best_map(
+            problem.table, problem.params, problem.frequencies, config.budget_params, problem.pins
+        )
     assignment = {c: default_expert for c in _wanted(config, categories)}
     if chosen:
         assignment.update(chosen.assignment)
@@ -95,8 +119,10 @@ def _pins(config: RouterConfig, default_expert: str) -> dict[str, str]:
 
 
 def _wanted(config: RouterConfig, categories: Sequence[str]) -> list[str]:
-    return [*categories, *([config.fallback_category]
-                           if config.fallback_category not in categories else [])]
+    return [
+        *categories,
+        *([config.fallback_category] if config.fallback_category not in categories else []),
+    ]
 
 
 @dataclass
@@ -108,24 +134,36 @@ class ExpertRouter:
     score_source: str = ""
     table: ScoreTable | None = None
 
-    def prefer_resident(self, decision: RouteDecision, hot: Sequence[str], tolerance: float) -> RouteDecision:
+    def prefer_resident(
+        self, decision: RouteDecision, hot: Sequence[str], tolerance: float
+    ) -> RouteDecision:
         """Serve from a hot expert instead of a cold planned one when its expected score for the
         category is within ``tolerance`` of the planned expert's (residency-aware routing)."""
         table, category = self.table, decision.category
-        if tolerance <= 0 or decision.expert in hot or table is None or category not in table.scores:
+        if (
+            tolerance <= 0
+            or decision.expert in hot
+            or table is None
+            or category not in table.scores
+        ):
             return decision
         scores = table.scores[category]
         planned = scores.get(decision.expert)
-        near = [(scores[e], e) for e in hot if e in scores and planned is not None
-                and scores[e] >= planned - tolerance]
+        if planned is None:
+            return decision
+        near = [(scores[e], e) for e in hot if e in scores and scores[e] >= planned - tolerance]
         if not near:
             return decision
         score, expert = max(near)
-        return replace(decision, expert=expert, planned_expert=decision.expert,
-                       score_given_up=max(0.0, planned - score),
-                       reason=(decision.reason + "; " if decision.reason else "")
-                       + f"served by hot {expert} (expected {score:.3f}) instead of cold {decision.expert} "
-                         f"({planned:.3f}), within switch_tolerance {tolerance}")
+        return replace(
+            decision,
+            expert=expert,
+            planned_expert=decision.expert,
+            score_given_up=max(0.0, planned - score),
+            reason=(decision.reason + "; " if decision.reason else "")
+            + f"served by hot {expert} (expected {score:.3f}) instead of cold {decision.expert} "
+            f"({planned:.3f}), within switch_tolerance {tolerance}",
+        )
 
     def next_best(self, category: str, usable) -> str | None:
         """The best-scoring expert for ``category`` that ``usable(expert)`` accepts: by the score
@@ -141,8 +179,9 @@ class ExpertRouter:
     def route_prompt(self, prompt: str, tools: Sequence[dict] | None = None) -> RouteDecision:
         return self.explain_prompt(prompt, tools)[0]
 
-    def explain_prompt(self, prompt: str, tools: Sequence[dict] | None = None
-                       ) -> tuple[RouteDecision, CategoryDecision]:
+    def explain_prompt(
+        self, prompt: str, tools: Sequence[dict] | None = None
+    ) -> tuple[RouteDecision, CategoryDecision]:
         """The decision and the category probabilities behind it."""
         decision = self.router.classify([with_tools(check_prompt(prompt), tools)])[0]
         return self._decision(decision), decision
@@ -150,12 +189,14 @@ class ExpertRouter:
     def route_prompts(self, prompts: list[str]) -> list[RouteDecision]:
         return [self._decision(d) for d in self.router.classify(prompts)]
 
-    def route_messages(self, messages: Sequence[ChatMessage],
-                       tools: Sequence[dict] | None = None) -> RouteDecision:
+    def route_messages(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None
+    ) -> RouteDecision:
         turns = user_turns(messages)
         if not turns:
-            raise InvalidRequest("the conversation has no user message with text to route",
-                                 param="messages")
+            raise InvalidRequest(
+                "the conversation has no user message with text to route", param="messages"
+            )
         last = with_tools(check_prompt(turns[-1]), tools)
         if len(turns) == 1:
             return self._decision(self.router.classify([last])[0])
@@ -168,41 +209,57 @@ class ExpertRouter:
 
     def _stay(self, decision: CategoryDecision, previous: CategoryDecision) -> CategoryDecision:
         """Keep the conversation's category unless the new one is clearly more likely."""
-        same_expert = (self.assignment.get(decision.category)
-                       == self.assignment.get(previous.category))
+        same_expert = self.assignment.get(decision.category) == self.assignment.get(
+            previous.category
+        )
         gain = decision.confidence - decision.probabilities.get(previous.category, 0.0)
         if same_expert or gain >= self.stay_margin:
             return decision
-        return CategoryDecision(previous.category, decision.probabilities.get(previous.category, 0.0),
-                                decision.probabilities, previous.fallback,
-                                f"kept on the conversation's category {previous.category!r}: "
-                                f"{decision.category!r} is only {gain:.2f} more likely "
-                                f"(margin {self.stay_margin:.2f})")
+        return CategoryDecision(
+            previous.category,
+            decision.probabilities.get(previous.category, 0.0),
+            decision.probabilities,
+            previous.fallback,
+            f"kept on the conversation's category {previous.category!r}: "
+            f"{decision.category!r} is only {gain:.2f} more likely "
+            f"(margin {self.stay_margin:.2f})",
+        )
 
     def _decision(self, decision: CategoryDecision) -> RouteDecision:
         expert = self.assignment[decision.category]
-        alternatives = tuple((cat, self.assignment.get(cat, expert), round(p, 4))
-                             for cat, p in decision.ranked() if cat != decision.category)[:3]
-        return RouteDecision(category=decision.category, confidence=decision.confidence,
-                             expert=expert, alternatives=alternatives, fallback=decision.fallback,
-                             reason=decision.reason)
+        alternatives = tuple(
+            (cat, self.assignment.get(cat, expert), round(p, 4))
+            for cat, p in decision.ranked()
+            if cat != decision.category
+        )[:3]
+        return RouteDecision(
+            category=decision.category,
+            confidence=decision.confidence,
+            expert=expert,
+            alternatives=alternatives,
+            fallback=decision.fallback,
+            reason=decision.reason,
+        )
 
 
 def check_categories(config: RouterConfig, categories: Sequence[str]) -> None:
     known = {*categories, config.fallback_category}
     unknown = sorted(set(config.pins) - known)
     if unknown:
-        raise ConfigError(f"router.pins.{unknown[0]}: the router has no category {unknown[0]!r} "
-                          f"(categories: {', '.join(sorted(known))})", param=f"router.pins.{unknown[0]}")
+        raise ConfigError(
+            f"router.pins.{unknown[0]}: the router has no category {unknown[0]!r} "
+            f"(categories: {', '.join(sorted(known))})",
+            param=f"router.pins.{unknown[0]}",
+        )
 
 
-def load_expert_router(config: RouterConfig, home: str | Path, params: dict[str, int | None],
-                       default_expert: str) -> ExpertRouter:
+def load_expert_router(
+    config: RouterConfig, home: str | Path, params: dict[str, int | None], default_expert: str
+) -> ExpertRouter:
     """The trained router named by the config (or the default artifact under ``home``) with its
     category-to-expert map. Raises RouterUnavailable when the artifact is missing or corrupt."""
-    from coe.router.learned import LearnedRouter
-
     from coe.router.batching import BatchingRouter
+    from coe.router.learned import LearnedRouter
 
     folder = Path(config.artifact) if config.artifact else default_artifact_dir(home)
     router = BatchingRouter(LearnedRouter.load(folder, config.fallback_category, config.threshold))

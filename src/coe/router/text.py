@@ -1,4 +1,5 @@
 """What the router reads: one string per prompt, built the same way in training and in serving."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -17,7 +18,9 @@ def tools_text(tools: Sequence[dict]) -> str:
             continue
         params = fn.get("parameters", {})
         names = list(params.get("properties", {})) if isinstance(params, dict) else []
-        lines.append(f"- {fn.get('name', '?')}({', '.join(map(str, names))}): {fn.get('description', '')}")
+        lines.append(
+            f"- {fn.get('name', '?')}({', '.join(map(str, names))}): {fn.get('description', '')}"
+        )
     return ("Available functions:\n" + "\n".join(lines))[:MAX_TOOL_CHARS] if lines else ""
 
 

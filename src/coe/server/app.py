@@ -1,4 +1,5 @@
 """The OpenAI-compatible HTTP server: ``create_app(engine)`` builds it; nothing runs at import."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,10 +7,12 @@ import json
 import math
 import time
 import uuid
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
-from typing import AsyncIterator
+from typing import Any
 
-from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi import Depends, FastAPI
+from fastapi import Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
@@ -23,6 +26,7 @@ from coe.errors import CoEError, GenerationError, InvalidRequest, PayloadTooLarg
 from coe.server.auth import KeyAuth
 from coe.server.console import install_console
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
+from coe.server.shapes import health_json, snapshot_json, state_word
 from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
 
 
@@ -35,23 +39,31 @@ def create_app(engine: Engine) -> FastAPI:
         finally:
             await asyncio.to_thread(engine.stop)
 
-    auth = KeyAuth(engine.config.server.api_keys, engine.config.server.public_paths,
-                   engine.config.server.rate_limit_per_minute)
+    auth = KeyAuth(
+        engine.config.server.api_keys,
+        engine.config.server.public_paths,
+        engine.config.server.rate_limit_per_minute,
+    )
 
     async def check_key(http: HTTPRequest) -> None:
         auth.check(http.url.path, http.headers)
 
-    app = FastAPI(title="coe", version="0.1.0", lifespan=lifespan, dependencies=[Depends(check_key)])
+    app = FastAPI(
+        title="coe", version="0.1.0", lifespan=lifespan, dependencies=[Depends(check_key)]
+    )
     app.state.engine = engine
     app.state.started_s = int(time.time())
     _install_error_handlers(app)
     _install_routes(app, engine)
     install_console(app, engine)
-    app.openapi = lambda: _openapi(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]  # FastAPI's documented override
     return app
 
 
-REQUEST_BODIES = {"/v1/chat/completions": ChatCompletionRequest, "/v1/completions": CompletionRequest}
+REQUEST_BODIES: dict[str, type[ChatCompletionRequest] | type[CompletionRequest]] = {
+    "/v1/chat/completions": ChatCompletionRequest,
+    "/v1/completions": CompletionRequest,
+}
 
 
 def _openapi(app: FastAPI) -> dict:
@@ -69,23 +81,37 @@ def _openapi(app: FastAPI) -> dict:
             body["additionalProperties"] = False
             components[model.__name__] = body
             schema["paths"][path]["post"]["requestBody"] = {
-                "required": True, "content": {"application/json": {"schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}
+                    }
+                },
+            }
         app.openapi_schema = schema
     return app.openapi_schema
 
 
 # ---- errors: one translation to the OpenAI format ----------------------------------------------
 
-def _error_response(status: int, message: str, error_type: str, code: str | None, param: str | None = None):
-    return JSONResponse({"error": {"message": message, "type": error_type, "param": param, "code": code}},
-                        status_code=status)
+
+def _error_response(
+    status: int, message: str, error_type: str, code: str | None, param: str | None = None
+):
+    return JSONResponse(
+        {"error": {"message": message, "type": error_type, "param": param, "code": code}},
+        status_code=status,
+    )
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(CoEError)
     async def coe_error(_: HTTPRequest, exc: CoEError):
-        headers = ({"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
-                   if exc.retry_after_s is not None else None)
+        headers = (
+            {"Retry-After": str(max(1, math.ceil(exc.retry_after_s)))}
+            if exc.retry_after_s is not None
+            else None
+        )
         return JSONResponse(exc.to_openai(), status_code=exc.http_status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
@@ -105,17 +131,31 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 # ---- routes ------------------------------------------------------------------------------------
 
+
 def _install_routes(app: FastAPI, engine: Engine) -> None:
     @app.get("/health")
     async def health():
-        snapshot = await asyncio.to_thread(engine.snapshot)
-        return {"status": "ok", "queue_depth": engine.queue_depth(),
-                "experts": {e["name"]: e["state"] for e in snapshot["experts"]},
-                "unhealthy": {name: record for name, record in engine.health.snapshot(time.monotonic()).items()
-                              if not record["healthy"]}}
+        snapshot = await asyncio.to_thread(engine.views.snapshot)
+        return {
+            "status": "ok",
+            "queue_depth": engine.queue_depth(),
+            "experts": {e.name: state_word(e) for e in snapshot.experts},
+            "unhealthy": {
+                name: health_json(record)
+                for name, record in engine.health.snapshot(time.monotonic()).items()
+                if not record.healthy
+            },
+        }
 
-    @app.get("/metrics", responses={200: {"content": {METRICS_CONTENT_TYPE: {}},
-                                           "description": "Prometheus text exposition format"}})
+    @app.get(
+        "/metrics",
+        responses={
+            200: {
+                "content": {METRICS_CONTENT_TYPE: {}},
+                "description": "Prometheus text exposition format",
+            }
+        },
+    )
     async def metrics():
         """Prometheus text format: requests, tokens, queues, latencies, switches, cache, router."""
         body = await asyncio.to_thread(engine.metrics.exposition)
@@ -125,25 +165,31 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
     async def list_experts():
         """Each expert's tier and measured footprint, the tier budgets, the cache's counters and
         the requests waiting per expert."""
-        snapshot = await asyncio.to_thread(engine.snapshot)
-        return {**snapshot, "queue_depth": engine.queued_by_expert()}
+        snapshot = await asyncio.to_thread(engine.views.snapshot)
+        return {**snapshot_json(snapshot), "queue_depth": engine.queued_by_expert()}
 
     @app.get("/v1/models")
     async def list_models():
-        return {"object": "list", "data": await asyncio.to_thread(_model_cards, engine, app.state.started_s)}
+        return {
+            "object": "list",
+            "data": await asyncio.to_thread(_model_cards, engine, app.state.started_s),
+        }
 
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str):
         for card in await asyncio.to_thread(_model_cards, engine, app.state.started_s):
             if card["id"] == model_id:
                 return card
-        engine.resolve(model_id)  # raises UnknownExpert with the list of models
+        engine.routing.resolve(model_id)  # raises UnknownExpert with the list of models
         raise InvalidRequest(f"model {model_id!r} not found")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         body = await _parse_body(http, ChatCompletionRequest, engine.config.server)
-        messages = tuple(ChatMessage(m.role if m.role != "developer" else "system", m.text()) for m in body.messages)
+        messages = tuple(
+            ChatMessage(m.role if m.role != "developer" else "system", m.text())
+            for m in body.messages
+        )
         max_tokens = body.max_completion_tokens or body.max_tokens
         return await _serve(engine, body, http, "chat.completion", max_tokens, messages=messages)
 
@@ -152,7 +198,9 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
         body = await _parse_body(http, CompletionRequest, engine.config.server)
         prompt = body.prompt_text()
         if prompt is None:
-            raise InvalidRequest("prompt: exactly one prompt string per request is supported", param="prompt")
+            raise InvalidRequest(
+                "prompt: exactly one prompt string per request is supported", param="prompt"
+            )
         return await _serve(engine, body, http, "text_completion", body.max_tokens, prompt=prompt)
 
 
@@ -164,8 +212,9 @@ async def _parse_body(http: HTTPRequest, schema: type[BaseModel], limits):
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8 text") from None
     except json.JSONDecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} "
-                             f"column {exc.colno}") from None
+        raise InvalidRequest(
+            f"the request body is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
+        ) from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
     if not isinstance(data, dict):
@@ -173,16 +222,23 @@ async def _parse_body(http: HTTPRequest, schema: type[BaseModel], limits):
     try:  # JSON may carry unpaired UTF-16 surrogates ("\ud800"), which no tokenizer can encode
         json.dumps(data, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise InvalidRequest("the request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff)") from None
+        raise InvalidRequest(
+            "the request body contains an unpaired UTF-16 surrogate (\\ud800-\\udfff)"
+        ) from None
     except RecursionError:
         raise InvalidRequest("the request body is nested too deeply") from None
     unknown = unknown_fields(schema, data)
     if unknown:
-        raise InvalidRequest(f"{unknown[0]}: unknown field (not an OpenAI parameter coe accepts)", param=unknown[0])
+        raise InvalidRequest(
+            f"{unknown[0]}: unknown field (not an OpenAI parameter coe accepts)", param=unknown[0]
+        )
     messages = data.get("messages")
     if isinstance(messages, list) and len(messages) > limits.max_messages:
-        raise InvalidRequest(f"messages: at most {limits.max_messages} messages per request "
-                             f"(server.max_messages), got {len(messages)}", param="messages")
+        raise InvalidRequest(
+            f"messages: at most {limits.max_messages} messages per request "
+            f"(server.max_messages), got {len(messages)}",
+            param="messages",
+        )
     try:
         return schema.model_validate(data)
     except ValidationError as exc:
@@ -197,31 +253,40 @@ async def _read_body(http: HTTPRequest, max_bytes: int) -> bytes:
     declared = http.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > max_bytes:
         await _discard_body(http, 0)
-        raise PayloadTooLarge(f"the request body has {declared} bytes; the limit is {max_bytes} "
-                              f"(server.max_body_bytes)", param="body")
+        raise PayloadTooLarge(
+            f"the request body has {declared} bytes; the limit is {max_bytes} "
+            f"(server.max_body_bytes)",
+            param="body",
+        )
     chunks, size = [], 0
     async for chunk in http.stream():
         size += len(chunk)
         if size > max_bytes:
             await _discard_body(http, size)
-            raise PayloadTooLarge(f"the request body is larger than {max_bytes} bytes (server.max_body_bytes)",
-                                  param="body")
+            raise PayloadTooLarge(
+                f"the request body is larger than {max_bytes} bytes (server.max_body_bytes)",
+                param="body",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
 
-DISCARD_MAX_BYTES = 64 * 2**20  # of a refused body, read at most this much (nginx's lingering close)
-DISCARD_MAX_S = 5.0             # ... for at most this long; then the connection closes unread
+DISCARD_MAX_BYTES = (
+    64 * 2**20
+)  # of a refused body, read at most this much (nginx's lingering close)
+DISCARD_MAX_S = 5.0  # ... for at most this long; then the connection closes unread
 
 
 async def _discard_body(http: HTTPRequest, read_bytes: int) -> None:
     """Read what is left of a refused body, up to DISCARD_MAX_BYTES in all and DISCARD_MAX_S."""
+
     async def drain() -> None:
         size = read_bytes
         async for chunk in http.stream():
             size += len(chunk)
             if size > DISCARD_MAX_BYTES:
                 return
+
     try:
         await asyncio.wait_for(drain(), DISCARD_MAX_S)
     except RuntimeError:  # starlette: "Stream consumed", the body had all arrived
@@ -230,7 +295,7 @@ async def _discard_body(http: HTTPRequest, read_bytes: int) -> None:
         pass
 
 
-def _describe_validation(errors: list) -> tuple[str, str | None]:
+def _describe_validation(errors: Sequence[Any]) -> tuple[str, str | None]:
     """The first pydantic error as (message, param)."""
     first = errors[0] if errors else {}
     param = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
@@ -238,19 +303,41 @@ def _describe_validation(errors: list) -> tuple[str, str | None]:
 
 
 def _model_cards(engine: Engine, created_s: int) -> list[dict]:
-    router = engine.router
-    routed = {"routed": router is not None, "default_expert": engine.config.default_expert,
-              "map": dict(router.assignment) if router else None,
-              "scores_source": router.score_source if router else None,
-              "unavailable_reason": engine.router_error}
-    cards = [{"id": ROUTED_MODEL, "object": "model", "created": created_s, "owned_by": "coe",
-              "coe": routed}]
-    for state in engine.expert_states():
+    router = engine.routing.router
+    routed = {
+        "routed": router is not None,
+        "default_expert": engine.config.default_expert,
+        "map": dict(router.assignment) if router else None,
+        "scores_source": router.score_source if router else None,
+        "unavailable_reason": engine.routing.router_error,
+    }
+    cards = [
+        {
+            "id": ROUTED_MODEL,
+            "object": "model",
+            "created": created_s,
+            "owned_by": "coe",
+            "coe": routed,
+        }
+    ]
+    for state in engine.views.expert_states():
         expert = engine.config.expert(state.name)
-        cards.append({"id": state.name, "object": "model", "created": created_s, "owned_by": "coe",
-                      "coe": {"source": expert.source, "backend": state.backend, "state": state.state,
-                              "num_params": state.num_params, "num_bytes": state.num_bytes,
-                              "description": expert.description}})
+        cards.append(
+            {
+                "id": state.name,
+                "object": "model",
+                "created": created_s,
+                "owned_by": "coe",
+                "coe": {
+                    "source": expert.source,
+                    "backend": state.backend,
+                    "state": state_word(state),
+                    "num_params": state.num_params,
+                    "num_bytes": state.num_bytes,
+                    "description": expert.description,
+                },
+            }
+        )
     return cards
 
 
@@ -283,7 +370,9 @@ class _AsyncSink:
             remaining_s = self.deadline_s - time.monotonic()
             if remaining_s <= 0:
                 request.cancel("timeout")
-                raise RequestTimeout(f"the request took longer than server.request_timeout_s = {self.timeout_s} s")
+                raise RequestTimeout(
+                    f"the request took longer than server.request_timeout_s = {self.timeout_s} s"
+                )
             try:
                 return await asyncio.wait_for(self._queue.get(), min(remaining_s, self._POLL_S))
             except asyncio.TimeoutError:
@@ -295,18 +384,40 @@ class _AsyncSink:
                 raise
 
 
-async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens: int | None, *,
-                 messages=None, prompt=None):
+async def _serve(
+    engine: Engine,
+    body,
+    http: HTTPRequest,
+    kind: str,
+    max_tokens: int | None,
+    *,
+    messages=None,
+    prompt=None,
+):
     limits = engine.config.server
     if max_tokens is not None and max_tokens > limits.max_tokens_limit:
-        raise InvalidRequest(f"max_tokens must be <= {limits.max_tokens_limit}, got {max_tokens}",
-                             param="max_tokens")
-    expert, route = await asyncio.to_thread(engine.resolve, body.model, messages, prompt,
-                                            getattr(body, "tools", None))
-    sampling = SamplingParams(max_tokens=max_tokens or limits.default_max_tokens, temperature=body.temperature,
-                              top_p=body.top_p, stop=body.stop_tuple(), seed=body.seed)
+        raise InvalidRequest(
+            f"max_tokens must be <= {limits.max_tokens_limit}, got {max_tokens}", param="max_tokens"
+        )
+    expert, route = await asyncio.to_thread(
+        engine.routing.resolve, body.model, messages, prompt, getattr(body, "tools", None)
+    )
+    sampling = SamplingParams(
+        max_tokens=max_tokens or limits.default_max_tokens,
+        temperature=body.temperature,
+        top_p=body.top_p,
+        stop=body.stop_tuple(),
+        seed=body.seed,
+    )
     sink = _AsyncSink(limits.request_timeout_s)
-    request = Request(expert=expert, sampling=sampling, messages=messages, prompt=prompt, sink=sink.put, route=route)
+    request = Request(
+        expert=expert,
+        sampling=sampling,
+        messages=messages,
+        prompt=prompt,
+        sink=sink.put,
+        route=route,
+    )
     engine.submit(request)
     try:
         first = await sink.get(request, http)
@@ -314,8 +425,11 @@ async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens:
         reply = _Reply(kind, body.model, request)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
-            return StreamingResponse(_sse(reply, first, sink, include_usage), media_type="text/event-stream",
-                                     headers=reply.headers())
+            return StreamingResponse(
+                _sse(reply, first, sink, include_usage),
+                media_type="text/event-stream",
+                headers=reply.headers(),
+            )
         event, parts = first, []
         while True:
             parts.append(event.delta)
@@ -323,6 +437,7 @@ async def _serve(engine: Engine, body, http: HTTPRequest, kind: str, max_tokens:
                 break
             event = await sink.get(request, http)
             _raise_if_error(event)
+        assert event.completion is not None  # final and not an error
         return JSONResponse(reply.full(event.completion, "".join(parts)), headers=reply.headers())
     except _ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
@@ -349,7 +464,9 @@ class _Reply:
         route: RouteDecision | None = self.request.route
         info = route.to_dict() if route is not None else {"expert": self.request.expert}
         if self.request.served_tier is not None:
-            info.update(tier=self.request.served_tier, switch_ms=round(self.request.switch_s * 1000, 1))
+            info.update(
+                tier=self.request.served_tier, switch_ms=round(self.request.switch_s * 1000, 1)
+            )
         if self.request.served_by is not None:
             info["replica"] = self.request.served_by
         return info
@@ -367,26 +484,48 @@ class _Reply:
         return headers
 
     def _envelope(self, obj: str, choices: list, usage: dict | None = None) -> dict:
-        body = {"id": self.id, "object": obj, "created": self.created, "model": self.model,
-                "choices": choices, "coe": self.coe_info()}
+        body = {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": choices,
+            "coe": self.coe_info(),
+        }
         if usage is not None:
             body["usage"] = usage
         return body
 
     def full(self, completion: Completion, text: str) -> dict:
         if self.kind == "chat.completion":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": completion.finish_reason}
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "logprobs": None,
+                "finish_reason": completion.finish_reason,
+            }
         else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": completion.finish_reason}
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": completion.finish_reason,
+            }
         return self._envelope(self.kind, [choice], _usage(completion))
 
-    def chunk(self, delta: str | None, finish_reason: str | None = None, first: bool = False) -> dict:
+    def chunk(
+        self, delta: str | None, finish_reason: str | None = None, first: bool = False
+    ) -> dict:
         if self.kind == "chat.completion":
             content = {} if delta is None else {"content": delta}
             if first:
                 content = {"role": "assistant", **content}
-            choice = {"index": 0, "delta": content, "logprobs": None, "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "delta": content,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
             return self._envelope("chat.completion.chunk", [choice])
         choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
         return self._envelope("text_completion", [choice])
@@ -397,22 +536,31 @@ class _Reply:
 
 
 def _usage(completion: Completion) -> dict:
-    return {"prompt_tokens": completion.prompt_tokens, "completion_tokens": completion.completion_tokens,
-            "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": completion.cached_tokens}}
+    return {
+        "prompt_tokens": completion.prompt_tokens,
+        "completion_tokens": completion.completion_tokens,
+        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
+    }
 
 
 def _sse_data(payload: dict | str) -> bytes:
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
-    return f"data: {text}\n\n".encode("utf-8")
+    return f"data: {text}\n\n".encode()
 
 
-async def _sse(reply: _Reply, first: StreamEvent, sink: _AsyncSink, include_usage: bool) -> AsyncIterator[bytes]:
+async def _sse(
+    reply: _Reply, first: StreamEvent, sink: _AsyncSink, include_usage: bool
+) -> AsyncIterator[bytes]:
     event, is_first = first, True
     try:
         while True:
             if event.error is not None:
-                error = event.error if isinstance(event.error, CoEError) else GenerationError(str(event.error))
+                error = (
+                    event.error
+                    if isinstance(event.error, CoEError)
+                    else GenerationError(str(event.error))
+                )
                 yield _sse_data(error.to_openai())
                 break
             if event.delta or is_first:

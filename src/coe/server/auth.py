@@ -6,6 +6,7 @@ public and asks for a key. ``server.rate_limit_per_minute`` limits each key's re
 sliding minute (429 with Retry-After). Keys are compared in constant time and never logged or
 echoed: a key is known to the rest of the server only by a short hash.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -29,8 +30,13 @@ def key_id(key: str) -> str:
 class KeyAuth:
     """Checks a request's key and its per-key rate. Safe to call from any thread."""
 
-    def __init__(self, keys: Sequence[str], public_paths: Sequence[str] = ("/health",),
-                 rate_limit_per_minute: int = 0, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        keys: Sequence[str],
+        public_paths: Sequence[str] = ("/health",),
+        rate_limit_per_minute: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._digests = [hashlib.sha256(k.encode()).digest() for k in keys]
         self.public_paths = tuple(public_paths)
         self.rate_limit_per_minute = rate_limit_per_minute
@@ -54,7 +60,9 @@ class KeyAuth:
             return None
         key = presented_key(headers)
         if key is None:
-            raise AuthenticationError("this server needs an API key: send 'Authorization: Bearer KEY'")
+            raise AuthenticationError(
+                "this server needs an API key: send 'Authorization: Bearer KEY'"
+            )
         digest = hashlib.sha256(key.encode()).digest()
         if not any(hmac.compare_digest(digest, known) for known in self._digests):
             raise AuthenticationError("the API key is not valid")
@@ -72,8 +80,11 @@ class KeyAuth:
                 recent.popleft()
             if len(recent) >= self.rate_limit_per_minute:
                 wait_s = WINDOW_S - (now_s - recent[0])
-                raise RateLimited(f"this key may send {self.rate_limit_per_minute} requests per minute "
-                                  f"(server.rate_limit_per_minute); retry later", retry_after_s=max(1.0, wait_s))
+                raise RateLimited(
+                    f"this key may send {self.rate_limit_per_minute} requests per minute "
+                    f"(server.rate_limit_per_minute); retry later",
+                    retry_after_s=max(1.0, wait_s),
+                )
             recent.append(now_s)
 
 

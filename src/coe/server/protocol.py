@@ -4,9 +4,10 @@ Fields of OpenAI's API that coe does not use (``user``, ``metadata``, penalties.
 and ignored, so OpenAI clients keep working; any other field is refused with 400 naming it, and
 so are parameters coe cannot honour (n > 1, logprobs, images).
 """
+
 from __future__ import annotations
 
-from typing import ClassVar, Literal, Union
+from typing import ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -28,7 +29,7 @@ class TextPart(_Lenient):
 
 class Message(_Lenient):
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: Union[str, list[TextPart], None] = None
+    content: str | list[TextPart] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -48,8 +49,8 @@ class _Sampling(_Lenient):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=1)
-    stop: Union[str, list[str], None] = None
-    seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
+    stop: str | list[str] | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**63 - 1)
     stream: bool = False
     stream_options: StreamOptions | None = None
 
@@ -66,19 +67,38 @@ class ChatCompletionRequest(_Sampling):
     logprobs: Literal[False] | None = Field(default=None, description="not supported: only false")
     top_logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported: only 0")
 
-    IGNORED: ClassVar[frozenset[str]] = frozenset({"frequency_penalty", "presence_penalty", "logit_bias", "user", "metadata", "store",
-                         "service_tier", "response_format", "tool_choice", "parallel_tool_calls",
-                         "functions", "function_call", "modalities", "prediction", "reasoning_effort",
-                         "web_search_options", "audio"})
+    IGNORED: ClassVar[frozenset[str]] = frozenset(
+        {
+            "frequency_penalty",
+            "presence_penalty",
+            "logit_bias",
+            "user",
+            "metadata",
+            "store",
+            "service_tier",
+            "response_format",
+            "tool_choice",
+            "parallel_tool_calls",
+            "functions",
+            "function_call",
+            "modalities",
+            "prediction",
+            "reasoning_effort",
+            "web_search_options",
+            "audio",
+        }
+    )
 
 
 class CompletionRequest(_Sampling):
-    prompt: Union[str, list[str]]
+    prompt: str | list[str]
     logprobs: int | None = Field(default=None, ge=0, le=0, description="not supported: only 0")
     echo: Literal[False] = Field(default=False, description="not supported: only false")
     best_of: int | None = Field(default=None, ge=1, le=1)
 
-    IGNORED: ClassVar[frozenset[str]] = frozenset({"frequency_penalty", "presence_penalty", "logit_bias", "user", "suffix"})
+    IGNORED: ClassVar[frozenset[str]] = frozenset(
+        {"frequency_penalty", "presence_penalty", "logit_bias", "user", "suffix"}
+    )
 
     def prompt_text(self) -> str | None:
         if isinstance(self.prompt, str):

@@ -1,0 +1,177 @@
+"""A torch expert ready to generate: its module on the device and a batched decoder over it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from coe.backends.base import Decoder, Runner, Vocab
+from coe.backends.sampling import SamplerDefaults, Token, TokenSampler
+from coe.backends.torch.model import CausalLM
+from coe.config import ExpertConfig, TorchParams
+from coe.types import SamplingParams
+
+KVCache = list[tuple[torch.Tensor, torch.Tensor]]  # per layer (k, v) [B, h_kv, L, d]
+
+
+class TorchRunner(Runner):
+    def __init__(
+        self,
+        expert: ExpertConfig,
+        params: TorchParams,
+        vocab: Vocab,
+        model: CausalLM,
+        device: torch.device,
+        num_bytes: int,
+        context_length: int,
+    ):
+        super().__init__(
+            expert, vocab, context_length, num_bytes, max_sequences=params.max_sequences
+        )
+        self.model, self.device = model, device
+        self.sampler_defaults = SamplerDefaults(
+            top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty
+        )
+
+    def open_decoder(self) -> Decoder:
+        return TorchDecoder(self)
+
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        """Zeros: a batch's rows attend over columns that are masked but not all written yet, and
+        a masked NaN would still make the attention output NaN."""
+        args = self.model.args
+        dtype = next(self.model.parameters()).dtype
+        shape = (batch, args.num_key_value_heads, length, args.head_dim)
+        return [
+            (
+                torch.zeros(shape, dtype=dtype, device=self.device),
+                torch.zeros(shape, dtype=dtype, device=self.device),
+            )
+            for _ in range(args.num_hidden_layers)
+        ]
+
+    def close(self) -> None:
+        self.model = None  # type: ignore[assignment]
+
+
+@dataclass
+class _Pending:
+    prompt_ids: list[int]
+    sampler: TokenSampler
+
+
+class TorchDecoder(Decoder):
+    """Row r of the KV cache [B, h_kv, L, d] holds sequence ``rows[r]``, its token at position p in
+    column p. A step decodes one token for every row in one forward pass, then prefills the new
+    sequences together (right-padded) and appends their rows; a removed sequence's row is dropped
+    before the next step. Every row has its own cells: a sequence fits if it fits the context."""
+
+    def __init__(self, runner: TorchRunner):
+        self.runner = runner
+        self.max_sequences = runner.max_sequences
+        self.rows: list[int] = []  # sequence of each cache row
+        self.cached: list[int] = []  # tokens in each row's cache = position of its next token
+        self.cache: KVCache | None = None
+        self.samplers: dict[int, TokenSampler] = {}
+        self.last: dict[int, int] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.removed: set[int] = set()
+
+    def has_room(self, need_tokens: int) -> bool:
+        live = len(self.rows) - len(self.removed) + len(self.pending)
+        return live < self.max_sequences and need_tokens <= self.runner.context_length
+
+    def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
+        self.pending[seq] = _Pending(
+            prompt_ids, TokenSampler(sampling, self.runner.sampler_defaults)
+        )
+
+    def remove(self, seq: int) -> None:
+        if self.pending.pop(seq, None) is None:
+            self.removed.add(seq)
+        self.samplers.pop(seq, None)
+
+    def step(self) -> dict[int, Token]:
+        tokens: dict[int, Token] = {}
+        with torch.inference_mode():
+            self._drop_removed()
+            if self.rows:
+                tokens.update(self._decode())
+            if self.pending:
+                tokens.update(self._prefill())
+        return tokens
+
+    def _decode(self) -> dict[int, Token]:
+        runner = self.runner
+        ids = torch.tensor(
+            [[self.last[s]] for s in self.rows], dtype=torch.long, device=runner.device
+        )
+        logits = runner.model(ids, self.cache, self.cached).float().cpu().numpy()  # [B, V]
+        self.cached = [n + 1 for n in self.cached]
+        return self._pick(self.rows, logits)
+
+    def _prefill(self) -> dict[int, Token]:
+        runner, seqs = self.runner, list(self.pending)
+        prompts = [self.pending[s].prompt_ids for s in seqs]
+        lengths = [len(p) for p in prompts]
+        ids = torch.zeros((len(seqs), max(lengths)), dtype=torch.long)  # right-padded with token 0
+        for row, prompt in enumerate(prompts):
+            ids[row, : len(prompt)] = torch.tensor(prompt)
+        length = self.cache[0][0].shape[2] if self.cache else 0
+        length = max(
+            length, max(lengths) + max(self.pending[s].sampler.sampling.max_tokens for s in seqs)
+        )
+        cache = runner.new_cache(len(seqs), length)
+        last = torch.tensor(lengths, device=runner.device) - 1
+        logits = runner.model(ids.to(runner.device), cache, 0, last=last).float().cpu().numpy()
+        self._append_rows(cache, length)
+        for s in seqs:
+            self.samplers[s] = self.pending.pop(s).sampler
+        self.rows, self.cached = [*self.rows, *seqs], [*self.cached, *lengths]
+        return self._pick(seqs, logits)
+
+    def _pick(self, seqs: list[int], logits) -> dict[int, Token]:
+        tokens = {}
+        for row, s in enumerate(seqs):
+            token = self.samplers[s].pick(logits[row])
+            self.last[s], tokens[s] = token.id, token
+        return tokens
+
+    def _append_rows(self, cache: KVCache, length: int) -> None:
+        """The new rows after the running ones, every row padded to ``length`` columns."""
+        if self.cache is None or not self.rows:
+            self.cache = cache
+            return
+        self.cache = [
+            (torch.cat((_pad(k, length), nk)), torch.cat((_pad(v, length), nv)))
+            for (k, v), (nk, nv) in zip(self.cache, cache)
+        ]
+
+    def _drop_removed(self) -> None:
+        if not self.removed:
+            return
+        kept = [row for row, s in enumerate(self.rows) if s not in self.removed]
+        if len(kept) < len(self.rows) and kept:
+            index = torch.tensor(kept, device=self.runner.device)
+            self.cache = [
+                (k.index_select(0, index), v.index_select(0, index)) for k, v in self.cache or []
+            ]
+        elif not kept:
+            self.cache = None
+        self.rows = [self.rows[row] for row in kept]
+        self.cached = [self.cached[row] for row in kept]
+        for s in self.removed:
+            self.last.pop(s, None)
+        self.removed.clear()
+
+    def close(self) -> None:
+        self.cache, self.rows, self.cached = None, [], []
+        self.pending.clear()
+        self.samplers.clear()
+
+
+def _pad(t: torch.Tensor, length: int) -> torch.Tensor:
+    """[B, h, L, d] with L grown to ``length`` by zero columns."""
+    extra = length - t.shape[2]
+    return t if extra <= 0 else torch.nn.functional.pad(t, (0, 0, 0, extra))

@@ -1,0 +1,225 @@
+"""The token loop's state: one expert's sequences decoding together, and what happens to each token.
+
+``RunningBatch`` wraps a runner's decoder. ``admit`` turns requests into sequences (render the
+prompt, tokenise, check the context); ``step`` adds the waiting ones that fit, runs one decoder
+step (one forward pass) and postprocesses every token (detokenise, stop strings, max_tokens,
+cancellation, usage) into StreamEvents. The engine drives it one step at a time and lets waiting
+requests of the running expert join between steps; ``generate`` drives it to the end for one
+runner (benchmarks, the evaluation, tests).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from collections.abc import Iterable, Iterator
+from collections.abc import Sequence as Seq
+
+from coe.backends.base import Runner, Vocab
+from coe.backends.chat import PLAIN_STOP, render_chat
+from coe.backends.sampling import Token
+from coe.backends.text import TextAssembler
+from coe.errors import CoEError, ContextLengthExceeded, GenerationError
+from coe.types import Completion, Request, SamplingParams, StreamEvent
+
+
+def prompt_of(vocab: Vocab, request: Request) -> tuple[str, tuple[str, ...]]:
+    """The prompt string and the stop strings it implies (a plain transcript stops at the next turn)."""
+    if request.prompt is not None:
+        return request.prompt, ()
+    text = render_chat(
+        vocab.chat_template,
+        request.messages or (),
+        bos_text=vocab.bos_text,
+        eos_text=vocab.eos_text,
+    )
+    return text, (() if vocab.chat_template else PLAIN_STOP)
+
+
+def check_context(
+    expert: str, context_length: int, num_prompt_tokens: int, max_tokens: int
+) -> None:
+    if num_prompt_tokens + max_tokens > context_length:
+        raise ContextLengthExceeded(
+            f"{expert} has a context of {context_length} tokens; the prompt has {num_prompt_tokens} "
+            f"and max_tokens asks for {max_tokens} more. Shorten the prompt or lower max_tokens.",
+            param="max_tokens",
+        )
+
+
+class Sequence:
+    """One request's postprocessing: text assembly, stop strings, max_tokens, cancellation, usage."""
+
+    def __init__(self, request: Request, prompt_ids: list[int], implied_stop: tuple[str, ...]):
+        self.request, self.prompt_ids = request, prompt_ids
+        self.text = TextAssembler(request.sampling.stop + implied_stop)
+        self.finish_reason: str | None = None
+        self.num_generated = 0
+        self.cached_tokens = 0  # prompt tokens the decoder did not evaluate again (prefix caching)
+        self.scored: tuple[
+            float, ...
+        ] = ()  # the first token's log-probabilities of sampling.score_ids
+
+    @property
+    def need_tokens(self) -> int:
+        """Token cells the sequence may hold: its prompt plus max_tokens."""
+        return len(self.prompt_ids) + self.request.sampling.max_tokens
+
+    def feed(self, token: Token, vocab: Vocab) -> StreamEvent | None:
+        """Take one generated token; a delta event if it produced text. Sets ``finish_reason`` when done."""
+        if self.num_generated == 0:
+            self.cached_tokens, self.scored = token.cached_prompt_tokens, token.scored
+        if self.request.cancelled:
+            self.finish_reason = "cancelled"
+            return None
+        if vocab.is_end(token.id):
+            self.finish_reason = "stop"
+            return None
+        self.num_generated += 1
+        delta = self.text.feed(vocab.token_bytes(token.id))
+        if self.text.stopped:
+            self.finish_reason = "stop"
+        elif self.num_generated >= self.request.sampling.max_tokens:
+            self.finish_reason = "length"
+        return StreamEvent(self.request.id, delta=delta) if delta else None
+
+    def finish(self) -> list[StreamEvent]:
+        tail = self.text.flush()
+        completion = Completion(
+            text=self.text.text,
+            finish_reason=self.finish_reason or "length",
+            prompt_tokens=len(self.prompt_ids),
+            completion_tokens=self.num_generated,
+            cached_tokens=self.cached_tokens,
+        )
+        return [
+            *([StreamEvent(self.request.id, delta=tail)] if tail else []),
+            StreamEvent(self.request.id, completion=completion),
+        ]
+
+
+class RunningBatch:
+    """Contract: engine thread only. Every admitted request gets exactly one final event (its
+    completion or an error), from ``admit``, ``step`` or ``fail``; ``close`` closes the decoder."""
+
+    def __init__(self, runner: Runner):
+        self.runner, self.vocab = runner, runner.vocab
+        self.expert = runner.expert.name
+        self.decoder = runner.open_decoder()
+        self.running: dict[int, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()  # admitted, not yet in the decoder (no room yet)
+        self._numbers = itertools.count()
+
+    @property
+    def done(self) -> bool:
+        return not self.running and not self.waiting
+
+    @property
+    def free_slots(self) -> int:
+        """Requests the batch can take now without anyone waiting."""
+        return max(0, self.decoder.max_sequences - len(self.running) - len(self.waiting))
+
+    def requests(self) -> list[Request]:
+        return [s.request for s in (*self.running.values(), *self.waiting)]
+
+    def admit(self, requests: Iterable[Request]) -> list[StreamEvent]:
+        """Queue the requests for the decoder; the ones that cannot run end here with their error
+        (template refused the messages, prompt too long)."""
+        errors = []
+        for request in requests:
+            try:
+                prompt, implied_stop = prompt_of(self.vocab, request)
+                prompt_ids = self.vocab.encode(prompt)
+                check_context(
+                    self.expert,
+                    self.runner.context_length,
+                    len(prompt_ids),
+                    request.sampling.max_tokens,
+                )
+            except CoEError as exc:
+                errors.append(StreamEvent(request.id, error=exc))
+                continue
+            self.waiting.append(Sequence(request, prompt_ids, implied_stop))
+        return errors
+
+    def step(self) -> list[StreamEvent]:
+        """One forward pass for every running sequence (and the waiting ones that fit), postprocessed."""
+        self._start_waiting()
+        if not self.running:
+            return []
+        tokens = self.decoder.step()
+        events: list[StreamEvent] = []
+        for number, token in tokens.items():
+            seq = self.running[number]
+            event = seq.feed(token, self.vocab)
+            if event is not None:
+                events.append(event)
+            if seq.finish_reason is not None:
+                self.decoder.remove(number)
+                del self.running[number]
+                events.extend(seq.finish())
+        return events
+
+    def _start_waiting(self) -> None:
+        """Move waiting sequences into the decoder in arrival order while they fit (an empty
+        decoder always takes the first: admit checked it fits the context)."""
+        while self.waiting and (
+            not self.running or self.decoder.has_room(self.waiting[0].need_tokens)
+        ):
+            seq = self.waiting.popleft()
+            number = next(self._numbers)
+            self.decoder.add(number, seq.prompt_ids, seq.request.sampling)
+            self.running[number] = seq
+
+    def fail(self, error: Exception) -> list[StreamEvent]:
+        """End every unfinished request with ``error`` (the decoder failed)."""
+        failed = [
+            StreamEvent(s.request.id, error=error) for s in (*self.running.values(), *self.waiting)
+        ]
+        self.running.clear()
+        self.waiting.clear()
+        return failed
+
+    def close(self) -> None:
+        self.decoder.close()
+
+
+def generate(runner: Runner, requests: Seq[Request]) -> Iterator[StreamEvent]:
+    """Every request's events, decoded together on ``runner`` until all have ended (one final
+    event each). A decoder that fails to open or step ends the unfinished ones with its error."""
+    try:
+        batch = RunningBatch(runner)
+    except Exception as exc:
+        error = (
+            exc
+            if isinstance(exc, CoEError)
+            else GenerationError(f"{runner.expert.name}: generation failed: {exc}")
+        )
+        yield from (StreamEvent(r.id, error=error) for r in requests)
+        return
+    try:
+        yield from batch.admit(requests)
+        while not batch.done:
+            try:
+                events = batch.step()
+            except CoEError as exc:
+                events = batch.fail(exc)
+            except Exception as exc:  # a backend failure ends these requests, not the caller
+                events = batch.fail(GenerationError(f"{batch.expert}: generation failed: {exc}"))
+            yield from events
+    finally:
+        batch.close()
+
+
+def next_token_logprobs(runner: Runner, prompt_ids: list[int], token_ids: Seq[int]) -> list[float]:
+    """Log-probabilities of ``token_ids`` as the token after ``prompt_ids`` (one prefill through the
+    decoder): the evaluation scores multiple choice with it. Engine thread only."""
+    check_context(runner.expert.name, runner.context_length, len(prompt_ids), 1)
+    decoder = runner.open_decoder()
+    try:
+        decoder.add(
+            0, prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, score_ids=tuple(token_ids))
+        )
+        return list(decoder.step()[0].scored)
+    finally:
+        decoder.close()
