@@ -7,12 +7,17 @@
 # coe registers the best one the CPU it runs on supports (coe.backends.llama_cpp). So a wheel built
 # on one x86-64 machine is right on any other; the cache key is the recipe (this script, the
 # compiler fix it force-includes, the compiler and the architecture), not the CPU.
+#
+# GGML_OPENMP=OFF: ggml runs its own thread pool. With OpenMP it shared torch's libgomp (same
+# soname, loaded first), and once torch had run a 2-thread op on another thread (the router does
+# at load) libgomp managed more threads than cores, throttled its spinning, and decoding on the
+# engine thread ran 3x slower (smollm2: 35 vs 105 tok/s). Without that contention both are even.
 set -euo pipefail
 version="${LLAMA_CPP_VERSION:-0.3.36}"
 pip="${PIP:-pip}"
 here="$(cd "$(dirname "$0")" && pwd)"
 fix="$here/gcc_amx_tile_fix.h"
-cmake_args="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib"
+cmake_args="-DGGML_NATIVE=OFF -DGGML_BACKEND_DL=ON -DGGML_CPU_ALL_VARIANTS=ON -DCMAKE_INSTALL_BINDIR=llama_cpp/lib -DGGML_OPENMP=OFF"
 key=$( { echo "$version $cmake_args"; uname -m; cc --version 2>/dev/null | head -n1; cat "$0" "$fix"; } \
        | sha256sum | cut -c1-12)
 dir="${COE_WHEEL_CACHE:-$HOME/.cache/coe/wheels}/llama-cpp-python-$version-portable-$key"

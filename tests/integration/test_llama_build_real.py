@@ -75,3 +75,19 @@ def test_an_expert_with_repack_on_serves(coe_home):
     finally:
         runner.close()
         host.release()
+
+
+def test_llama_cpp_runs_its_own_threads_not_openmp(coe_home):
+    """ggml built with OpenMP shares torch's libgomp, and a router's torch op on another thread then
+    slows every decode 3x (scripts/llama_wheel.sh); the wheel coe builds has no OpenMP."""
+    from coe.backends.llama_lib import cpu_backend, load_llama_cpp
+
+    load_llama_cpp()
+    if cpu_backend().variant is None:
+        pytest.skip("not coe's portable build (llama.cpp from elsewhere)")
+    code = ("from coe.backends.llama_lib import load_llama_cpp, cpu_backend; load_llama_cpp(); cpu_backend()\n"
+            "import sys; sys.stdout.write(''.join(l for l in open('/proc/self/maps') if 'gomp' in l or 'ggml' in l))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ggml-cpu" in done.stdout  # the CPU backend is loaded
+    assert "gomp" not in done.stdout
