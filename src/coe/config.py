@@ -187,17 +187,15 @@ class LlamaCppParams(BackendParams):
 
     DEFAULT_CONTEXT: ClassVar[int] = 4096
 
-    n_ctx: int | None = (
-        None  # context cells shared by the sequences of a batch (default: min(4096, trained))
-    )
+    # context cells shared by the sequences of a batch (default: min(4096, trained))
+    n_ctx: int | None = None
     n_threads: int | None = None  # default: every core
     n_batch: int = 512  # prompt tokens per forward pass
     use_mmap: bool = True  # weights stay in the page cache (the warm tier shares them)
     repack: bool = False  # llama.cpp's extra buffer types: faster kernels, weights copied at load
     max_sequences: int = 8  # sequences decoded together in one forward pass
-    cache_prompt: bool = (
-        True  # prefix caching: a new sequence reuses cached cells of its prompt's prefix
-    )
+    # prefix caching: a new sequence reuses cached cells of its prompt's prefix
+    cache_prompt: bool = True
     top_k: int = 40  # llama.cpp server's sampling defaults (OpenAI requests carry
     min_p: float = 0.05  # only temperature and top_p)
     repeat_penalty: float = 1.0
@@ -431,14 +429,12 @@ class CacheConfig:
     device_bytes: int | None = None  # hot experts' runtimes (GPU memory on CUDA)
     host_bytes: int | None = None  # warm experts' weights in RAM (pinned on CUDA)
     policy: CachePolicy = CachePolicy.LRFU  # lrfu or gdsf (cost-aware), or lru
-    frequency_half_life: int | str = (
-        "auto"  # lrfu: requests over which a request count halves; auto: chosen online
-    )
+    # lrfu: requests over which a request count halves; auto: chosen online
+    frequency_half_life: int | str = "auto"
     prefetch: str = "host"  # where a routed request's expert is moved while it queues
     pins: tuple = ()  # experts loaded hot at start-up and never evicted
-    max_hot_experts: int = (
-        4  # experts hot at once, whatever their bytes (Ollama's max loaded models)
-    )
+    # experts hot at once, whatever their bytes (Ollama's max loaded models)
+    max_hot_experts: int = 4
     keep_warm: bool = True  # false: no warm tier, an expert leaving the device goes back to disk
 
     def __post_init__(self) -> None:
@@ -525,9 +521,8 @@ class ServerConfig:
     port: int = 8000
     max_tokens_limit: int = 4096
     default_max_tokens: int = 256
-    request_timeout_s: float = (
-        600.0  # queued + generating; beyond: 408 (or an error event mid-stream)
-    )
+    # queued + generating; beyond: 408 (or an error event mid-stream)
+    request_timeout_s: float = 600.0
     shutdown_grace_s: float = 30.0  # on SIGTERM/Ctrl-C, in-flight requests get this long to finish
     api_keys: tuple = field(
         default=(), repr=False

@@ -12,6 +12,7 @@ from enum import Enum
 from coe.errors import InvalidRequest
 
 MAX_STOP_SEQUENCES = 4
+MAX_TOP_LOGPROBS = 20
 _ids = itertools.count(1)
 
 
@@ -57,9 +58,34 @@ class SchedulerPolicy(Choice):
 
 
 @dataclass(frozen=True)
+class ToolCall:
+    """A function call the model made (an assistant message's ``tool_calls``)."""
+
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass(frozen=True)
 class ChatMessage:
     role: str  # system | user | assistant | tool
     content: str
+    tool_calls: tuple[ToolCall, ...] = ()  # assistant: the calls it made
+    tool_call_id: str | None = None  # tool: the call this message answers
+    name: str | None = None  # tool: the function's name
+
+
+@dataclass(frozen=True)
+class Tools:
+    """The functions a chat request offers (OpenAI ``tools``) and how the model may use them."""
+
+    functions: tuple[dict, ...]  # each {"name", "description"?, "parameters"?}
+    choice: str = "auto"  # auto | none | required | a function's name
+    parallel: bool = True  # more than one call in an answer
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f["name"] for f in self.functions)
 
 
 @dataclass(frozen=True)
@@ -71,9 +97,14 @@ class SamplingParams:
     top_p: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
-    score_ids: tuple[
-        int, ...
-    ] = ()  # token ids whose log-probabilities each step reports (evaluation)
+    logprobs: int | None = None  # None: none; k: the chosen token's and the k most likely ones'
+    presence_penalty: float = 0.0  # subtracted once from every token already generated
+    frequency_penalty: float = 0.0  # subtracted per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    # an llguidance grammar the output must follow (coe.engine.structured)
+    grammar: str | None = None
+    # token ids whose log-probabilities each step reports (the evaluation's option letters)
+    score_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -90,6 +121,22 @@ class SamplingParams:
             raise InvalidRequest(
                 f"stop takes up to {MAX_STOP_SEQUENCES} non-empty strings", param="stop"
             )
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+            raise InvalidRequest(
+                f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}",
+                param="top_logprobs",
+            )
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not -2.0 <= value <= 2.0:
+                raise InvalidRequest(f"{name} must be in [-2, 2], got {value}", param=name)
+        for token_id, bias in self.logit_bias:
+            if token_id < 0 or not -100.0 <= bias <= 100.0:
+                raise InvalidRequest(
+                    f"logit_bias: token {token_id} has bias {bias}; token ids are >= 0 and biases "
+                    f"in [-100, 100]",
+                    param="logit_bias",
+                )
 
 
 @dataclass(frozen=True)
@@ -125,16 +172,26 @@ class RouteDecision:
 
 
 @dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives."""
+
+    token: bytes
+    logprob: float
+    top: tuple[tuple[bytes, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class Completion:
     """The end of one request's generation."""
 
     text: str
-    finish_reason: str  # stop | length | cancelled
+    finish_reason: str  # stop | length | cancelled | tool_calls
     prompt_tokens: int
     completion_tokens: int
-    cached_tokens: int = (
-        0  # prompt tokens taken from KV cells a previous request left (prefix caching)
-    )
+    # prompt tokens taken from KV cells a previous request left (prefix caching)
+    cached_tokens: int = 0
+    tool_calls: tuple[ToolCall, ...] = ()
+    logprobs: tuple[TokenLogprob, ...] = ()  # every generated token's, when asked for
 
 
 @dataclass(frozen=True)
@@ -145,6 +202,7 @@ class StreamEvent:
     delta: str = ""
     completion: Completion | None = None
     error: Exception | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()  # of the tokens since the last delta, when asked for
 
     @property
     def is_final(self) -> bool:
@@ -166,6 +224,7 @@ class Request:
     sampling: SamplingParams = field(default_factory=SamplingParams)
     messages: tuple[ChatMessage, ...] | None = None
     prompt: str | None = None
+    tools: Tools | None = None
     sink: Callable[[StreamEvent], None] = _no_sink
     route: RouteDecision | None = None
     id: str = field(default_factory=lambda: f"req-{next(_ids)}")

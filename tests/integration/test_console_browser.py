@@ -68,8 +68,8 @@ def test_a_routed_chat_streams_shows_its_decision_and_moves_the_expert(server_wi
 
     ui.send("Write a short poem about the sea.")
     reply = ui.page.locator("[data-testid=reply]").last
-    sync_api.expect(reply.locator(".text")).not_to_be_empty(timeout=REPLY_TIMEOUT_MS)
-    decision = reply.locator("[data-testid=decision]")
+    decision = reply.locator("[data-testid=decision]")  # drawn when the stream ends
+    # not the reply's text: a base model sampled at the console's temperature (1) may stop at once
     sync_api.expect(decision).to_be_visible(timeout=REPLY_TIMEOUT_MS)
     expert = decision.locator("[data-testid=expert]").inner_text()
     assert expert in ("smollm2-135m", "gemma3-270m")

@@ -73,6 +73,17 @@ def test_eval_against_a_server_with_a_judge(smollm_server, tmp_path, two_expert_
     assert all(r["mode"] == "generate" for r in rows if r["suite"] == "mmlu_stem")
 
 
+def test_eval_against_a_coe_server_scores_multiple_choice_by_its_logprobs(smollm_server, tmp_path,
+                                                                          two_expert_config):
+    result = coe("eval", "--config", str(two_expert_config), "--url", smollm_server.base_url,
+                 "--suite", "mmlu_stem", "--limit", "3", "--experts", "smollm2-135m",
+                 "--out", str(tmp_path / "report"), "--cache", str(tmp_path / "cache"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for f in (tmp_path / "cache").glob("*.jsonl")
+            for line in f.read_text().splitlines()]
+    assert len(rows) == 3 and all(r["mode"] == "logprob" for r in rows)
+
+
 def test_bad_arguments_name_the_field(two_expert_config, tmp_path):
     result = coe("eval", "--config", str(two_expert_config), "--suite", "nope", "--out", str(tmp_path))
     assert result.returncode == 2 and "unknown suite 'nope'" in result.stderr and "Traceback" not in result.stderr

@@ -547,8 +547,11 @@ def test_gdsf_ages_out_an_expert_that_stopped_being_used(folders):
     assert tiers(cache)["a"] == "disk"
 
 
-def test_lrfu_ages_out_an_expert_that_stopped_being_used(folders):
-    """Its decayed count halves every frequency_half_life requests, while the others keep coming."""
+def test_lrfu_ages_out_an_expert_that_stopped_being_used(folders, monkeypatch):
+    """Its decayed count halves every frequency_half_life requests, while the others keep coming.
+    Reload costs are made equal: measured read times (a's cold first read is the slowest) would
+    rightly weigh in, and make the outcome depend on the machine."""
+    monkeypatch.setattr(ModelCache, "_reload_s", lambda self, slot, tier: 1.0)
     size = weight_bytes(folders["a"])
     backend = FakeBackend()
     experts = tuple(ExpertConfig(n, str(folders[n]), backend="torch_hf") for n in "abc")

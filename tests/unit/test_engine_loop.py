@@ -453,3 +453,21 @@ def serve_batch(engine) -> bool:
     while engine.running_expert is not None:
         engine.step()
     return True
+
+
+# ---- tools: a routed request goes to an expert that can call them ---------------------------------
+
+
+def test_a_routed_request_with_tools_goes_to_the_best_expert_that_can_call_them(make):
+    from coe.types import Tools
+
+    engine = routed_engine(make, tolerance=0.0)  # math -> a (0.80), b scores 0.75
+    tools = Tools(({"name": "f", "parameters": {"type": "object"}},))
+    engine.routing.tool_callers = frozenset({"b"})
+    expert, decision = engine.routing.resolve("coe", prompt="2+2", tools=tools)
+    assert expert == "b" == decision.expert and decision.planned_expert == "a"
+    assert "offers tools and a cannot call them" in decision.reason
+    assert engine.routing.resolve("coe", prompt="2+2", tools=Tools(tools.functions, "none"))[0] == "a"
+    engine.routing.tool_callers = frozenset()
+    expert, decision = engine.routing.resolve("coe", prompt="2+2", tools=tools)
+    assert expert == "a" and "gets coe's tool prompt" in decision.reason

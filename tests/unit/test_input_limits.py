@@ -51,7 +51,16 @@ def test_unknown_fields_are_refused_and_openai_ones_ignored(client):
 
 
 @pytest.mark.parametrize("fields, param", [
-    ({"logprobs": True}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"), ({"n": 2}, "n"),
+    ({"logprobs": [1]}, "logprobs"), ({"top_logprobs": 3}, "top_logprobs"), ({"n": 17}, "n"),
+    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"logit_bias": {"x": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"tool_choice": "required"}, "tool_choice"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}, "response_format.json_schema"),
+    ({"response_format": {"type": "json_schema", "json_schema": {"schema": {"dependentSchemas": {"a": {}}}}}},
+     "response_format.json_schema.schema"),
+    ({"tools": [{"type": "function", "function": {"name": "f"}}],
+      "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+    ({"modalities": ["text", "audio"]}, "modalities.1"), ({"web_search_options": {}}, "web_search_options"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"max_tokens": 65}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")])
@@ -60,7 +69,8 @@ def test_out_of_range_parameters_name_the_field(client, fields, param):
 
 
 @pytest.mark.parametrize("fields, param", [({"echo": True}, "echo"), ({"best_of": 3}, "best_of"),
-                                           ({"logprobs": 2}, "logprobs"), ({"prompt": ["a", "b"]}, "prompt")])
+                                           ({"logprobs": 6}, "logprobs"), ({"prompt": ["a", "b"]}, "prompt"),
+                                           ({"suffix": "x"}, "suffix")])
 def test_completions_refuse_what_coe_cannot_honour(client, fields, param):
     response = client.post("/v1/completions", json={"model": "a", "max_tokens": 2, "prompt": "hi", **fields})
     assert_refused(response, 400, param)

@@ -233,7 +233,7 @@ USER = [{"role": "user", "content": "Hello"}]
     ("post", CHAT, {"model": "nope", "messages": USER}, 404, "model_not_found"),
     ("post", CHAT, {"model": "tiny", "messages": USER, "max_tokens": 0}, 400, "invalid_request"),
     ("post", CHAT, {"model": "tiny", "messages": USER, "max_tokens": MAX_TOKENS_LIMIT + 1}, 400, "invalid_request"),
-    ("post", CHAT, {"model": "tiny", "messages": USER, "n": 2}, 400, "invalid_request"),
+    ("post", CHAT, {"model": "tiny", "messages": USER, "n": 17}, 400, "invalid_request"),
     ("post", CHAT, {"model": "tiny", "messages": USER, "temperature": 3}, 400, "invalid_request"),
     ("post", CHAT, {"model": "tiny", "messages": USER, "stop": ["a", "b", "c", "d", "e"]}, 400, "invalid_request"),
     ("post", CHAT, {"model": "tiny", "messages": USER, "max_tokens": N_CTX}, 400, "context_length_exceeded"),

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from coe.backends.memory import HostBufferPool
-from coe.backends.sampling import Token
+from coe.backends.sampling import PLAIN, SamplerDefaults, Token, TokenSampler
 from coe.config import ExpertConfig
 from coe.models.info import ModelInfo, describe
 from coe.types import SamplingParams
@@ -51,15 +51,32 @@ class HostWeights:
 
 class Vocab(ABC):
     """Tokenizer facts the engine needs: to encode a rendered prompt, to detokenise byte-exactly
-    and to know the end of generation."""
+    and to know the end of generation; and, for constrained decoding, llguidance's view of it."""
 
     bos_text: str = ""
     eos_text: str = ""
     chat_template: str | None = None
+    n_vocab: int = 0  # the width of the model's logits
+    _grammar_tokenizer: Any = None
 
     @abstractmethod
     def encode(self, text: str) -> list[int]:
         """Token ids of a full prompt, with the model's BOS if it wants one; special tokens parsed."""
+
+    def tokenize(self, text: str) -> list[int]:
+        """Token ids of plain text: no BOS, special tokens not parsed."""
+        return self.encode(text)
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer for this vocabulary, built on first use (it reads every token)."""
+        if self._grammar_tokenizer is None:
+            self._grammar_tokenizer = self._build_grammar_tokenizer()
+        return self._grammar_tokenizer
+
+    def _build_grammar_tokenizer(self) -> Any:
+        from coe.backends.grammar import tokenizer_from
+
+        return tokenizer_from(self, self.n_vocab)
 
     @abstractmethod
     def token_bytes(self, token_id: int) -> bytes: ...
@@ -115,9 +132,12 @@ class Runner(ABC):
         context_length: int,
         num_bytes: int,
         max_sequences: int = 1,
+        sampler_defaults: SamplerDefaults = PLAIN,
     ):
         self.expert = expert
         self.vocab = vocab
+        # the expert's params: top_k, min_p, repeat_penalty
+        self.sampler_defaults = sampler_defaults
         self.context_length = context_length  # tokens one sequence may hold (prompt + output)
         self.max_sequences = max_sequences  # sequences one decoder steps together
         self.num_bytes = num_bytes  # weights on disk
@@ -125,6 +145,16 @@ class Runner(ABC):
 
     @abstractmethod
     def open_decoder(self) -> Decoder: ...
+
+    def sampler(self, sampling: SamplingParams) -> TokenSampler:
+        """A new sequence's sampler, with its grammar's mask when it has one (InvalidRequest if
+        the grammar cannot be used with this vocabulary)."""
+        mask = None
+        if sampling.grammar is not None:
+            from coe.backends.grammar import GrammarMask
+
+            mask = GrammarMask(self.vocab.grammar_tokenizer(), sampling.grammar, self.vocab.n_vocab)
+        return TokenSampler(sampling, self.sampler_defaults, mask)
 
     def close(self) -> None:
         """Free the runtime. Subclasses release their own handles."""
@@ -140,9 +170,8 @@ class Backend(ABC):
     """
 
     name: str = ""
-    reads_into_pool: bool = (
-        False  # read fills a reusable HostBufferPool buffer (else the page cache)
-    )
+    # read fills a reusable HostBufferPool buffer (else the page cache)
+    reads_into_pool: bool = False
 
     @abstractmethod
     def read(self, expert: ExpertConfig, path: Path, pool: HostBufferPool) -> HostWeights: ...

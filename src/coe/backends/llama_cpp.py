@@ -15,6 +15,7 @@ module applies its plans to the context.
 from __future__ import annotations
 
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,11 @@ def context_params(params: LlamaCppParams, context_length: int | None, threads: 
     return ctx
 
 
+_grammar_tokenizers: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # loaded model -> llguidance's
+
+
 class LlamaVocab(Vocab):
     """Tokenizer of a loaded llama.cpp model (``_internals.LlamaModel``)."""
 
@@ -76,6 +82,7 @@ class LlamaVocab(Vocab):
         self.bos_text = self._special_text(self._bos_id)
         self.eos_text = self._special_text(model.token_eos())
         self._is_eog = lib.llama_vocab_is_eog
+        self.n_vocab = model.n_vocab()
 
     def _special_text(self, token_id: int) -> str:
         if token_id < 0:
@@ -87,6 +94,19 @@ class LlamaVocab(Vocab):
         if self._add_bos and (not ids or ids[0] != self._bos_id):
             ids.insert(0, self._bos_id)
         return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._model.tokenize(text.encode("utf-8"), add_bos=False, special=False)
+
+    def _build_grammar_tokenizer(self) -> Any:
+        """Built once per loaded model (a runner's context comes and goes with the device tier).
+        Tokens as llama.cpp writes them: a user-defined token like Qwen's ``<tool_call>`` is its
+        text, so a grammar's ``"<tool_call>"`` matches it (llguidance's own llama.cpp builder marks
+        it special, and then a grammar allows it but cannot consume it)."""
+        tokenizer = _grammar_tokenizers.get(self._model)
+        if tokenizer is None:
+            tokenizer = _grammar_tokenizers[self._model] = super()._build_grammar_tokenizer()
+        return tokenizer
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._model.detokenize([token_id])
@@ -111,12 +131,16 @@ class LlamaRunner(Runner):
     ):
         from llama_cpp import _internals
 
+        defaults = SamplerDefaults(
+            top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty
+        )
         super().__init__(
             expert,
             LlamaVocab(model, chat_template),
             ctx.n_ctx(),
             num_bytes,
-            max_sequences=params.max_sequences,
+            params.max_sequences,
+            defaults,
         )
         self.lib = load_llama_cpp()
         self.model, self.ctx = model, ctx
@@ -124,9 +148,6 @@ class LlamaRunner(Runner):
         self.n_vocab = model.n_vocab()
         self.batch = _internals.LlamaBatch(
             n_tokens=self.n_batch, embd=0, n_seq_max=1, verbose=False
-        )
-        self.sampler_defaults = SamplerDefaults(
-            top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty
         )
         self.slots = PrefixSlots(params.max_sequences, enabled=params.cache_prompt)
         self._n_swa = int(self.lib.llama_model_n_swa(model.model))
@@ -248,7 +269,7 @@ class LlamaDecoder(Decoder):
     def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
         self.live[seq] = _Live(
             prompt_ids,
-            TokenSampler(sampling, self.runner.sampler_defaults),
+            self.runner.sampler(sampling),
             len(prompt_ids) + sampling.max_tokens,
         )
 

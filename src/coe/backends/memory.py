@@ -23,9 +23,8 @@ from pathlib import Path
 READ_CHUNK_BYTES = 32 * 2**20
 PAGE_BYTES = mmap.PAGESIZE
 THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-HUGE_PAGES_TUNABLE = (
-    "glibc.malloc.hugetlb=1"  # glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc'd memory
-)
+# glibc >= 2.35: madvise(MADV_HUGEPAGE) on malloc'd memory
+HUGE_PAGES_TUNABLE = "glibc.malloc.hugetlb=1"
 
 
 def anon_rss_bytes() -> int | None:

@@ -28,6 +28,10 @@ BENCHES = {
         "coe.bench.serve",
         "real servers under a replayed trace: naive (FIFO, no warm tier) vs coe's defaults",
     ),
+    "structured": (
+        "coe.bench.structured",
+        "JSON-schema constraint cost (tokens/s) per expert; BFCL accuracy, native tools vs prompt-only",
+    ),
     "soak": (
         "coe.bench.soak",
         "a real server under a long mix of valid and invalid requests: nothing lost, memory back to baseline",

@@ -264,9 +264,8 @@ class Conversations:
 
     def __init__(self, trace: list[TraceItem]):
         self.ended = {item.index: asyncio.Event() for item in trace}
-        self.history: dict[
-            int, list[dict]
-        ] = {}  # index -> messages sent + the answer (completed only)
+        # index -> messages sent + the answer (completed only)
+        self.history: dict[int, list[dict]] = {}
 
     async def messages_for(self, item: TraceItem) -> list[dict] | None:
         """The messages to send; None for a follow-up whose first turn got no answer."""

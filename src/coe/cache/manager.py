@@ -51,9 +51,8 @@ class ExpertState:
     device_bytes: int = 0  # measured footprint in the device tier
     pinned: bool = False
     requests: int = 0
-    file_read_s: float | None = (
-        None  # of read_s, the time spent reading the file itself (0: it was cached)
-    )
+    # of read_s, the time spent reading the file itself (0: it was cached)
+    file_read_s: float | None = None
     replicas: tuple[tuple[str, str], ...] = ()  # Ray Serve: (replica, its state of this expert)
 
     @property

@@ -98,9 +98,8 @@ class Popularity:
     def __init__(self, half_lives: tuple[int, ...], num_experts: int):
         self.half_lives, self.num_experts = tuple(half_lives), max(num_experts, 1)
         self.now = 0  # requests observed
-        self._counts: dict[
-            str, tuple[list[float], int]
-        ] = {}  # name -> (counts at its last request, that request)
+        # name -> (counts at its last request, that request)
+        self._counts: dict[str, tuple[list[float], int]] = {}
         self._totals = [0.0] * len(
             self.half_lives
         )  # every expert's decayed counts summed, as of now

@@ -16,22 +16,35 @@ from collections.abc import Iterable, Iterator
 from collections.abc import Sequence as Seq
 
 from coe.backends.base import Runner, Vocab
-from coe.backends.chat import PLAIN_STOP, render_chat
+from coe.backends.chat import PLAIN_STOP, render_chat, supports_tools
 from coe.backends.sampling import Token
 from coe.backends.text import TextAssembler
-from coe.errors import CoEError, ContextLengthExceeded, GenerationError
-from coe.types import Completion, Request, SamplingParams, StreamEvent
+from coe.engine.tools import ToolCallStream, with_tool_prompt
+from coe.errors import CoEError, ContextLengthExceeded, GenerationError, InvalidRequest
+from coe.types import Completion, Request, SamplingParams, StreamEvent, TokenLogprob, ToolCall
 
 
 def prompt_of(vocab: Vocab, request: Request) -> tuple[str, tuple[str, ...]]:
-    """The prompt string and the stop strings it implies (a plain transcript stops at the next turn)."""
+    """The prompt string and the stop strings it implies (a plain transcript stops at the next turn).
+    Tools go to a chat template that renders them; other experts get coe's documented tool format
+    in the system message (``coe.engine.tools``)."""
     if request.prompt is not None:
         return request.prompt, ()
+    messages, tools = request.messages or (), request.tools
+    offered = tools is not None and tools.choice != "none"
+    native = supports_tools(vocab.chat_template)
+    if native:
+        functions = list(tools.functions) if offered and tools is not None else None
+    else:
+        functions = None
+        if offered or any(m.tool_calls or m.role == "tool" for m in messages):
+            messages = with_tool_prompt(messages, tools if offered else None)
     text = render_chat(
         vocab.chat_template,
-        request.messages or (),
+        messages,
         bos_text=vocab.bos_text,
         eos_text=vocab.eos_text,
+        tools=functions,
     )
     return text, (() if vocab.chat_template else PLAIN_STOP)
 
@@ -47,18 +60,35 @@ def check_context(
         )
 
 
+def check_bias(expert: str, n_vocab: int, sampling: SamplingParams) -> None:
+    """logit_bias names token ids of this expert's vocabulary."""
+    outside = [t for t, _ in sampling.logit_bias if n_vocab and t >= n_vocab]
+    if outside:
+        raise InvalidRequest(
+            f"logit_bias: token {outside[0]} is not in {expert}'s vocabulary of {n_vocab} tokens",
+            param="logit_bias",
+        )
+
+
 class Sequence:
-    """One request's postprocessing: text assembly, stop strings, max_tokens, cancellation, usage."""
+    """One request's postprocessing: text assembly, stop strings, max_tokens, cancellation, usage,
+    log-probabilities, and tool calls read out of the text."""
 
     def __init__(self, request: Request, prompt_ids: list[int], implied_stop: tuple[str, ...]):
         self.request, self.prompt_ids = request, prompt_ids
         self.text = TextAssembler(request.sampling.stop + implied_stop)
+        tools = request.tools
+        self.tool_stream = (
+            ToolCallStream(tools) if tools is not None and tools.choice != "none" else None
+        )
         self.finish_reason: str | None = None
         self.num_generated = 0
         self.cached_tokens = 0  # prompt tokens the decoder did not evaluate again (prefix caching)
-        self.scored: tuple[
-            float, ...
-        ] = ()  # the first token's log-probabilities of sampling.score_ids
+        # the first token's log-probabilities of sampling.score_ids
+        self.scored: tuple[float, ...] = ()
+        self.logprobs: list[TokenLogprob] = []  # every generated token's, when asked for
+        self._unsent_logprobs = 0  # of those, the ones no event carried yet
+        self._shown: list[str] = []  # text sent as content
 
     @property
     def need_tokens(self) -> int:
@@ -76,26 +106,63 @@ class Sequence:
             self.finish_reason = "stop"
             return None
         self.num_generated += 1
+        if token.logprob is not None:
+            self.logprobs.append(
+                TokenLogprob(
+                    vocab.token_bytes(token.id),
+                    token.logprob,
+                    tuple((vocab.token_bytes(i), lp) for i, lp in token.top),
+                )
+            )
+            self._unsent_logprobs += 1
         delta = self.text.feed(vocab.token_bytes(token.id))
         if self.text.stopped:
             self.finish_reason = "stop"
         elif self.num_generated >= self.request.sampling.max_tokens:
             self.finish_reason = "length"
-        return StreamEvent(self.request.id, delta=delta) if delta else None
+        return self._delta(delta)
+
+    def _delta(self, text: str) -> StreamEvent | None:
+        if self.tool_stream is not None:
+            text = self.tool_stream.feed(text)
+        if not text:
+            return None
+        self._shown.append(text)
+        return StreamEvent(self.request.id, delta=text, logprobs=self._take_logprobs())
+
+    def _take_logprobs(self) -> tuple[TokenLogprob, ...]:
+        if not self._unsent_logprobs:
+            return ()
+        taken = tuple(self.logprobs[-self._unsent_logprobs :])
+        self._unsent_logprobs = 0
+        return taken
 
     def finish(self) -> list[StreamEvent]:
-        tail = self.text.flush()
+        events = [e for e in (self._delta(self.text.flush()),) if e is not None]
+        calls: tuple[ToolCall, ...] = ()
+        if self.tool_stream is not None:
+            rest, calls = self.tool_stream.finish()
+            if rest:
+                self._shown.append(rest)
+                events.append(
+                    StreamEvent(self.request.id, delta=rest, logprobs=self._take_logprobs())
+                )
+        finish_reason = self.finish_reason or "length"
+        if calls and finish_reason == "stop":
+            finish_reason = "tool_calls"
         completion = Completion(
-            text=self.text.text,
-            finish_reason=self.finish_reason or "length",
+            text="".join(self._shown),
+            finish_reason=finish_reason,
             prompt_tokens=len(self.prompt_ids),
             completion_tokens=self.num_generated,
             cached_tokens=self.cached_tokens,
+            tool_calls=calls,
+            logprobs=tuple(self.logprobs),
         )
-        return [
-            *([StreamEvent(self.request.id, delta=tail)] if tail else []),
-            StreamEvent(self.request.id, completion=completion),
-        ]
+        events.append(
+            StreamEvent(self.request.id, completion=completion, logprobs=self._take_logprobs())
+        )
+        return events
 
 
 class RunningBatch:
@@ -136,6 +203,7 @@ class RunningBatch:
                     len(prompt_ids),
                     request.sampling.max_tokens,
                 )
+                check_bias(self.expert, self.vocab.n_vocab, request.sampling)
             except CoEError as exc:
                 errors.append(StreamEvent(request.id, error=exc))
                 continue
@@ -144,11 +212,10 @@ class RunningBatch:
 
     def step(self) -> list[StreamEvent]:
         """One forward pass for every running sequence (and the waiting ones that fit), postprocessed."""
-        self._start_waiting()
+        events = self._start_waiting()
         if not self.running:
-            return []
+            return events
         tokens = self.decoder.step()
-        events: list[StreamEvent] = []
         for number, token in tokens.items():
             seq = self.running[number]
             event = seq.feed(token, self.vocab)
@@ -160,16 +227,23 @@ class RunningBatch:
                 events.extend(seq.finish())
         return events
 
-    def _start_waiting(self) -> None:
+    def _start_waiting(self) -> list[StreamEvent]:
         """Move waiting sequences into the decoder in arrival order while they fit (an empty
-        decoder always takes the first: admit checked it fits the context)."""
+        decoder always takes the first: admit checked it fits the context). One whose sampler
+        cannot be built (its grammar does not compile for this vocabulary) ends with that error."""
+        errors = []
         while self.waiting and (
             not self.running or self.decoder.has_room(self.waiting[0].need_tokens)
         ):
             seq = self.waiting.popleft()
             number = next(self._numbers)
-            self.decoder.add(number, seq.prompt_ids, seq.request.sampling)
+            try:
+                self.decoder.add(number, seq.prompt_ids, seq.request.sampling)
+            except CoEError as exc:
+                errors.append(StreamEvent(seq.request.id, error=exc))
+                continue
             self.running[number] = seq
+        return errors
 
     def fail(self, error: Exception) -> list[StreamEvent]:
         """End every unfinished request with ``error`` (the decoder failed)."""

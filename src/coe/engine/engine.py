@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from coe.backends.chat import supports_tools
 from coe.backends.offload import OffloadedExpert
 from coe.backends.remote import RemoteExpert
 from coe.cache import ModelCache
@@ -40,7 +41,7 @@ from coe.errors import (
     RouterUnavailable,
     UnknownExpert,
 )
-from coe.models import ModelStore, check_params
+from coe.models import ModelStore, check_params, disk_info
 from coe.router.service import ExpertRouter, load_expert_router
 from coe.types import Completion, Request, StreamEvent, Tier
 
@@ -70,7 +71,13 @@ class Engine:
         # experts served outside this process (other servers, Ray replicas): on their own workers
         self.remotes = remotes if remotes is not None else remote_experts(config)
         self.routing = Routing(
-            config, router, router_error, self.health, self.metrics, self.ready_experts
+            config,
+            router,
+            router_error,
+            self.health,
+            self.metrics,
+            self.ready_experts,
+            tool_callers=self._tool_callers(),
         )
         self.offloaded = OffloadedLane(
             self.remotes,
@@ -124,6 +131,18 @@ class Engine:
                     "model %r falls back to %s: %s", ROUTED_MODEL, config.default_expert, error
                 )
         return cls(config, cache, router=router, router_error=error, remotes=remotes)
+
+    def _tool_callers(self) -> set[str]:
+        """Experts whose chat template has a tool-call format (from the headers), and every remote
+        one (an OpenAI-compatible server handles tools itself)."""
+        callers = set(self.remotes)
+        for expert in self.config.experts:
+            if expert.name in self.remotes:
+                continue
+            info, _ = disk_info(self.cache.store, expert)
+            if info is not None and supports_tools(info.chat_template):
+                callers.add(expert.name)
+        return callers
 
     # -- submission ------------------------------------------------------------------------------
     def submit(self, request: Request) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
 from coe.config import ROUTED_MODEL, CoEConfig
@@ -13,7 +13,7 @@ from coe.engine.health import ExpertHealth
 from coe.engine.metrics import EngineMetrics
 from coe.errors import ExpertUnavailable, UnknownExpert
 from coe.router.service import ExpertRouter
-from coe.types import ChatMessage, Request, RouteDecision
+from coe.types import ChatMessage, Request, RouteDecision, Tools
 
 MAX_RECENT_DECISIONS = 10_000  # routing decisions kept for the console's routing panel
 
@@ -29,8 +29,10 @@ class Routing:
         health: ExpertHealth,
         metrics: EngineMetrics,
         ready_experts: Callable[[], list[str]],
+        tool_callers: Collection[str] = (),
     ):
         self.config, self.router, self.health, self.metrics = config, router, health, metrics
+        self.tool_callers = frozenset(tool_callers)  # experts with a tool-call format of their own
         # why model "coe" falls back to the default expert
         self.router_error = router_error or (None if router else "no router configured")
         self._ready_experts = ready_experts
@@ -42,10 +44,11 @@ class Routing:
         model: str,
         messages: Sequence[ChatMessage] | None = None,
         prompt: str | None = None,
-        tools: Sequence[dict] | None = None,
+        tools: Tools | None = None,
     ) -> tuple[str, RouteDecision | None]:
         """The expert for a requested model name. "coe" is routed on the conversation (or the
-        prompt); without a router it goes to the default expert and says why."""
+        prompt); without a router it goes to the default expert and says why. A request that
+        offers tools goes to an expert that can call them."""
         if model == ROUTED_MODEL:
             return self._route(messages, prompt, tools)
         if model in self._names:
@@ -57,7 +60,7 @@ class Routing:
             param="model",
         )
 
-    def _route(self, messages, prompt, tools) -> tuple[str, RouteDecision]:
+    def _route(self, messages, prompt, tools: Tools | None) -> tuple[str, RouteDecision]:
         if self.router is None:
             expert = self.config.default_expert
             return expert, RouteDecision(
@@ -67,15 +70,22 @@ class Routing:
                 fallback=True,
                 reason=self.router_error or "",
             )
+        functions = tools.functions if tools is not None else None
         if messages:
-            decision = self.router.route_messages(messages, tools)
+            decision = self.router.route_messages(messages, functions)
         else:
-            decision = self.router.route_prompt(prompt or "", tools)
+            decision = self.router.route_prompt(prompt or "", functions)
         decision = self.router.prefer_resident(
             decision, self._ready_experts(), self.config.scheduler.switch_tolerance
         )
         if not self.usable(decision.expert):
             decision = self._healthy_instead(decision, decision.expert)
+        if (
+            tools is not None
+            and tools.choice != "none"
+            and decision.expert not in self.tool_callers
+        ):
+            decision = self._tool_caller_instead(decision)
         self.metrics.decisions.labels(decision.category, decision.expert).inc()
         self._decisions.append((time.monotonic(), decision.category, decision.expert))
         return decision.expert, decision
@@ -105,6 +115,25 @@ class Routing:
             self.check_healthy(failed)  # nothing healthy: 503 with the failed expert's backoff
             return decision
         return self._served_by(decision, failed, alternative)
+
+    def _tool_caller_instead(self, decision: RouteDecision) -> RouteDecision:
+        """The best expert for the category that has a tool-call format (by the score table)."""
+        assert self.router is not None
+        alternative = self.router.next_best(
+            decision.category, lambda e: self.usable(e) and e in self.tool_callers
+        )
+        if alternative is None:
+            note = f"no expert has a tool-call format of its own; {decision.expert} gets coe's tool prompt"
+            return replace(
+                decision, reason=(decision.reason + "; " if decision.reason else "") + note
+            )
+        note = f"the request offers tools and {decision.expert} cannot call them; served by {alternative}"
+        return replace(
+            decision,
+            expert=alternative,
+            planned_expert=decision.planned_expert or decision.expert,
+            reason=(decision.reason + "; " if decision.reason else "") + note,
+        )
 
     def _served_by(self, decision: RouteDecision, failed: str, alternative: str) -> RouteDecision:
         note = (

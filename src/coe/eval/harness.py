@@ -24,7 +24,7 @@ from coe.engine.batch import next_token_logprobs, prompt_of
 from coe.errors import CoEError
 from coe.eval.scoring import Verdict, choice_by_logprobs, score_text
 from coe.eval.suites import LETTERS, EvalItem, item_key
-from coe.types import Completion, Request, SamplingParams, StreamEvent
+from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent
 
 Progress = Callable[[str, int, int], None]
 MAX_RESPONSE_CHARS = 4000
@@ -178,6 +178,22 @@ def _text_of(event: StreamEvent | None) -> str | CoEError:
     return event.completion.text
 
 
+TOP_LOGPROBS = 20  # the most a server returns (OpenAI's limit)
+UNLIKELY_LOGPROB = -100.0  # a letter the server did not list among its top tokens
+
+
+def _first_token_logprobs(expert: str, messages: Sequence[ChatMessage]) -> dict:
+    """A chat request for one greedy token with the most top log-probabilities a server gives."""
+    return {
+        "model": expert,
+        "max_tokens": 1,
+        "temperature": 0.0,
+        "logprobs": True,
+        "top_logprobs": TOP_LOGPROBS,
+        "messages": [{"role": m.role, "content": m.content} for m in messages],
+    }
+
+
 class ServerTarget:
     """Experts behind a running OpenAI-compatible server (coe, vLLM, Ollama...)."""
 
@@ -195,6 +211,8 @@ class ServerTarget:
         self.base, self.headers = openai_endpoint(url, api_key)
         self.concurrency, self.timeout_s = concurrency, timeout_s
         self._params = params or {}
+        # expert -> whether the server returns top log-probabilities
+        self._logprobs: dict[str, bool] = {}
 
     def identity(self, expert: str) -> str:
         return f"{expert}|{self.url}"
@@ -203,7 +221,55 @@ class ServerTarget:
         return self._params.get(expert)
 
     def has_logprobs(self, expert: str) -> bool:
-        return False  # read the generated letter instead
+        """Whether the server returns top log-probabilities for the expert (coe does; asked once):
+        then multiple choice is scored by the letters' log-probabilities, else by the generated letter."""
+        if expert not in self._logprobs:
+            import httpx
+
+            probe = (ChatMessage("user", "Answer A or B."),)
+            try:
+                response = httpx.post(
+                    self.base + "/chat/completions",
+                    json=_first_token_logprobs(expert, probe),
+                    headers=self.headers,
+                    timeout=self.timeout_s,
+                )
+                content = (response.json()["choices"][0].get("logprobs") or {}).get("content") or []
+                self._logprobs[expert] = response.status_code == 200 and bool(
+                    content and content[0]["top_logprobs"]
+                )
+            except (httpx.HTTPError, ValueError, KeyError, IndexError):
+                self._logprobs[expert] = False
+        return self._logprobs[expert]
+
+    def letter_logprobs(
+        self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]
+    ) -> list[list[float]] | None:
+        """The option letters' log-probabilities as the answer's first token, read from the server's
+        top log-probabilities (a letter outside the top ones counts as very unlikely)."""
+        import httpx
+
+        with httpx.Client(timeout=self.timeout_s, headers=self.headers) as client:
+
+            def one(item: EvalItem) -> list[float]:
+                response = client.post(
+                    self.base + "/chat/completions",
+                    json=_first_token_logprobs(expert, item.messages),
+                )
+                progress()
+                if response.status_code != 200:
+                    raise CoEError(
+                        f"{self.base}: {expert} answered {response.status_code}: {response.text[:300]}"
+                    )
+                tops = response.json()["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                best: dict[str, float] = {}
+                for entry in tops:
+                    letter = entry["token"].strip()
+                    best[letter] = max(best.get(letter, UNLIKELY_LOGPROB), entry["logprob"])
+                return [best.get(LETTERS[i], UNLIKELY_LOGPROB) for i in range(item.num_options)]
+
+            with ThreadPoolExecutor(self.concurrency) as pool:
+                return list(pool.map(one, items))
 
     def generate(
         self, expert: str, items: Sequence[EvalItem], progress: Callable[[], None]

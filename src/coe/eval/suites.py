@@ -323,7 +323,8 @@ def _ifeval() -> list[EvalItem]:
     return items
 
 
-def _bfcl() -> list[EvalItem]:
+def bfcl_items() -> list[EvalItem]:
+    """BFCL items the evaluation scores (the reserved half), in its prompt-only format, with tools."""
     from coe.eval import toolcall
 
     items = []
@@ -386,7 +387,7 @@ SUITES: dict[str, Suite] = {
         Suite("hellaswag", "reasoning", "choice", _hellaswag),
         Suite("boolq", "extraction", "choice", _boolq),
         Suite("ifeval", "writing", "ifeval", _ifeval),
-        Suite("bfcl", "tool_use", "bfcl", _bfcl),
+        Suite("bfcl", "tool_use", "bfcl", bfcl_items),
         Suite("mtbench", "chat", "judge", _mtbench, judged=True),
     ]
 }

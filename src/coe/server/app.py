@@ -6,9 +6,9 @@ import asyncio
 import json
 import math
 import time
-import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import Any
 
 from fastapi import Depends, FastAPI
@@ -25,9 +25,10 @@ from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coe.errors import CoEError, GenerationError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from coe.server.auth import KeyAuth
 from coe.server.console import install_console
+from coe.server.openai import Reply, chat_messages, sampling_of, tools_of
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
 from coe.server.shapes import health_json, snapshot_json, state_word
-from coe.types import ChatMessage, Completion, Request, RouteDecision, SamplingParams, StreamEvent
+from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent, Tools
 
 
 def create_app(engine: Engine) -> FastAPI:
@@ -186,12 +187,20 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions(http: HTTPRequest):
         body = await _parse_body(http, ChatCompletionRequest, engine.config.server)
-        messages = tuple(
-            ChatMessage(m.role if m.role != "developer" else "system", m.text())
-            for m in body.messages
-        )
+        tools = tools_of(body)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _serve(engine, body, http, "chat.completion", max_tokens, messages=messages)
+        sampling = await asyncio.to_thread(
+            sampling_of, body, max_tokens, engine.config.server, tools
+        )
+        return await _serve(
+            engine,
+            body,
+            http,
+            "chat.completion",
+            sampling,
+            messages=chat_messages(body),
+            tools=tools,
+        )
 
     @app.post("/v1/completions")
     async def completions(http: HTTPRequest):
@@ -201,7 +210,8 @@ def _install_routes(app: FastAPI, engine: Engine) -> None:
             raise InvalidRequest(
                 "prompt: exactly one prompt string per request is supported", param="prompt"
             )
-        return await _serve(engine, body, http, "text_completion", body.max_tokens, prompt=prompt)
+        sampling = sampling_of(body, body.max_tokens, engine.config.server)
+        return await _serve(engine, body, http, "text_completion", sampling, prompt=prompt)
 
 
 async def _parse_body(http: HTTPRequest, schema: type[BaseModel], limits):
@@ -363,13 +373,15 @@ class _AsyncSink:
         except RuntimeError:  # the loop is closed: the client is gone
             pass
 
-    async def get(self, request: Request, http: HTTPRequest | None = None) -> StreamEvent:
-        """The next event. Past the deadline the request is cancelled and RequestTimeout raised;
-        with ``http``, a client that left cancels the request (raises _ClientGone)."""
+    async def get(
+        self, requests: Sequence[Request], http: HTTPRequest | None = None
+    ) -> StreamEvent:
+        """The next event of any of ``requests``. Past the deadline they are cancelled and
+        RequestTimeout raised; with ``http``, a client that left cancels them (raises _ClientGone)."""
         while True:
             remaining_s = self.deadline_s - time.monotonic()
             if remaining_s <= 0:
-                request.cancel("timeout")
+                _cancel(requests, "timeout")
                 raise RequestTimeout(
                     f"the request took longer than server.request_timeout_s = {self.timeout_s} s"
                 )
@@ -377,52 +389,57 @@ class _AsyncSink:
                 return await asyncio.wait_for(self._queue.get(), min(remaining_s, self._POLL_S))
             except asyncio.TimeoutError:
                 if http is not None and await http.is_disconnected():
-                    request.cancel()
+                    _cancel(requests)
                     raise _ClientGone() from None
             except asyncio.CancelledError:
-                request.cancel()
+                _cancel(requests)
                 raise
+
+
+def _cancel(requests: Sequence[Request], reason: str = "cancelled") -> None:
+    for request in requests:
+        request.cancel(reason)
 
 
 async def _serve(
     engine: Engine,
-    body,
+    body: ChatCompletionRequest | CompletionRequest,
     http: HTTPRequest,
     kind: str,
-    max_tokens: int | None,
+    sampling: SamplingParams,
     *,
-    messages=None,
-    prompt=None,
+    messages: tuple[ChatMessage, ...] | None = None,
+    prompt: str | None = None,
+    tools: Tools | None = None,
 ):
-    limits = engine.config.server
-    if max_tokens is not None and max_tokens > limits.max_tokens_limit:
-        raise InvalidRequest(
-            f"max_tokens must be <= {limits.max_tokens_limit}, got {max_tokens}", param="max_tokens"
-        )
+    """Route, submit the ``n`` requests of one call (seeded ones get seed, seed + 1, ...) and
+    answer: JSON when they have all ended, or one SSE stream of all their chunks."""
     expert, route = await asyncio.to_thread(
-        engine.routing.resolve, body.model, messages, prompt, getattr(body, "tools", None)
+        engine.routing.resolve, body.model, messages, prompt, tools
     )
-    sampling = SamplingParams(
-        max_tokens=max_tokens or limits.default_max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        stop=body.stop_tuple(),
-        seed=body.seed,
-    )
-    sink = _AsyncSink(limits.request_timeout_s)
-    request = Request(
-        expert=expert,
-        sampling=sampling,
-        messages=messages,
-        prompt=prompt,
-        sink=sink.put,
-        route=route,
-    )
-    engine.submit(request)
+    sink = _AsyncSink(engine.config.server.request_timeout_s)
+    requests = [
+        Request(
+            expert=expert,
+            messages=messages,
+            prompt=prompt,
+            tools=tools,
+            sink=sink.put,
+            route=route,
+            sampling=replace(sampling, seed=None if sampling.seed is None else sampling.seed + i),
+        )
+        for i in range(body.n)
+    ]
     try:
-        first = await sink.get(request, http)
+        for request in requests:
+            engine.submit(request)
+    except CoEError:
+        _cancel(requests)  # the ones already queued end as cancelled
+        raise
+    try:
+        first = await sink.get(requests, http)
         _raise_if_error(first)
-        reply = _Reply(kind, body.model, request)
+        reply = Reply(kind, body.model, requests)
         if body.stream:
             include_usage = bool(body.stream_options and body.stream_options.include_usage)
             return StreamingResponse(
@@ -430,17 +447,21 @@ async def _serve(
                 media_type="text/event-stream",
                 headers=reply.headers(),
             )
-        event, parts = first, []
+        finals: dict[str, Completion] = {}
+        event = first
         while True:
-            parts.append(event.delta)
-            if event.is_final:
+            if event.completion is not None:
+                finals[event.request_id] = event.completion
+            if len(finals) == len(requests):
                 break
-            event = await sink.get(request, http)
+            event = await sink.get(requests, http)
             _raise_if_error(event)
-        assert event.completion is not None  # final and not an error
-        return JSONResponse(reply.full(event.completion, "".join(parts)), headers=reply.headers())
+        return JSONResponse(reply.full([finals[r.id] for r in requests]), headers=reply.headers())
     except _ClientGone:
         return Response(status_code=499)  # nobody reads it; nginx's "client closed request"
+    except CoEError:
+        _cancel(requests)  # one choice failed: the others stop too
+        raise
 
 
 def _raise_if_error(event: StreamEvent) -> None:
@@ -451,108 +472,18 @@ def _raise_if_error(event: StreamEvent) -> None:
     raise GenerationError(str(event.error))
 
 
-class _Reply:
-    """Builds OpenAI response bodies for one request."""
-
-    def __init__(self, kind: str, model: str, request: Request):
-        self.kind, self.model, self.request = kind, model, request
-        prefix = "chatcmpl" if kind == "chat.completion" else "cmpl"
-        self.id = f"{prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def coe_info(self) -> dict:
-        route: RouteDecision | None = self.request.route
-        info = route.to_dict() if route is not None else {"expert": self.request.expert}
-        if self.request.served_tier is not None:
-            info.update(
-                tier=self.request.served_tier, switch_ms=round(self.request.switch_s * 1000, 1)
-            )
-        if self.request.served_by is not None:
-            info["replica"] = self.request.served_by
-        return info
-
-    def headers(self) -> dict[str, str]:
-        headers = {"x-coe-expert": self.request.expert}
-        if self.request.served_tier is not None:
-            headers["x-coe-tier"] = self.request.served_tier
-            headers["x-coe-switch-ms"] = f"{self.request.switch_s * 1000:.1f}"
-        if self.request.served_by is not None:
-            headers["x-coe-replica"] = self.request.served_by
-        if self.request.route is not None:
-            headers["x-coe-category"] = self.request.route.category
-            headers["x-coe-confidence"] = f"{self.request.route.confidence:.4f}"
-        return headers
-
-    def _envelope(self, obj: str, choices: list, usage: dict | None = None) -> dict:
-        body = {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": choices,
-            "coe": self.coe_info(),
-        }
-        if usage is not None:
-            body["usage"] = usage
-        return body
-
-    def full(self, completion: Completion, text: str) -> dict:
-        if self.kind == "chat.completion":
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": completion.finish_reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": completion.finish_reason,
-            }
-        return self._envelope(self.kind, [choice], _usage(completion))
-
-    def chunk(
-        self, delta: str | None, finish_reason: str | None = None, first: bool = False
-    ) -> dict:
-        if self.kind == "chat.completion":
-            content = {} if delta is None else {"content": delta}
-            if first:
-                content = {"role": "assistant", **content}
-            choice = {
-                "index": 0,
-                "delta": content,
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-            return self._envelope("chat.completion.chunk", [choice])
-        choice = {"index": 0, "text": delta or "", "logprobs": None, "finish_reason": finish_reason}
-        return self._envelope("text_completion", [choice])
-
-    def usage_chunk(self, completion: Completion) -> dict:
-        obj = "chat.completion.chunk" if self.kind == "chat.completion" else "text_completion"
-        return self._envelope(obj, [], _usage(completion))
-
-
-def _usage(completion: Completion) -> dict:
-    return {
-        "prompt_tokens": completion.prompt_tokens,
-        "completion_tokens": completion.completion_tokens,
-        "total_tokens": completion.prompt_tokens + completion.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": completion.cached_tokens},
-    }
-
-
 def _sse_data(payload: dict | str) -> bytes:
     text = payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)
     return f"data: {text}\n\n".encode()
 
 
 async def _sse(
-    reply: _Reply, first: StreamEvent, sink: _AsyncSink, include_usage: bool
+    reply: Reply, first: StreamEvent, sink: _AsyncSink, include_usage: bool
 ) -> AsyncIterator[bytes]:
-    event, is_first = first, True
+    """Every request's chunks as they come; each choice starts with its role and ends with its
+    finish reason (tool calls in the last chunk that carries them); usage once all have ended."""
+    event, started, finals = first, set(), {}
+    offsets = dict.fromkeys(reply.index, 0)  # text offsets, for completions' logprobs
     try:
         while True:
             if event.error is not None:
@@ -563,18 +494,37 @@ async def _sse(
                 )
                 yield _sse_data(error.to_openai())
                 break
-            if event.delta or is_first:
-                yield _sse_data(reply.chunk(event.delta, first=is_first))
-                is_first = False
+            rid = event.request_id
+            if event.delta or event.logprobs or rid not in started:
+                yield _sse_data(
+                    reply.chunk(
+                        rid,
+                        event.delta,
+                        first=rid not in started,
+                        logprobs=event.logprobs,
+                        offset=offsets[rid],
+                    )
+                )
+                offsets[rid] += len(event.delta)
+                started.add(rid)
             if event.completion is not None:
-                yield _sse_data(reply.chunk(None, finish_reason=event.completion.finish_reason))
-                if include_usage:
-                    yield _sse_data(reply.usage_chunk(event.completion))
-                break
+                finals[rid] = event.completion
+                yield _sse_data(
+                    reply.chunk(
+                        rid,
+                        None,
+                        finish_reason=event.completion.finish_reason,
+                        tool_calls=event.completion.tool_calls,
+                    )
+                )
+                if len(finals) == len(reply.requests):
+                    if include_usage:
+                        yield _sse_data(reply.usage_chunk([finals[r.id] for r in reply.requests]))
+                    break
             try:
-                event = await sink.get(reply.request)
+                event = await sink.get(reply.requests)
             except RequestTimeout as exc:
-                event = StreamEvent(reply.request.id, error=exc)
+                event = StreamEvent(reply.requests[0].id, error=exc)
         yield _sse_data("[DONE]")
     finally:
-        reply.request.cancel()  # no-op when finished; stops generation when the client left
+        _cancel(reply.requests)  # no-op when finished; stops generation when the client left

@@ -26,13 +26,12 @@ class TorchRunner(Runner):
         num_bytes: int,
         context_length: int,
     ):
-        super().__init__(
-            expert, vocab, context_length, num_bytes, max_sequences=params.max_sequences
-        )
-        self.model, self.device = model, device
-        self.sampler_defaults = SamplerDefaults(
+        defaults = SamplerDefaults(
             top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty
         )
+        super().__init__(expert, vocab, context_length, num_bytes, params.max_sequences, defaults)
+        self.model, self.device = model, device
+        vocab.n_vocab = model.args.vocab_size
 
     def open_decoder(self) -> Decoder:
         return TorchDecoder(self)
@@ -83,9 +82,7 @@ class TorchDecoder(Decoder):
         return live < self.max_sequences and need_tokens <= self.runner.context_length
 
     def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
-        self.pending[seq] = _Pending(
-            prompt_ids, TokenSampler(sampling, self.runner.sampler_defaults)
-        )
+        self.pending[seq] = _Pending(prompt_ids, self.runner.sampler(sampling))
 
     def remove(self, seq: int) -> None:
         if self.pending.pop(seq, None) is None:

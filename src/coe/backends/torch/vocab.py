@@ -23,6 +23,9 @@ class ByteVocab(Vocab):
     def encode(self, text: str) -> list[int]:
         return [self.BOS, *text.encode("utf-8")]
 
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
     def token_bytes(self, token_id: int) -> bytes:
         return bytes([token_id]) if token_id < 256 else b""
 
@@ -62,6 +65,9 @@ class HFTokenizerVocab(Vocab):
         if self._add_bos and not text.startswith(self.bos_text):
             ids = [self._bos_id, *ids]
         return ids
+
+    def tokenize(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
 
     def token_bytes(self, token_id: int) -> bytes:
         return self._bytes[token_id] if token_id < len(self._bytes) else b""
