@@ -436,9 +436,19 @@ class CacheConfig:
     # experts hot at once, whatever their bytes (Ollama's max loaded models)
     max_hot_experts: int = 4
     keep_warm: bool = True  # false: no warm tier, an expert leaving the device goes back to disk
+    # an expert unused for this long moves down a tier (device -> host, then host -> disk);
+    # None: only when another expert needs the room. A request's keep_alive overrides it.
+    idle_unload_s: float | None = None
 
     def __post_init__(self) -> None:
         _require(isinstance(self.keep_warm, bool), "keep_warm", "true or false", self.keep_warm)
+        _require(
+            self.idle_unload_s is None
+            or (is_number(self.idle_unload_s) and self.idle_unload_s >= 0),
+            "idle_unload_s",
+            "seconds >= 0, or null (never)",
+            self.idle_unload_s,
+        )
         _positive_int(self.max_hot_experts, "max_hot_experts")
         for name in ("device_bytes", "host_bytes"):
             value = getattr(self, name)

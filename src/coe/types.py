@@ -232,6 +232,9 @@ class Request:
     served_tier: Tier | None = None  # where its expert was when its batch started
     switch_s: float = 0.0  # time its batch waited for the expert to become ready
     served_by: str | None = None  # the Ray Serve replica that ran it (coe serve --ray)
+    # how long its expert stays where it is once unused (Ollama's keep_alive); None: the config's
+    # cache.idle_unload_s; math.inf: until another expert needs the room
+    keep_alive_s: float | None = None
     cancel_reason: str = ""
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
 

@@ -134,14 +134,14 @@ def weight_bytes(folder: Path) -> int:
 
 
 def make_cache(folders, names="abc", *, host, device=10**9, kind="cpu", policy="gdsf", footprints=None,
-               backend=None, clock=None, pins=(), **cache_options) -> ModelCache:
+               backend=None, clock=None, now=None, pins=(), **cache_options) -> ModelCache:
     backend = backend or FakeBackend(footprints)
     experts = tuple(ExpertConfig(n, str(folders[n]), backend="torch_hf") for n in names)
     config = CoEConfig(experts=experts, cache=CacheConfig(policy=policy, pins=pins, **cache_options))
     ticks = itertools.count()
     cache = ModelCache(config, ModelStore("unused"), backends={"torch_hf": backend},
                        budgets=Budgets(device_bytes=device, host_bytes=host, device_kind=kind),
-                       timer=clock or (lambda: float(next(ticks))))
+                       timer=clock or (lambda: float(next(ticks))), clock=now or time.monotonic)
     cache.fake = backend
     return cache
 
@@ -808,3 +808,75 @@ def test_keep_warm_true_keeps_the_host_weights(folders):
     assert cache.fake.releases["a"] == 0 and tiers(cache)["a"] == "host"
     generates(cache.activate("a"))
     assert cache.fake.reads["a"] == 1
+
+
+# ---- idle unload (cache.idle_unload_s, a request's keep_alive), on a virtual clock ---------------
+
+
+class VirtualClock:
+    def __init__(self):
+        self.now_s = 1000.0
+
+    def __call__(self) -> float:
+        return self.now_s
+
+
+def test_idle_moves_are_one_tier_down_after_the_keep_time_and_never_for_a_busy_expert():
+    from coe.cache.policy import Idle, idle_moves
+    from coe.types import Tier
+
+    experts = [Idle("hot", Tier.DEVICE, since_s=0.0, keep_s=10.0),
+               Idle("warm", Tier.HOST, since_s=5.0, keep_s=10.0),
+               Idle("leased", Tier.DEVICE, since_s=0.0, keep_s=10.0, busy=True),
+               Idle("forever", Tier.DEVICE, since_s=0.0, keep_s=None),
+               Idle("at_once", Tier.HOST, since_s=10.0, keep_s=0.0)]
+    assert idle_moves(experts, 9.9) == []
+    assert idle_moves(experts, 10.0) == [("hot", Tier.DEVICE), ("at_once", Tier.HOST)]
+    assert idle_moves(experts, 15.0) == [("hot", Tier.DEVICE), ("warm", Tier.HOST), ("at_once", Tier.HOST)]
+
+
+def test_an_unused_expert_goes_host_then_disk_one_keep_time_apart(folders):
+    clock = VirtualClock()
+    cache = make_cache(folders, "ab", host=10**9, now=clock, idle_unload_s=60)
+    cache.activate("a")
+    cache.activate("b")
+    clock.now_s += 30
+    cache.activate("b")  # b is used again: its idle time starts over
+    clock.now_s += 30
+    assert cache.unload_idle() == [("a", "device")]
+    assert tiers(cache) == {"a": "host", "b": "device"}
+    clock.now_s += 30
+    assert cache.unload_idle() == [("b", "device")]
+    clock.now_s += 30
+    assert cache.unload_idle() == [("a", "host")]
+    assert tiers(cache) == {"a": "disk", "b": "host"}
+    assert cache.stats.idle_unloads == 3
+    assert cache.activate("a") is not None and tiers(cache)["a"] == "device"  # it comes back
+
+
+def test_keep_alive_overrides_the_default_and_pinned_or_leased_experts_stay(folders):
+    import math
+
+    clock = VirtualClock()
+    cache = make_cache(folders, "abc", host=10**9, now=clock)  # no idle_unload_s: never by time
+    for name in "abc":
+        cache.activate(name)
+    cache.keep_alive("a", 0.0)  # Ollama's keep_alive: 0, unload once done
+    cache.keep_alive("b", math.inf)  # negative keep_alive: until the room is needed
+    cache.pin("c")
+    clock.now_s += 10**6
+    assert cache.unload_idle() == [("a", "device")]
+    with cache.lease("a"):
+        assert cache.unload_idle() == []  # in use
+    assert cache.unload_idle() == [("a", "device")]
+    assert tiers(cache) == {"a": "host", "b": "device", "c": "device"}
+
+
+def test_a_prefetched_expert_is_idle_from_its_arrival_not_from_its_last_use(folders):
+    clock = VirtualClock()
+    cache = make_cache(folders, "ab", host=10**9, now=clock, idle_unload_s=60)
+    clock.now_s += 3600  # long after start-up (and after any earlier use)
+    cache.prefetch("a").result()  # a queued request's expert moved up to host
+    assert cache.unload_idle() == []
+    clock.now_s += 60
+    assert cache.unload_idle() == [("a", "host")]

@@ -61,6 +61,7 @@ def test_unknown_fields_are_refused_and_openai_ones_ignored(client):
     ({"tools": [{"type": "function", "function": {"name": "f"}}],
       "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
     ({"modalities": ["text", "audio"]}, "modalities.1"), ({"web_search_options": {}}, "web_search_options"),
+    ({"keep_alive": "5 minutes"}, "keep_alive"), ({"keep_alive": [5]}, "keep_alive"),
     ({"stop": ["a", "b", "c", "d", "e"]}, "stop"), ({"max_tokens": 65}, "max_tokens"),
     ({"max_tokens": 0}, "max_tokens"), ({"temperature": 3}, "temperature"), ({"messages": []}, "messages"),
     ({"messages": [{"role": "robot", "content": "x"}]}, "messages.0.role")])

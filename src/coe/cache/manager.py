@@ -10,6 +10,7 @@ estimate (the last measurement, else the file size) and settles on the measureme
 from __future__ import annotations
 
 import contextlib
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -97,6 +98,8 @@ class _Slot:
     materialize_s: float | None = None  # last measured host -> device move
     host_bytes_seen: int | None = None
     device_bytes_seen: int | None = None
+    idle_since_s: float = 0.0  # clock time of its last use, or of its last idle move down
+    keep_s: float | None = None  # the last request's keep_alive (None: cache.idle_unload_s)
 
     @property
     def busy(self) -> bool:
@@ -111,6 +114,7 @@ class CacheStats:
     misses: int = 0  # cold -> hot
     switches: int = 0  # activation of another expert than the previous one
     prefetches: int = 0
+    idle_unloads: int = 0  # moves down a tier of an expert unused for its keep time
     evictions: dict = field(default_factory=lambda: {tier: 0 for tier in TIERS})
     bytes_moved: dict = field(default_factory=lambda: {"disk->host": 0, "host->device": 0})
     seconds_moving: dict = field(default_factory=lambda: {"disk->host": 0.0, "host->device": 0.0})
@@ -130,6 +134,7 @@ class ModelCache:
         backends: dict[str, Backend] | None = None,
         budgets: Budgets | None = None,
         timer: Callable[[], float] = time.perf_counter,
+        clock: Callable[[], float] = time.monotonic,
     ):
         self.config = config
         self.store = store
@@ -154,6 +159,7 @@ class ModelCache:
         self.pool = HostBufferPool(pin=budgets.device_kind == "cuda")
         self.stats = CacheStats()
         self._timer = timer
+        self._now_s = clock  # idle times
         self._slots = {e.name: _Slot(e) for e in self._local(config)}
         self._state = threading.RLock()  # slots, tiers, stats: held briefly
         self._moving = threading.RLock()  # one move at a time; held for the duration of a load
@@ -181,6 +187,7 @@ class ModelCache:
         slot = self._slot(name)
         with self._state:
             self._count_request(slot)
+            slot.idle_since_s = self._now_s()  # also when it is already hot (no move, no _touch)
             if slot.runner is not None:
                 self.stats.hits += 1
                 self._touch(slot, Tier.DEVICE)
@@ -208,6 +215,50 @@ class ModelCache:
         finally:
             with self._state:
                 slot.leases -= 1
+                slot.idle_since_s = self._now_s()  # idle from the end of its work
+
+    def keep_alive(self, name: str, seconds: float) -> None:
+        """How long the expert stays where it is once unused (a request's ``keep_alive``; math.inf:
+        until another expert needs the room), in place of ``cache.idle_unload_s``."""
+        slot = self._slot(name)
+        with self._state:
+            slot.keep_s = seconds
+
+    def unload_idle(self) -> list[tuple[str, Tier]]:
+        """Move every expert unused for its keep time one tier down; returns (expert, tier left).
+        Skipped while another move runs (the next call catches up)."""
+        default_s = self.config.cache.idle_unload_s
+        with self._state:
+            now_s = self._now_s()
+            idle = [
+                policy.Idle(
+                    slot.expert.name,
+                    Tier.DEVICE if slot.runner is not None else Tier.HOST,
+                    slot.idle_since_s,
+                    None if math.isinf(keep_s) else keep_s,
+                    slot.busy,
+                )
+                for slot in self._slots.values()
+                if slot.host is not None
+                and (keep_s := slot.keep_s if slot.keep_s is not None else default_s) is not None
+            ]
+            moves = policy.idle_moves(idle, now_s)
+        if not moves or not self._moving.acquire(blocking=False):
+            return []
+        try:
+            with self._state:
+                done = []
+                for name, tier in moves:
+                    slot = self._slots[name]
+                    if slot.busy:  # leased since we looked
+                        continue
+                    self._demote(slot, tier)
+                    slot.idle_since_s = now_s
+                    self.stats.idle_unloads += 1
+                    done.append((name, tier))
+                return done
+        finally:
+            self._moving.release()
 
     def prefetch(self, name: str, tier: Tier = Tier.HOST) -> Future:
         """Start moving the expert up to ``tier`` in the background; returns at once. Repeated
@@ -458,8 +509,10 @@ class ModelCache:
 
     def _touch(self, slot: _Slot, tier: Tier) -> None:
         """Refresh the expert's priority in ``tier`` (and in host, since hot implies warm).
-        lrfu's is computed when it is compared (``_priority``): the half-life in use may change."""
+        lrfu's is computed when it is compared (``_priority``): the half-life in use may change.
+        Its idle time starts again: an expert just moved up (a prefetch) is not idle yet."""
         slot.moved_up_at = self.stats.activations
+        slot.idle_since_s = self._now_s()
         if self.policy == CachePolicy.LRFU:
             return
         for level in (Tier.DEVICE, Tier.HOST) if tier == Tier.DEVICE else (Tier.HOST,):

@@ -25,9 +25,10 @@ at several half-lives and uses the one whose counts have been predicting the nex
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from coe.types import CachePolicy
+from coe.types import CachePolicy, Tier
 
 DEFAULT_HALF_LIFE = 100  # requests
 AUTO_HALF_LIVES: tuple[int, ...] = (
@@ -84,6 +85,27 @@ def priority(
             return max(key(decayed, recency), key(1.0, now))
         return key(decayed, recency)
     raise ValueError(f"unknown cache policy {policy!r} (expected {CachePolicy.names()})")
+
+
+@dataclass(frozen=True)
+class Idle:
+    """An expert resident in ``tier`` (device or host), unused since ``since_s``."""
+
+    name: str
+    tier: Tier
+    since_s: float
+    keep_s: float | None  # how long it may stay unused; None: no limit
+    busy: bool = False  # pinned or serving: never moved
+
+
+def idle_moves(experts: Iterable[Idle], now_s: float) -> list[tuple[str, Tier]]:
+    """(expert, the tier it leaves) for every expert unused for its keep time: one tier down per
+    keep time (device -> host, then host -> disk), never a busy one."""
+    return [
+        (e.name, e.tier)
+        for e in experts
+        if not e.busy and e.keep_s is not None and now_s - e.since_s >= e.keep_s
+    ]
 
 
 def decay(count: float, elapsed: float, half_life: float = DEFAULT_HALF_LIFE) -> float:

@@ -172,7 +172,10 @@ class Engine:
         the cache to move its expert up while it waits."""
         if request.expert in self.offloaded:
             self.offloaded.start(request)
-        elif (
+            return
+        if request.keep_alive_s is not None:  # the latest request's keep_alive holds
+            self.cache.keep_alive(request.expert, request.keep_alive_s)
+        if (
             self.config.cache.prefetch != "none"
             and not self.cache.is_resident(request.expert)
             and self.health.is_healthy(request.expert, time.monotonic())
@@ -389,6 +392,7 @@ class Engine:
             self.metrics.switch.labels(tier).observe(switch_s)
 
     def _run(self) -> None:
+        idle_checked_s = time.monotonic()
         while True:
             with self._work:
                 if self._stopping and self._batch is None:
@@ -397,6 +401,10 @@ class Engine:
                 with self._work:
                     if not self._stopping and len(self.scheduler) == 0:
                         self._work.wait(_IDLE_WAIT_S)
+            if time.monotonic() - idle_checked_s >= _IDLE_WAIT_S:
+                idle_checked_s = time.monotonic()
+                for name, tier in self.cache.unload_idle():
+                    log.info("%s unused for its keep time: moved out of %s", name, tier)
 
     def start(self) -> None:
         """Start the loop thread; experts pinned in the config start moving to the device."""

@@ -25,7 +25,7 @@ from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coe.errors import CoEError, GenerationError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from coe.server.auth import KeyAuth
 from coe.server.console import install_console
-from coe.server.openai import Reply, chat_messages, sampling_of, tools_of
+from coe.server.openai import Reply, chat_messages, keep_alive_s, sampling_of, tools_of
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
 from coe.server.shapes import health_json, snapshot_json, state_word
 from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent, Tools
@@ -418,6 +418,7 @@ async def _serve(
         engine.routing.resolve, body.model, messages, prompt, tools
     )
     sink = _AsyncSink(engine.config.server.request_timeout_s)
+    keep_alive = keep_alive_s(body)
     requests = [
         Request(
             expert=expert,
@@ -427,6 +428,7 @@ async def _serve(
             sink=sink.put,
             route=route,
             sampling=replace(sampling, seed=None if sampling.seed is None else sampling.seed + i),
+            keep_alive_s=keep_alive,
         )
         for i in range(body.n)
     ]

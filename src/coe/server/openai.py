@@ -3,6 +3,8 @@ completions and events become OpenAI response bodies and stream chunks."""
 
 from __future__ import annotations
 
+import math
+import re
 import time
 import uuid
 from collections.abc import Sequence
@@ -60,6 +62,37 @@ def tools_of(body: ChatCompletionRequest) -> Tools | None:
     else:
         chosen = choice or "auto"
     return Tools(functions, chosen, body.parallel_tool_calls is not False)
+
+
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ms|s|m|h)")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def keep_alive_s(body: ChatCompletionRequest | CompletionRequest) -> float | None:
+    """Ollama's ``keep_alive`` in seconds: a number of seconds or a duration ("30s", "5m",
+    "1h30m"); a negative one keeps the expert until another needs the room (math.inf)."""
+    value = body.keep_alive
+    if value is None:
+        return None
+    seconds: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        sign = -1.0 if text.startswith("-") else 1.0
+        text = text.lstrip("+-")
+        try:
+            seconds = sign * float(text)  # "300": seconds
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if parts and "".join(n + u for n, u in parts) == text:
+                seconds = sign * sum(float(n) * _UNIT_S[u] for n, u in parts)
+    if seconds is None or math.isnan(seconds):
+        raise InvalidRequest(
+            f'keep_alive must be seconds or a duration like "5m" or "1h30m", got {value!r}',
+            param="keep_alive",
+        )
+    return math.inf if seconds < 0 else seconds
 
 
 def sampling_of(

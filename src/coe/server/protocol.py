@@ -7,7 +7,7 @@ it, and so are values coe cannot honour (images, audio, ``echo``, ``best_of`` > 
 
 from __future__ import annotations
 
-from typing import ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -73,6 +73,8 @@ class _Sampling(_Lenient):
     logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
     stream: bool = False
     stream_options: StreamOptions | None = None
+    # Ollama's: how long the expert stays loaded once unused ("5m", "1h30m", seconds; < 0: forever)
+    keep_alive: Any = None  # checked by coe.server.openai.keep_alive_s (one error, one field name)
 
     def stop_tuple(self) -> tuple[str, ...]:
         if self.stop is None:
