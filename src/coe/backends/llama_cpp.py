@@ -64,9 +64,8 @@ def context_params(params: LlamaCppParams, context_length: int | None, threads: 
     return ctx
 
 
-_grammar_tokenizers: weakref.WeakKeyDictionary = (
-    weakref.WeakKeyDictionary()
-)  # loaded model -> llguidance's
+# loaded model -> llguidance's tokenizer of it
+_grammar_tokenizers: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 class LlamaVocab(Vocab):
@@ -131,16 +130,13 @@ class LlamaRunner(Runner):
     ):
         from llama_cpp import _internals
 
-        defaults = SamplerDefaults(
-            top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty
-        )
         super().__init__(
             expert,
             LlamaVocab(model, chat_template),
             ctx.n_ctx(),
             num_bytes,
             params.max_sequences,
-            defaults,
+            SamplerDefaults.of(params),
         )
         self.lib = load_llama_cpp()
         self.model, self.ctx = model, ctx

@@ -19,11 +19,14 @@ import math
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
 from coe.types import SamplingParams
+
+if TYPE_CHECKING:
+    from coe.config import LlamaCppParams, TorchParams
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,11 @@ class SamplerDefaults:
     # divide (multiply, if negative) the logits of recent tokens by this
     repeat_penalty: float = 1.0
     penalty_last_n: int = 64  # generated tokens the repetition penalty looks back over
+
+    @classmethod
+    def of(cls, params: LlamaCppParams | TorchParams) -> SamplerDefaults:
+        """An expert's defaults, from its backend params."""
+        return cls(top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty)
 
 
 PLAIN = SamplerDefaults()  # no expert defaults: the request's parameters alone

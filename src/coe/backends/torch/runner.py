@@ -26,10 +26,14 @@ class TorchRunner(Runner):
         num_bytes: int,
         context_length: int,
     ):
-        defaults = SamplerDefaults(
-            top_k=params.top_k, min_p=params.min_p, repeat_penalty=params.repeat_penalty
+        super().__init__(
+            expert,
+            vocab,
+            context_length,
+            num_bytes,
+            params.max_sequences,
+            SamplerDefaults.of(params),
         )
-        super().__init__(expert, vocab, context_length, num_bytes, params.max_sequences, defaults)
         self.model, self.device = model, device
         vocab.n_vocab = model.args.vocab_size
 
