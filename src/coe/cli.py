@@ -152,7 +152,7 @@ def cmd_experts(args) -> int:
             _human_bytes(e["host_bytes"] or None),
             _human_bytes(e["device_bytes"] or None),
             "yes" if e["pinned"] else "",
-            sources.get(e["name"], ""),
+            f"profile of {e['base']}" if e.get("base") else sources.get(e["name"], ""),
         ]
         for e in experts
     ]

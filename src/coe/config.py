@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeGuard, TypeVar
 
-from coe.errors import ConfigError
-from coe.types import CachePolicy, Choice, SchedulerPolicy
+from coe.errors import ConfigError, InvalidRequest
+from coe.types import CachePolicy, ChatMessage, Choice, Profile, SamplingParams, SchedulerPolicy
 
 ChoiceT = TypeVar("ChoiceT", bound=Choice)
 
@@ -99,15 +99,42 @@ def _positive_int(value: Any, field_name: str) -> None:
     )
 
 
+# what a profile's ``sampling`` may preset (a request's own value wins): field -> accepted types
+PROFILE_SAMPLING = {
+    "temperature": (int, float),
+    "top_p": (int, float),
+    "max_tokens": (int,),
+    "presence_penalty": (int, float),
+    "frequency_penalty": (int, float),
+    "stop": (list, str),
+    "seed": (int,),
+}
+ADAPTER_FORMATS = (
+    "a GGUF LoRA file (llama_cpp) or a PEFT adapter folder with safetensors (torch_hf)"
+)
+
+
 @dataclass(frozen=True)
 class ExpertConfig:
-    """One expert. ``source`` is a packaged model id (see `coe experts`) or a path."""
+    """One expert. ``source`` is a packaged model id (see `coe experts`) or a path.
+
+    An expert with a ``base`` (another expert's name) is a *profile* of it: it runs on the base's
+    weights (one copy in every tier, one batch) and adds a system prompt, few-shot messages,
+    sampling defaults and/or a LoRA ``adapter``. ``CoEConfig`` fills in its source, backend and
+    params from the base.
+    """
 
     name: str
-    source: str
+    source: str = ""
     backend: str = "auto"
     description: str = ""
     params: dict = field(default_factory=dict)  # backend options, e.g. n_ctx, n_threads
+    base: str | None = None
+    system_prompt: str | None = None
+    few_shot: tuple = ()  # messages put before the conversation: {role, content} mappings
+    sampling: dict = field(default_factory=dict)  # defaults for the fields a request leaves unset
+    adapter: str | None = None  # a LoRA over the base's weights
+    adapter_scale: float = 1.0
 
     def __post_init__(self) -> None:
         _require(
@@ -118,14 +145,22 @@ class ExpertConfig:
             f"letters, digits, '.', '_', ':' or '-' (not {ROUTED_MODEL!r})",
             self.name,
         )
+        _require(self.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS), self.backend)
+        _require(isinstance(self.params, dict), "params", "a mapping", self.params)
+        self._check_profile()
+        if self.base is not None:
+            return  # source, backend and params come from the base (CoEConfig)
         _require(
             isinstance(self.source, str) and self.source != "",
             "source",
-            "a packaged model id or a path",
+            "a packaged model id or a path (or a base expert)",
             self.source,
         )
-        _require(self.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS), self.backend)
-        _require(isinstance(self.params, dict), "params", "a mapping", self.params)
+        if self.adapter is not None:
+            raise ConfigError(
+                "adapter: a LoRA adapter needs a base expert to apply to (add base: NAME)",
+                param="adapter",
+            )
         if self.is_remote:
             remote_settings(self)  # validated here, so a bad remote expert fails at load time
         elif self.backend in BACKEND_PARAMS:
@@ -135,10 +170,85 @@ class ExpertConfig:
                 self.params, set().union(*(c.names() for c in BACKEND_PARAMS.values())), "params"
             )
 
+    def _check_profile(self) -> None:
+        _require(
+            self.base is None or (isinstance(self.base, str) and self.base != ""),
+            "base",
+            "the name of another expert",
+            self.base,
+        )
+        _require(
+            self.system_prompt is None or isinstance(self.system_prompt, str),
+            "system_prompt",
+            "a string",
+            self.system_prompt,
+        )
+        _require(
+            isinstance(self.few_shot, list | tuple), "few_shot", "a list of messages", self.few_shot
+        )
+        messages = tuple(_message(m, f"few_shot[{i}]") for i, m in enumerate(self.few_shot))
+        object.__setattr__(self, "few_shot", messages)
+        _require(isinstance(self.sampling, dict), "sampling", "a mapping", self.sampling)
+        _reject_unknown(self.sampling, set(PROFILE_SAMPLING), "sampling")
+        for key, value in self.sampling.items():
+            _require(
+                isinstance(value, PROFILE_SAMPLING[key])
+                and not isinstance(value, bool)
+                and (not isinstance(value, list) or all(isinstance(v, str) for v in value)),
+                f"sampling.{key}",
+                "a string or a list of strings" if key == "stop" else "a number",
+                value,
+            )
+        self.sampling_defaults()  # in range, as a request's would be
+        _require(
+            self.adapter is None or (isinstance(self.adapter, str) and self.adapter != ""),
+            "adapter",
+            ADAPTER_FORMATS,
+            self.adapter,
+        )
+        _require(is_number(self.adapter_scale), "adapter_scale", "a number", self.adapter_scale)
+
     @property
     def is_remote(self) -> bool:
         """Served elsewhere behind an OpenAI-compatible API; ``source`` is its URL."""
         return self.backend == "remote"
+
+    def sampling_defaults(self) -> dict:
+        """``sampling`` as SamplingParams fields (``stop`` a tuple), checked like a request's."""
+        defaults = dict(self.sampling)
+        if "stop" in defaults:
+            stop = defaults["stop"]
+            defaults["stop"] = (stop,) if isinstance(stop, str) else tuple(stop)
+        try:
+            SamplingParams(**defaults)
+        except InvalidRequest as exc:
+            raise ConfigError(
+                f"sampling.{exc.param}: {exc.message}", param=f"sampling.{exc.param}"
+            ) from None
+        return defaults
+
+    @property
+    def profile(self) -> Profile | None:
+        """What the expert adds to the requests it serves (None: nothing)."""
+        if not (self.system_prompt or self.few_shot or self.adapter):
+            return None
+        return Profile(
+            self.name, self.system_prompt, self.few_shot, self.adapter, float(self.adapter_scale)
+        )
+
+
+def _message(item: Any, where: str) -> ChatMessage:
+    """A few-shot message: {role: system | user | assistant, content: text}."""
+    if isinstance(item, ChatMessage):
+        return item
+    ok = (
+        isinstance(item, dict)
+        and set(item) == {"role", "content"}
+        and item["role"] in ("system", "user", "assistant")
+        and isinstance(item["content"], str)
+    )
+    _require(ok, where, "{role: system | user | assistant, content: text}", item)
+    return ChatMessage(item["role"], item["content"])
 
 
 _PARAM_TYPES = {"int": (int,), "float": (int, float), "bool": (bool,), "str": (str,)}
@@ -646,6 +756,7 @@ class CoEConfig:
         names = [e.name for e in self.experts]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         _require(not duplicates, "experts", "unique names", duplicates)
+        object.__setattr__(self, "experts", _with_bases(self.experts))
         default = self.router.default_expert
         _require(
             default is None or default in names,
@@ -672,9 +783,60 @@ class CoEConfig:
                 return expert
         raise KeyError(name)
 
+    def runs_on(self, name: str) -> str:
+        """The expert whose weights ``name`` runs on: its base, or itself."""
+        for expert in self.experts:
+            if expert.name == name:
+                return expert.base or name
+        return name
+
     @property
     def default_expert(self) -> str:
         return self.router.default_expert or self.experts[0].name
+
+
+def _with_bases(experts: tuple[ExpertConfig, ...]) -> tuple[ExpertConfig, ...]:
+    """Each profile with its base's source, backend and params: it runs on those weights. A base
+    must be a local expert that is not itself a profile; a profile sets none of the three."""
+    by_name = {e.name: e for e in experts}
+    out = []
+    for i, expert in enumerate(experts):
+        if expert.base is None:
+            out.append(expert)
+            continue
+        where = f"experts[{i}]"
+        base = by_name.get(expert.base)
+        if base is None:
+            raise ConfigError(
+                f"{where}.base: no expert named {expert.base!r} (declare the model as an expert "
+                f"first; experts: {', '.join(by_name)})",
+                param=f"{where}.base",
+            )
+        if base.base is not None or base.is_remote or base.name == expert.name:
+            raise ConfigError(
+                f"{where}.base: {expert.base} is "
+                + ("itself a profile of " + base.base if base.base else "not a local model")
+                + "; a base is a local expert with weights of its own",
+                param=f"{where}.base",
+            )
+        for key in ("source", "params"):
+            if getattr(expert, key) and getattr(expert, key) != getattr(base, key):
+                raise ConfigError(
+                    f"{where}.{key}: a profile runs on its base's weights ({base.name}); set "
+                    f"{key} on the base",
+                    param=f"{where}.{key}",
+                )
+        if expert.backend not in ("auto", base.backend):
+            raise ConfigError(
+                f"{where}.backend: {expert.backend} differs from its base's ({base.backend})",
+                param=f"{where}.backend",
+            )
+        out.append(
+            dataclasses.replace(
+                expert, source=base.source, backend=base.backend, params=base.params
+            )
+        )
+    return tuple(out)
 
 
 DEFAULT_BUDGET_PARAMS = 1.0e9  # average active parameters of the default composition
@@ -798,6 +960,14 @@ experts:
   - name: qwen2.5-coder-1.5b
     source: qwen2.5-coder-1.5b
     description: code and reasoning
+  # An expert with a base runs on that expert's weights (one copy, one batch) and adds any of
+  # system_prompt, few_shot ([{role, content}]), sampling (temperature, top_p, max_tokens,
+  # presence_penalty, frequency_penalty, stop, seed: defaults a request may override) and
+  # adapter (a GGUF LoRA for llama_cpp, a PEFT folder for torch_hf) with adapter_scale:
+  # - name: sql-helper
+  #   base: qwen2.5-coder-0.5b
+  #   system_prompt: "You write PostgreSQL queries and explain them briefly."
+  #   sampling: {temperature: 0.2}
 
 router:
   # model "coe": a trained router picks a category, the category-to-expert map picks the expert.

@@ -76,6 +76,33 @@ class ChatMessage:
 
 
 @dataclass(frozen=True)
+class Profile:
+    """What an expert over a shared base adds to each request: a system prompt and few-shot
+    messages put before the conversation (a request's own system message replaces the system
+    prompt), and a LoRA adapter applied over the base's weights."""
+
+    name: str
+    system_prompt: str | None = None
+    few_shot: tuple[ChatMessage, ...] = ()
+    adapter: str | None = None  # path of the adapter (a GGUF LoRA file or a PEFT folder)
+    adapter_scale: float = 1.0
+
+    def messages(self, conversation: tuple[ChatMessage, ...]) -> tuple[ChatMessage, ...]:
+        """The conversation as the base model sees it."""
+        system: tuple[ChatMessage, ...] = ()
+        if conversation and conversation[0].role == "system":
+            system, conversation = conversation[:1], conversation[1:]
+        elif self.system_prompt:
+            system = (ChatMessage("system", self.system_prompt),)
+        return (*system, *self.few_shot, *conversation)
+
+    def prompt(self, text: str) -> str:
+        """A plain completion prompt: the system prompt and the examples' text before it."""
+        head = [p for p in (self.system_prompt, *(m.content for m in self.few_shot)) if p]
+        return "\n\n".join([*head, text])
+
+
+@dataclass(frozen=True)
 class Tools:
     """The functions a chat request offers (OpenAI ``tools``) and how the model may use them."""
 
@@ -232,6 +259,10 @@ class Request:
     served_tier: Tier | None = None  # where its expert was when its batch started
     switch_s: float = 0.0  # time its batch waited for the expert to become ready
     served_by: str | None = None  # the Ray Serve replica that ran it (coe serve --ray)
+    # set by the engine from ``expert``: the queue it waits in (its base's, or its own where the
+    # backend applies its adapter per batch) and what its profile adds
+    runs_on: str = ""
+    profile: Profile | None = None
     # how long its expert stays where it is once unused (Ollama's keep_alive); None: the config's
     # cache.idle_unload_s; math.inf: until another expert needs the room
     keep_alive_s: float | None = None
@@ -248,6 +279,11 @@ class Request:
         if not self._cancelled.is_set():
             self.cancel_reason = reason
         self._cancelled.set()
+
+    @property
+    def queue(self) -> str:
+        """The scheduler queue it waits in: requests in one queue may share a batch."""
+        return self.runs_on or self.expert
 
     @property
     def cancelled(self) -> bool:

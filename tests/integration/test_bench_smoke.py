@@ -54,3 +54,15 @@ def test_bench_prefix_reuses_the_first_turn_on_a_packaged_expert(tmp_path, coe_h
     on = row["on"]["second_turn"]
     assert row["on"]["first_turn"]["prompt_tokens_mean"] <= on["cached_tokens_mean"] < on["prompt_tokens_mean"]
     assert row["second_turn_speedup"] > 0
+
+
+def test_bench_shared_writes_a_row_per_n_with_both_forms(tmp_path, coe_home):
+    result = _bench(tmp_path, "shared", "--n", "2", "--requests", "6", "--rate", "6",
+                    "--max-tokens-median", "4", "--workdir", str(tmp_path / "work"))
+    (row,) = result["rows"]
+    assert row["n"] == 2
+    for form in ("shared", "separate"):
+        assert row[form]["lost"] == 0 and row[form]["rss_bytes"] > 0
+        assert row[form]["throughput_rps"] > 0 and row[form]["ttft_p99_s"] > 0
+    assert row["shared"]["switches"] == 0
+    assert not (tmp_path / "work" / "copies").exists()  # the copies are deleted at the end

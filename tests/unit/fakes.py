@@ -79,7 +79,7 @@ class LetterDecoder(Decoder):
     def has_room(self, need_tokens: int) -> bool:
         return len(self.live) < self.max_sequences and need_tokens <= self.runner.context_length
 
-    def add(self, seq, prompt_ids, sampling) -> None:
+    def add(self, seq, prompt_ids, sampling, adapter=None) -> None:
         self.live[seq] = 0
         self.added_at.append(self.steps)
 

@@ -49,7 +49,7 @@ class ScriptDecoder(Decoder):
         return (len(self.live) < self.max_sequences
                 and sum(self.need.values()) + need_tokens <= self.runner.capacity)
 
-    def add(self, seq, prompt_ids, sampling) -> None:
+    def add(self, seq, prompt_ids, sampling, adapter=None) -> None:
         source = prompt_ids if self.runner.echo else self.runner.script
         self.live[seq], self.need[seq] = (list(source), 0), len(prompt_ids) + sampling.max_tokens
         self.added.append((len(self.steps), list(prompt_ids)))

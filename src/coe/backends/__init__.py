@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
-from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
+from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vocab
 from coe.errors import ConfigError
 
-__all__ = ["Backend", "Decoder", "HostWeights", "Runner", "Vocab", "get_backend"]
+__all__ = ["Adapter", "Backend", "Decoder", "HostWeights", "Runner", "Vocab", "get_backend"]
+
+# backends whose decoder applies a different LoRA adapter to each sequence of one batch; the
+# others (llama.cpp: adapters are set per context) batch an adapter's requests together
+PER_SEQUENCE_ADAPTERS = frozenset({"torch_hf"})
 
 
 def get_backend(name: str) -> Backend:

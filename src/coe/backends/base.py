@@ -21,8 +21,9 @@ from typing import Any
 from coe.backends.memory import HostBufferPool
 from coe.backends.sampling import PLAIN, SamplerDefaults, Token, TokenSampler
 from coe.config import ExpertConfig
+from coe.errors import ConfigError
 from coe.models.info import ModelInfo, describe
-from coe.types import SamplingParams
+from coe.types import Profile, SamplingParams
 
 
 @dataclass
@@ -42,6 +43,25 @@ class HostWeights:
     def num_bytes(self) -> int:
         """Bytes of weights on disk."""
         return self.info.num_bytes
+
+    def release(self) -> None:
+        callback, self.on_release, self.payload = self.on_release, None, None
+        if callback is not None:
+            callback()
+
+
+@dataclass
+class Adapter:
+    """A profile's LoRA adapter read onto its base's host weights (``Backend.read_adapter``):
+    ``payload`` is backend-specific; ``num_bytes`` is measured; ``release`` frees it (twice is fine)."""
+
+    name: str  # the profile's
+    path: Path
+    scale: float
+    num_params: int
+    num_bytes: int = 0
+    payload: Any = None
+    on_release: Callable[[], None] | None = None
 
     def release(self) -> None:
         callback, self.on_release, self.payload = self.on_release, None, None
@@ -105,7 +125,16 @@ class Decoder(ABC):
         """Whether a new sequence that may hold ``need_tokens`` cells (prompt + max_tokens) fits now."""
 
     @abstractmethod
-    def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None: ...
+    def add(
+        self,
+        seq: int,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter | None = None,
+    ) -> None:
+        """A new sequence, decoded through ``adapter`` (a LoRA over the runner's weights) when
+        given. A backend that applies adapters per batch (not in ``PER_SEQUENCE_ADAPTERS``) is
+        only ever given sequences of one adapter (or none) at a time."""
 
     @abstractmethod
     def step(self) -> dict[int, Token]:
@@ -182,3 +211,18 @@ class Backend(ABC):
 
     @abstractmethod
     def materialize(self, host: HostWeights) -> Runner: ...
+
+    def check_adapter(self, base_path: Path, profile: Profile) -> int:
+        """Check the profile's adapter against the base's weights from the headers alone (its
+        format, architecture and shapes): ConfigError naming the file; returns its parameters."""
+        raise ConfigError(
+            f"{profile.adapter}: the {self.name} backend does not apply LoRA adapters",
+            param="adapter",
+        )
+
+    def read_adapter(self, host: HostWeights, profile: Profile) -> Adapter:
+        """The profile's adapter in host memory, ready for the base's decoders."""
+        raise ConfigError(
+            f"{profile.adapter}: the {self.name} backend does not apply LoRA adapters",
+            param="adapter",
+        )

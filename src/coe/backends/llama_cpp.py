@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
+from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vocab
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.backends.memory import (
     HostBufferPool,
@@ -34,9 +34,10 @@ from coe.backends.memory import (
 from coe.backends.prefix_cache import PrefixSlots, SlotPlan
 from coe.backends.sampling import SamplerDefaults, Token, TokenSampler
 from coe.config import ExpertConfig, LlamaCppParams
-from coe.errors import LoadError
+from coe.errors import ConfigError, GenerationError, LoadError, ModelNotAvailable
+from coe.models.gguf import read_gguf_header
 from coe.models.info import describe
-from coe.types import SamplingParams
+from coe.types import Profile, SamplingParams
 
 NO_KV_SLOT = 1  # llama_decode: no room in the KV cache for the batch (nothing was written)
 
@@ -147,6 +148,27 @@ class LlamaRunner(Runner):
         )
         self.slots = PrefixSlots(params.max_sequences, enabled=params.cache_prompt)
         self._n_swa = int(self.lib.llama_model_n_swa(model.model))
+        self.adapter: Adapter | None = None  # the LoRA set on the context
+
+    def use_adapter(self, adapter: Adapter | None) -> None:
+        """Set the context's LoRA adapter (None: the base alone). Cached prefixes were computed
+        through the previous one, so they are forgotten."""
+        if adapter is self.adapter:
+            return
+        import ctypes
+
+        if adapter is None:
+            code = self.lib.llama_set_adapters_lora(self.ctx.ctx, None, 0, None)
+        else:
+            handles = (self.lib.llama_adapter_lora_p_ctypes * 1)(adapter.payload)
+            scales = (ctypes.c_float * 1)(adapter.scale)
+            code = self.lib.llama_set_adapters_lora(self.ctx.ctx, handles, 1, scales)
+        if code != 0:
+            raise GenerationError(
+                f"{self.expert.name}: llama.cpp could not set the adapter ({code})"
+            )
+        self.adapter = adapter
+        self.forget_all()
 
     def open_decoder(self) -> Decoder:
         return LlamaDecoder(self)
@@ -262,7 +284,21 @@ class LlamaDecoder(Decoder):
             len(self.live) < self.max_sequences and held + need_tokens <= self.runner.context_length
         )
 
-    def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def add(
+        self,
+        seq: int,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter | None = None,
+    ) -> None:
+        """A context applies one adapter to every sequence: the engine batches by adapter."""
+        if adapter is not self.runner.adapter:
+            if self.live:
+                raise GenerationError(
+                    f"{self.runner.expert.name}: llama.cpp applies one adapter per batch; "
+                    f"{adapter.name if adapter else 'the base'} cannot join this one"
+                )
+            self.runner.use_adapter(adapter)
         self.live[seq] = _Live(
             prompt_ids,
             self.runner.sampler(sampling),
@@ -334,6 +370,55 @@ class LlamaCppBackend(Backend):
             on_release=lambda: _release(model, path),
         )
 
+    def check_adapter(self, base_path: Path, profile: Profile) -> int:
+        """A GGUF LoRA (llama.cpp's convert_lora_to_gguf.py writes them) for the base's
+        architecture, each lora_a/lora_b pair shaped for the base tensor it adapts."""
+        path = _adapter_path(profile)
+        try:
+            lora, base = read_gguf_header(path), read_gguf_header(base_path)
+        except ModelNotAvailable as exc:
+            raise ConfigError(f"adapter: {exc.message} ({ADAPTER_HINT})", param="adapter") from None
+        kind = (lora.metadata.get("general.type"), lora.metadata.get("adapter.type"))
+        if kind != ("adapter", "lora"):
+            raise ConfigError(
+                f"adapter: {path} is not a GGUF LoRA adapter ({ADAPTER_HINT})", param="adapter"
+            )
+        if lora.architecture != base.architecture:
+            raise ConfigError(
+                f"adapter: {path} is a LoRA for {lora.architecture}, the base is {base.architecture}",
+                param="adapter",
+            )
+        for name, shape in lora.tensor_shapes.items():
+            target = base.tensor_shapes.get(name.rsplit(".", 1)[0])
+            suffix = name.rsplit(".", 1)[-1]
+            fits = target is not None and (
+                (suffix == "lora_a" and shape[0] == target[0])
+                or (suffix == "lora_b" and shape[-1] == target[-1])
+            )
+            if not fits:
+                raise ConfigError(
+                    f"adapter: {path}: tensor {name} {list(shape)} does not fit the base "
+                    f"({'no such tensor' if target is None else list(target)})",
+                    param="adapter",
+                )
+        return lora.num_params
+
+    def read_adapter(self, host: HostWeights, profile: Profile) -> Adapter:
+        lib, path = load_llama_cpp(), _adapter_path(profile)
+        anon_before = anon_rss_bytes()
+        handle = lib.llama_adapter_lora_init(host.payload.model, str(path).encode())
+        if not handle:
+            raise LoadError(f"expert {profile.name}: llama.cpp could not load the adapter {path}")
+        return Adapter(
+            profile.name,
+            path,
+            profile.adapter_scale,
+            read_gguf_header(path).num_params,
+            _delta(anon_before),
+            handle,
+            on_release=lambda: lib.llama_adapter_lora_free(handle),
+        )
+
     def materialize(self, host: HostWeights) -> Runner:
         from llama_cpp import _internals
 
@@ -371,6 +456,14 @@ def _check_repack(expert: ExpertConfig, path: Path) -> None:
             f"expert {expert.name}: params.repack: true does not work with this llama.cpp "
             f"build on this CPU ({problem}); set repack: false"
         )
+
+
+ADAPTER_HINT = "convert a PEFT adapter with llama.cpp's convert_lora_to_gguf.py"
+
+
+def _adapter_path(profile: Profile) -> Path:
+    assert profile.adapter is not None
+    return Path(profile.adapter).expanduser()
 
 
 def _release(model: Any, path: Path) -> None:

@@ -28,6 +28,10 @@ BENCHES = {
         "coe.bench.serve",
         "real servers under a replayed trace: naive (FIFO, no warm tier) vs coe's defaults",
     ),
+    "shared": (
+        "coe.bench.shared",
+        "N specialisations of one base: profiles over the shared base vs N separate copies",
+    ),
     "structured": (
         "coe.bench.structured",
         "JSON-schema constraint cost (tokens/s) per expert; BFCL accuracy, native tools vs prompt-only",

@@ -341,7 +341,7 @@ async def _stream(
             result["status"] = response.status_code
             result["tier"] = response.headers.get("x-coe-tier")
             if response.status_code != 200:
-                await response.aread()
+                result["error"] = (await response.aread()).decode(errors="replace")[:500]
                 result["outcome"] = "error"
                 return
             async for line in response.aiter_lines():

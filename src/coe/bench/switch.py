@@ -28,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coe.backends.base import Backend, Decoder, HostWeights, Runner, Vocab
+from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vocab
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.backends.memory import drop_file_cache, read_sequential
 from coe.backends.sampling import Token
@@ -470,7 +470,13 @@ class _SimDecoder(Decoder):
     def has_room(self, need_tokens: int) -> bool:
         return True
 
-    def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
+    def add(
+        self,
+        seq: int,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter | None = None,
+    ) -> None:
         self.live.add(seq)
 
     def step(self) -> dict[int, Token]:

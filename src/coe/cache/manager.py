@@ -18,12 +18,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from coe.backends import Backend, HostWeights, Runner, get_backend
+from coe.backends import Adapter, Backend, HostWeights, Runner, get_backend
 from coe.backends.memory import HostBufferPool
 from coe.cache import policy
 from coe.cache.tiers import Budgets, TierRoom, resolve_budgets
 from coe.config import CoEConfig, ExpertConfig
-from coe.errors import CacheFull, CoEError, UnknownExpert
+from coe.errors import CacheFull, CoEError, ConfigError, UnknownExpert
 from coe.models import ModelStore, backend_of, disk_info, path_of
 from coe.types import CachePolicy, Tier
 
@@ -55,6 +55,8 @@ class ExpertState:
     # of read_s, the time spent reading the file itself (0: it was cached)
     file_read_s: float | None = None
     replicas: tuple[tuple[str, str], ...] = ()  # Ray Serve: (replica, its state of this expert)
+    base: str | None = None  # a profile: the expert whose weights (and tiers) it shares
+    adapter_bytes: int = 0  # a profile's LoRA adapter, measured once loaded (0: none or not yet)
 
     @property
     def load_s(self) -> float | None:
@@ -100,6 +102,7 @@ class _Slot:
     device_bytes_seen: int | None = None
     idle_since_s: float = 0.0  # clock time of its last use, or of its last idle move down
     keep_s: float | None = None  # the last request's keep_alive (None: cache.idle_unload_s)
+    adapters: dict[str, Adapter] = field(default_factory=dict)  # profiles' LoRAs read onto host
 
     @property
     def busy(self) -> bool:
@@ -160,7 +163,11 @@ class ModelCache:
         self.stats = CacheStats()
         self._timer = timer
         self._now_s = clock  # idle times
-        self._slots = {e.name: _Slot(e) for e in self._local(config)}
+        # one slot per set of weights: a profile's name leads to its base's slot
+        self._slots = {e.name: _Slot(e) for e in self._local(config) if e.base is None}
+        self._runs_on = {e.name: e.base or e.name for e in self._local(config)}
+        self._activations: dict[str, int] = {}  # per expert name, profiles included
+        self._adapter_params: dict[str, int] = {}  # profiles' adapters, from their headers
         self._state = threading.RLock()  # slots, tiers, stats: held briefly
         self._moving = threading.RLock()  # one move at a time; held for the duration of a load
         self._previous: str | None = None
@@ -170,7 +177,7 @@ class ModelCache:
     # -- sources -----------------------------------------------------------------------------------
     def _slot(self, name: str) -> _Slot:
         try:
-            return self._slots[name]
+            return self._slots[self._runs_on[name]]
         except KeyError:
             raise UnknownExpert(f"no expert named {name!r}") from None
 
@@ -180,6 +187,25 @@ class ModelCache:
             self._backends[name] = get_backend(name)
         return self._backends[name]
 
+    def check_adapters(self) -> None:
+        """Every profile's adapter against its base, from the headers (start-up): ConfigError
+        naming ``experts[i].adapter`` and the file. A base not on disk yet is checked at load."""
+        for i, expert in enumerate(self.config.experts):
+            profile = expert.profile
+            if profile is None or profile.adapter is None:
+                continue
+            info, _ = disk_info(self.store, expert)
+            if info is None:
+                continue
+            try:
+                self._adapter_params[expert.name] = self._backend(expert, info.path).check_adapter(
+                    info.path, profile
+                )
+            except ConfigError as exc:
+                raise ConfigError(
+                    f"experts[{i}].{exc.message}", param=f"experts[{i}].{exc.param}"
+                ) from None
+
     # -- the public moves --------------------------------------------------------------------------
     def activate(self, name: str) -> Runner:
         """A ready Runner for the expert, moving it up from wherever it is. The runner stays valid
@@ -187,6 +213,7 @@ class ModelCache:
         slot = self._slot(name)
         with self._state:
             self._count_request(slot)
+            self._activations[name] = self._activations.get(name, 0) + 1
             slot.idle_since_s = self._now_s()  # also when it is already hot (no move, no _touch)
             if slot.runner is not None:
                 self.stats.hits += 1
@@ -216,6 +243,29 @@ class ModelCache:
             with self._state:
                 slot.leases -= 1
                 slot.idle_since_s = self._now_s()  # idle from the end of its work
+
+    def adapter(self, name: str) -> Adapter:
+        """A profile's LoRA adapter on its base's host weights, read on first use (disk -> host,
+        its measured bytes held in the host tier under the profile's name); it leaves memory with
+        the base's host weights. Call while holding the base's ``lease``."""
+        slot = self._slot(name)
+        with self._state:
+            loaded = slot.adapters.get(name)
+            host, backend = slot.host, slot.backend
+        if loaded is not None:
+            return loaded
+        profile = self.config.expert(name).profile
+        if host is None or backend is None or profile is None or profile.adapter is None:
+            raise CoEError(f"{name}: no adapter to read (its base {slot.expert.name} is not warm)")
+        adapter = backend.read_adapter(host, profile)
+        with self._state:
+            try:
+                self.tiers[Tier.HOST].hold(name, adapter.num_bytes)
+            except CacheFull:
+                adapter.release()
+                raise
+            slot.adapters[name] = adapter
+        return adapter
 
     def keep_alive(self, name: str, seconds: float) -> None:
         """How long the expert stays where it is once unused (a request's ``keep_alive``; math.inf:
@@ -483,6 +533,10 @@ class ModelCache:
             slot.runner = None
         self.tiers[Tier.DEVICE].drop(name)
         if tier == Tier.HOST:
+            for profile, adapter in slot.adapters.items():
+                adapter.release()
+                self.tiers[Tier.HOST].drop(profile)
+            slot.adapters.clear()
             if slot.host is not None:
                 slot.host.release()
                 slot.host = None
@@ -566,8 +620,10 @@ class ModelCache:
         return self._slot(name).runner is not None
 
     def hot_experts(self) -> list[str]:
-        """Experts ready to generate now."""
-        return [name for name, slot in self._slots.items() if slot.runner is not None]
+        """Experts ready to generate now (a profile is, when its base is)."""
+        return [
+            name for name, base in self._runs_on.items() if self._slots[base].runner is not None
+        ]
 
     def tier_of(self, name: str) -> Tier:
         slot = self._slot(name)
@@ -598,38 +654,50 @@ class ModelCache:
 
     def states(self) -> list[ExpertState]:
         """The local experts (a remote expert holds no weights here; the engine reports it)."""
-        return [self._state_of(slot) for slot in self._slots.values()]
+        return [self._state_of(name) for name in self._runs_on]
 
     @staticmethod
     def _local(config: CoEConfig) -> list[ExpertConfig]:
         return [e for e in config.experts if not e.is_remote]
 
-    def _state_of(self, slot: _Slot) -> ExpertState:
+    def _state_of(self, name: str) -> ExpertState:
+        """An expert's state; a profile shows its base's tier and holds no bytes of its own in
+        the tiers (its base does) except its adapter's."""
+        slot = self._slot(name)
         expert = slot.expert
         info, availability = disk_info(self.store, expert)
         with self._state:
             tier = self.tier_of(expert.name)
-            host_bytes = self.tiers[Tier.HOST].held(expert.name)
-            device_bytes = self.tiers[Tier.DEVICE].held(expert.name)
+            own = name == expert.name
+            host_bytes = self.tiers[Tier.HOST].held(expert.name) if own else 0
+            device_bytes = self.tiers[Tier.DEVICE].held(expert.name) if own else 0
+            adapter = slot.adapters.get(name)
+            requests = self._activations.get(name, 0)
         backend = backend_of(expert, info.path) if info is not None else expert.backend
+        num_params = info.num_params if info else None
+        if num_params is not None and not own:  # active parameters: the base's and the adapter's
+            num_params += self._adapter_params.get(name, 0)
         return ExpertState(
-            expert.name,
+            name,
             backend,
             tier,
             availability,
             info.num_bytes if info else None,
-            info.num_params if info else None,
+            num_params,
             slot.read_s,
             slot.materialize_s,
             host_bytes,
             device_bytes,
             slot.pinned,
-            slot.requests,
+            requests,
             slot.file_read_s,
+            base=None if own else expert.name,
+            adapter_bytes=adapter.num_bytes if adapter is not None else 0,
         )
 
     def state_of(self, name: str) -> ExpertState:
-        return self._state_of(self._slot(name))
+        self._slot(name)  # UnknownExpert
+        return self._state_of(name)
 
 
 def _check_tier(tier: Tier) -> None:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from collections.abc import Sequence as Seq
 
-from coe.backends.base import Runner, Vocab
+from coe.backends.base import Adapter, Runner, Vocab
 from coe.backends.chat import PLAIN_STOP, render_chat, supports_tools
 from coe.backends.sampling import Token
 from coe.backends.text import TextAssembler
@@ -23,14 +23,20 @@ from coe.engine.tools import ToolCallStream, with_tool_prompt
 from coe.errors import CoEError, ContextLengthExceeded, GenerationError, InvalidRequest
 from coe.types import Completion, Request, SamplingParams, StreamEvent, TokenLogprob, ToolCall
 
+AdapterSource = Callable[[str], Adapter]  # a profile's name -> its adapter (ModelCache.adapter)
+
 
 def prompt_of(vocab: Vocab, request: Request) -> tuple[str, tuple[str, ...]]:
     """The prompt string and the stop strings it implies (a plain transcript stops at the next turn).
-    Tools go to a chat template that renders them; other experts get coe's documented tool format
-    in the system message (``coe.engine.tools``)."""
+    The request's profile (system prompt, few-shot examples) goes first, so it stays a cached prefix.
+        Tools go to a chat template that renders them; other experts get coe's documented tool format
+        in the system message (``coe.engine.tools``)."""
+    profile = request.profile
     if request.prompt is not None:
-        return request.prompt, ()
+        return (request.prompt if profile is None else profile.prompt(request.prompt)), ()
     messages, tools = request.messages or (), request.tools
+    if profile is not None:
+        messages = profile.messages(messages)
     offered = tools is not None and tools.choice != "none"
     native = supports_tools(vocab.chat_template)
     if native:
@@ -74,8 +80,14 @@ class Sequence:
     """One request's postprocessing: text assembly, stop strings, max_tokens, cancellation, usage,
     log-probabilities, and tool calls read out of the text."""
 
-    def __init__(self, request: Request, prompt_ids: list[int], implied_stop: tuple[str, ...]):
-        self.request, self.prompt_ids = request, prompt_ids
+    def __init__(
+        self,
+        request: Request,
+        prompt_ids: list[int],
+        implied_stop: tuple[str, ...],
+        adapter: Adapter | None = None,
+    ):
+        self.request, self.prompt_ids, self.adapter = request, prompt_ids, adapter
         self.text = TextAssembler(request.sampling.stop + implied_stop)
         tools = request.tools
         self.tool_stream = (
@@ -169,8 +181,9 @@ class RunningBatch:
     """Contract: engine thread only. Every admitted request gets exactly one final event (its
     completion or an error), from ``admit``, ``step`` or ``fail``; ``close`` closes the decoder."""
 
-    def __init__(self, runner: Runner):
+    def __init__(self, runner: Runner, adapter_of: AdapterSource | None = None):
         self.runner, self.vocab = runner, runner.vocab
+        self.adapter_of = adapter_of
         self.expert = runner.expert.name
         self.decoder = runner.open_decoder()
         self.running: dict[int, Sequence] = {}
@@ -186,6 +199,11 @@ class RunningBatch:
         """Requests the batch can take now without anyone waiting."""
         return max(0, self.decoder.max_sequences - len(self.running) - len(self.waiting))
 
+    @property
+    def width(self) -> int:
+        """Sequences the next step decodes together: the running and the waiting that fit."""
+        return min(len(self.running) + len(self.waiting), self.decoder.max_sequences)
+
     def requests(self) -> list[Request]:
         return [s.request for s in (*self.running.values(), *self.waiting)]
 
@@ -198,17 +216,27 @@ class RunningBatch:
                 prompt, implied_stop = prompt_of(self.vocab, request)
                 prompt_ids = self.vocab.encode(prompt)
                 check_context(
-                    self.expert,
+                    request.expert,
                     self.runner.context_length,
                     len(prompt_ids),
                     request.sampling.max_tokens,
                 )
-                check_bias(self.expert, self.vocab.n_vocab, request.sampling)
+                check_bias(request.expert, self.vocab.n_vocab, request.sampling)
+                adapter = self._adapter(request)
             except CoEError as exc:
                 errors.append(StreamEvent(request.id, error=exc))
                 continue
-            self.waiting.append(Sequence(request, prompt_ids, implied_stop))
+            self.waiting.append(Sequence(request, prompt_ids, implied_stop, adapter))
         return errors
+
+    def _adapter(self, request: Request) -> Adapter | None:
+        """The request's LoRA adapter, read onto the base's weights on first use."""
+        profile = request.profile
+        if profile is None or profile.adapter is None:
+            return None
+        if self.adapter_of is None:
+            raise GenerationError(f"{request.expert}: no adapter source for {profile.adapter}")
+        return self.adapter_of(profile.name)
 
     def step(self) -> list[StreamEvent]:
         """One forward pass for every running sequence (and the waiting ones that fit), postprocessed."""
@@ -238,7 +266,7 @@ class RunningBatch:
             seq = self.waiting.popleft()
             number = next(self._numbers)
             try:
-                self.decoder.add(number, seq.prompt_ids, seq.request.sampling)
+                self.decoder.add(number, seq.prompt_ids, seq.request.sampling, seq.adapter)
             except CoEError as exc:
                 errors.append(StreamEvent(seq.request.id, error=exc))
                 continue
@@ -258,11 +286,13 @@ class RunningBatch:
         self.decoder.close()
 
 
-def generate(runner: Runner, requests: Seq[Request]) -> Iterator[StreamEvent]:
+def generate(
+    runner: Runner, requests: Seq[Request], adapter_of: AdapterSource | None = None
+) -> Iterator[StreamEvent]:
     """Every request's events, decoded together on ``runner`` until all have ended (one final
     event each). A decoder that fails to open or step ends the unfinished ones with its error."""
     try:
-        batch = RunningBatch(runner)
+        batch = RunningBatch(runner, adapter_of)
     except Exception as exc:
         error = (
             exc
@@ -285,14 +315,19 @@ def generate(runner: Runner, requests: Seq[Request]) -> Iterator[StreamEvent]:
         batch.close()
 
 
-def next_token_logprobs(runner: Runner, prompt_ids: list[int], token_ids: Seq[int]) -> list[float]:
+def next_token_logprobs(
+    runner: Runner, prompt_ids: list[int], token_ids: Seq[int], adapter: Adapter | None = None
+) -> list[float]:
     """Log-probabilities of ``token_ids`` as the token after ``prompt_ids`` (one prefill through the
     decoder): the evaluation scores multiple choice with it. Engine thread only."""
     check_context(runner.expert.name, runner.context_length, len(prompt_ids), 1)
     decoder = runner.open_decoder()
     try:
         decoder.add(
-            0, prompt_ids, SamplingParams(max_tokens=1, temperature=0.0, score_ids=tuple(token_ids))
+            0,
+            prompt_ids,
+            SamplingParams(max_tokens=1, temperature=0.0, score_ids=tuple(token_ids)),
+            adapter,
         )
         return list(decoder.step()[0].scored)
     finally:

@@ -112,6 +112,7 @@ class Engine:
         ``offloaded`` serves some local experts elsewhere (Ray Serve replicas)."""
         check_params(config)
         cache = ModelCache(config, ModelStore(home))
+        cache.check_adapters()
         remotes = {**remote_experts(config), **(offloaded or {})}
         router: ExpertRouter | None = None
         error: str | None = "router disabled in the config (router.enabled: false)"
@@ -150,6 +151,7 @@ class Engine:
         expert up while it waits. A remote expert's request goes straight to its workers."""
         if request.expert not in self._names:
             raise UnknownExpert(f"no expert named {request.expert!r}", param="model")
+        self.routing.place(request)
         with self._work:
             try:
                 self._admit(request)
@@ -178,12 +180,13 @@ class Engine:
         if (
             self.config.cache.prefetch != "none"
             and not self.cache.is_resident(request.expert)
-            and self.health.is_healthy(request.expert, time.monotonic())
+            and self.health.is_healthy(request.queue, time.monotonic())
         ):
             self.cache.prefetch(request.expert, Tier(self.config.cache.prefetch))
 
     def _resubmit(self, request: Request) -> None:
         """A request moved to another expert (its own failed): queue it there, or end it."""
+        self.routing.place(request)
         try:
             with self._work:
                 self._admit(request)
@@ -229,6 +232,7 @@ class Engine:
         else:
             self._join()
         assert self._batch is not None
+        self.metrics.step_sequences.observe(self._batch.width)
         self._deliver(self._run_step(self._batch))
         if self._batch is not None and self._batch.done:
             self._close(crash=None)
@@ -256,7 +260,7 @@ class Engine:
         tier = self.cache.tier_of(batch.expert)
         try:
             runner = self._lease.enter_context(self.cache.lease(batch.expert))
-            self._batch = RunningBatch(runner)
+            self._batch = RunningBatch(runner, self.cache.adapter)
         except Exception as exc:  # load error, out of memory, missing or corrupt weights
             self._lease.close()
             return self._unavailable(batch, exc)

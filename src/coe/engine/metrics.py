@@ -69,6 +69,12 @@ class EngineMetrics:
         self.batch_size = Histogram(
             "coe_batch_size", "Requests per batch", buckets=(1, 2, 4, 8, 16, 32), registry=r
         )
+        self.step_sequences = Histogram(
+            "coe_step_sequences",
+            "Sequences decoded together in one forward pass (profiles of one base share it)",
+            buckets=(1, 2, 4, 8, 16, 32),
+            registry=r,
+        )
         self.joined = Counter(
             "coe_requests_joined",
             "Requests that joined a batch already generating (continuous batching)",

@@ -8,12 +8,14 @@ from collections import deque
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 
-from coe.config import ROUTED_MODEL, CoEConfig
+from coe.backends import PER_SEQUENCE_ADAPTERS
+from coe.config import ROUTED_MODEL, CoEConfig, ExpertConfig
 from coe.engine.health import ExpertHealth
 from coe.engine.metrics import EngineMetrics
 from coe.errors import ExpertUnavailable, UnknownExpert
+from coe.models import backend_of
 from coe.router.service import ExpertRouter
-from coe.types import ChatMessage, Request, RouteDecision, Tools
+from coe.types import ChatMessage, Profile, Request, RouteDecision, Tools
 
 MAX_RECENT_DECISIONS = 10_000  # routing decisions kept for the console's routing panel
 
@@ -37,6 +39,8 @@ class Routing:
         self.router_error = router_error or (None if router else "no router configured")
         self._ready_experts = ready_experts
         self._names = [e.name for e in config.experts]
+        self._queues = {e.name: _queue_of(e) for e in config.experts}
+        self._profiles = {e.name: e.profile for e in config.experts}
         self._decisions: deque[tuple[float, str, str]] = deque(maxlen=MAX_RECENT_DECISIONS)
 
     def resolve(
@@ -90,18 +94,31 @@ class Routing:
         self._decisions.append((time.monotonic(), decision.category, decision.expert))
         return decision.expert, decision
 
-    # -- health ----------------------------------------------------------------------------------
+    def place(self, request: Request) -> None:
+        """Set what the request's expert adds (its profile) and the queue it waits in: the base's
+        for a profile, so profiles of one base share its batches, except where the backend
+        applies an adapter to a whole batch (llama.cpp): then the profile's own queue."""
+        request.profile = self._profiles.get(request.expert)
+        request.runs_on = self._queues.get(request.expert, request.expert)
+
+    def profile(self, expert: str) -> Profile | None:
+        return self._profiles.get(expert)
+
+    # -- health (of the queue an expert's requests run in: a profile fails with its base) ------
     def usable(self, expert: str) -> bool:
-        return expert in self._names and self.health.is_healthy(expert, time.monotonic())
+        return expert in self._names and self.health.is_healthy(
+            self._queues[expert], time.monotonic()
+        )
 
     def check_healthy(self, expert: str) -> None:
-        if not self.health.is_healthy(expert, time.monotonic()):
+        if not self.health.is_healthy(self._queues.get(expert, expert), time.monotonic()):
             raise self.backing_off(expert)
 
     def backing_off(self, expert: str) -> ExpertUnavailable:
-        wait_s = self.health.retry_after_s(expert, time.monotonic())
+        queue = self._queues.get(expert, expert)
+        wait_s = self.health.retry_after_s(queue, time.monotonic())
         return ExpertUnavailable(
-            f"{expert} failed recently ({self.health.reason(expert)}); it is tried again "
+            f"{expert} failed recently ({self.health.reason(queue)}); it is tried again "
             f"in {wait_s:.0f} s",
             retry_after_s=wait_s,
         )
@@ -136,10 +153,8 @@ class Routing:
         )
 
     def _served_by(self, decision: RouteDecision, failed: str, alternative: str) -> RouteDecision:
-        note = (
-            f"{failed} is unavailable ({self.health.reason(failed)}); served by the next-best healthy "
-            f"expert {alternative}"
-        )
+        reason = self.health.reason(self._queues.get(failed, failed))
+        note = f"{failed} is unavailable ({reason}); served by the next-best healthy expert {alternative}"
         return replace(
             decision,
             expert=alternative,
@@ -171,3 +186,12 @@ class Routing:
                 row = counts.setdefault(category, {})
                 row[expert] = row.get(expert, 0) + 1
         return counts
+
+
+def _queue_of(expert: ExpertConfig) -> str:
+    """The scheduler queue of an expert's requests (``Request.runs_on``)."""
+    if expert.base is None:
+        return expert.name
+    if expert.adapter is not None and backend_of(expert) not in PER_SEQUENCE_ADAPTERS:
+        return expert.name  # its adapter applies to a whole batch: batched with its own requests
+    return expert.base

@@ -1,7 +1,8 @@
 """The scheduler: which expert's requests run next. Pure Python over plain state: no torch, no
 I/O, no threads, no clock of its own (the caller passes ``now_s``).
 
-One queue per expert. Switching experts costs a load, so the ``expert`` policy keeps serving
+One queue per expert (``Request.queue``: experts that share a base share its queue and its
+batches). Switching experts costs a load, so the ``expert`` policy keeps serving
 the expert that is already resident and batches requests for the same expert, subject to one
 bound: a request that has waited ``max_wait_s`` is served next (oldest first), whatever the
 switch costs. Hence no request waits longer than ``max_wait_s`` plus the batches already ahead of
@@ -61,7 +62,7 @@ class Scheduler:
     # -- admission -------------------------------------------------------------------------------
     def add(self, request: Request) -> None:
         """Queue a request, or refuse it with Overloaded (HTTP 429 with Retry-After)."""
-        queue = self._queues.setdefault(request.expert, deque())
+        queue = self._queues.setdefault(request.queue, deque())
         if self._count >= self.max_queue:
             raise Overloaded(
                 f"{self._count} requests are waiting (scheduler.max_queue); retry later",
@@ -69,7 +70,7 @@ class Scheduler:
             )
         if len(queue) >= self.max_queue_per_expert:
             raise Overloaded(
-                f"{len(queue)} requests are waiting for {request.expert} "
+                f"{len(queue)} requests are waiting for {request.queue} "
                 f"(scheduler.max_queue_per_expert); retry later",
                 retry_after_s=self.retry_after_s(len(queue)),
             )

@@ -101,9 +101,14 @@ class EngineTarget:
         self._states = {s.name: s for s in engine.views.expert_states()}
 
     def identity(self, expert: str) -> str:
+        """What the cached results depend on: the weights and, for a profile, what it adds."""
         state = self._states[expert]
-        source = next(e.source for e in self.engine.config.experts if e.name == expert)
-        return f"{expert}|{source}|{state.num_bytes}"
+        config = self.engine.config.expert(expert)
+        identity = f"{expert}|{config.source}|{state.num_bytes}"
+        if config.base is not None or config.profile is not None:
+            adds = repr((config.profile, sorted(config.sampling.items())))
+            identity += "|" + hashlib.sha256(adds.encode()).hexdigest()[:16]
+        return identity
 
     def num_params(self, expert: str) -> int | None:
         return self._states[expert].num_params
@@ -117,12 +122,15 @@ class EngineTarget:
     ) -> list[list[float]] | None:
         """Log-probabilities of the option letters as the answer's first token, per item."""
         out = []
+        profile = self.engine.routing.profile(expert)
         with self.engine.cache.lease(expert) as runner:
+            adapter = self.engine.cache.adapter(expert) if profile and profile.adapter else None
             letter_ids = [runner.vocab.encode(letter)[-1] for letter in LETTERS]
             for item in items:
-                prompt, _ = prompt_of(runner.vocab, Request(expert=expert, messages=item.messages))
+                request = Request(expert=expert, messages=item.messages, profile=profile)
+                prompt, _ = prompt_of(runner.vocab, request)
                 ids = letter_ids[: item.num_options]
-                out.append(next_token_logprobs(runner, runner.vocab.encode(prompt), ids))
+                out.append(next_token_logprobs(runner, runner.vocab.encode(prompt), ids, adapter))
                 progress()
         return out
 

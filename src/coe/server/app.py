@@ -25,7 +25,14 @@ from coe.engine.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from coe.errors import CoEError, GenerationError, InvalidRequest, PayloadTooLarge, RequestTimeout
 from coe.server.auth import KeyAuth
 from coe.server.console import install_console
-from coe.server.openai import Reply, chat_messages, keep_alive_s, sampling_of, tools_of
+from coe.server.openai import (
+    Reply,
+    chat_messages,
+    keep_alive_s,
+    sampling_of,
+    tools_of,
+    with_expert_defaults,
+)
 from coe.server.protocol import ChatCompletionRequest, CompletionRequest, unknown_fields
 from coe.server.shapes import health_json, snapshot_json, state_word
 from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEvent, Tools
@@ -416,6 +423,9 @@ async def _serve(
     answer: JSON when they have all ended, or one SSE stream of all their chunks."""
     expert, route = await asyncio.to_thread(
         engine.routing.resolve, body.model, messages, prompt, tools
+    )
+    sampling = with_expert_defaults(
+        sampling, body, engine.config.expert(expert).sampling_defaults(), engine.config.server
     )
     sink = _AsyncSink(engine.config.server.request_timeout_s)
     keep_alive = keep_alive_s(body)

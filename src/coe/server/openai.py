@@ -8,6 +8,7 @@ import re
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
 from coe.config import ServerConfig
 from coe.engine.structured import json_object_grammar, json_schema_grammar, tool_call_grammar
@@ -118,6 +119,23 @@ def sampling_of(
         logit_bias=_bias_of(body.logit_bias),
         grammar=_grammar_of(body, tools),
     )
+
+
+def with_expert_defaults(
+    sampling: SamplingParams,
+    body: ChatCompletionRequest | CompletionRequest,
+    defaults: dict,
+    limits: ServerConfig,
+) -> SamplingParams:
+    """An expert's sampling defaults (``ExpertConfig.sampling_defaults``: a profile's) for the
+    fields the request left unset."""
+    given = body.model_fields_set
+    unset = {
+        key: min(value, limits.max_tokens_limit) if key == "max_tokens" else value
+        for key, value in defaults.items()
+        if key not in given and not (key == "max_tokens" and "max_completion_tokens" in given)
+    }
+    return replace(sampling, **unset) if unset else sampling
 
 
 def _logprobs_of(body: ChatCompletionRequest | CompletionRequest) -> int | None:

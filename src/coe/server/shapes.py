@@ -33,6 +33,9 @@ def expert_json(state: ExpertState) -> dict:
         "file_read_s": state.file_read_s,
         "materialize_s": state.materialize_s,
     }
+    if state.base is not None:  # a profile: its base holds the weights in the tiers
+        shape["base"] = state.base
+        shape["adapter_bytes"] = state.adapter_bytes
     if state.replicas:
         shape["replicas"] = dict(state.replicas)
     return shape
@@ -55,6 +58,8 @@ def expert_from_json(row: dict) -> ExpertState:
         row.get("requests", 0),
         row.get("file_read_s"),
         tuple(row.get("replicas", {}).items()),
+        row.get("base"),
+        row.get("adapter_bytes", 0),
     )
 
 

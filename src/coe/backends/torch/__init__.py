@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from coe.backends.base import Backend, HostWeights, Runner
+from coe.backends.base import Adapter, Backend, HostWeights, Runner
 from coe.backends.memory import HostBufferPool, anon_rss_bytes, read_sequential
-from coe.backends.torch.model import ModelArgs, build_model, read_model_args
+from coe.backends.torch import lora
+from coe.backends.torch.model import ModelArgs, attach_lora, build_model, read_model_args
 from coe.backends.torch.runner import TorchDecoder, TorchRunner
 from coe.backends.torch.vocab import BYTE_VOCAB_SIZE, ByteVocab, HFTokenizerVocab, load_vocab
 from coe.backends.torch.weights import WarmCheckpoint, tensors_in, views_at_same_offsets
@@ -25,6 +26,7 @@ from coe.config import ExpertConfig, TorchParams
 from coe.errors import LoadError
 from coe.models.info import describe
 from coe.models.safetensors_info import checkpoint_files
+from coe.types import Profile
 
 __all__ = [
     "TorchBackend",
@@ -100,12 +102,19 @@ class TorchBackend(Backend):
         if device.type == "cuda":
             torch.cuda.synchronize(device)  # the host buffer may be reused once this returns
         model.eval()
+        lora_rows = attach_lora(model)
         context = min(params.n_ctx, warm.args.max_position_embeddings or params.n_ctx)
         runner = TorchRunner(
-            host.expert, params, warm.vocab, model, device, host.num_bytes, context
+            host.expert, params, warm.vocab, model, device, host.num_bytes, context, lora_rows
         )
         runner.footprint_bytes = max(0, _allocated_bytes(device) - before)
         return runner
+
+    def check_adapter(self, base_path: Path, profile: Profile) -> int:
+        return lora.check_adapter(read_model_args(base_path), profile)
+
+    def read_adapter(self, host: HostWeights, profile: Profile) -> Adapter:
+        return lora.read_adapter(profile, getattr(torch, TorchParams.of(host.expert).dtype))
 
 
 def _allocated_bytes(device: torch.device) -> int:

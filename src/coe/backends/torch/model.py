@@ -88,9 +88,67 @@ def read_model_args(path: Path) -> ModelArgs:
     return ModelArgs.from_hf(cfg, str(file))
 
 
+class LoraRows:
+    """The LoRA adapters of one forward pass, per batch row (Punica/S-LoRA's idea on a CPU):
+    ``groups`` holds, for each adapter in the batch, the row indices that use it and its weights
+    by module name (A [r, in], B [out, r], scale). Rows of no group use the base alone."""
+
+    def __init__(self) -> None:
+        self.groups: list[
+            tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]], float]
+        ] = []
+
+
 class Linear(nn.Linear):
+    lora: LoraRows | None = None  # shared by every Linear of a model (``attach_lora``)
+    lora_key: str = ""  # this module's name in the model (an adapter's weights are keyed by it)
+
     def reset_parameters(self) -> None:
         pass
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        if self.lora is None or not self.lora.groups:
+            return y
+        for rows, weights, scale in self.lora.groups:
+            ab = weights.get(self.lora_key)
+            if ab is not None:  # y[rows] += scale * (x[rows] A^T) B^T
+                a, b = ab
+                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T, alpha=scale)
+        return y
+
+
+def attach_lora(model: nn.Module) -> LoraRows:
+    """Let the model's linear layers apply per-row LoRA adapters: returns the shared LoraRows."""
+    rows = LoraRows()
+    for name, module in model.named_modules():
+        if isinstance(module, Linear):
+            module.lora, module.lora_key = rows, name
+    return rows
+
+
+def linear_shapes(args: ModelArgs) -> dict[str, tuple[int, int]]:
+    """(out, in) of every linear layer by module name; adapters are checked against them."""
+    q_dim, kv_dim = (
+        args.num_attention_heads * args.head_dim,
+        args.num_key_value_heads * args.head_dim,
+    )
+    per_layer = {
+        "self_attn.q_proj": (q_dim, args.hidden_size),
+        "self_attn.k_proj": (kv_dim, args.hidden_size),
+        "self_attn.v_proj": (kv_dim, args.hidden_size),
+        "self_attn.o_proj": (args.hidden_size, q_dim),
+        "mlp.gate_proj": (args.intermediate_size, args.hidden_size),
+        "mlp.up_proj": (args.intermediate_size, args.hidden_size),
+        "mlp.down_proj": (args.hidden_size, args.intermediate_size),
+    }
+    shapes = {
+        f"model.layers.{i}.{name}": shape
+        for i in range(args.num_hidden_layers)
+        for name, shape in per_layer.items()
+    }
+    shapes["lm_head"] = (args.vocab_size, args.hidden_size)
+    return shapes
 
 
 class Embedding(nn.Embedding):

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from coe.backends.base import Decoder, Runner, Vocab
+from coe.backends.base import Adapter, Decoder, Runner, Vocab
 from coe.backends.sampling import SamplerDefaults, Token, TokenSampler
-from coe.backends.torch.model import CausalLM
+from coe.backends.torch.model import CausalLM, LoraRows
 from coe.config import ExpertConfig, TorchParams
 from coe.types import SamplingParams
 
@@ -25,6 +25,7 @@ class TorchRunner(Runner):
         device: torch.device,
         num_bytes: int,
         context_length: int,
+        lora_rows: LoraRows | None = None,
     ):
         super().__init__(
             expert,
@@ -35,7 +36,34 @@ class TorchRunner(Runner):
             SamplerDefaults.of(params),
         )
         self.model, self.device = model, device
+        self.lora_rows = lora_rows or LoraRows()
+        self._attached: dict[int, tuple[Adapter, dict]] = {}  # id(adapter) -> its device weights
         vocab.n_vocab = model.args.vocab_size
+
+    def set_lora(self, adapters: list[Adapter | None]) -> None:
+        """The adapter of each row of the next forward pass (None: the base alone)."""
+        rows_of: dict[int, list[int]] = {}
+        by_id: dict[int, Adapter] = {}
+        for row, adapter in enumerate(adapters):
+            if adapter is not None:
+                rows_of.setdefault(id(adapter), []).append(row)
+                by_id[id(adapter)] = adapter
+        self.lora_rows.groups = [
+            (torch.tensor(rows, device=self.device), self._on_device(by_id[key]), by_id[key].scale)
+            for key, rows in rows_of.items()
+        ]
+
+    def _on_device(self, adapter: Adapter) -> dict:
+        """The adapter's A/B on the runner's device: its host tensors on CPU, copied once on CUDA."""
+        if self.device.type == "cpu":
+            return adapter.payload
+        held = self._attached.get(id(adapter))
+        if held is None or held[0] is not adapter:
+            moved = {
+                k: (a.to(self.device), b.to(self.device)) for k, (a, b) in adapter.payload.items()
+            }
+            held = self._attached[id(adapter)] = (adapter, moved)
+        return held[1]
 
     def open_decoder(self) -> Decoder:
         return TorchDecoder(self)
@@ -56,12 +84,14 @@ class TorchRunner(Runner):
 
     def close(self) -> None:
         self.model = None  # type: ignore[assignment]
+        self._attached.clear()
 
 
 @dataclass
 class _Pending:
     prompt_ids: list[int]
     sampler: TokenSampler
+    adapter: Adapter | None
 
 
 class TorchDecoder(Decoder):
@@ -77,6 +107,7 @@ class TorchDecoder(Decoder):
         self.cached: list[int] = []  # tokens in each row's cache = position of its next token
         self.cache: KVCache | None = None
         self.samplers: dict[int, TokenSampler] = {}
+        self.adapters: dict[int, Adapter | None] = {}  # per sequence: rows may differ
         self.last: dict[int, int] = {}
         self.pending: dict[int, _Pending] = {}
         self.removed: set[int] = set()
@@ -85,13 +116,20 @@ class TorchDecoder(Decoder):
         live = len(self.rows) - len(self.removed) + len(self.pending)
         return live < self.max_sequences and need_tokens <= self.runner.context_length
 
-    def add(self, seq: int, prompt_ids: list[int], sampling: SamplingParams) -> None:
-        self.pending[seq] = _Pending(prompt_ids, self.runner.sampler(sampling))
+    def add(
+        self,
+        seq: int,
+        prompt_ids: list[int],
+        sampling: SamplingParams,
+        adapter: Adapter | None = None,
+    ) -> None:
+        self.pending[seq] = _Pending(prompt_ids, self.runner.sampler(sampling), adapter)
 
     def remove(self, seq: int) -> None:
         if self.pending.pop(seq, None) is None:
             self.removed.add(seq)
         self.samplers.pop(seq, None)
+        self.adapters.pop(seq, None)
 
     def step(self) -> dict[int, Token]:
         tokens: dict[int, Token] = {}
@@ -108,6 +146,7 @@ class TorchDecoder(Decoder):
         ids = torch.tensor(
             [[self.last[s]] for s in self.rows], dtype=torch.long, device=runner.device
         )
+        runner.set_lora([self.adapters.get(s) for s in self.rows])
         logits = runner.model(ids, self.cache, self.cached).float().cpu().numpy()  # [B, V]
         self.cached = [n + 1 for n in self.cached]
         return self._pick(self.rows, logits)
@@ -125,10 +164,12 @@ class TorchDecoder(Decoder):
         )
         cache = runner.new_cache(len(seqs), length)
         last = torch.tensor(lengths, device=runner.device) - 1
+        runner.set_lora([self.pending[s].adapter for s in seqs])
         logits = runner.model(ids.to(runner.device), cache, 0, last=last).float().cpu().numpy()
         self._append_rows(cache, length)
         for s in seqs:
-            self.samplers[s] = self.pending.pop(s).sampler
+            pending = self.pending.pop(s)
+            self.samplers[s], self.adapters[s] = pending.sampler, pending.adapter
         self.rows, self.cached = [*self.rows, *seqs], [*self.cached, *lengths]
         return self._pick(seqs, logits)
 
