@@ -462,7 +462,9 @@ class RouterConfig:
 
     enabled: bool = True  # false: every "coe" request goes to default_expert
     artifact: str | None = None  # trained router folder (default: COE_HOME/router/default)
-    default_expert: str | None = None  # the generalist: fallback category and router-off target
+    # pins the fallback category (else the map chooses it) and serves "coe" when the router is
+    # off (else the first expert)
+    default_expert: str | None = None
     fallback_category: str = "chat"  # where prompts go when the router is unsure
     threshold: float | None = None  # override the calibrated confidence threshold
     scores: str | None = None  # category x expert score table (JSON); default: measured table
@@ -853,7 +855,7 @@ def default_config() -> CoEConfig:
                 "qwen2.5-coder-1.5b", "qwen2.5-coder-1.5b", description="code and reasoning"
             ),
         ),
-        router=RouterConfig(default_expert="smollm2-135m", budget_params=DEFAULT_BUDGET_PARAMS),
+        router=RouterConfig(budget_params=DEFAULT_BUDGET_PARAMS),
     )
 
 
@@ -972,7 +974,8 @@ experts:
 router:
   # model "coe": a trained router picks a category, the category-to-expert map picks the expert.
   enabled: true
-  default_expert: smollm2-135m   # the generalist: gets the fallback category "chat"
+  # default_expert: smollm2-135m # pin the fallback category to one expert (and serve "coe"
+                                 # with it when the router is off); default: the map chooses
   fallback_category: chat        # where prompts go when the router's confidence is low
   # artifact: path/to/router     # default: $COE_HOME/router/default (`coe router train`)
   # threshold: 0.45              # default: the threshold calibrated at training time

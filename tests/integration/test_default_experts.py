@@ -25,3 +25,24 @@ def test_default_models_are_listed_with_header_facts(default_server):
     assert set(cards) == {"coe", "smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b"}
     assert 1.7e9 < cards["qwen2.5-coder-1.5b"]["num_params"] < 1.8e9
     assert cards["gemma3-270m"]["backend"] == "llama_cpp"
+
+
+def test_an_unsure_request_gets_the_mapped_generalist_not_the_weakest_expert(default_server):
+    """With the default config nobody pins the fallback category: the map chooses its expert
+    from the score table's chat row within the budget, so a question the router was unsure about
+    is answered by a strong generalist, and the budget is met by the confident categories."""
+    import httpx
+
+    from coe.router.service import load_score_table
+
+    card = httpx.get(default_server.v1 + "/models/coe", timeout=30).json()["coe"]
+    table = load_score_table(None)
+    chat = table.scores["chat"]
+    weakest = min(chat, key=chat.get)
+    assert card["map"]["chat"] != weakest
+    assert chat[card["map"]["chat"]] == max(chat.values())
+    reply = httpx.post(default_server.v1 + "/chat/completions", timeout=300, json={
+        "model": "coe", "max_tokens": 8, "temperature": 0,
+        "messages": [{"role": "user", "content": "What causes inflation?"}]}).json()
+    assert reply["coe"]["fallback"] is True
+    assert reply["coe"]["expert"] == card["map"]["chat"] != weakest

@@ -278,9 +278,22 @@ def test_build_map_pin_to_an_expert_outside_the_table_is_applied():
 
 def test_build_map_fallback_goes_to_an_unscored_default_expert():
     # the generalist has no known size, so the optimiser cannot pin it; the map still does
-    assignment, _ = build_map(RouterConfig(), ("math", "code"), {**PARAMS, "custom": None}, "custom",
-                              small_table())
+    assignment, _ = build_map(RouterConfig(default_expert="custom"), ("math", "code"),
+                              {**PARAMS, "custom": None}, "custom", small_table())
     assert assignment == {"math": "big", "code": "big", "chat": "custom"}
+
+
+def test_the_fallback_is_mapped_unless_default_expert_pins_it():
+    table = ScoreTable.from_dict({"source": "test table", "scores": {
+        "math": {"small": 0.1, "big": 0.5}, "code": {"small": 0.2, "big": 0.7},
+        "chat": {"small": 0.2, "big": 0.6}}})
+    # unsure requests get the expert that does best across categories, within the budget
+    mapped, plan = build_map(RouterConfig(budget_params=7e8), ("math", "code"), PARAMS, "small", table)
+    assert mapped["chat"] == "big" and plan.avg_active_params <= 7e8
+    assert mapped["math"] == "small"  # the budget is met by a confident category instead
+    pinned, _ = build_map(RouterConfig(default_expert="small", budget_params=7e8), ("math", "code"),
+                          PARAMS, "small", table)
+    assert pinned["chat"] == "small"
 
 
 def test_build_map_categories_the_table_does_not_cover_go_to_the_default_expert():
@@ -318,14 +331,16 @@ def test_build_map_pin_to_an_unscored_expert_does_not_use_up_the_budget():
     assert assignment["math"] == "big"
 
 
-def test_map_problem_pins_the_fallback_to_the_default_and_uses_uniform_frequencies():
-    problem = map_problem(RouterConfig(pins={"code": "big"}), ("math", "code"),
+def test_map_problem_pins_the_fallback_to_a_named_default_and_uses_uniform_frequencies():
+    problem = map_problem(RouterConfig(pins={"code": "big"}, default_expert="small"), ("math", "code"),
                           {**PARAMS, "custom": 5}, small_table(), "small")
     assert problem.table.categories == ("math", "code", "chat")
     assert problem.table.experts == ("small", "big")  # custom is not in the table
     assert problem.params == {"small": 1e8, "big": 1e9}
     assert problem.frequencies == pytest.approx({"math": 1 / 3, "code": 1 / 3, "chat": 1 / 3})
     assert problem.pins == {"chat": "small", "code": "big"}
+    unnamed = map_problem(RouterConfig(pins={"code": "big"}), ("math", "code"), PARAMS, small_table(), "small")
+    assert unnamed.pins == {"code": "big"}  # the fallback is optimised with the rest
 
 
 def test_map_problem_is_none_when_nothing_can_be_optimised():

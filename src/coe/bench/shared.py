@@ -28,6 +28,7 @@ import yaml
 
 from coe.backends.memory import drop_file_cache
 from coe.bench.serve import ServerProcess, replay, scrape, summarise
+from coe.bench.synthetic import SHAPES, synthetic_config, write_checkpoint
 from coe.bench.workload import (
     DEFAULT_CATEGORIES,
     TraceItem,
@@ -68,10 +69,23 @@ def add_arguments(parser) -> None:
         help="numbers of specialisations, comma-separated (default 4,16,64)",
     )
     parser.add_argument("--base", default="smollm2-135m", help="the packaged base model")
+    parser.add_argument(
+        "--synthetic",
+        metavar="SHAPE",
+        choices=tuple(SHAPES),
+        help="a synthetic torch checkpoint of this shape as the base instead (torch_hf; with "
+        "--params device=cuda on a GPU)",
+    )
     parser.add_argument("--requests", type=int, default=96, help="requests in each trace")
     parser.add_argument("--rate", type=float, default=4.0, help="mean arrival rate (requests/s)")
     parser.add_argument("--zipf", type=float, default=1.0, help="Zipf exponent over the N")
     parser.add_argument("--max-tokens-median", type=float, default=24.0)
+    parser.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=4000,
+        help="longest prompt taken from the datasets (synthetic experts read bytes as tokens)",
+    )
     parser.add_argument(
         "--sources",
         nargs="+",
@@ -166,6 +180,7 @@ def make_trace(args, n: int, workdir: Path) -> list[TraceItem]:
         model_mode="expert",
         experts=("spec-0",),
         max_tokens_median=args.max_tokens_median,
+        max_prompt_chars=args.max_prompt_chars,
         seed=args.seed,
     )
     items = generate(spec)
@@ -212,7 +227,8 @@ def run_form(
     config_path = workdir / f"{form}-{n}.yaml"
     config_path.write_text(yaml.safe_dump(config, sort_keys=False))
     for path in files:
-        drop_file_cache(path)
+        for file in path.iterdir() if path.is_dir() else (path,):
+            drop_file_cache(file)
     server = ServerProcess(config_path, args.home, workdir / f"{form}-{n}.log")
     try:
         server.wait_ready()
@@ -238,8 +254,11 @@ def run(args) -> dict:
         Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="coe-bench-shared-"))
     )
     workdir.mkdir(parents=True, exist_ok=True)
-    base = ModelStore(args.home).ensure(args.base)
-    weight_bytes = base.stat().st_size
+    if args.synthetic:
+        base = write_checkpoint(workdir / "base", synthetic_config(args.synthetic))
+    else:
+        base = ModelStore(args.home).ensure(args.base)
+    weight_bytes = _size_bytes(base)
     host_bytes = int(args.budget_copies * weight_bytes)
     copies_dir = workdir / "copies"
     need_bytes = max(counts) * weight_bytes
@@ -251,7 +270,7 @@ def run(args) -> dict:
         )
     result: dict = {
         "setup": {
-            "base": args.base,
+            "base": f"synthetic {args.synthetic}" if args.synthetic else args.base,
             "weight_bytes": weight_bytes,
             "host_budget_bytes": host_bytes,
             "max_hot_experts": 2,
@@ -286,13 +305,23 @@ def run(args) -> dict:
     return result
 
 
+def _size_bytes(path: Path) -> int:
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+    return path.stat().st_size
+
+
 def _copies(base: Path, n: int, folder: Path) -> list[Path]:
+    """Distinct copies of the base's file (or checkpoint folder): no shared page-cache pages."""
     folder.mkdir(parents=True, exist_ok=True)
     copies = []
     for k in range(n):
-        target = folder / f"spec-{k}.gguf"
-        if not target.exists() or target.stat().st_size != base.stat().st_size:
-            shutil.copyfile(base, target)
+        target = folder / (f"spec-{k}" + base.suffix)
+        if not target.exists() or _size_bytes(target) != _size_bytes(base):
+            if base.is_dir():
+                shutil.copytree(base, target, dirs_exist_ok=True)
+            else:
+                shutil.copyfile(base, target)
         copies.append(target)
     return copies
 

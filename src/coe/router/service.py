@@ -114,8 +114,15 @@ def build_map(
 
 
 def _pins(config: RouterConfig, default_expert: str) -> dict[str, str]:
-    """The fallback category belongs to the generalist unless a pin says otherwise."""
-    return {config.fallback_category: default_expert, **config.pins}
+    """Categories fixed by hand: ``router.pins``, and the fallback category when the config names
+    a ``router.default_expert``. Otherwise the fallback is mapped like any other category (its
+    row of the score table: how each expert does across categories; its traffic share counted in
+    the budget), so a request the router was unsure about gets a strong generalist, not the first
+    expert."""
+    pinned = dict(config.pins)
+    if config.default_expert is not None:
+        pinned.setdefault(config.fallback_category, default_expert)
+    return pinned
 
 
 def _wanted(config: RouterConfig, categories: Sequence[str]) -> list[str]:
