@@ -268,6 +268,8 @@ class Request:
     keep_alive_s: float | None = None
     cancel_reason: str = ""
     _cancelled: threading.Event = field(default_factory=threading.Event, repr=False)
+    # called once cancel() has run (the scheduler's: look for cancelled requests at its next call)
+    on_cancel: Callable[[], None] | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if (self.messages is None) == (self.prompt is None):
@@ -279,6 +281,8 @@ class Request:
         if not self._cancelled.is_set():
             self.cancel_reason = reason
         self._cancelled.set()
+        if self.on_cancel is not None:
+            self.on_cancel()
 
     @property
     def queue(self) -> str:

@@ -66,3 +66,24 @@ def test_bench_shared_writes_a_row_per_n_with_both_forms(tmp_path, coe_home):
         assert row[form]["throughput_rps"] > 0 and row[form]["ttft_p99_s"] > 0
     assert row["shared"]["switches"] == 0
     assert not (tmp_path / "work" / "copies").exists()  # the copies are deleted at the end
+
+
+def test_bench_scale_times_startup_and_per_request_work(tmp_path, coe_home):
+    result = _bench(tmp_path, "scale", "--experts", "2,4", "--repeats", "1", "--requests", "100",
+                    "--workdir", str(tmp_path / "work"))
+    small, large = result["rows"]
+    assert (small["experts"], large["experts"]) == (2, 4)
+    for row in (small, large):
+        assert row["startup_s"] > 0 and row["router_us"] > 0 and row["scheduler_us"] > 0
+        assert row["policy_us"] > 0 and row["victims_per_miss_us"] > 0
+    assert large["apparent_bytes"] > small["apparent_bytes"]
+    assert set(result["ratio_4_vs_2"]) >= {"startup_s", "total_us"}
+    assert not (tmp_path / "work" / "fleet").exists()  # the sparse files are deleted
+
+
+def test_bench_lora_compares_per_row_adapters_with_one_batch_per_adapter(tmp_path):
+    result = _bench(tmp_path, "lora", "--shape", "tiny", "--adapters", "3", "--steps", "2",
+                    "--repeats", "1")
+    assert set(result["tokens_per_s"]) == {"base_one_batch", "per_row_one_batch", "batch_per_adapter"}
+    assert all(value > 0 for value in result["tokens_per_s"].values())
+    assert result["per_row_vs_batch_per_adapter_x"] > 0

@@ -322,3 +322,45 @@ def test_a_running_batch_admits_joiners_between_steps():
     finals = {e.request_id: e.completion for e in events if e.is_final}
     assert finals[late.id].text == "cd" and len(finals) == 2
     assert [step for step, _ in runner.decoders[0].added] == [0, 2]
+
+
+# ---- adapters --------------------------------------------------------------------------------
+
+def test_each_sequence_gets_its_profile_adapter_and_an_unreadable_one_fails_only_its_request():
+    from coe.backends.base import Adapter
+    from coe.errors import LoadError
+    from coe.types import Profile
+
+    runner = ScriptRunner(b"ok")
+    given: list = []
+    original_add = ScriptDecoder.add
+
+    def add(self, seq, prompt_ids, sampling, adapter=None):
+        given.append(adapter)
+        original_add(self, seq, prompt_ids, sampling, adapter)
+
+    ScriptDecoder.add = add
+    try:
+        good = Adapter("tuned", None, 1.0, 10)
+
+        def adapter_of(name: str):
+            if name == "broken":
+                raise OSError("disk went away")
+            return good
+
+        requests = [Request("tuned", SamplingParams(max_tokens=2), prompt="a",
+                            profile=Profile("tuned", adapter="a.gguf")),
+                    Request("broken", SamplingParams(max_tokens=2), prompt="b",
+                            profile=Profile("broken", adapter="b.gguf")),
+                    Request("scripted", SamplingParams(max_tokens=2), prompt="c")]
+        finals = {}
+        for event in generate(runner, requests, adapter_of):
+            if event.is_final:
+                finals[event.request_id] = event
+    finally:
+        ScriptDecoder.add = original_add
+    assert finals[requests[0].id].completion.text == "ok"
+    assert isinstance(finals[requests[1].id].error, LoadError)
+    assert "disk went away" in finals[requests[1].id].error.message
+    assert finals[requests[2].id].completion.text == "ok"
+    assert given == [good, None]  # the broken one never reached the decoder

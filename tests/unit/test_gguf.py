@@ -83,6 +83,18 @@ def test_header_metadata_and_shapes(gguf_file):
     assert header.quantization == "Q4_K_M"
     assert header.chat_template == CHATML
     assert header.context_length == 2048
+    header_bytes = len(gguf_bytes(header_only=True))
+    assert header.data_offset == header_bytes + (-header_bytes % 32)  # where the tensor data starts
+
+
+def test_a_header_larger_than_the_first_read_is_read_whole(tmp_path, monkeypatch):
+    from coe.models import gguf
+
+    path = tmp_path / "tiny.gguf"
+    path.write_bytes(gguf_bytes())
+    whole = read_gguf_header(path)
+    monkeypatch.setattr(gguf, "_FIRST_READ_BYTES", 16)  # strings and arrays cross the window's end
+    assert read_gguf_header(path) == whole
 
 
 def test_version_2_is_read(tmp_path):

@@ -60,3 +60,28 @@ def test_unreadable_config_json(tiny_checkpoint, tmp_path):
     (folder / "config.json").write_text("{")
     with pytest.raises(ModelNotAvailable, match="unreadable JSON"):
         describe(folder)
+
+
+def test_header_facts_are_kept_on_disk_between_runs_and_follow_file_changes(tmp_path, monkeypatch):
+    from test_gguf import gguf_bytes
+
+    from coe.models import info
+
+    model, cache = tmp_path / "m.gguf", tmp_path / "headers"
+    model.write_bytes(gguf_bytes())
+    first = describe(model, cache)
+    assert len(list(cache.glob("*.json"))) == 1
+    info._describe_cached.cache_clear()  # a new process: only the disk cache is left
+
+    def unread(path):
+        raise AssertionError("the header was parsed again")
+
+    monkeypatch.setattr(info, "read_gguf_header", unread)
+    assert describe(model, cache) == first
+    monkeypatch.undo()
+    model.write_bytes(gguf_bytes(version=2))  # changed: its stamp differs, so it is read again
+    assert describe(model, cache).num_params == first.num_params
+    assert len(list(cache.glob("*.json"))) == 2
+    (cache / next(cache.glob("*.json")).name).write_text("{not json")  # a damaged entry is re-read
+    info._describe_cached.cache_clear()
+    assert describe(model, cache).architecture == "llama"

@@ -321,3 +321,20 @@ def test_join_drops_cancelled_requests_for_the_caller_to_end():
     first.cancel()
     assert scheduler.join("a", 4, now_s=0.0) == (second,)
     assert scheduler.take_cancelled() == [first] and len(scheduler) == 0
+
+
+def test_only_waiting_queues_are_kept_so_a_large_fleet_costs_what_is_waiting():
+    scheduler = Scheduler(max_batch_size=8, max_queue=1000)
+    for k in range(150):
+        scheduler.add(Request(f"e{k}", prompt="x", arrival_s=float(k)))
+    while scheduler.next_batch(1000.0) is not None:
+        pass
+    assert len(scheduler) == 0 and scheduler._queues == {}  # the walk per choice is over nothing
+    scheduler.add(Request("e7", prompt="x", arrival_s=2000.0))
+    scheduler.add(Request("e8", prompt="x", arrival_s=2000.0))
+    scheduler.add(Request("e9", prompt="x", arrival_s=2000.0))
+    scheduler.take_cancelled()
+    assert sorted(r.expert for r in scheduler.drain()) == ["e7", "e8", "e9"]
+    assert scheduler._queues == {}
+    scheduler.add(Request("e1", prompt="x", arrival_s=0.0))
+    assert [r.expert for r in scheduler.expired(100.0, 10.0)] == ["e1"] and scheduler._queues == {}

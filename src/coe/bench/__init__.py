@@ -32,6 +32,14 @@ BENCHES = {
         "coe.bench.shared",
         "N specialisations of one base: profiles over the shared base vs N separate copies",
     ),
+    "lora": (
+        "coe.bench.lora",
+        "per-row LoRA: N adapters of one base in one batch vs one batch per adapter (torch)",
+    ),
+    "scale": (
+        "coe.bench.scale",
+        "start-up time and per-request router/scheduler/policy work at 10 vs 150 experts",
+    ),
     "structured": (
         "coe.bench.structured",
         "JSON-schema constraint cost (tokens/s) per expert; BFCL accuracy, native tools vs prompt-only",

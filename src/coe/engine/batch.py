@@ -20,7 +20,13 @@ from coe.backends.chat import PLAIN_STOP, render_chat, supports_tools
 from coe.backends.sampling import Token
 from coe.backends.text import TextAssembler
 from coe.engine.tools import ToolCallStream, with_tool_prompt
-from coe.errors import CoEError, ContextLengthExceeded, GenerationError, InvalidRequest
+from coe.errors import (
+    CoEError,
+    ContextLengthExceeded,
+    GenerationError,
+    InvalidRequest,
+    LoadError,
+)
 from coe.types import Completion, Request, SamplingParams, StreamEvent, TokenLogprob, ToolCall
 
 AdapterSource = Callable[[str], Adapter]  # a profile's name -> its adapter (ModelCache.adapter)
@@ -28,9 +34,9 @@ AdapterSource = Callable[[str], Adapter]  # a profile's name -> its adapter (Mod
 
 def prompt_of(vocab: Vocab, request: Request) -> tuple[str, tuple[str, ...]]:
     """The prompt string and the stop strings it implies (a plain transcript stops at the next turn).
-    The request's profile (system prompt, few-shot examples) goes first, so it stays a cached prefix.
-        Tools go to a chat template that renders them; other experts get coe's documented tool format
-        in the system message (``coe.engine.tools``)."""
+    The request's profile (system prompt, few-shot examples) goes first, so it stays a cached
+    prefix. Tools go to a chat template that renders them; other experts get coe's documented tool
+    format in the system message (``coe.engine.tools``)."""
     profile = request.profile
     if request.prompt is not None:
         return (request.prompt if profile is None else profile.prompt(request.prompt)), ()
@@ -236,7 +242,14 @@ class RunningBatch:
             return None
         if self.adapter_of is None:
             raise GenerationError(f"{request.expert}: no adapter source for {profile.adapter}")
-        return self.adapter_of(profile.name)
+        try:
+            return self.adapter_of(profile.name)
+        except CoEError:
+            raise
+        except Exception as exc:  # an unreadable file: this request fails, the batch goes on
+            raise LoadError(
+                f"{request.expert}: cannot read the adapter {profile.adapter}: {exc}"
+            ) from None
 
     def step(self) -> list[StreamEvent]:
         """One forward pass for every running sequence (and the waiting ones that fit), postprocessed."""

@@ -54,6 +54,9 @@ class Scheduler:
         self._queues: dict[str, deque[Request]] = {}
         self._count = 0
         self._cancelled: list[Request] = []  # dropped from the queues, not yet handed back
+        # set by a queued request's cancel() (from any thread): only then are the queues scanned,
+        # so a choice costs the waiting queues, not every waiting request
+        self._maybe_cancelled = False
         self._service_s = 1.0  # moving average of one batch's service time, for Retry-After
 
     def __len__(self) -> int:
@@ -76,6 +79,12 @@ class Scheduler:
             )
         queue.append(request)
         self._count += 1
+        request.on_cancel = self._note_cancel
+        if request.cancelled:
+            self._maybe_cancelled = True
+
+    def _note_cancel(self) -> None:
+        self._maybe_cancelled = True
 
     def retry_after_s(self, waiting: int) -> float:
         """Seconds until about ``waiting`` requests have been served, at least 1."""
@@ -130,7 +139,15 @@ class Scheduler:
         while queue and len(taken) < count and queue[0].arrival_s < before_s:
             taken.append(queue.popleft())
         self._count -= len(taken)
+        if not queue:
+            del self._queues[expert]  # only waiting queues are walked by every choice
         return tuple(taken)
+
+    def _forget_empty(self) -> None:
+        """Only queues with requests stay: every choice walks the waiting queues, not every
+        expert ever asked for (a fleet of 150 experts has few waiting at a time)."""
+        for name in [name for name, queue in self._queues.items() if not queue]:
+            del self._queues[name]
 
     def peek_expert(
         self, now_s: float, resident: Collection[str] = (), current: str | None = None
@@ -167,6 +184,10 @@ class Scheduler:
         return max(run, 1)
 
     def _drop_cancelled(self) -> None:
+        if not self._maybe_cancelled:
+            return
+        self._maybe_cancelled = False  # before the scan: a cancel during it sets it again
+        dropped = False
         for queue in self._queues.values():
             if any(r.cancelled for r in queue):
                 self._cancelled.extend(r for r in queue if r.cancelled)
@@ -174,6 +195,9 @@ class Scheduler:
                 self._count -= len(queue) - len(kept)
                 queue.clear()
                 queue.extend(kept)
+                dropped = True
+        if dropped:
+            self._forget_empty()
 
     def take_cancelled(self) -> list[Request]:
         """Requests cancelled while queued, dropped from the queues since the last call (and now):
@@ -190,13 +214,14 @@ class Scheduler:
             while queue and now_s - queue[0].arrival_s > timeout_s:
                 gone.append(queue.popleft())
         self._count -= len(gone)
+        if gone:
+            self._forget_empty()
         return gone
 
     def drain(self) -> list[Request]:
         """Remove and return everything still queued."""
         everything = [r for q in self._queues.values() for r in q]
-        for queue in self._queues.values():
-            queue.clear()
+        self._queues.clear()
         self._count = 0
         return everything
 

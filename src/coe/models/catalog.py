@@ -136,6 +136,11 @@ class ModelStore:
     def __init__(self, home: str | Path):
         self.home = Path(home)
 
+    @property
+    def header_cache_dir(self) -> Path | None:
+        """Where header facts of experts' files are kept between runs (None: no home on disk)."""
+        return self.home / "headers" if self.home.is_dir() else None
+
     def target_path(self, model: PackagedModel) -> Path:
         """Where the single usable file lives: the package's own file, or the assembled copy."""
         if len(model.parts) == 1:

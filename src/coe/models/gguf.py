@@ -72,6 +72,7 @@ class GGUFHeader:
     version: int
     metadata: dict  # key -> value; long arrays are replaced by their length (an int)
     tensor_shapes: dict[str, tuple[int, ...]]
+    data_offset: int = 0  # where the tensor data starts: the header's bytes
 
     @property
     def architecture(self) -> str:
@@ -100,71 +101,106 @@ def read_gguf_header(path: str | Path) -> GGUFHeader:
     path = Path(path)
     try:
         with path.open("rb") as f:
-            return _read(f)
+            return _read(_Cursor(f, path.stat().st_size))
     except (OSError, struct.error, UnicodeDecodeError, ValueError) as exc:
         raise ModelNotAvailable(f"{path}: not a readable GGUF file ({exc})") from exc
 
 
-def _read(f: BinaryIO) -> GGUFHeader:
-    if f.read(4) != b"GGUF":
+_FIRST_READ_BYTES = 8 << 20  # the headers of the packaged models are 1.8-6.5 MB
+_U32, _U64 = struct.Struct("<I"), struct.Struct("<Q")
+_SCALAR_STRUCTS = {kind: struct.Struct(fmt) for kind, fmt in _SCALARS.items()}
+
+
+class _Cursor:
+    """The header read through one in-memory window (grown if a header is larger): parsing and
+    skipping a 150k-token vocabulary is a loop over bytes, not a file call per token, so a fleet's
+    start-up, which reads every expert's header, stays short."""
+
+    def __init__(self, f: BinaryIO, size_bytes: int):
+        self.f, self.size_bytes = f, size_bytes
+        self.buf = f.read(min(size_bytes, _FIRST_READ_BYTES))
+        self.pos = 0
+
+    def _need(self, end: int) -> None:
+        if end > len(self.buf):
+            if end > self.size_bytes:
+                raise ValueError("truncated header")
+            self.buf += self.f.read(max(end - len(self.buf), len(self.buf)))
+            if end > len(self.buf):
+                raise ValueError("truncated header")
+
+    def unpack(self, fmt: struct.Struct):
+        self._need(self.pos + fmt.size)
+        value = fmt.unpack_from(self.buf, self.pos)[0]
+        self.pos += fmt.size
+        return value
+
+    def skip(self, num_bytes: int) -> None:
+        self._need(self.pos + num_bytes)
+        self.pos += num_bytes
+
+    def string(self) -> str:
+        length = self.unpack(_U64)
+        if length > self.size_bytes - self.pos:  # a corrupt length must not be allocated
+            raise ValueError("truncated string")
+        self._need(self.pos + length)
+        text = self.buf[self.pos : self.pos + length].decode("utf-8")
+        self.pos += length
+        return text
+
+    def skip_strings(self, count: int) -> None:
+        unpack_from, pos = _U64.unpack_from, self.pos
+        for _ in range(count):
+            if pos + 8 > len(self.buf):
+                self._need(pos + 8)
+            pos += 8 + unpack_from(self.buf, pos)[0]
+        self._need(pos)
+        self.pos = pos
+
+
+def _read(c: _Cursor) -> GGUFHeader:
+    c._need(4)
+    if c.buf[:4] != b"GGUF":
         raise ValueError("bad magic (expected 'GGUF')")
-    version = _unpack(f, "<I")
+    c.pos = 4
+    version = c.unpack(_U32)
     if version not in (2, 3):
         raise ValueError(f"unsupported GGUF version {version}")
-    num_tensors, num_kv = _unpack(f, "<Q"), _unpack(f, "<Q")
+    num_tensors, num_kv = c.unpack(_U64), c.unpack(_U64)
     metadata = {}
     for _ in range(num_kv):
-        key = _read_string(f)
-        metadata[key] = _read_value(f, _unpack(f, "<I"))
+        key = c.string()
+        metadata[key] = _read_value(c, c.unpack(_U32))
     shapes = {}
     for _ in range(num_tensors):
-        name = _read_string(f)
-        num_dims = _unpack(f, "<I")
-        shapes[name] = tuple(_unpack(f, "<Q") for _ in range(num_dims))
-        _unpack(f, "<IQ")  # ggml type (u32) and data offset (u64): checked for truncation, unused
-    return GGUFHeader(version=version, metadata=metadata, tensor_shapes=shapes)
+        name = c.string()
+        num_dims = c.unpack(_U32)
+        shapes[name] = tuple(c.unpack(_U64) for _ in range(num_dims))
+        c.skip(12)  # ggml type (u32) and data offset (u64): checked for truncation, unused
+    alignment = int(metadata.get("general.alignment", 32))
+    data_offset = -(-c.pos // alignment) * alignment
+    return GGUFHeader(version, metadata, shapes, data_offset)
 
 
-def _unpack(f: BinaryIO, fmt: str):
-    size = struct.calcsize(fmt)
-    data = f.read(size)
-    if len(data) != size:
-        raise ValueError("truncated header")
-    return struct.unpack(fmt, data)[0]
-
-
-def _read_string(f: BinaryIO) -> str:
-    length = _unpack(f, "<Q")
-    position = f.tell()
-    if length > f.seek(0, 2) - position:  # a corrupt length must not be allocated
-        raise ValueError("truncated string")
-    f.seek(position)
-    data = f.read(length)
-    if len(data) != length:
-        raise ValueError("truncated string")
-    return data.decode("utf-8")
-
-
-def _read_value(f: BinaryIO, value_type: int):
-    if value_type in _SCALARS:
-        return _unpack(f, _SCALARS[value_type])
+def _read_value(c: _Cursor, value_type: int):
+    if value_type in _SCALAR_STRUCTS:
+        return c.unpack(_SCALAR_STRUCTS[value_type])
     if value_type == _STRING:
-        return _read_string(f)
+        return c.string()
     if value_type == _ARRAY:
-        item_type, length = _unpack(f, "<I"), _unpack(f, "<Q")
+        item_type, length = c.unpack(_U32), c.unpack(_U64)
         if length > _MAX_KEPT_ARRAY:
-            _skip_array(f, item_type, length)
+            _skip_array(c, item_type, length)
             return length
-        return [_read_value(f, item_type) for _ in range(length)]
+        return [_read_value(c, item_type) for _ in range(length)]
     raise ValueError(f"unknown GGUF value type {value_type}")
 
 
-def _skip_array(f: BinaryIO, item_type: int, length: int) -> None:
-    if item_type in _SCALARS:
-        f.seek(struct.calcsize(_SCALARS[item_type]) * length, 1)
-        return
-    for _ in range(length):
-        if item_type == _STRING:
-            f.seek(_unpack(f, "<Q"), 1)
-        else:
-            _read_value(f, item_type)
+def _skip_array(c: _Cursor, item_type: int, length: int) -> None:
+    if item_type in _SCALAR_STRUCTS:
+        c.skip(_SCALAR_STRUCTS[item_type].size * length)
+    elif item_type == _STRING:
+        c.skip_strings(length)
+    else:
+        for _ in range(length):
+            _read_value(c, item_type)

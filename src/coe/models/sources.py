@@ -65,13 +65,13 @@ def disk_info(store: ModelStore, expert: ExpertConfig) -> tuple[ModelInfo | None
         if not target.is_file():
             return None, state
         try:  # the header is readable before the checksum is recorded
-            return describe(target), state
+            return describe(target, store.header_cache_dir), state
         except ModelNotAvailable:
             return None, "unreadable"
     path = Path(expert.source).expanduser()
     if not path.exists():
         return None, "missing"
     try:
-        return describe(path), "ready"
+        return describe(path, store.header_cache_dir), "ready"
     except ModelNotAvailable:
         return None, "unreadable"

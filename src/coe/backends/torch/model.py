@@ -89,14 +89,15 @@ def read_model_args(path: Path) -> ModelArgs:
 
 
 class LoraRows:
-    """The LoRA adapters of one forward pass, per batch row (Punica/S-LoRA's idea on a CPU):
-    ``groups`` holds, for each adapter in the batch, the row indices that use it and its weights
-    by module name (A [r, in], B [out, r], scale). Rows of no group use the base alone."""
+    """The LoRA adapters of one forward pass, per batch row (Punica's batched gather-matmul on a
+    CPU): for each adapted module, every row's A stacked [B, r, in] and its scale times B stacked
+    [B, out, r] (zeros for a row whose adapter leaves the module alone, or that has none), so a
+    layer adds the whole batch's updates with two batched matmuls. ``key`` names the batch's
+    adapters (rebuilt only when they change: a decode step keeps them)."""
 
     def __init__(self) -> None:
-        self.groups: list[
-            tuple[torch.Tensor, dict[str, tuple[torch.Tensor, torch.Tensor]], float]
-        ] = []
+        self.stacked: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.key: tuple | None = None
 
 
 class Linear(nn.Linear):
@@ -108,14 +109,11 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
-        if self.lora is None or not self.lora.groups:
+        ab = self.lora.stacked.get(self.lora_key) if self.lora is not None else None
+        if ab is None:
             return y
-        for rows, weights, scale in self.lora.groups:
-            ab = weights.get(self.lora_key)
-            if ab is not None:  # y[rows] += scale * (x[rows] A^T) B^T
-                a, b = ab
-                y.index_add_(0, rows, (x.index_select(0, rows) @ a.T) @ b.T, alpha=scale)
-        return y
+        a, b = ab  # y[row] += (x[row] A_row^T) (scale_row B_row)^T, every row at once
+        return y + torch.bmm(torch.bmm(x, a.transpose(1, 2)), b.transpose(1, 2))
 
 
 def attach_lora(model: nn.Module) -> LoraRows:

@@ -42,16 +42,29 @@ class TorchRunner(Runner):
 
     def set_lora(self, adapters: list[Adapter | None]) -> None:
         """The adapter of each row of the next forward pass (None: the base alone)."""
-        rows_of: dict[int, list[int]] = {}
-        by_id: dict[int, Adapter] = {}
-        for row, adapter in enumerate(adapters):
-            if adapter is not None:
-                rows_of.setdefault(id(adapter), []).append(row)
-                by_id[id(adapter)] = adapter
-        self.lora_rows.groups = [
-            (torch.tensor(rows, device=self.device), self._on_device(by_id[key]), by_id[key].scale)
-            for key, rows in rows_of.items()
-        ]
+        rows = self.lora_rows
+        key = tuple(id(a) if a is not None else 0 for a in adapters)
+        if key == rows.key:
+            return
+        rows.key = key
+        weights = [self._on_device(a) if a is not None else None for a in adapters]
+        present = [w for w in weights if w]
+        if not present:
+            rows.stacked = {}
+            return
+        rank = max(a.shape[0] for w in present for a, _ in w.values())
+        stacked = {}
+        for module in dict.fromkeys(m for w in present for m in w):
+            a0, b0 = next(w[module] for w in present if module in w)
+            a_rows = a0.new_zeros((len(adapters), rank, a0.shape[1]))
+            b_rows = b0.new_zeros((len(adapters), b0.shape[0], rank))
+            for row, (w, adapter) in enumerate(zip(weights, adapters)):
+                if w and module in w and adapter is not None:
+                    a, b = w[module]
+                    a_rows[row, : a.shape[0]] = a
+                    b_rows[row, :, : b.shape[1]] = b * adapter.scale
+            stacked[module] = (a_rows, b_rows)
+        rows.stacked = stacked
 
     def _on_device(self, adapter: Adapter) -> dict:
         """The adapter's A/B on the runner's device: its host tensors on CPU, copied once on CUDA."""
@@ -111,6 +124,7 @@ class TorchDecoder(Decoder):
         self.last: dict[int, int] = {}
         self.pending: dict[int, _Pending] = {}
         self.removed: set[int] = set()
+        runner.lora_rows.key = None  # adapters of an earlier decoder may be gone
 
     def has_room(self, need_tokens: int) -> bool:
         live = len(self.rows) - len(self.removed) + len(self.pending)
