@@ -85,3 +85,19 @@ def test_header_facts_are_kept_on_disk_between_runs_and_follow_file_changes(tmp_
     (cache / next(cache.glob("*.json")).name).write_text("{not json")  # a damaged entry is re-read
     info._describe_cached.cache_clear()
     assert describe(model, cache).architecture == "llama"
+
+
+def test_the_header_cache_keeps_its_newest_entries_when_it_outgrows_its_bound(tmp_path, monkeypatch):
+    from test_gguf import gguf_bytes
+
+    from coe.models import info
+
+    monkeypatch.setattr(info, "_MAX_CACHED_HEADERS", 4)
+    cache = tmp_path / "headers"
+    for k in range(5):
+        model = tmp_path / f"m{k}.gguf"
+        model.write_bytes(gguf_bytes())
+        describe(model, cache)
+    kept = list(cache.glob("*.json"))
+    assert 2 <= len(kept) <= 4
+    assert describe(tmp_path / "m4.gguf", cache).architecture == "llama"

@@ -56,9 +56,24 @@ def describe(path: str | Path, cache_dir: Path | None = None) -> ModelInfo:
         partial = file.with_suffix(f".{os.getpid()}.tmp")
         partial.write_text(json.dumps({**asdict(info), "path": str(info.path)}))
         partial.replace(file)
+        _prune(cache_dir)
     except OSError:
         pass  # a read-only home: no disk cache
     return info
+
+
+_MAX_CACHED_HEADERS = 4096
+
+
+def _prune(cache_dir: Path) -> None:
+    """Keep the newest half when the cache outgrows its bound (files that moved or changed leave
+    entries nobody reads). Runs only when a header was parsed, never on a hit."""
+    entries = list(cache_dir.glob("*.json"))
+    if len(entries) <= _MAX_CACHED_HEADERS:
+        return
+    entries.sort(key=lambda entry: entry.stat().st_mtime_ns)
+    for entry in entries[: len(entries) - _MAX_CACHED_HEADERS // 2]:
+        entry.unlink(missing_ok=True)
 
 
 def _info_from_json(path: Path, row: dict) -> ModelInfo:
