@@ -924,8 +924,9 @@ def _construct(cls, kwargs: dict, where: str):
     try:
         return cls(**kwargs)
     except ConfigError as exc:
-        prefix = f"{where}." if where else ""
-        raise ConfigError(prefix + exc.message, param=prefix + (exc.param or "")) from None
+        raise (
+            exc.within(where) if where else ConfigError(exc.message, param=exc.param or "")
+        ) from None
 
 
 def _reject_unknown(item: dict, known: set, where: str) -> None:

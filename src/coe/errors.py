@@ -50,6 +50,11 @@ class ConfigError(CoEError):
     error_type = "invalid_request_error"
     code = "invalid_config"
 
+    def within(self, where: str) -> ConfigError:
+        """The same error inside ``where`` (a section or a list item): ``experts[1].`` goes before
+        its message and its field."""
+        return ConfigError(f"{where}.{self.message}", param=f"{where}.{self.param or ''}")
+
 
 class InvalidRequest(CoEError):
     http_status = 400

@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import re
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import httpx
 import pytest
 
+from coe.backends.memory import process_rss_bytes
 from conftest import running
 
 NUM_PROFILES = 12
@@ -39,11 +39,6 @@ def profiles_config() -> str:
     return "".join(lines) + TAIL
 
 
-def rss_bytes(pid: int) -> int:
-    status = Path(f"/proc/{pid}/status").read_text()
-    return int(re.search(r"VmRSS:\s+(\d+) kB", status).group(1)) * 1024
-
-
 def chat(base_url: str, model: str, content: str = "Name a fruit.", **fields) -> httpx.Response:
     body = {"model": model, "messages": [{"role": "user", "content": content}], **fields}
     return httpx.post(base_url + "/v1/chat/completions", json=body, timeout=120)
@@ -64,7 +59,7 @@ def single_rss_bytes(tmp_path_factory) -> int:
     with running(tmp_path_factory.mktemp("single"), BASE + TAIL) as server:
         for _ in range(NUM_PROFILES):
             assert chat(server.base_url, "smollm2-135m", max_tokens=8, temperature=0).status_code == 200
-        return rss_bytes(server.process.pid)
+        return process_rss_bytes(server.process.pid)
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +84,7 @@ def test_twelve_profiles_cost_one_base_in_memory_and_never_switch(server, single
     assert all(rows[f"helper-{i}"]["base"] == "smollm2-135m" for i in range(NUM_PROFILES))
     assert all(rows[f"helper-{i}"]["tier"] == "device" for i in range(NUM_PROFILES))
     assert sum(row["host_bytes"] for row in rows.values()) == rows["smollm2-135m"]["host_bytes"]
-    assert rss_bytes(server.process.pid) <= 1.1 * single_rss_bytes
+    assert process_rss_bytes(server.process.pid) <= 1.1 * single_rss_bytes
 
 
 def test_four_profiles_arriving_together_decode_in_one_batch(server):

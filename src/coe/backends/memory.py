@@ -39,6 +39,17 @@ def anon_rss_bytes() -> int | None:
     return None
 
 
+def process_rss_bytes(pid: int) -> int:
+    """Resident memory of process ``pid`` (its VmRSS), 0 when it is gone or /proc is missing."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
 _libc = None
 _PROT_READ, _MAP_SHARED = 0x1, 0x01
 

@@ -37,6 +37,15 @@ from coe.models.catalog import ModelStore
 from coe.models.gguf import read_gguf_header
 from coe.types import ChatMessage, Request
 
+# what is timed per fleet size (and compared between the largest and the smallest)
+COLUMNS = (
+    "startup_s",
+    "router_us",
+    "scheduler_us",
+    "policy_us",
+    "total_us",
+    "victims_per_miss_us",
+)
 PROMPT = "How can I speed up a slow Postgres query with a join on two big tables?"
 
 
@@ -210,32 +219,14 @@ def run(args) -> dict:
     finally:
         shutil.rmtree(workdir / "fleet", ignore_errors=True)
     first, last = rows[0], rows[-1]
-    ratios = {
-        key: round(last[key] / first[key], 3) if first[key] else None
-        for key in (
-            "startup_s",
-            "router_us",
-            "scheduler_us",
-            "policy_us",
-            "total_us",
-            "victims_per_miss_us",
-        )
-    }
+    ratios = {key: round(last[key] / first[key], 3) if first[key] else None for key in COLUMNS}
     result = {"rows": rows, f"ratio_{last['experts']}_vs_{first['experts']}": ratios}
     print_table(rows, ratios)
     return result
 
 
 def print_table(rows: list[dict], ratios: dict) -> None:
-    keys = (
-        "startup_s",
-        "router_us",
-        "scheduler_us",
-        "policy_us",
-        "total_us",
-        "victims_per_miss_us",
-    )
-    print(f"\n{'experts':>8}" + "".join(f"{k:>14}" for k in keys))
+    print(f"\n{'experts':>8}" + "".join(f"{k:>21}" for k in COLUMNS))
     for row in rows:
-        print(f"{row['experts']:>8}" + "".join(f"{row[k]:>14}" for k in keys))
-    print(f"{'ratio':>8}" + "".join(f"{str(ratios[k]):>14}" for k in keys))
+        print(f"{row['experts']:>8}" + "".join(f"{row[k]:>21}" for k in COLUMNS))
+    print(f"{'ratio':>8}" + "".join(f"{str(ratios[k]):>21}" for k in COLUMNS))

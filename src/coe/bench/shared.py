@@ -26,16 +26,15 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from coe.backends.memory import drop_file_cache
+from coe.backends.memory import drop_file_cache, process_rss_bytes
 from coe.bench.serve import ServerProcess, replay, scrape, summarise
 from coe.bench.synthetic import SHAPES, synthetic_config, write_checkpoint
 from coe.bench.workload import (
-    DEFAULT_CATEGORIES,
     TraceItem,
-    WorkloadSpec,
-    categories_with,
+    add_prompt_arguments,
     generate,
     save_trace,
+    spec_from_arguments,
     zipf_weights,
 )
 from coe.models.catalog import ModelStore
@@ -86,13 +85,7 @@ def add_arguments(parser) -> None:
         default=4000,
         help="longest prompt taken from the datasets (synthetic experts read bytes as tokens)",
     )
-    parser.add_argument(
-        "--sources",
-        nargs="+",
-        default=(),
-        metavar="SOURCE",
-        help="prompts from these datasets only (e.g. mtbench alpaca_eval)",
-    )
+    add_prompt_arguments(parser)  # --sources, --follow-ups, --think-s, as `coe workload` has
     parser.add_argument(
         "--budget-copies",
         type=float,
@@ -171,10 +164,8 @@ def config_of(
 
 def make_trace(args, n: int, workdir: Path) -> list[TraceItem]:
     """Real prompts and lengths from the workload generator; each names spec-k by Zipf."""
-    sources = tuple(args.sources)
-    spec = WorkloadSpec(
-        categories=categories_with(sources) if sources else DEFAULT_CATEGORIES,
-        sources=sources,
+    spec = spec_from_arguments(
+        args,
         count=args.requests,
         rate_rps=args.rate,
         model_mode="expert",
@@ -186,7 +177,11 @@ def make_trace(args, n: int, workdir: Path) -> list[TraceItem]:
     items = generate(spec)
     rng = np.random.default_rng([args.seed, n])
     picks = rng.choice(n, size=len(items), p=zipf_weights(n, args.zipf))
-    items = [dataclasses.replace(item, model=f"spec-{int(k)}") for item, k in zip(items, picks)]
+    model = {item.index: f"spec-{int(k)}" for item, k in zip(items, picks)}
+    for item in items:  # a follow-up stays with the specialisation of the turn it continues
+        if item.after is not None:
+            model[item.index] = model[item.after]
+    items = [dataclasses.replace(item, model=model[item.index]) for item in items]
     save_trace(items, workdir / f"trace-{n}.jsonl", spec)
     return items
 
@@ -209,16 +204,6 @@ class PeakRss:
         self._thread.join()
         self.peak_bytes = max(self.peak_bytes, process_rss_bytes(self.pid))
         return self.peak_bytes
-
-
-def process_rss_bytes(pid: int) -> int:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
 
 
 def run_form(

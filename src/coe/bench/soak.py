@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+from coe.backends.memory import process_rss_bytes
 from coe.bench.serve import ServerProcess
 
 SAMPLE_EVERY_S = 5.0
@@ -138,13 +139,6 @@ INVALID = (invalid_model, invalid_max_tokens, invalid_field, invalid_json, inval
 
 
 # ---- the run -------------------------------------------------------------------------------------
-def rss_bytes(pid: int) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
 class Tally:
     def __init__(self):
         self.outcomes: Counter = Counter()
@@ -199,7 +193,9 @@ def run(args) -> dict:
         for thread in threads:
             thread.start()
         while any(t.is_alive() for t in threads):
-            samples.append((round(time.monotonic() - started_s, 1), rss_bytes(server.process.pid)))
+            samples.append(
+                (round(time.monotonic() - started_s, 1), process_rss_bytes(server.process.pid))
+            )
             time.sleep(SAMPLE_EVERY_S)
         for thread in threads:
             thread.join()
@@ -239,7 +235,7 @@ def settle(server: ServerProcess) -> int:
             break
         time.sleep(1.0)
     time.sleep(2.0)
-    return rss_bytes(server.process.pid)
+    return process_rss_bytes(server.process.pid)
 
 
 def summarise(

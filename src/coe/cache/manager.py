@@ -202,9 +202,7 @@ class ModelCache:
                     info.path, profile
                 )
             except ConfigError as exc:
-                raise ConfigError(
-                    f"experts[{i}].{exc.message}", param=f"experts[{i}].{exc.param}"
-                ) from None
+                raise exc.within(f"experts[{i}]") from None
 
     # -- the public moves --------------------------------------------------------------------------
     def activate(self, name: str) -> Runner:

@@ -99,7 +99,10 @@ class Routing:
         for a profile, so profiles of one base share its batches, except where the backend
         applies an adapter to a whole batch (llama.cpp): then the profile's own queue."""
         request.profile = self._profiles.get(request.expert)
-        request.runs_on = self._queues.get(request.expert, request.expert)
+        request.runs_on = self._queue(request.expert)
+
+    def _queue(self, expert: str) -> str:
+        return self._queues.get(expert, expert)
 
     def profile(self, expert: str) -> Profile | None:
         return self._profiles.get(expert)
@@ -107,15 +110,15 @@ class Routing:
     # -- health (of the queue an expert's requests run in: a profile fails with its base) ------
     def usable(self, expert: str) -> bool:
         return expert in self._names and self.health.is_healthy(
-            self._queues[expert], time.monotonic()
+            self._queue(expert), time.monotonic()
         )
 
     def check_healthy(self, expert: str) -> None:
-        if not self.health.is_healthy(self._queues.get(expert, expert), time.monotonic()):
+        if not self.health.is_healthy(self._queue(expert), time.monotonic()):
             raise self.backing_off(expert)
 
     def backing_off(self, expert: str) -> ExpertUnavailable:
-        queue = self._queues.get(expert, expert)
+        queue = self._queue(expert)
         wait_s = self.health.retry_after_s(queue, time.monotonic())
         return ExpertUnavailable(
             f"{expert} failed recently ({self.health.reason(queue)}); it is tried again "
@@ -153,7 +156,7 @@ class Routing:
         )
 
     def _served_by(self, decision: RouteDecision, failed: str, alternative: str) -> RouteDecision:
-        reason = self.health.reason(self._queues.get(failed, failed))
+        reason = self.health.reason(self._queue(failed))
         note = f"{failed} is unavailable ({reason}); served by the next-best healthy expert {alternative}"
         return replace(
             decision,

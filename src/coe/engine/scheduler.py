@@ -187,7 +187,6 @@ class Scheduler:
         if not self._maybe_cancelled:
             return
         self._maybe_cancelled = False  # before the scan: a cancel during it sets it again
-        dropped = False
         for queue in self._queues.values():
             if any(r.cancelled for r in queue):
                 self._cancelled.extend(r for r in queue if r.cancelled)
@@ -195,9 +194,7 @@ class Scheduler:
                 self._count -= len(queue) - len(kept)
                 queue.clear()
                 queue.extend(kept)
-                dropped = True
-        if dropped:
-            self._forget_empty()
+        self._forget_empty()
 
     def take_cancelled(self) -> list[Request]:
         """Requests cancelled while queued, dropped from the queues since the last call (and now):

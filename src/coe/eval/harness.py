@@ -127,7 +127,8 @@ class EngineTarget:
             adapter = self.engine.cache.adapter(expert) if profile and profile.adapter else None
             letter_ids = [runner.vocab.encode(letter)[-1] for letter in LETTERS]
             for item in items:
-                request = Request(expert=expert, messages=item.messages, profile=profile)
+                request = Request(expert=expert, messages=item.messages)
+                self.engine.routing.place(request)  # its profile, as a served request gets it
                 prompt, _ = prompt_of(runner.vocab, request)
                 ids = letter_ids[: item.num_options]
                 out.append(next_token_logprobs(runner, runner.vocab.encode(prompt), ids, adapter))

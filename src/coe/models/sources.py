@@ -49,9 +49,7 @@ def check_params(config: CoEConfig) -> None:
         try:
             BACKEND_PARAMS[backend_of(expert)].parse(expert.params)
         except ConfigError as exc:
-            raise ConfigError(
-                f"experts[{i}].{exc.message}", param=f"experts[{i}].{exc.param}"
-            ) from None
+            raise exc.within(f"experts[{i}]") from None
 
 
 def disk_info(store: ModelStore, expert: ExpertConfig) -> tuple[ModelInfo | None, str]:
