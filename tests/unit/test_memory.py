@@ -103,10 +103,15 @@ def test_anon_rss_grows_with_touched_memory():
     before = anon_rss_bytes()
     if before is None:
         pytest.skip("no /proc/self/status")
-    block = bytearray(b"\x01") * (64 * 2**20)  # written, so resident
+    # fresh anonymous pages, written: malloc could hand back memory freed earlier in the test run
+    # that is still resident (it did, after the in-process LoRA tests), and then RSS would not move
+    import mmap
+
+    block = mmap.mmap(-1, 64 * 2**20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)  # RssAnon
+    block.write(b"\x01" * (64 * 2**20))
     after = anon_rss_bytes()
     assert after - before >= 32 * 2**20
-    del block
+    block.close()
 
 
 # ---- HostBufferPool ----------------------------------------------------------------------------
