@@ -5,6 +5,7 @@ import openai
 import pytest
 
 from coe.config import default_config
+from conftest import running
 
 pytestmark = pytest.mark.integration
 
@@ -27,7 +28,7 @@ def test_default_models_are_listed_with_header_facts(default_server):
     assert cards["gemma3-270m"]["backend"] == "llama_cpp"
 
 
-def test_an_unsure_request_gets_the_mapped_generalist_not_the_weakest_expert(default_server):
+def test_an_unsure_request_gets_the_mapped_generalist_not_the_weakest_expert(default_server, tmp_path):
     """With the default config nobody pins the fallback category: the map chooses its expert
     from the score table's chat row within the budget, so a question the router was unsure about
     is answered by a strong generalist, and the budget is met by the confident categories."""
@@ -41,8 +42,16 @@ def test_an_unsure_request_gets_the_mapped_generalist_not_the_weakest_expert(def
     weakest = min(chat, key=chat.get)
     assert card["map"]["chat"] != weakest
     assert chat[card["map"]["chat"]] == max(chat.values())
-    reply = httpx.post(default_server.v1 + "/chat/completions", timeout=300, json={
-        "model": "coe", "max_tokens": 8, "temperature": 0,
-        "messages": [{"role": "user", "content": "What causes inflation?"}]}).json()
+    # The calibrated threshold decides how unsure is unsure (on chat-style prompts it may be 0:
+    # the top category was right however unsure); a server that doubts everything shows the path.
+    default = default_config()
+    experts = "".join(f"  - name: {e.name}\n    source: {e.source}\n" for e in default.experts)
+    unsure = (f"experts:\n{experts}router:\n  budget_params: {default.router.budget_params}\n"
+              "  threshold: 0.999\n")
+    with running(tmp_path, unsure) as server:
+        assert httpx.get(server.v1 + "/models/coe", timeout=30).json()["coe"]["map"] == card["map"]
+        reply = httpx.post(server.v1 + "/chat/completions", timeout=300, json={
+            "model": "coe", "max_tokens": 8, "temperature": 0,
+            "messages": [{"role": "user", "content": "What causes inflation?"}]}).json()
     assert reply["coe"]["fallback"] is True
     assert reply["coe"]["expert"] == card["map"]["chat"] != weakest

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 
@@ -108,9 +109,14 @@ ROWS = {  # small is right on math, big on code; big also on one math item
 PARAMS = {"small": 100.0, "big": 1000.0}
 
 
+def routed_as(categories: dict[str, str]) -> dict[str, pareto.Routed]:
+    """A sure router: all probability on the category it routes to."""
+    return {i: pareto.Routed(c, {c: 1.0}) for i, c in categories.items()}
+
+
 def test_analysis_shows_the_routed_composition_beating_both_experts():
     grid = grid_of(ROWS)
-    routed = {"m1": "math", "m2": "math", "c1": "code", "c2": "code"}
+    routed = routed_as({"m1": "math", "m2": "math", "c1": "code", "c2": "code"})
     analysis = pareto.analyse(grid, PARAMS, routed, 10.0, ["math", "code", "chat"], "test", RouterConfig(), "small")
     points = {p.name: p for p in analysis.points}
     assert points["small"].score == pytest.approx(0.5) and points["big"].score == pytest.approx(0.75)
@@ -126,7 +132,7 @@ def test_analysis_shows_the_routed_composition_beating_both_experts():
 
 def test_a_misrouting_router_is_scored_on_what_it_chose():
     grid = grid_of(ROWS)
-    routed = {"m1": "code", "m2": "code", "c1": "math", "c2": "math"}  # always wrong
+    routed = routed_as({"m1": "code", "m2": "code", "c1": "math", "c2": "math"})  # always wrong
     analysis = pareto.analyse(grid, PARAMS, routed, 0.0, ["math", "code", "chat"], "test", RouterConfig(), "small")
     chosen = next(p for p in analysis.points if p.detail.get("chosen"))
     assert chosen.score == pytest.approx(0.25)  # big on math (0.5), small on code (0.0)
@@ -136,7 +142,7 @@ def test_a_misrouting_router_is_scored_on_what_it_chose():
 
 def test_the_report_has_table_points_plot_and_a_score_file(tmp_path):
     grid = grid_of(ROWS)
-    routed = {"m1": "math", "m2": "math", "c1": "code", "c2": "code"}
+    routed = routed_as({"m1": "math", "m2": "math", "c1": "code", "c2": "code"})
     analysis = pareto.analyse(grid, PARAMS, routed, 10.0, ["math", "code", "chat"], "test",
                               RouterConfig(budget_params=800.0), "small")
     data = report.report_dict(analysis, PARAMS, 10.0, {"seconds": 1}, {"s": 4}, {"mtbench": "needs a judge"}, 800.0)
@@ -167,3 +173,79 @@ def test_an_item_the_expert_cannot_answer_scores_zero_and_the_run_goes_on(tmp_pa
     scores = {r.item: (r.score, r.detail) for r in log.results}
     assert scores["gsm8k:1"][0] == 0.0 and "no answer" in scores["gsm8k:1"][1]
     assert scores["gsm8k:2"][0] == 1.0
+
+
+# -- cross-fitting, paired intervals, expected-score choice ------------------------------------------
+def test_folds_deal_each_category_evenly_and_stably():
+    rows = {f"{cat}{n}": (cat, {"small": 1.0, "big": 0.0}) for cat in ("math", "code") for n in range(12)}
+    grid = grid_of(rows)
+    folds = grid.folds(5)
+    assert folds == grid_of(dict(reversed(rows.items()))).folds(5)  # not the reading order
+    for cat in ("math", "code"):
+        sizes = Counter(folds[i] for i in grid.items_of(cat))
+        assert set(sizes) == set(range(5)) and max(sizes.values()) - min(sizes.values()) <= 1
+
+
+def test_crossfitting_removes_the_optimism_of_a_map_fitted_on_its_own_items():
+    """One lucky item makes 'small' look best on math in-sample; routed by maps fitted on the other
+    folds, every item goes to the expert that was wrong on it."""
+    rows = {"m0": ("math", {"small": 1.0, "big": 0.0})}
+    rows |= {f"m{n}": ("math", {"small": 0.0, "big": 0.2}) for n in range(1, 5)}
+    grid = grid_of(rows)
+    assert sorted(grid.folds(5).values()) == [0, 1, 2, 3, 4]
+    routed = routed_as({i: "math" for i in rows})
+    analysis = pareto.analyse(grid, PARAMS, routed, 0.0, ["math", "chat"], "test", RouterConfig(), "small")
+    in_sample = next(p for p in analysis.points if p.detail.get("chosen") and not p.crossfit)
+    fitted = next(p for p in analysis.points if p.detail.get("chosen") and p.crossfit)
+    assert in_sample.score == pytest.approx(0.2)
+    assert fitted.score == pytest.approx(0.0)
+    assert fitted.name.startswith("coe crossfit") and fitted.detail["folds"] == 5
+    assert analysis.comparison["coe"] == fitted.name and analysis.comparison["best_single"] == "small"
+    assert analysis.comparison["difference"] == pytest.approx(-0.2)
+
+
+def test_paired_difference_and_its_interval():
+    rows = {f"m{n}": ("math", {"small": float(n % 2), "big": 1.0}) for n in range(40)}
+    scorer = pareto.Scorer(grid_of(rows), PARAMS)
+    big, small = (lambda i: "big"), (lambda i: "small")
+    same = pareto.paired_difference(scorer, big, big)
+    assert same == {"difference": 0.0, "paired_ci95": [0.0, 0.0]}
+    diff = pareto.paired_difference(scorer, big, small)
+    low, high = diff["paired_ci95"]
+    assert diff["difference"] == pytest.approx(0.5) and low < 0.5 < high
+    assert 0.3 < low and high < 0.7  # 40 items: about +-0.16
+    assert pareto.paired_difference(scorer, big, small) == diff  # seeded
+
+
+def test_expected_choice_weighs_the_likely_categories_by_the_experts_scores():
+    from coe.router.mapping import ScoreTable
+
+    table = ScoreTable(("math", "code"), ("small", "big"),
+                       {"math": {"small": 0.9, "big": 0.2}, "code": {"small": 0.1, "big": 0.3}}, "test")
+    assignment = {"math": "small", "code": "big"}
+    # code is (barely) the top category, but small's expected score is higher: 0.46 vs 0.255
+    assert pareto.expected_choice({"math": 0.45, "code": 0.55}, assignment, table, "small") == "small"
+    assert pareto.expected_choice({"math": 0.1, "code": 0.9}, assignment, table, "small") == "big"
+    # only the two most likely categories' experts are candidates
+    three = {"math": 0.5, "code": 0.3, "writing": 0.2}
+    assert pareto.expected_choice(three, {**assignment, "writing": "huge"}, table, "small") == "small"
+
+
+def test_the_report_marks_crossfit_points_and_gives_the_paired_comparison(tmp_path):
+    rows = {f"m{n}": ("math", {"small": 1.0, "big": float(n % 2)}) for n in range(10)}
+    rows |= {f"c{n}": ("code", {"small": 0.0, "big": 1.0}) for n in range(10)}
+    grid = grid_of(rows)
+    routed = routed_as({i: c for i, (c, _) in rows.items()})
+    analysis = pareto.analyse(grid, PARAMS, routed, 0.0, ["math", "code", "chat"], "test", RouterConfig(), "small")
+    data = report.report_dict(analysis, PARAMS, 0.0, {"seconds": 1}, {"s": 20}, {}, None)
+    report.write(tmp_path, data)
+    written = json.loads((tmp_path / "report.json").read_text())
+    assert all(isinstance(p["crossfit"], bool) for p in written["points"])
+    assert {p["name"] for p in written["points"] if p["crossfit"]} >= {
+        "coe crossfit (no budget)", "coe crossfit, expected-score choice (no budget)"}
+    claim = written["summary"]
+    assert claim["chosen_crossfit"] is True and claim["chosen_score"] == pytest.approx(1.0)
+    paired = claim["coe_minus_best_single"]
+    assert paired["best_single"] == "big" and paired["difference"] == pytest.approx(0.25)
+    assert paired["paired_ci95"][0] > 0
+    assert "paired bootstrap 95% interval" in (tmp_path / "report.md").read_text()

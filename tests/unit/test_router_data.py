@@ -380,3 +380,67 @@ def test_utf8_byte_order_mark_is_accepted(tmp_path, name, body):
     path = tmp_path / name
     path.write_bytes(b"\xef\xbb\xbf" + body.encode())
     assert [(e.text, e.category) for e in load_labelled(path)] == [("hi", "chat")]
+
+
+def test_load_a_conversation_as_its_user_turns_and_tools_as_the_router_lists_them(tmp_path):
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather now",
+                                                "parameters": {"properties": {"city": {}}}}}]
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+                      {"role": "assistant", "content": "hello"},
+                      {"role": "user", "content": "solve 2x=4"}], "category": "math"},
+        {"prompt": "rain in Oslo?", "tools": tools, "category": "tool_use"},
+    ])
+    first, second = load_labelled(path)
+    assert first.text == "hi\n\nsolve 2x=4"  # what router.text.conversation_text reads
+    assert first.group == first.text
+    assert second.text == "rain in Oslo?\n\nAvailable functions:\n- get_weather(city): Weather now"
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"messages": "hi", "category": "x"}, "field 'messages' must be a list of {role, content} objects"),
+    ({"messages": [{"role": "user"}], "category": "x"}, "field 'messages' must be a list"),
+    ({"messages": [{"role": "assistant", "content": "hi"}], "category": "x"},
+     "field 'messages' has no user turn with text"),
+    ({"prompt": "a", "tools": {"name": "f"}, "category": "x"}, "field 'tools' must be a list of function"),
+    ({"prompt": "a", "tools": ["f"], "category": "x"}, "field 'tools' must be a list of function"),
+])
+def test_bad_conversations_and_tools_name_file_line_and_field(tmp_path, row, message):
+    path = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "ok", "category": "x"}, row])
+    assert config_error(path).startswith(f"{path}:2: {message}")
+
+
+# -- the packaged chat-style prompts (real files in the repository) ---------------------------------
+def _chat_rows(name):
+    return [json.loads(line) for line in (data.CHAT_FOLDER / name).read_text(encoding="utf-8").splitlines()
+            if line.strip()]
+
+
+def test_packaged_chat_sets_use_trained_categories_and_are_large_enough():
+    trained = set(CATEGORIES) - {GENERALIST}
+    for name, least in (("train.jsonl", 400), ("dev.jsonl", 200), ("test.jsonl", 200)):
+        examples = load_labelled(data.CHAT_FOLDER / name)
+        counts = Counter(e.category for e in examples)
+        assert len(examples) >= least and set(counts) == trained, (name, counts)
+        assert min(counts.values()) >= 20, (name, counts)
+
+
+def test_packaged_chat_test_sets_share_no_prompt_with_training_or_each_other():
+    texts = {name: {e.text for e in load_labelled(data.CHAT_FOLDER / name)}
+             for name in ("train.jsonl", "dev.jsonl", "test.jsonl")}
+    assert not texts["train.jsonl"] & texts["dev.jsonl"]
+    assert not texts["train.jsonl"] & texts["test.jsonl"]
+    assert not texts["dev.jsonl"] & texts["test.jsonl"]
+    assert all(len(rows) == len(_chat_rows(n)) for n, rows in texts.items())  # no duplicate prompt
+
+
+def test_chat_examples_split_into_training_and_calibration_only():
+    examples = data.chat_examples()
+    splits = Counter(e.split for e in examples)
+    assert set(splits) == {"train", "val"}
+    assert 0.2 < splits["val"] / len(examples) < 0.4  # CHAT_VAL_SHARE = 0.3
+    assert {e.source for e in examples} == {data.CHAT_SOURCE}
+    held = data.chat_test_examples()
+    assert {e.split for e in held} == {"heldout"}
+    assert Counter(e.source for e in held) == {data.CHAT_DEV_SOURCE: len(_chat_rows("dev.jsonl")),
+                                               data.CHAT_TEST_SOURCE: len(_chat_rows("test.jsonl"))}

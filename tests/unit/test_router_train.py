@@ -12,7 +12,7 @@ from coe.router.data import Example, split_of
 from coe.router.encoder import ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION
 from coe.router.head import Features, Head, load_head, ngram_bag
 from coe.router.learned import LearnedRouter
-from coe.router.train import (EmbeddingStore, Evaluation, TrainSettings, data_version, evaluate,
+from coe.router.train import (EmbeddingStore, Evaluation, TrainSettings, data_version, evaluate, fit_head,
                               fit_temperature, fit_threshold, format_evaluation, is_current,
                               train_router)
 
@@ -334,3 +334,51 @@ def test_is_current_only_for_an_artifact_of_this_data_version(trained, tmp_path)
     assert not is_current(tmp_path)
     (tmp_path / "router.json").write_text("{broken")
     assert not is_current(tmp_path)
+
+
+# -- chat-style prompts: weighted in training, calibrated on ----------------------------------------
+def test_fit_head_follows_the_heavier_of_two_contradicting_labels():
+    """The same prompt labelled both ways: the weighted label wins, whichever it is (no validation
+    prompts, so the last epoch is kept)."""
+    x = Features(torch.eye(2).repeat(20, 1), [([], [])] * 40)
+    y = torch.tensor([0, 1] * 20)
+    twin = torch.tensor([1, 0] * 20)  # the same features with the other label
+    feats = Features(torch.cat([x.embeddings, x.embeddings]), x.ngrams * 2)
+    labels = torch.cat([y, twin])
+    for heavy, expected in ((0, y[:2]), (1, twin[:2])):
+        weights = torch.ones(80)
+        weights[heavy * 40:(heavy + 1) * 40] = 5.0
+        none = Features(torch.empty(0, 2), [])
+        net = fit_head(feats, labels, none, torch.empty(0, dtype=torch.long), 2,
+                       TrainSettings(epochs=200, min_steps=0, lr=2e-2), None, weights)
+        with torch.inference_mode():
+            assert net(x.select([0, 1])).argmax(-1).tolist() == expected.tolist()
+
+
+def _calibration_examples(chat_val: int) -> list[Example]:
+    """Synthetic prompts whose benchmark validation is full of keyword-less (unsure, mostly wrong)
+    prompts, plus ``chat_val`` clean chat-style validation prompts."""
+    examples = [e for e in synthetic(240, prefix="cal") if e.split != "val"]
+    cats = list(KEYWORDS)
+    examples += [Example(f"{FILLER[i % 10]} {FILLER[(i * 3) % 10]} item {i}", cats[i % 3], "synthetic",
+                         f"vague:{i}", "val") for i in range(60)]
+    examples += [Example(f"hey {KEYWORDS[cats[i % 3]][i % 4]} {i} thanks", cats[i % 3], "chat",
+                         f"chat:{i}", "val") for i in range(chat_val)]
+    return examples
+
+
+def test_threshold_is_calibrated_on_chat_style_validation_when_there_is_enough():
+    settings = TrainSettings(epochs=5)
+    on_all = train_router(_calibration_examples(19), [], FakeEncoder(), None, settings).head.meta
+    on_chat = train_router(_calibration_examples(40), [], FakeEncoder(), None, settings).head.meta
+    assert on_all.threshold > 0  # 19 chat prompts are too few: the vague benchmark ones decide
+    assert on_chat.threshold == 0  # the chat-style prompts are right however unsure
+
+
+def test_heldout_sets_are_reported_by_source(trained):
+    examples, heldout, encoder, _ = trained
+    more = [Example(f"my {w} there", cat, "chat_test", f"ct:{cat}:{w}", "heldout")
+            for cat, words in KEYWORDS.items() for w in words]
+    result = train_router(examples, heldout + more, encoder, None, TrainSettings(epochs=2))
+    assert list(result.evaluations) == ["val", "test", "mtbench", "chat_test"]
+    assert result.evaluations["chat_test"].n == len(more)

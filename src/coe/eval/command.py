@@ -111,13 +111,16 @@ def _experts(config: CoEConfig, settings: EvalSettings) -> list[str]:
     return list(settings.experts) or names
 
 
-def route_items(engine: Engine, items: list[EvalItem]) -> dict[str, str]:
-    """The learned router's category for each item (after its low-confidence fallback)."""
+def route_items(engine: Engine, items: list[EvalItem]) -> dict[str, pareto.Routed]:
+    """The learned router's category for each item (after its low-confidence fallback) and the
+    category probabilities it came from."""
     router = engine.routing.router
     assert router is not None  # run() refuses to evaluate without one
-    return {
-        item.id: router.route_messages(item.messages, item.tools or None).category for item in items
-    }
+    routed = {}
+    for item in items:
+        decision, category = router.explain_messages(item.messages, item.tools or None)
+        routed[item.id] = pareto.Routed(decision.category, category.probabilities)
+    return routed
 
 
 def _write(
@@ -127,7 +130,7 @@ def _write(
     experts: list[str],
     params: dict[str, float],
     log: harness.RunLog,
-    routed: dict[str, str],
+    routed: dict[str, pareto.Routed],
     categories: list[str],
     counts: dict[str, int],
 ) -> tuple[dict, list[Path]]:

@@ -5,9 +5,12 @@ items. A policy's score is the category-weighted mean of its per-item scores, wi
 weighted by ``frequencies`` (uniform by default); its cost is the same weighted mean of the active
 parameters of the experts it chose, plus the router's own parameters for routed policies.
 
-Maps come from ``router.mapping`` over the measured table. The table and the maps are fitted on
-the items they are then scored on, so the CoE rows are optimistic by construction; the single
-experts and the per-item oracle are not affected.
+Maps come from ``router.mapping`` over the measured table. Fitted on the items they are then
+scored on, the in-sample CoE rows are optimistic by construction; the cross-fitted rows are not:
+the items are dealt into ``FOLDS`` folds (per category, by a stable hash), and each fold is routed
+by the map fitted on the other folds' table (k-fold cross-fitting). The single experts and the
+per-item oracle fit nothing. ``paired_difference`` gives a paired bootstrap interval for one
+policy minus another on the same items.
 """
 
 from __future__ import annotations
@@ -15,15 +18,27 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from coe.config import RouterConfig
 from coe.errors import ConfigError
 from coe.eval.harness import ItemResult
+from coe.router.data import unit_hash
 from coe.router.mapping import ExpertMap, ScoreTable, best_map, pareto_frontier
-from coe.router.service import map_problem
+from coe.router.service import MapProblem, map_problem
 
 Z95 = 1.96
+FOLDS = 5
+BOOTSTRAP_DRAWS = 2000
+
+
+@dataclass(frozen=True)
+class Routed:
+    """The learned router on one item: its category (after the low-confidence fallback) and the
+    category probabilities it came from."""
+
+    category: str
+    probabilities: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -34,6 +49,7 @@ class Point:
     avg_active_params: float
     ci95: float = 0.0
     detail: dict = field(default_factory=dict)
+    crossfit: bool = False  # fitted on other items than it is scored on
 
     def to_dict(self) -> dict:
         return {
@@ -42,6 +58,7 @@ class Point:
             "score": round(self.score, 4),
             "ci95": round(self.ci95, 4),
             "avg_active_params": round(self.avg_active_params),
+            "crossfit": self.crossfit,
             **({"detail": self.detail} if self.detail else {}),
         }
 
@@ -69,6 +86,22 @@ class Grid:
 
     def items_of(self, cat: str) -> list[str]:
         return [i for i, c in self.category.items() if c == cat]
+
+    def only(self, items: set[str]) -> Grid:
+        return Grid(
+            {i: row for i, row in self.scores.items() if i in items},
+            {i: c for i, c in self.category.items() if i in items},
+            self.experts,
+        )
+
+    def folds(self, k: int = FOLDS) -> dict[str, int]:
+        """Each item's fold: a category's items in stable hash order, dealt round-robin, so every
+        fold holds about 1/k of each category."""
+        fold: dict[str, int] = {}
+        for cat in self.categories():
+            ordered = sorted(self.items_of(cat), key=lambda i: unit_hash("fold:" + i))
+            fold.update({item: n % k for n, item in enumerate(ordered)})
+        return fold
 
 
 def score_table(grid: Grid) -> dict[str, dict[str, dict]]:
@@ -118,9 +151,35 @@ def _always(expert: str) -> Chooser:
 
 
 def _by_category(
-    assignment: Mapping[str, str], routed: Mapping[str, str], default_expert: str
+    assignment: Mapping[str, str], routed: Mapping[str, Routed], default_expert: str
 ) -> Chooser:
-    return lambda item: assignment.get(routed[item], default_expert)
+    return lambda item: assignment.get(routed[item].category, default_expert)
+
+
+def expected_choice(
+    probabilities: Mapping[str, float],
+    assignment: Mapping[str, str],
+    table: ScoreTable,
+    default_expert: str,
+    alternatives: int = 2,
+) -> str:
+    """Of the experts the map gives the ``alternatives`` most likely categories, the one with the
+    highest expected score over the router's probabilities (an expected-score choice instead of a
+    hard fallback). Only the map's own experts for likely categories are candidates, so the choice
+    stays near the map's budget."""
+    ranked = sorted(probabilities, key=lambda c: -probabilities[c])[:alternatives]
+    candidates = list(dict.fromkeys(assignment.get(c, default_expert) for c in ranked))
+    if not candidates:
+        return default_expert
+
+    def expected(expert: str) -> float:
+        return sum(
+            p * table.scores[c].get(expert, 0.0)
+            for c, p in probabilities.items()
+            if c in table.scores
+        )
+
+    return max(candidates, key=expected)
 
 
 class Scorer:
@@ -178,33 +237,55 @@ class Analysis:
     frontier: list[ExpertMap]
     points: list[Point]
     chosen: ExpertMap
+    comparison: dict = field(default_factory=dict)  # cross-fitted CoE minus the best single
+
+
+@dataclass(frozen=True)
+class Fitting:
+    """What a map is fitted with: the router's settings and the items' categories."""
+
+    params: Mapping[str, float]
+    categories: Sequence[str]
+    source: str
+    router: RouterConfig
+    default_expert: str
+
+    def problem(self, grid: Grid) -> tuple[dict[str, dict[str, dict]], ScoreTable, MapProblem]:
+        """The measured table on ``grid`` and the map problem the server would solve with it
+        (``router.service.map_problem``: pins, the fallback category's generalist, frequencies)."""
+        table = score_table(grid)
+        scores = map_table(table, grid.experts, self.categories, self.source)
+        problem = map_problem(
+            self.router, self.categories, dict(self.params), scores, self.default_expert
+        )
+        if problem is None:
+            raise ConfigError(
+                "no evaluated expert has a known parameter count; nothing to map", param="experts"
+            )
+        return table, scores, problem
+
+    def best(self, problem: MapProblem, budget_params: float | None) -> ExpertMap:
+        return best_map(
+            problem.table, problem.params, problem.frequencies, budget_params, problem.pins
+        )
 
 
 def analyse(
     grid: Grid,
     params: Mapping[str, float],
-    routed: Mapping[str, str],
+    routed: Mapping[str, Routed],
     router_params: float,
     categories: Sequence[str],
     source: str,
     router: RouterConfig,
     default_expert: str,
 ) -> Analysis:
-    """``routed``: the learned router's category for each item (after its fallback rule);
-    ``categories``: every category the router can answer. The maps are built exactly as the
-    server builds its map (``router.service.map_problem``: pins, the fallback category's
-    generalist, frequencies, ``router.budget_params``)."""
-    table = score_table(grid)
-    scores = map_table(table, grid.experts, categories, source)
-    problem = map_problem(router, categories, dict(params), scores, default_expert)
-    if problem is None:
-        raise ConfigError(
-            "no evaluated expert has a known parameter count; nothing to map", param="experts"
-        )
+    """``routed``: the learned router on each item; ``categories``: every category the router can
+    answer. In-sample points first (the map fitted on every item), then the cross-fitted ones."""
+    fitting = Fitting(params, categories, source, router, default_expert)
+    table, scores, problem = fitting.problem(grid)
     frontier = pareto_frontier(problem.table, problem.params, problem.frequencies, problem.pins)
-    chosen = best_map(
-        problem.table, problem.params, problem.frequencies, router.budget_params, problem.pins
-    )
+    chosen = fitting.best(problem, router.budget_params)
     scorer = Scorer(grid, params, router.frequencies or None)
     points = [scorer.point(e, "single", _always(e)) for e in grid.experts]
     points += _baselines(scorer, grid, params, chosen)
@@ -221,7 +302,109 @@ def analyse(
                 chosen=plan == chosen,
             )
         )
-    return Analysis(table, scores, frontier, points, chosen)
+    budgets = [m.avg_active_params for m in frontier]
+    fitted, choose = crossfit_points(grid, routed, router_params, fitting, scorer, budgets)
+    best_single = max(points[: len(grid.experts)], key=lambda p: p.score)
+    chosen_fit = fitted[0]
+    comparison = {
+        "coe": chosen_fit.name,
+        "best_single": best_single.name,
+        **paired_difference(scorer, choose, _always(best_single.name)),
+        "params_share": round(chosen_fit.avg_active_params / params[best_single.name], 4)
+        if params.get(best_single.name)
+        else None,
+    }
+    return Analysis(table, scores, frontier, points + fitted, chosen, comparison)
+
+
+def crossfit_points(
+    grid: Grid,
+    routed: Mapping[str, Routed],
+    router_params: float,
+    fitting: Fitting,
+    scorer: Scorer,
+    budgets: Sequence[float],
+    k: int = FOLDS,
+) -> tuple[list[Point], Chooser]:
+    """CoE points scored on items their maps were not fitted on: each fold is routed by the map
+    fitted on the other folds, under the configured budget (the ``chosen`` point) and under each
+    in-sample frontier point's cost. The configured budget is also scored with the expected-score
+    choice over the two most likely categories' experts instead of the router's top category.
+    Returns the points (the configured budget's first) and that first point's chooser."""
+    fold = grid.folds(k)
+    plans: list[dict[float | None, ExpertMap]] = []
+    tables: list[ScoreTable] = []
+    wanted: list[float | None] = [fitting.router.budget_params, *budgets]
+    for f in range(k):
+        _, _, problem = fitting.problem(grid.only({i for i, g in fold.items() if g != f}))
+        tables.append(problem.table)
+        plans.append({b: fitting.best(problem, b) for b in wanted})
+    default = fitting.default_expert
+
+    def top(budget: float | None) -> Chooser:
+        return lambda i: plans[fold[i]][budget].assignment.get(routed[i].category, default)
+
+    def expected(i: str) -> str:
+        plan = plans[fold[i]][fitting.router.budget_params]
+        return expected_choice(routed[i].probabilities, plan.assignment, tables[fold[i]], default)
+
+    budget = fitting.router.budget_params
+    label = "no budget" if budget is None else f"budget {budget / 1e9:.2f}B"
+    points = [
+        scorer.point(
+            f"coe crossfit ({label})", "coe", top(budget), router_params, chosen=True, folds=k
+        ),
+        scorer.point(
+            f"coe crossfit, expected-score choice ({label})",
+            "coe",
+            expected,
+            router_params,
+            folds=k,
+        ),
+    ]
+    for n, b in enumerate(budgets, 1):
+        points.append(
+            scorer.point(
+                f"coe crossfit {n}/{len(budgets)}",
+                "coe",
+                top(b),
+                router_params,
+                budget=round(b),
+                folds=k,
+            )
+        )
+    return [replace(p, crossfit=True) for p in points], top(budget)
+
+
+def paired_difference(
+    scorer: Scorer, a: Chooser, b: Chooser, draws: int = BOOTSTRAP_DRAWS, seed: int = 0
+) -> dict:
+    """Policy ``a`` minus policy ``b`` on the same items (category-weighted), with a 95% paired
+    bootstrap interval: items are resampled within each category, both policies scored on each
+    resample."""
+    diffs = {
+        cat: [
+            scorer.grid.scores[i][a(i)] - scorer.grid.scores[i][b(i)]
+            for i in scorer.grid.items_of(cat)
+        ]
+        for cat in scorer.weights
+    }
+    point = sum(w * sum(diffs[c]) / len(diffs[c]) for c, w in scorer.weights.items())
+    rng = random.Random(seed)
+    totals = sorted(
+        sum(
+            w * sum(rng.choices(diffs[c], k=len(diffs[c]))) / len(diffs[c])
+            for c, w in scorer.weights.items()
+        )
+        for _ in range(draws)
+    )
+    return {
+        "difference": round(point, 4),
+        "paired_ci95": [
+            round(totals[int(0.025 * draws)], 4),
+            round(totals[min(draws - 1, int(0.975 * draws))], 4),
+        ],
+    }
 
 
 def _baselines(

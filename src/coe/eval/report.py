@@ -42,29 +42,36 @@ def report_dict(
         "budget_params": budget_params,
         "chosen_map": analysis.chosen.assignment,
         "map_scores": analysis.map_scores.to_dict(),
-        "summary": summary(analysis.points),
+        "summary": summary(analysis.points, analysis.comparison),
     }
 
 
-def summary(points) -> dict:
-    """The claim in numbers: the chosen CoE map against the single experts it beats or matches."""
+def summary(points, comparison: Mapping | None = None) -> dict:
+    """The claim in numbers: the chosen CoE map, cross-fitted where the analysis has it, against
+    the single experts it beats or matches, and (``comparison``) its paired difference from the
+    best single expert."""
     singles = [p for p in points if p.kind == "single"]
-    coe = [p for p in points if p.kind == "coe"]
-    chosen = next((p for p in coe if p.detail.get("chosen")), None)
-    if not singles or chosen is None:
+    chosen_points = [p for p in points if p.kind == "coe" and p.detail.get("chosen")]
+    if not singles or not chosen_points:
         return {}
+    chosen = max(chosen_points, key=lambda p: p.crossfit)  # the cross-fitted one when there is one
+    honest = [p for p in points if p.kind == "coe" and p.crossfit == chosen.crossfit]
     best = max(singles, key=lambda p: p.score)
     return {
         "chosen_coe": chosen.name,
         "chosen_score": round(chosen.score, 4),
+        "chosen_crossfit": chosen.crossfit,
         "best_single": best.name,
         "best_single_score": round(best.score, 4),
         "beaten_by_chosen": [p.name for p in singles if chosen.score > p.score],
         "matched_or_beaten_at_no_more_params": [
             s.name
             for s in singles
-            if any(c.score >= s.score and c.avg_active_params <= s.avg_active_params for c in coe)
+            if any(
+                c.score >= s.score and c.avg_active_params <= s.avg_active_params for c in honest
+            )
         ],
+        **({"coe_minus_best_single": dict(comparison)} if comparison else {}),
     }
 
 
@@ -99,14 +106,14 @@ def markdown(report: dict) -> str:
         f"Every single expert and baseline, and {sum(p['kind'] == 'coe' for p in shown)} of the "
         f"{sum(p['kind'] == 'coe' for p in report['points'])} CoE frontier maps (all in report.json).",
         "",
-        "| policy | kind | score | ±95% | avg active params |",
-        "|---|---|---|---|---|",
+        "| policy | kind | crossfit | score | ±95% | avg active params |",
+        "|---|---|---|---|---|---|",
     ]
     for p in shown:
         mark = " **(chosen map)**" if p.get("detail", {}).get("chosen") else ""
         lines.append(
-            f"| {p['name']}{mark} | {p['kind']} | {p['score']:.3f} | {p['ci95']:.3f} | "
-            f"{format_params(p['avg_active_params'])} |"
+            f"| {p['name']}{mark} | {p['kind']} | {'yes' if p.get('crossfit') else 'no'} | "
+            f"{p['score']:.3f} | {p['ci95']:.3f} | {format_params(p['avg_active_params'])} |"
         )
     lines += [
         "",
@@ -128,8 +135,10 @@ def markdown(report: dict) -> str:
         "## Notes",
         "",
         "- Every policy is scored on the same items; a category's weight is uniform.",
-        "- The CoE rows use maps fitted on these same items, so they are optimistic by construction; "
-        "the single experts and the per-item oracle are not.",
+        "- CoE rows marked crossfit are scored on items their maps were not fitted on (k-fold "
+        "cross-fitting: each fold routed by the map fitted on the other folds). The others use maps "
+        "fitted on these same items, so they are optimistic by construction; the single experts "
+        "and the per-item oracle fit nothing.",
         f"- Routed policies include the router's {format_params(report['router_params'])} parameters.",
         f"- Run: {json.dumps(report['run'])}",
         "",
@@ -138,14 +147,21 @@ def markdown(report: dict) -> str:
 
 
 def _shown_points(points: list[dict], max_maps: int = 12) -> list[dict]:
-    """Points by cost; CoE maps thinned to about ``max_maps`` evenly spaced, the chosen one kept."""
-    maps = [p for p in points if p["kind"] == "coe"]
-    step = max(1, -(-len(maps) // max_maps))
-    kept = {
-        id(p)
-        for k, p in enumerate(maps)
-        if k % step == 0 or k == len(maps) - 1 or p.get("detail", {}).get("chosen")
-    }
+    """Points by cost; the in-sample and the cross-fitted CoE maps each thinned to about
+    ``max_maps`` evenly spaced, the chosen ones and the cross-fitted configured-budget ones
+    kept."""
+    kept: set[int] = set()
+    for crossfit in (False, True):
+        maps = [p for p in points if p["kind"] == "coe" and p.get("crossfit", False) == crossfit]
+        step = max(1, -(-len(maps) // max_maps))
+        kept |= {
+            id(p)
+            for k, p in enumerate(maps)
+            if k % step == 0
+            or k == len(maps) - 1
+            or p.get("detail", {}).get("chosen")
+            or (crossfit and "budget" not in p.get("detail", {}))
+        }
     shown = [p for p in points if p["kind"] != "coe" or id(p) in kept]
     return sorted(shown, key=lambda p: (p["avg_active_params"], p["score"]))
 
@@ -163,14 +179,28 @@ def _summary(report: dict) -> str:
         if len(beaten) == len(singles)
         else f"beats {len(beaten)} of {len(singles)} single experts"
     )
-    return (
-        f"The learned router with the chosen map scores **{chosen['score']:.3f}** at "
+    fitted = "cross-fitted " if claim.get("chosen_crossfit") else ""
+    text = (
+        f"The learned router with the {fitted}chosen map scores **{chosen['score']:.3f}** at "
         f"{format_params(chosen['avg_active_params'])} average active parameters and {verdict}; "
         f"the best single expert, {best['name']}, scores {best['score']:.3f} at "
-        f"{format_params(best['avg_active_params'])}. A CoE map at no more active parameters scores "
-        f"at least as well as {len(matched)} of {len(singles)} single experts"
+        f"{format_params(best['avg_active_params'])}. A {fitted}CoE map at no more active "
+        f"parameters scores at least as well as {len(matched)} of {len(singles)} single experts"
         + (f" ({', '.join(matched)})." if matched else ".")
     )
+    paired = claim.get("coe_minus_best_single")
+    if paired:
+        low, high = paired["paired_ci95"]
+        text += (
+            f" CoE minus {paired['best_single']}: {paired['difference']:+.3f} "
+            f"(paired bootstrap 95% interval {low:+.3f} to {high:+.3f})"
+            + (
+                f", at {paired['params_share']:.0%} of its active parameters."
+                if paired.get("params_share")
+                else "."
+            )
+        )
+    return text
 
 
 # -- plot -------------------------------------------------------------------------------------------
@@ -196,17 +226,30 @@ def plot_png(path: Path, report: dict) -> Path | None:
     _draw(
         ax, [p for p in points if p["kind"] == "baseline"], "^", "tab:gray", "baseline", labels=True
     )
-    coe = sorted((p for p in points if p["kind"] == "coe"), key=lambda p: p["avg_active_params"])
-    if coe:
-        ax.plot(
-            [p["avg_active_params"] for p in coe],
-            [p["score"] for p in coe],
-            "-s",
-            color="tab:red",
-            label="coe (learned router, frontier maps)",
+    for crossfit, style, color, label in (
+        (False, "--s", "tab:pink", "coe, maps fitted on these items (optimistic)"),
+        (True, "-s", "tab:red", "coe, cross-fitted maps"),
+    ):
+        coe = sorted(
+            (
+                p
+                for p in points
+                if p["kind"] == "coe"
+                and p.get("crossfit", False) == crossfit
+                and "expected-score" not in p["name"]
+            ),
+            key=lambda p: p["avg_active_params"],
         )
-        chosen = [p for p in coe if p.get("detail", {}).get("chosen")]
-        _draw(ax, chosen, "*", "gold", "coe, chosen map", labels=False, size=220)
+        if coe:
+            ax.plot(
+                [p["avg_active_params"] for p in coe],
+                [p["score"] for p in coe],
+                style,
+                color=color,
+                label=label,
+            )
+    chosen = [p for p in points if p["kind"] == "coe" and p.get("detail", {}).get("chosen")]
+    _draw(ax, chosen, "*", "gold", "coe, chosen map", labels=False, size=220)
     ax.set_xscale("log")
     ax.set_xlabel("average active parameters (log scale)")
     ax.set_ylabel("score (category-weighted)")

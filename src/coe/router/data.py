@@ -20,12 +20,13 @@ import io
 import json
 import re
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coe.errors import ConfigError, ModelNotAvailable
 from coe.models.catalog import package_folder
-from coe.router.text import with_tools
+from coe.router.text import conversation_text, with_tools
+from coe.types import ChatMessage
 
 CATEGORIES: dict[str, str] = {
     "math": "arithmetic, word problems, algebra, competition maths",
@@ -41,9 +42,14 @@ CATEGORIES: dict[str, str] = {
     "chat": "general assistance and conversation: the generalist fallback, not a trained class",
 }
 GENERALIST = "chat"
-RECIPE = 3  # bump when prompt rendering or a source's reading changes (retrains the default)
+RECIPE = 4  # bump when prompt rendering or a source's reading changes (retrains the default)
 SPLITS = ("train", "val", "test")
 EVAL_SHARE = 0.5
+CHAT_FOLDER = Path(__file__).with_name("chat")
+CHAT_SOURCE = "chat"  # the hand-written chat-style training prompts
+CHAT_DEV_SOURCE = "chat_dev"  # the chat-style development set
+CHAT_TEST_SOURCE = "chat_test"  # the chat-style test set
+CHAT_VAL_SHARE = 0.3  # of the hand-written training prompts: where the threshold is calibrated
 MTBENCH_CATEGORIES = {
     "writing": "writing",
     "roleplay": "writing",
@@ -679,7 +685,36 @@ def default_examples(progress: Callable[[str, int], None] | None = None) -> list
         if progress:
             progress(source.name, len(found))
         examples.extend(found)
-    return examples
+    chat = chat_examples()
+    if progress:
+        progress("chat", len(chat))
+    return examples + chat
+
+
+def chat_examples() -> list[Example]:
+    """The hand-written chat-style prompts (``router/chat/train.jsonl``, labelled by the rubric in
+    ``router/chat/README.md``), split between training and the validation the threshold is
+    calibrated on."""
+    return [
+        replace(
+            e,
+            source=CHAT_SOURCE,
+            split="val" if unit_hash("chat:" + e.group) < CHAT_VAL_SHARE else "train",
+        )
+        for e in load_labelled(CHAT_FOLDER / "train.jsonl")
+    ]
+
+
+def chat_test_examples() -> list[Example]:
+    """The chat-style held-out sets, never trained or calibrated on: ``router/chat/dev.jsonl``
+    (the development set training choices were made on) and ``router/chat/test.jsonl`` (written
+    after those choices were frozen, and used for none)."""
+    return [
+        replace(e, source=source, split="heldout")
+        for source, name in ((CHAT_DEV_SOURCE, "dev.jsonl"), (CHAT_TEST_SOURCE, "test.jsonl"))
+        if (CHAT_FOLDER / name).exists()
+        for e in load_labelled(CHAT_FOLDER / name)
+    ]
 
 
 def mtbench_examples() -> list[Example]:
@@ -699,7 +734,8 @@ def mtbench_examples() -> list[Example]:
 
 # -- user data -------------------------------------------------------------------------------------
 def load_labelled(path: str | Path) -> list[Example]:
-    """Labelled prompts from JSONL ({"prompt"|"text", "category", optional "group"}) or CSV."""
+    """Labelled prompts from JSONL or CSV: {"prompt"|"text"|"messages", "category", optional
+    "tools" and "group"}. A conversation is read as the router reads one: its user turns."""
     path = Path(path)
     try:
         raw = path.read_bytes().decode("utf-8-sig")
@@ -742,14 +778,44 @@ def _csv_rows(raw: str, path: Path) -> Iterator[tuple[str, dict]]:
 
 
 def _labelled(row: dict, path: Path, where: str) -> Example:
-    text = row.get("prompt", row.get("text"))
-    category = row.get("category")
+    text = (
+        _messages_text(row["messages"], where)
+        if "messages" in row
+        else row.get("prompt", row.get("text"))
+    )
     if not isinstance(text, str) or not text.strip():
         raise ConfigError(f"{where}: field 'prompt' (or 'text') must be a non-empty string")
+    category = row.get("category")
     if not isinstance(category, str) or not category.strip():
         raise ConfigError(f"{where}: field 'category' must be a non-empty string")
+    tools = row.get("tools")
+    if tools is not None and not (
+        isinstance(tools, list) and all(isinstance(t, dict) for t in tools)
+    ):
+        raise ConfigError(f"{where}: field 'tools' must be a list of function objects")
     group = str(row.get("group") or text)
-    return Example(text, category.strip(), path.name, group, split_of(group, eval_shared=False))
+    return Example(
+        with_tools(text, tools),
+        category.strip(),
+        path.name,
+        group,
+        split_of(group, eval_shared=False),
+    )
+
+
+def _messages_text(messages: object, where: str) -> str:
+    """A conversation's user turns, as the router reads a chat request."""
+    if not isinstance(messages, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+        for m in messages
+    ):
+        raise ConfigError(
+            f"{where}: field 'messages' must be a list of {{role, content}} objects with text"
+        )
+    text = conversation_text([ChatMessage(m["role"], m["content"]) for m in messages])
+    if not text.strip():
+        raise ConfigError(f"{where}: field 'messages' has no user turn with text")
+    return text
 
 
 def by_split(examples: Iterable[Example]) -> dict[str, list[Example]]:

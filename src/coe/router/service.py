@@ -199,6 +199,12 @@ class ExpertRouter:
     def route_messages(
         self, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None
     ) -> RouteDecision:
+        return self.explain_messages(messages, tools)[0]
+
+    def explain_messages(
+        self, messages: Sequence[ChatMessage], tools: Sequence[dict] | None = None
+    ) -> tuple[RouteDecision, CategoryDecision]:
+        """The decision for a conversation and the category probabilities behind it."""
         turns = user_turns(messages)
         if not turns:
             raise InvalidRequest(
@@ -206,13 +212,14 @@ class ExpertRouter:
             )
         last = with_tools(check_prompt(turns[-1]), tools)
         if len(turns) == 1:
-            return self._decision(self.router.classify([last])[0])
+            decision = self.router.classify([last])[0]
+            return self._decision(decision), decision
         whole = with_tools("\n\n".join(turns)[-MAX_PROMPT_CHARS:], tools)
         before = "\n\n".join(turns[:-1])[-MAX_PROMPT_CHARS:]
         rows = self.router.probabilities([last, whole, before])
         now = [(a + b) / 2 for a, b in zip(rows[0], rows[1])]
-        decision, previous = self.router.decide(now), self.router.decide(rows[2])
-        return self._decision(self._stay(decision, previous))
+        decision = self._stay(self.router.decide(now), self.router.decide(rows[2]))
+        return self._decision(decision), decision
 
     def _stay(self, decision: CategoryDecision, previous: CategoryDecision) -> CategoryDecision:
         """Keep the conversation's category unless the new one is clearly more likely."""

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from coe.errors import ConfigError
-from coe.router.data import CATEGORIES, GENERALIST, Example, by_split
+from coe.router.data import CATEGORIES, CHAT_SOURCE, GENERALIST, Example, by_split
 from coe.router.encoder import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PRECISION,
@@ -33,6 +33,7 @@ from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 FEATURES_VERSION = 1  # bump when the features the head reads change
+CALIBRATION_MIN = 20  # chat-style validation prompts needed to calibrate the threshold on them
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,7 @@ class TrainSettings:
     seed: int = 0
     min_steps: int = 1000  # small datasets train for more epochs
     min_fallback_accuracy: float = 0.5  # below the threshold, the top category is right less often
+    chat_weight: float = 30.0  # a hand-written chat-style prompt counts this many times in the loss
 
 
 @dataclass(frozen=True)
@@ -131,11 +133,15 @@ def fit_head(
     num_classes: int,
     settings: TrainSettings,
     progress: Progress | None = None,
+    sample_weights: torch.Tensor | None = None,
 ) -> HeadNet:
+    """Class-balanced cross-entropy; ``sample_weights`` (one per training prompt) scale each
+    prompt's share of the loss."""
     torch.manual_seed(settings.seed)
     net = HeadNet(train.embeddings.shape[1], settings.hidden_size, num_classes, settings.dropout)
     counts = torch.bincount(y, minlength=num_classes).clamp(min=1).float()
     weights = counts.sum() / (num_classes * counts)
+    per_prompt = sample_weights if sample_weights is not None else torch.ones(len(y))
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     best, best_state = -1.0, None
     batch_size = min(settings.batch_size, max(16, len(y) // 20))  # >= ~20 steps per epoch
@@ -146,9 +152,14 @@ def fit_head(
         order = torch.randperm(len(y)).tolist()
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            loss = F.cross_entropy(
-                net(train.select(idx)), y[idx], weight=weights, label_smoothing=0.05
+            each = F.cross_entropy(
+                net(train.select(idx)),
+                y[idx],
+                weight=weights,
+                label_smoothing=0.05,
+                reduction="none",
             )
+            loss = (each * per_prompt[idx]).sum() / (weights[y[idx]] * per_prompt[idx]).sum()
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -252,13 +263,27 @@ def train_router(
             [categories.index(e.category) for e in known], dtype=torch.long
         )
 
+    def known(part: list[Example]) -> list[Example]:
+        return [e for e in part if e.category in categories]
+
     (x, y), (xv, yv), (xt, yt) = (xy(splits.get(s, [])) for s in ("train", "val", "test"))
-    net = fit_head(x, y, xv, yv, len(categories), settings, progress)
+    chat = torch.tensor([e.source == CHAT_SOURCE for e in known(splits["train"])])
+    net = fit_head(
+        x, y, xv, yv, len(categories), settings, progress, 1.0 + chat * (settings.chat_weight - 1)
+    )
     with torch.inference_mode():
         temperature = fit_temperature(net(xv), yv)
         val_probs = torch.softmax(net(xv) / temperature, -1)
     conf, pred = val_probs.max(-1)
-    threshold = fit_threshold(conf, pred == yv, settings.min_fallback_accuracy)
+    # The threshold is calibrated on the way people write (the chat-style validation prompts)
+    # when there are enough of them; benchmark items are more confidently classified.
+    chat_val = torch.tensor(
+        [e.source == CHAT_SOURCE for e in known(splits["val"])], dtype=torch.bool
+    )
+    calibrate = chat_val if int(chat_val.sum()) >= CALIBRATION_MIN else torch.ones_like(chat_val)
+    threshold = fit_threshold(
+        conf[calibrate], (pred == yv)[calibrate], settings.min_fallback_accuracy
+    )
     meta = HeadMeta(
         categories,
         x.embeddings.shape[1],
@@ -282,13 +307,19 @@ def train_router(
     )
     head = Head(net, meta)
     evaluations = {"val": evaluate("val", val_probs, yv, categories, threshold, fallback)}
-    for name, (xe, ye) in (("test", (xt, yt)), ("mtbench", xy(heldout))):
+    held = {name: xy([e for e in heldout if e.source == name]) for name in heldout_names(heldout)}
+    for name, (xe, ye) in (("test", (xt, yt)), *held.items()):
         if len(ye):
             evaluations[name] = evaluate(
                 name, head.probabilities(xe), ye, categories, threshold, fallback
             )
     head.meta.metrics.update({k: v.to_dict() for k, v in evaluations.items()})
     return TrainResult(head, evaluations, time.perf_counter() - started)
+
+
+def heldout_names(heldout: Sequence[Example]) -> list[str]:
+    """The held-out test sets, by source, in the order they appear."""
+    return list(dict.fromkeys(e.source for e in heldout))
 
 
 def _category_order(name: str) -> tuple[int, str]:
@@ -319,7 +350,12 @@ def train_and_save(
 ) -> TrainResult:
     """Train on the packaged datasets (or a user's labelled file) and write the artifact to ``out``.
     MT-Bench is the held-out chat test whenever its categories are among the trained ones."""
-    from coe.router.data import default_examples, load_labelled, mtbench_examples
+    from coe.router.data import (
+        chat_test_examples,
+        default_examples,
+        load_labelled,
+        mtbench_examples,
+    )
 
     examples = load_labelled(data_file) if data_file else default_examples()
     version = (
@@ -330,7 +366,7 @@ def train_and_save(
         else f"{data_version()}-{precision}"
     )
     trained = {e.category for e in examples}
-    heldout = [e for e in mtbench_examples() if e.category in trained]
+    heldout = [e for e in [*mtbench_examples(), *chat_test_examples()] if e.category in trained]
     result = train_router(
         examples,
         heldout,
