@@ -5,6 +5,7 @@ import json
 from collections import Counter
 
 import pytest
+import torch
 
 from coe.config import RouterConfig
 from coe.eval import harness, pareto, report
@@ -249,3 +250,41 @@ def test_the_report_marks_crossfit_points_and_gives_the_paired_comparison(tmp_pa
     assert paired["best_single"] == "big" and paired["difference"] == pytest.approx(0.25)
     assert paired["paired_ci95"][0] > 0
     assert "paired bootstrap 95% interval" in (tmp_path / "report.md").read_text()
+
+
+def test_kmeans_finds_separated_groups_deterministically():
+    g = torch.Generator().manual_seed(0)
+    blobs = torch.cat([torch.randn(20, 4, generator=g) * 0.1 + 5, torch.randn(20, 4, generator=g) * 0.1 - 5])
+    centroids = pareto.kmeans(blobs, 2)
+    member = torch.cdist(blobs, centroids).argmin(1).tolist()
+    assert len(set(member[:20])) == 1 and len(set(member[20:])) == 1 and member[0] != member[20]
+    assert torch.equal(pareto.kmeans(blobs, 2), centroids)
+    assert len(pareto.kmeans(torch.ones(5, 4), 3)) == 1  # no more centroids than distinct rows
+
+
+def test_per_cluster_refinement_sends_each_kind_of_question_to_its_expert():
+    """One category, two kinds of items far apart in embedding space: small is right on the first
+    kind, big on the second (and on a third of the first). The category map sends all to big; the
+    per-cluster map, fitted on other folds, sends each kind to its own expert."""
+    g = torch.Generator().manual_seed(1)
+    rows, routed = {}, {}
+    for n in range(60):
+        kind = n % 2
+        rows[f"m{n}"] = ("math", {"small": float(kind == 0), "big": float(kind == 1 or n % 6 == 0)})
+        centre = torch.tensor([1.0, 0.0] if kind == 0 else [0.0, 1.0])
+        routed[f"m{n}"] = pareto.Routed("math", {"math": 1.0}, (centre + 0.05 * torch.randn(2, generator=g)).tolist())
+    grid = grid_of(rows)
+    analysis = pareto.analyse(grid, PARAMS, routed, 0.0, ["math", "chat"], "test", RouterConfig(), "small")
+    points = {p.name: p for p in analysis.points}
+    category = points["coe crossfit (no budget)"]
+    refined = points["coe crossfit, per-cluster map (no budget)"]
+    assert category.score == pytest.approx(40 / 60, abs=1e-4)
+    assert refined.score == pytest.approx(1.0) and refined.crossfit
+    assert refined.detail["changed_items"] == 30  # the first kind moved from big to small
+
+
+def test_no_refinement_point_without_embeddings():
+    grid = grid_of(ROWS)
+    analysis = pareto.analyse(grid, PARAMS, routed_as({i: c for i, (c, _) in ROWS.items()}), 0.0,
+                              ["math", "code", "chat"], "test", RouterConfig(), "small")
+    assert not any("per-cluster" in p.name for p in analysis.points)

@@ -12,6 +12,7 @@ from coe.engine.engine import Engine
 from coe.errors import ConfigError, RouterUnavailable
 from coe.eval import harness, pareto, report, suites
 from coe.eval.suites import EvalItem
+from coe.router.text import conversation_text, with_tools
 
 
 @dataclass(frozen=True)
@@ -112,14 +113,17 @@ def _experts(config: CoEConfig, settings: EvalSettings) -> list[str]:
 
 
 def route_items(engine: Engine, items: list[EvalItem]) -> dict[str, pareto.Routed]:
-    """The learned router's category for each item (after its low-confidence fallback) and the
-    category probabilities it came from."""
+    """The learned router's category for each item (after its low-confidence fallback), the
+    category probabilities it came from, and the item's sentence embedding (for the per-cluster
+    refinement)."""
     router = engine.routing.router
     assert router is not None  # run() refuses to evaluate without one
+    texts = [with_tools(conversation_text(i.messages), i.tools or None) for i in items]
+    embedded = router.router.embeddings(texts) or [[] for _ in items]
     routed = {}
-    for item in items:
+    for item, embedding in zip(items, embedded):
         decision, category = router.explain_messages(item.messages, item.tools or None)
-        routed[item.id] = pareto.Routed(decision.category, category.probabilities)
+        routed[item.id] = pareto.Routed(decision.category, category.probabilities, embedding)
     return routed
 
 

@@ -20,6 +20,8 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
+import torch
+
 from coe.config import RouterConfig
 from coe.errors import ConfigError
 from coe.eval.harness import ItemResult
@@ -30,6 +32,10 @@ from coe.router.service import MapProblem, map_problem
 Z95 = 1.96
 FOLDS = 5
 BOOTSTRAP_DRAWS = 2000
+CLUSTERS = 3  # per category, for the per-cluster refinement
+MIN_CLUSTER_ITEMS = 8  # a category splits only when each cluster could hold this many items
+SHRINK_ITEMS = 8.0  # a cluster's score is its category's, moved toward its own items' mean as if
+# the category's mean were this many more items of the cluster
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,7 @@ class Routed:
 
     category: str
     probabilities: Mapping[str, float] = field(default_factory=dict)
+    embedding: Sequence[float] = ()  # the router's sentence embedding of the item
 
 
 @dataclass(frozen=True)
@@ -350,6 +357,7 @@ def crossfit_points(
 
     budget = fitting.router.budget_params
     label = "no budget" if budget is None else f"budget {budget / 1e9:.2f}B"
+    refined = _refined(grid, routed, fitting, fold, plans, k)
     points = [
         scorer.point(
             f"coe crossfit ({label})", "coe", top(budget), router_params, chosen=True, folds=k
@@ -362,6 +370,19 @@ def crossfit_points(
             folds=k,
         ),
     ]
+    if refined is not None:
+        choose_refined, changed = refined
+        points.append(
+            scorer.point(
+                f"coe crossfit, per-cluster map ({label})",
+                "coe",
+                choose_refined,
+                router_params,
+                folds=k,
+                clusters=CLUSTERS,
+                changed_items=changed,
+            )
+        )
     for n, b in enumerate(budgets, 1):
         points.append(
             scorer.point(
@@ -374,6 +395,100 @@ def crossfit_points(
             )
         )
     return [replace(p, crossfit=True) for p in points], top(budget)
+
+
+def _refined(
+    grid: Grid,
+    routed: Mapping[str, Routed],
+    fitting: Fitting,
+    fold: Mapping[str, int],
+    plans: Sequence[Mapping[float | None, ExpertMap]],
+    k: int,
+) -> tuple[Chooser, int] | None:
+    """The per-cluster refinement under the configured budget, cross-fitted like the category
+    map: each fold's categories split into clusters of the other folds' items (k-means over the
+    router's embeddings), each cluster a category of its own for the same optimiser. Returns the
+    chooser and how many items it sends to another expert than the category map; None without
+    embeddings."""
+    if not all(routed[i].embedding for i in grid.scores):
+        return None
+    budget = fitting.router.budget_params
+    chosen: dict[str, str] = {}
+    for f in range(k):
+        train = grid.only({i for i, g in fold.items() if g != f})
+        _, _, problem = fitting.problem(train)
+        fine, centroids = split_by_cluster(problem, train, routed)
+        plan = fitting.best(fine, budget)
+        for item in (i for i, g in fold.items() if g == f):
+            cat = routed[item].category
+            if cat in centroids:
+                vector = torch.tensor(routed[item].embedding).unsqueeze(0)
+                cat = f"{cat}#{int(torch.cdist(vector, centroids[cat]).argmin())}"
+            chosen[item] = plan.assignment.get(cat, fitting.default_expert)
+    default = fitting.default_expert
+    changed = sum(
+        chosen[i] != plans[fold[i]][budget].assignment.get(routed[i].category, default)
+        for i in chosen
+    )
+    return chosen.__getitem__, changed
+
+
+def split_by_cluster(
+    problem: MapProblem, train: Grid, routed: Mapping[str, Routed]
+) -> tuple[MapProblem, dict[str, torch.Tensor]]:
+    """``problem`` with each measured category that has enough items split into ``CLUSTERS``
+    clusters (``"math#0"``...): scores shrunk toward the category's, frequencies shared by item
+    count, pins kept. Also returns each split category's centroids."""
+    scores: dict[str, dict[str, float]] = {}
+    frequencies: dict[str, float] = {}
+    pins: dict[str, str] = {}
+    centroids: dict[str, torch.Tensor] = {}
+    experts = problem.table.experts
+    for cat in problem.table.categories:
+        items = train.items_of(cat)
+        row = problem.table.scores[cat]
+        if len(items) < CLUSTERS * MIN_CLUSTER_ITEMS:
+            scores[cat], frequencies[cat] = dict(row), problem.frequencies[cat]
+            pins.update({cat: problem.pins[cat]} if cat in problem.pins else {})
+            continue
+        x = torch.tensor([list(routed[i].embedding) for i in items])
+        centroids[cat] = kmeans(x, CLUSTERS)
+        member = torch.cdist(x, centroids[cat]).argmin(1).tolist()
+        for j in range(len(centroids[cat])):
+            inside = [i for i, m in zip(items, member) if m == j]
+            name = f"{cat}#{j}"
+            scores[name] = {
+                e: (sum(train.scores[i][e] for i in inside) + SHRINK_ITEMS * row[e])
+                / (len(inside) + SHRINK_ITEMS)
+                for e in experts
+            }
+            frequencies[name] = problem.frequencies[cat] * len(inside) / len(items)
+            pins.update({name: problem.pins[cat]} if cat in problem.pins else {})
+    table = ScoreTable(tuple(scores), experts, scores, problem.table.source)
+    return MapProblem(table, problem.params, frequencies, pins), centroids
+
+
+def kmeans(x: torch.Tensor, k: int, rounds: int = 30) -> torch.Tensor:
+    """Lloyd's k-means with farthest-point initialisation from the first row (deterministic);
+    returns the centroids (fewer than ``k`` when there are fewer distinct rows)."""
+    centroids = x[:1]
+    while len(centroids) < k:
+        far = torch.cdist(x, centroids).min(1).values
+        if float(far.max()) == 0.0:
+            break
+        centroids = torch.cat([centroids, x[int(far.argmax())].unsqueeze(0)])
+    for _ in range(rounds):
+        member = torch.cdist(x, centroids).argmin(1)
+        moved = torch.stack(
+            [
+                x[member == j].mean(0) if bool((member == j).any()) else centroids[j]
+                for j in range(len(centroids))
+            ]
+        )
+        if torch.allclose(moved, centroids):
+            break
+        centroids = moved
+    return centroids
 
 
 def paired_difference(

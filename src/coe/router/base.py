@@ -39,6 +39,10 @@ class Router(ABC):
     def probabilities(self, texts: list[str]) -> list[list[float]]:
         """Calibrated category probabilities, one row per text, in ``self.categories`` order."""
 
+    def embeddings(self, texts: list[str]) -> list[list[float]] | None:
+        """The sentence embeddings the probabilities come from (None: this router has none)."""
+        return None
+
     def classify(self, texts: list[str]) -> list[CategoryDecision]:
         for text in texts:
             check_prompt(text)

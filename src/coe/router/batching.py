@@ -32,6 +32,9 @@ class BatchingRouter(Router):
         self._worker.start()
         self.calls = 0  # inner calls made, for tests and stats
 
+    def embeddings(self, texts: list[str]) -> list[list[float]] | None:
+        return self.inner.embeddings(texts)
+
     def probabilities(self, texts: list[str]) -> list[list[float]]:
         future: Future = Future()
         self._queue.put((list(texts), future))

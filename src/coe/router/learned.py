@@ -48,6 +48,9 @@ class LearnedRouter(Router):
         )
         return cls(encoder, head, fallback_category, threshold)
 
+    def embeddings(self, texts: list[str]) -> list[list[float]] | None:
+        return self.encoder.encode(texts).tolist()
+
     def probabilities(self, texts: list[str]) -> list[list[float]]:
         features = Features(self.encoder.encode(texts), [ngram_bag(t) for t in texts])
         return self.head.probabilities(features).tolist()
