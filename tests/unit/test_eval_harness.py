@@ -288,3 +288,46 @@ def test_no_refinement_point_without_embeddings():
     analysis = pareto.analyse(grid, PARAMS, routed_as({i: c for i, (c, _) in ROWS.items()}), 0.0,
                               ["math", "code", "chat"], "test", RouterConfig(), "small")
     assert not any("per-cluster" in p.name for p in analysis.points)
+
+
+def test_a_run_stopped_midway_keeps_the_results_of_the_chunks_it_finished(tmp_path, monkeypatch):
+    """Results are cached chunk by chunk, so a long run that is stopped banks what it finished."""
+    monkeypatch.setattr(harness, "CHUNK_ITEMS", 2)
+    calls = []
+
+    class StopsOnThirdCall(ScriptedTarget):
+        def generate(self, expert, items, progress):
+            calls.append(len(items))
+            if len(calls) == 3:
+                raise KeyboardInterrupt
+            return super().generate(expert, items, progress)
+
+    items = [gsm_item(n, n + 1) for n in range(6)]
+    with pytest.raises(KeyboardInterrupt):
+        harness.run(StopsOnThirdCall(), ["good"], items, harness.ResultCache(tmp_path))
+    assert calls == [2, 2, 2]
+    log = harness.run(ScriptedTarget(), ["good"], items, harness.ResultCache(tmp_path))
+    assert (log.cached, log.computed) == (4, 2)
+
+
+def test_expected_choice_can_send_an_unsure_request_to_the_generalist():
+    from coe.router.mapping import ScoreTable
+
+    table = ScoreTable(("math", "code"), ("small", "big"),
+                       {"math": {"small": 0.3, "big": 0.8}, "code": {"small": 0.2, "big": 0.9}}, "test")
+    cheap = {"math": "small", "code": "small"}
+    assert pareto.expected_choice({"math": 0.5, "code": 0.5}, cheap, table, "small") == "small"
+    assert pareto.expected_choice({"math": 0.5, "code": 0.5}, cheap, table, "small", "big") == "big"
+
+
+def test_hard_fallback_points_send_unsure_items_to_the_fallback_categorys_expert():
+    rows = {f"m{n}": ("math", {"small": 0.0, "big": 1.0}) for n in range(10)}
+    grid = grid_of(rows)
+    routed = {i: pareto.Routed("math", {"math": 0.4 if n < 5 else 0.9, "code": 0.1})
+              for n, i in enumerate(rows)}
+    config = RouterConfig(pins={"math": "small", "chat": "big"})
+    analysis = pareto.analyse(grid, PARAMS, routed, 0.0, ["math", "code", "chat"], "test", config, "small")
+    points = {p.name: p for p in analysis.points}
+    assert points["coe crossfit (no budget)"].score == pytest.approx(0.0)  # math is pinned to small
+    assert points["coe crossfit, fallback below 0.5 (no budget)"].score == pytest.approx(0.5)
+    assert points["coe crossfit, fallback below 0.5 (no budget)"].detail["fallback_below"] == 0.5

@@ -14,10 +14,11 @@ import hashlib
 import json
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from coe.config import openai_endpoint
 from coe.engine.batch import next_token_logprobs, prompt_of
@@ -28,6 +29,10 @@ from coe.types import ChatMessage, Completion, Request, SamplingParams, StreamEv
 
 Progress = Callable[[str, int, int], None]
 MAX_RESPONSE_CHARS = 4000
+# Items sent to an expert at once, their results cached before the next ones start: a stopped run
+# keeps what it finished, and a chunk still fills the engine's batches.
+CHUNK_ITEMS = 32
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -379,11 +384,11 @@ def _compute(
 
     results = []
     by_logprob = [item for item, mode in todo if mode == "logprob"]
-    if by_logprob:
+    for chunk in _chunks(by_logprob):
         started = time.perf_counter()
-        rows = target.letter_logprobs(expert, by_logprob, tick)
-        per_item_s = (time.perf_counter() - started) / len(by_logprob)
-        for item, row in zip(by_logprob, rows):
+        rows = target.letter_logprobs(expert, chunk, tick)
+        per_item_s = (time.perf_counter() - started) / len(chunk)
+        for item, row in zip(chunk, rows):
             results.append(
                 _record(
                     cache,
@@ -397,11 +402,11 @@ def _compute(
                 )
             )
     generated = [(item, mode) for item, mode in todo if mode != "logprob"]
-    if generated:
+    for part in _chunks(generated):
         started = time.perf_counter()
-        texts = target.generate(expert, [item for item, _ in generated], tick)
-        per_item_s = (time.perf_counter() - started) / len(generated)
-        for (item, mode), text in zip(generated, texts):
+        texts = target.generate(expert, [item for item, _ in part], tick)
+        per_item_s = (time.perf_counter() - started) / len(part)
+        for (item, mode), text in zip(part, texts):
             verdict = (
                 Verdict(0.0, f"no answer: {text.message}")
                 if isinstance(text, CoEError)
@@ -420,6 +425,11 @@ def _compute(
                 )
             )
     return results
+
+
+def _chunks(items: list[T]) -> Iterator[list[T]]:
+    for start in range(0, len(items), CHUNK_ITEMS):
+        yield items[start : start + CHUNK_ITEMS]
 
 
 def _record(

@@ -32,6 +32,7 @@ from coe.router.service import MapProblem, map_problem
 Z95 = 1.96
 FOLDS = 5
 BOOTSTRAP_DRAWS = 2000
+FALLBACK_THRESHOLDS = (0.5, 0.7)  # hard fallbacks to the generalist, measured beside the others
 CLUSTERS = 3  # per category, for the per-cluster refinement
 MIN_CLUSTER_ITEMS = 8  # a category splits only when each cluster could hold this many items
 SHRINK_ITEMS = 8.0  # a cluster's score is its category's, moved toward its own items' mean as if
@@ -168,14 +169,16 @@ def expected_choice(
     assignment: Mapping[str, str],
     table: ScoreTable,
     default_expert: str,
+    generalist: str | None = None,
     alternatives: int = 2,
 ) -> str:
-    """Of the experts the map gives the ``alternatives`` most likely categories, the one with the
-    highest expected score over the router's probabilities (an expected-score choice instead of a
-    hard fallback). Only the map's own experts for likely categories are candidates, so the choice
-    stays near the map's budget."""
+    """Of the experts the map gives the ``alternatives`` most likely categories (and the
+    ``generalist`` it gives the fallback category), the one with the highest expected score over
+    the router's probabilities: an expected-score choice instead of a hard fallback. Only the
+    map's own experts are candidates, so the choice stays near the map's budget."""
     ranked = sorted(probabilities, key=lambda c: -probabilities[c])[:alternatives]
-    candidates = list(dict.fromkeys(assignment.get(c, default_expert) for c in ranked))
+    mapped = [assignment.get(c, default_expert) for c in ranked]
+    candidates = list(dict.fromkeys(mapped + ([generalist] if generalist else [])))
     if not candidates:
         return default_expert
 
@@ -336,7 +339,8 @@ def crossfit_points(
     """CoE points scored on items their maps were not fitted on: each fold is routed by the map
     fitted on the other folds, under the configured budget (the ``chosen`` point) and under each
     in-sample frontier point's cost. The configured budget is also scored with the expected-score
-    choice over the two most likely categories' experts instead of the router's top category.
+    choice (the two most likely categories' experts and the generalist) and with hard fallbacks to
+    the generalist below ``FALLBACK_THRESHOLDS`` instead of the router's own decision.
     Returns the points (the configured budget's first) and that first point's chooser."""
     fold = grid.folds(k)
     plans: list[dict[float | None, ExpertMap]] = []
@@ -351,9 +355,26 @@ def crossfit_points(
     def top(budget: float | None) -> Chooser:
         return lambda i: plans[fold[i]][budget].assignment.get(routed[i].category, default)
 
+    generalist = fitting.router.fallback_category
+
     def expected(i: str) -> str:
         plan = plans[fold[i]][fitting.router.budget_params]
-        return expected_choice(routed[i].probabilities, plan.assignment, tables[fold[i]], default)
+        return expected_choice(
+            routed[i].probabilities,
+            plan.assignment,
+            tables[fold[i]],
+            default,
+            plan.assignment.get(generalist),
+        )
+
+    def fallback_below(threshold: float) -> Chooser:
+        def choose(i: str) -> str:
+            probabilities = routed[i].probabilities
+            unsure = bool(probabilities) and max(probabilities.values()) < threshold
+            category = generalist if unsure else routed[i].category
+            return plans[fold[i]][fitting.router.budget_params].assignment.get(category, default)
+
+        return choose
 
     budget = fitting.router.budget_params
     label = "no budget" if budget is None else f"budget {budget / 1e9:.2f}B"
@@ -369,6 +390,17 @@ def crossfit_points(
             router_params,
             folds=k,
         ),
+    ]
+    points += [
+        scorer.point(
+            f"coe crossfit, fallback below {t:.1f} ({label})",
+            "coe",
+            fallback_below(t),
+            router_params,
+            folds=k,
+            fallback_below=t,
+        )
+        for t in FALLBACK_THRESHOLDS
     ]
     if refined is not None:
         choose_refined, changed = refined
