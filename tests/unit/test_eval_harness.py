@@ -331,3 +331,21 @@ def test_hard_fallback_points_send_unsure_items_to_the_fallback_categorys_expert
     assert points["coe crossfit (no budget)"].score == pytest.approx(0.0)  # math is pinned to small
     assert points["coe crossfit, fallback below 0.5 (no budget)"].score == pytest.approx(0.5)
     assert points["coe crossfit, fallback below 0.5 (no budget)"].detail["fallback_below"] == 0.5
+
+
+def test_priced_choice_trades_expected_score_against_parameters_and_the_rate_meets_the_budget():
+    from coe.router.mapping import ScoreTable
+
+    table = ScoreTable(("math", "code"), ("small", "big"),
+                       {"math": {"small": 0.7, "big": 0.8}, "code": {"small": 0.1, "big": 0.9}}, "test")
+    sure_math, sure_code = {"math": 1.0, "code": 0.0}, {"math": 0.0, "code": 1.0}
+    assert pareto.priced_choice(sure_math, table, PARAMS, 0.0) == "big"  # free parameters: the best
+    rate = 0.1 / 900  # small's 0.1 less on math is worth its 900 fewer params at this price
+    assert pareto.priced_choice(sure_math, table, PARAMS, rate * 1.01) == "small"
+    assert pareto.priced_choice(sure_code, table, PARAMS, rate * 1.01) == "big"
+    requests = [sure_math, sure_code]
+    assert pareto.budget_rate(requests, table, PARAMS, None) == 0.0
+    assert pareto.budget_rate(requests, table, PARAMS, 1000.0) == 0.0  # all big fits already
+    found = pareto.budget_rate(requests, table, PARAMS, 550.0)  # room for big on one of the two
+    picks = [pareto.priced_choice(p, table, PARAMS, found) for p in requests]
+    assert picks == ["small", "big"] and found == pytest.approx(rate, rel=1e-3)

@@ -346,11 +346,26 @@ def crossfit_points(
     plans: list[dict[float | None, ExpertMap]] = []
     tables: list[ScoreTable] = []
     wanted: list[float | None] = [fitting.router.budget_params, *budgets]
+    rates: list[float] = []
+    problem_params: dict[str, float] = {}
     for f in range(k):
         _, _, problem = fitting.problem(grid.only({i for i, g in fold.items() if g != f}))
         tables.append(problem.table)
         plans.append({b: fitting.best(problem, b) for b in wanted})
+        problem_params = problem.params
+        rates.append(
+            budget_rate(
+                [routed[i].probabilities for i, g in fold.items() if g != f],
+                problem.table,
+                problem.params,
+                fitting.router.budget_params,
+            )
+        )
     default = fitting.default_expert
+
+    def priced(i: str) -> str:
+        table = tables[fold[i]]
+        return priced_choice(routed[i].probabilities, table, problem_params, rates[fold[i]])
 
     def top(budget: float | None) -> Chooser:
         return lambda i: plans[fold[i]][budget].assignment.get(routed[i].category, default)
@@ -391,6 +406,16 @@ def crossfit_points(
             folds=k,
         ),
     ]
+    points.append(
+        scorer.point(
+            f"coe crossfit, expected score less cost ({label})",
+            "coe",
+            priced,
+            router_params,
+            folds=k,
+            score_per_billion_params=[round(r * 1e9, 4) for r in rates],
+        )
+    )
     points += [
         scorer.point(
             f"coe crossfit, fallback below {t:.1f} ({label})",
@@ -427,6 +452,52 @@ def crossfit_points(
             )
         )
     return [replace(p, crossfit=True) for p in points], top(budget)
+
+
+def budget_rate(
+    probabilities: Sequence[Mapping[str, float]],
+    table: ScoreTable,
+    params: Mapping[str, float],
+    budget_params: float | None,
+    steps: int = 40,
+) -> float:
+    """The smallest price per active parameter at which ``priced_choice`` over these requests
+    (the fitting folds' items) keeps their mean active parameters within the budget (0 without
+    one; bisection)."""
+
+    def mean_params(rate: float) -> float:
+        picks = [priced_choice(p, table, params, rate) for p in probabilities]
+        return sum(params.get(e, 0.0) for e in picks) / max(len(picks), 1)
+
+    if budget_params is None or mean_params(0.0) <= budget_params:
+        return 0.0
+    low, high = 0.0, 1.0 / max(min(v for v in params.values() if v > 0), 1.0)
+    while mean_params(high) > budget_params and high < 1.0:
+        high *= 2
+    for _ in range(steps):
+        middle = (low + high) / 2
+        low, high = (middle, high) if mean_params(middle) > budget_params else (low, middle)
+    return high
+
+
+def priced_choice(
+    probabilities: Mapping[str, float],
+    table: ScoreTable,
+    params: Mapping[str, float],
+    rate: float,
+) -> str:
+    """The expert with the highest expected score over the router's probabilities less ``rate``
+    per active parameter: the map's trade-off (its Lagrangian form) made per request, so a sure
+    request goes to the best deal for its category and an unsure one weighs every expert over the
+    likely categories."""
+
+    def value(expert: str) -> float:
+        expected = sum(
+            p * table.scores[c][expert] for c, p in probabilities.items() if c in table.scores
+        )
+        return expected - rate * params.get(expert, 0.0)
+
+    return max(table.experts, key=value)
 
 
 def _refined(
