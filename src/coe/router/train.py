@@ -34,6 +34,9 @@ from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 FEATURES_VERSION = 1  # bump when the features the head reads change
 CALIBRATION_MIN = 20  # chat-style validation prompts needed to calibrate the threshold on them
+# prompts below a threshold needed to trust their accuracy: on the chat-style validation prompts
+# (about 180) 10, 5% of them; on benchmark validation (about 1900, or a user's set) 20
+CHAT_MIN_BELOW = 10
 
 
 @dataclass(frozen=True)
@@ -280,9 +283,13 @@ def train_router(
     chat_val = torch.tensor(
         [e.source == CHAT_SOURCE for e in known(splits["val"])], dtype=torch.bool
     )
-    calibrate = chat_val if int(chat_val.sum()) >= CALIBRATION_MIN else torch.ones_like(chat_val)
+    on_chat = int(chat_val.sum()) >= CALIBRATION_MIN
+    calibrate = chat_val if on_chat else torch.ones_like(chat_val)
     threshold = fit_threshold(
-        conf[calibrate], (pred == yv)[calibrate], settings.min_fallback_accuracy
+        conf[calibrate],
+        (pred == yv)[calibrate],
+        settings.min_fallback_accuracy,
+        CHAT_MIN_BELOW if on_chat else 20,
     )
     meta = HeadMeta(
         categories,
