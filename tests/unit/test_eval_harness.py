@@ -344,8 +344,11 @@ def test_priced_choice_trades_expected_score_against_parameters_and_the_rate_mee
     assert pareto.priced_choice(sure_math, table, PARAMS, rate * 1.01) == "small"
     assert pareto.priced_choice(sure_code, table, PARAMS, rate * 1.01) == "big"
     requests = [sure_math, sure_code]
-    assert pareto.budget_rate(requests, table, PARAMS, None) == 0.0
-    assert pareto.budget_rate(requests, table, PARAMS, 1000.0) == 0.0  # all big fits already
-    found = pareto.budget_rate(requests, table, PARAMS, 550.0)  # room for big on one of the two
+    even = [1.0, 1.0]
+    assert pareto.budget_rate(requests, even, table, PARAMS, None) == 0.0
+    assert pareto.budget_rate(requests, even, table, PARAMS, 1000.0) == 0.0  # all big fits already
+    found = pareto.budget_rate(requests, even, table, PARAMS, 550.0)  # room for big on one of two
     picks = [pareto.priced_choice(p, table, PARAMS, found) for p in requests]
     assert picks == ["small", "big"] and found == pytest.approx(rate, rel=1e-3)
+    # weighted: math counts 3 times as much, so big on code alone averages 250 params
+    assert pareto.budget_rate(requests, [3.0, 1.0], table, PARAMS, 330.0) == pytest.approx(rate, rel=1e-3)

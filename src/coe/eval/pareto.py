@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 
@@ -327,6 +328,89 @@ def analyse(
     return Analysis(table, scores, frontier, points + fitted, chosen, comparison)
 
 
+@dataclass(frozen=True)
+class FoldFits:
+    """Maps fitted per fold on the other folds' items, and the ways of choosing an expert for an
+    item with its own fold's fits (so never with a fit that saw the item)."""
+
+    fold: Mapping[str, int]
+    plans: Sequence[Mapping[float | None, ExpertMap]]  # per fold: budget -> best map
+    tables: Sequence[ScoreTable]  # per fold: the map problem's table
+    rates: Sequence[float]  # per fold: the price per active parameter that meets the budget
+    routed: Mapping[str, Routed]
+    fitting: Fitting
+
+    @classmethod
+    def fit(
+        cls,
+        grid: Grid,
+        routed: Mapping[str, Routed],
+        fitting: Fitting,
+        weights: Mapping[str, float],
+        budgets: Sequence[float],
+        k: int,
+    ) -> FoldFits:
+        fold = grid.folds(k)
+        wanted = [fitting.router.budget_params, *budgets]
+        plans, tables, rates = [], [], []
+        for f in range(k):
+            train = grid.only({i for i, g in fold.items() if g != f})
+            _, _, problem = fitting.problem(train)
+            plans.append({b: fitting.best(problem, b) for b in wanted})
+            tables.append(problem.table)
+            items = sorted(train.scores)
+            share = Counter(train.category[i] for i in items)
+            rates.append(
+                budget_rate(
+                    [routed[i].probabilities for i in items],
+                    [weights.get(train.category[i], 0.0) / share[train.category[i]] for i in items],
+                    problem.table,
+                    problem.params,
+                    fitting.router.budget_params,
+                )
+            )
+        return cls(fold, plans, tables, rates, routed, fitting)
+
+    def _plan(self, item: str, budget: float | None) -> ExpertMap:
+        return self.plans[self.fold[item]][budget]
+
+    def top(self, budget: float | None) -> Chooser:
+        """The router's category (after its own fallback) through the fold's map."""
+        default = self.fitting.default_expert
+        return lambda i: self._plan(i, budget).assignment.get(self.routed[i].category, default)
+
+    def fallback_below(self, threshold: float) -> Chooser:
+        """A hard fallback to the generalist below ``threshold`` confidence."""
+        budget, generalist = (
+            self.fitting.router.budget_params,
+            self.fitting.router.fallback_category,
+        )
+
+        def choose(i: str) -> str:
+            probabilities = self.routed[i].probabilities
+            unsure = bool(probabilities) and max(probabilities.values()) < threshold
+            category = generalist if unsure else self.routed[i].category
+            return self._plan(i, budget).assignment.get(category, self.fitting.default_expert)
+
+        return choose
+
+    def expected(self, item: str) -> str:
+        plan = self._plan(item, self.fitting.router.budget_params)
+        return expected_choice(
+            self.routed[item].probabilities,
+            plan.assignment,
+            self.tables[self.fold[item]],
+            self.fitting.default_expert,
+            plan.assignment.get(self.fitting.router.fallback_category),
+        )
+
+    def priced(self, item: str) -> str:
+        f = self.fold[item]
+        return priced_choice(
+            self.routed[item].probabilities, self.tables[f], self.fitting.params, self.rates[f]
+        )
+
+
 def crossfit_points(
     grid: Grid,
     routed: Mapping[str, Routed],
@@ -336,138 +420,68 @@ def crossfit_points(
     budgets: Sequence[float],
     k: int = FOLDS,
 ) -> tuple[list[Point], Chooser]:
-    """CoE points scored on items their maps were not fitted on: each fold is routed by the map
-    fitted on the other folds, under the configured budget (the ``chosen`` point) and under each
-    in-sample frontier point's cost. The configured budget is also scored with the expected-score
-    choice (the two most likely categories' experts and the generalist) and with hard fallbacks to
-    the generalist below ``FALLBACK_THRESHOLDS`` instead of the router's own decision.
-    Returns the points (the configured budget's first) and that first point's chooser."""
-    fold = grid.folds(k)
-    plans: list[dict[float | None, ExpertMap]] = []
-    tables: list[ScoreTable] = []
-    wanted: list[float | None] = [fitting.router.budget_params, *budgets]
-    rates: list[float] = []
-    problem_params: dict[str, float] = {}
-    for f in range(k):
-        _, _, problem = fitting.problem(grid.only({i for i, g in fold.items() if g != f}))
-        tables.append(problem.table)
-        plans.append({b: fitting.best(problem, b) for b in wanted})
-        problem_params = problem.params
-        rates.append(
-            budget_rate(
-                [routed[i].probabilities for i, g in fold.items() if g != f],
-                problem.table,
-                problem.params,
-                fitting.router.budget_params,
-            )
-        )
-    default = fitting.default_expert
-
-    def priced(i: str) -> str:
-        table = tables[fold[i]]
-        return priced_choice(routed[i].probabilities, table, problem_params, rates[fold[i]])
-
-    def top(budget: float | None) -> Chooser:
-        return lambda i: plans[fold[i]][budget].assignment.get(routed[i].category, default)
-
-    generalist = fitting.router.fallback_category
-
-    def expected(i: str) -> str:
-        plan = plans[fold[i]][fitting.router.budget_params]
-        return expected_choice(
-            routed[i].probabilities,
-            plan.assignment,
-            tables[fold[i]],
-            default,
-            plan.assignment.get(generalist),
-        )
-
-    def fallback_below(threshold: float) -> Chooser:
-        def choose(i: str) -> str:
-            probabilities = routed[i].probabilities
-            unsure = bool(probabilities) and max(probabilities.values()) < threshold
-            category = generalist if unsure else routed[i].category
-            return plans[fold[i]][fitting.router.budget_params].assignment.get(category, default)
-
-        return choose
-
+    """CoE points scored on items their maps were not fitted on (``FoldFits``): the router's
+    decision under the configured budget (the ``chosen`` point) and under each in-sample frontier
+    point's cost; under the configured budget also the expected-score choice, the expected score
+    less a price per parameter, hard fallbacks below ``FALLBACK_THRESHOLDS`` and the per-cluster
+    refinement. Returns the points (the configured budget's first) and that first one's chooser."""
+    fits = FoldFits.fit(grid, routed, fitting, scorer.weights, budgets, k)
     budget = fitting.router.budget_params
     label = "no budget" if budget is None else f"budget {budget / 1e9:.2f}B"
-    refined = _refined(grid, routed, fitting, fold, plans, k)
+
+    def point(name: str, choose: Chooser, **detail) -> Point:
+        return scorer.point(name, "coe", choose, router_params, folds=k, **detail)
+
     points = [
-        scorer.point(
-            f"coe crossfit ({label})", "coe", top(budget), router_params, chosen=True, folds=k
-        ),
-        scorer.point(
-            f"coe crossfit, expected-score choice ({label})",
-            "coe",
-            expected,
-            router_params,
-            folds=k,
-        ),
-    ]
-    points.append(
-        scorer.point(
+        point(f"coe crossfit ({label})", fits.top(budget), chosen=True),
+        point(f"coe crossfit, expected-score choice ({label})", fits.expected),
+        point(
             f"coe crossfit, expected score less cost ({label})",
-            "coe",
-            priced,
-            router_params,
-            folds=k,
-            score_per_billion_params=[round(r * 1e9, 4) for r in rates],
-        )
-    )
-    points += [
-        scorer.point(
-            f"coe crossfit, fallback below {t:.1f} ({label})",
-            "coe",
-            fallback_below(t),
-            router_params,
-            folds=k,
-            fallback_below=t,
-        )
-        for t in FALLBACK_THRESHOLDS
+            fits.priced,
+            score_per_billion_params=[round(r * 1e9, 4) for r in fits.rates],
+        ),
+        *(
+            point(
+                f"coe crossfit, fallback below {t:.1f} ({label})",
+                fits.fallback_below(t),
+                fallback_below=t,
+            )
+            for t in FALLBACK_THRESHOLDS
+        ),
     ]
+    refined = _refined(grid, fits, k)
     if refined is not None:
-        choose_refined, changed = refined
         points.append(
-            scorer.point(
+            point(
                 f"coe crossfit, per-cluster map ({label})",
-                "coe",
-                choose_refined,
-                router_params,
-                folds=k,
+                refined[0],
                 clusters=CLUSTERS,
-                changed_items=changed,
+                changed_items=refined[1],
             )
         )
-    for n, b in enumerate(budgets, 1):
-        points.append(
-            scorer.point(
-                f"coe crossfit {n}/{len(budgets)}",
-                "coe",
-                top(b),
-                router_params,
-                budget=round(b),
-                folds=k,
-            )
-        )
-    return [replace(p, crossfit=True) for p in points], top(budget)
+    points += [
+        point(f"coe crossfit {n}/{len(budgets)}", fits.top(b), budget=round(b))
+        for n, b in enumerate(budgets, 1)
+    ]
+    return [replace(p, crossfit=True) for p in points], fits.top(budget)
 
 
 def budget_rate(
     probabilities: Sequence[Mapping[str, float]],
+    weights: Sequence[float],
     table: ScoreTable,
     params: Mapping[str, float],
     budget_params: float | None,
     steps: int = 40,
 ) -> float:
     """The smallest price per active parameter at which ``priced_choice`` over these requests
-    (the fitting folds' items) keeps their mean active parameters within the budget (0 without
-    one; bisection)."""
+    (the fitting folds' items, each with its weight in the average) keeps their weighted mean
+    active parameters within the budget (0 without one; bisection)."""
+    total = sum(weights) or 1.0
 
     def mean_params(rate: float) -> float:
         picks = [priced_choice(p, table, params, rate) for p in probabilities]
-        return sum(params.get(e, 0.0) for e in picks) / max(len(picks), 1)
+        return sum(w * params.get(e, 0.0) for w, e in zip(weights, picks)) / total
 
     if budget_params is None or mean_params(0.0) <= budget_params:
         return 0.0
@@ -500,39 +514,30 @@ def priced_choice(
     return max(table.experts, key=value)
 
 
-def _refined(
-    grid: Grid,
-    routed: Mapping[str, Routed],
-    fitting: Fitting,
-    fold: Mapping[str, int],
-    plans: Sequence[Mapping[float | None, ExpertMap]],
-    k: int,
-) -> tuple[Chooser, int] | None:
+def _refined(grid: Grid, fits: FoldFits, k: int) -> tuple[Chooser, int] | None:
     """The per-cluster refinement under the configured budget, cross-fitted like the category
     map: each fold's categories split into clusters of the other folds' items (k-means over the
     router's embeddings), each cluster a category of its own for the same optimiser. Returns the
     chooser and how many items it sends to another expert than the category map; None without
     embeddings."""
+    routed, fitting = fits.routed, fits.fitting
     if not all(routed[i].embedding for i in grid.scores):
         return None
     budget = fitting.router.budget_params
     chosen: dict[str, str] = {}
     for f in range(k):
-        train = grid.only({i for i, g in fold.items() if g != f})
+        train = grid.only({i for i, g in fits.fold.items() if g != f})
         _, _, problem = fitting.problem(train)
         fine, centroids = split_by_cluster(problem, train, routed)
         plan = fitting.best(fine, budget)
-        for item in (i for i, g in fold.items() if g == f):
+        for item in (i for i, g in fits.fold.items() if g == f):
             cat = routed[item].category
             if cat in centroids:
                 vector = torch.tensor(routed[item].embedding).unsqueeze(0)
                 cat = f"{cat}#{int(torch.cdist(vector, centroids[cat]).argmin())}"
             chosen[item] = plan.assignment.get(cat, fitting.default_expert)
-    default = fitting.default_expert
-    changed = sum(
-        chosen[i] != plans[fold[i]][budget].assignment.get(routed[i].category, default)
-        for i in chosen
-    )
+    by_category = fits.top(budget)
+    changed = sum(chosen[i] != by_category(i) for i in chosen)
     return chosen.__getitem__, changed
 
 
