@@ -539,6 +539,7 @@ def cmd_eval(args) -> int:
         judge_model=args.judge_model,
         judge_api_key=os.environ.get(args.judge_key_env) if args.judge_key_env else None,
         choice_mode=args.choice_mode,
+        cached_only=args.cached_only,
     )
     report, paths = evaluate(config, coe_home(), settings, progress=_progress)
     rows = sorted(report["points"], key=lambda p: p["avg_active_params"])
@@ -559,8 +560,13 @@ def cmd_eval(args) -> int:
         print(f"skipped {suite}: {why}")
     print(
         f"{report['run']['items']} items, {report['run']['results_computed']} results computed, "
-        f"{report['run']['results_cached']} from the cache, {report['run']['seconds']:.0f} s "
-        f"(* = the map chosen for the configured budget)"
+        f"{report['run']['results_cached']} from the cache, "
+        + (
+            f"{report['run']['results_missing']} not cached (left out: --cached-only), "
+            if report["run"].get("results_missing")
+            else ""
+        )
+        + f"{report['run']['seconds']:.0f} s (* = the map chosen for the configured budget)"
     )
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -723,6 +729,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="multiple choice by option-letter log-probabilities (in-process) or generated letter",
     )
     p.add_argument("--cache", help="result cache folder (default: $COE_HOME/eval/cache)")
+    p.add_argument(
+        "--cached-only",
+        action="store_true",
+        help="analyse the results already cached, running no expert (items some expert lacks "
+        "are left out, and the report says how many)",
+    )
     p.set_defaults(func=cmd_eval)
 
     add_bench_parser(sub).set_defaults(func=cmd_bench)

@@ -352,3 +352,13 @@ def test_priced_choice_trades_expected_score_against_parameters_and_the_rate_mee
     assert picks == ["small", "big"] and found == pytest.approx(rate, rel=1e-3)
     # weighted: math counts 3 times as much, so big on code alone averages 250 params
     assert pareto.budget_rate(requests, [3.0, 1.0], table, PARAMS, 330.0) == pytest.approx(rate, rel=1e-3)
+
+
+def test_cached_only_analyses_what_the_cache_holds_and_counts_the_rest(tmp_path):
+    items = [gsm_item(n, n + 1) for n in range(4)]
+    harness.run(ScriptedTarget(), ["good"], items[:2], harness.ResultCache(tmp_path))
+    target = ScriptedTarget()
+    log = harness.run(target, ["good", "bad"], items, harness.ResultCache(tmp_path), cached_only=True)
+    assert target.asked == []  # no expert ran
+    assert (log.cached, log.computed, log.missing) == (2, 0, 6)
+    assert sorted(r.item for r in log.results) == ["gsm8k:0", "gsm8k:1"]

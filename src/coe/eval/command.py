@@ -28,6 +28,7 @@ class EvalSettings:
     judge_model: str = "coe"
     judge_api_key: str | None = None
     choice_mode: str = "logprob"  # logprob | letter
+    cached_only: bool = False  # analyse cached results only; run no expert
 
     def __post_init__(self) -> None:
         if self.limit is not None and self.limit < 1:
@@ -89,6 +90,7 @@ def evaluate(
             judge,
             settings.choice_mode,
             progress,
+            settings.cached_only,
         )
         routed = route_items(engine, [i for i in items if i.suite not in log.skipped])
         categories = list(
@@ -165,6 +167,7 @@ def _write(
         "items": len(grid.scores),
         "results_cached": log.cached,
         "results_computed": log.computed,
+        "results_missing": log.missing,
         "seconds": round(log.seconds, 1),
         "limit": settings.limit,
         "suite": settings.suite,

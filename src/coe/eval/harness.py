@@ -320,6 +320,7 @@ class RunLog:
     skipped: dict[str, str]  # suite -> why
     cached: int = 0
     computed: int = 0
+    missing: int = 0  # not cached, and not computed (``cached_only``)
     seconds: float = 0.0
 
 
@@ -331,8 +332,10 @@ def run(
     judge: Callable[[EvalItem, str], Verdict] | None = None,
     choice_mode: str = "logprob",
     progress: Progress | None = None,
+    cached_only: bool = False,
 ) -> RunLog:
-    """Every expert on every item (judged items only with a judge); one expert at a time."""
+    """Every expert on every item (judged items only with a judge); one expert at a time. With
+    ``cached_only``, only what the cache holds (the rest counted as missing)."""
     started = time.perf_counter()
     skipped = {
         i.suite: "needs a judge (--judge URL); skipped"
@@ -352,6 +355,9 @@ def run(
                 log.cached += 1
             else:
                 todo.append((item, mode))
+        if cached_only:
+            log.missing += len(todo)
+            continue
         log.results += _compute(target, expert, identity, todo, cache, judge, progress)
         log.computed += len(todo)
     log.seconds = time.perf_counter() - started
