@@ -37,6 +37,7 @@ CALIBRATION_MIN = 20  # chat-style validation prompts needed to calibrate the th
 # prompts below a threshold needed to trust their accuracy: on the chat-style validation prompts
 # (about 180) 10, 5% of them; on benchmark validation (about 1900, or a user's set) 20
 CHAT_MIN_BELOW = 10
+MIN_BELOW = 20
 
 
 @dataclass(frozen=True)
@@ -191,7 +192,7 @@ def fit_temperature(logits: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def fit_threshold(
-    confidence: torch.Tensor, correct: torch.Tensor, min_accuracy: float, min_count: int = 20
+    confidence: torch.Tensor, correct: torch.Tensor, min_accuracy: float, min_count: int = MIN_BELOW
 ) -> float:
     """The highest confidence t such that predictions below t are right less than ``min_accuracy``
     of the time (measured on at least ``min_count`` validation prompts); 0 if none is."""
@@ -289,7 +290,7 @@ def train_router(
         conf[calibrate],
         (pred == yv)[calibrate],
         settings.min_fallback_accuracy,
-        CHAT_MIN_BELOW if on_chat else 20,
+        CHAT_MIN_BELOW if on_chat else MIN_BELOW,
     )
     meta = HeadMeta(
         categories,
@@ -356,7 +357,7 @@ def train_and_save(
     precision: str = DEFAULT_PRECISION,
 ) -> TrainResult:
     """Train on the packaged datasets (or a user's labelled file) and write the artifact to ``out``.
-    MT-Bench is the held-out chat test whenever its categories are among the trained ones."""
+    MT-Bench and the chat-style dev and test sets are held-out tests, for the categories trained."""
     from coe.router.data import (
         chat_test_examples,
         default_examples,
