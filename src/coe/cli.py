@@ -558,6 +558,8 @@ def cmd_eval(args) -> int:
     )
     for suite, why in report["skipped"].items():
         print(f"skipped {suite}: {why}")
+    for note in report.get("notes", []):
+        print(f"note: {note}")
     print(
         f"{report['run']['items']} items, {report['run']['results_computed']} results computed, "
         f"{report['run']['results_cached']} from the cache, "

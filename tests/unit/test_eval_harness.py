@@ -362,3 +362,16 @@ def test_cached_only_analyses_what_the_cache_holds_and_counts_the_rest(tmp_path)
     assert target.asked == []  # no expert ran
     assert (log.cached, log.computed, log.missing) == (2, 0, 6)
     assert sorted(r.item for r in log.results) == ["gsm8k:0", "gsm8k:1"]
+
+
+def test_a_budget_below_every_map_is_analysed_without_one_and_the_report_says_so(tmp_path):
+    grid = grid_of(ROWS)
+    routed = routed_as({i: c for i, (c, _) in ROWS.items()})
+    config = RouterConfig(budget_params=50.0)  # both experts are larger
+    analysis = pareto.analyse(grid, PARAMS, routed, 0.0, ["math", "code", "chat"], "test", config, "small")
+    assert analysis.notes and "below the cheapest map" in analysis.notes[0]
+    assert any(p.name == "coe crossfit (no budget)" for p in analysis.points)
+    data = report.report_dict(analysis, PARAMS, 0.0, {"seconds": 1}, {"s": 4}, {}, 50.0)
+    report.write(tmp_path, data)
+    assert "below the cheapest map" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["notes"] == list(analysis.notes)

@@ -27,7 +27,7 @@ from coe.config import RouterConfig
 from coe.errors import ConfigError
 from coe.eval.harness import ItemResult
 from coe.router.data import unit_hash
-from coe.router.mapping import ExpertMap, ScoreTable, best_map, pareto_frontier
+from coe.router.mapping import ExpertMap, ScoreTable, best_map, format_params, pareto_frontier
 from coe.router.service import MapProblem, map_problem
 
 Z95 = 1.96
@@ -249,6 +249,7 @@ class Analysis:
     points: list[Point]
     chosen: ExpertMap
     comparison: dict = field(default_factory=dict)  # cross-fitted CoE minus the best single
+    notes: tuple[str, ...] = ()  # what the analysis changed from the configuration, and why
 
 
 @dataclass(frozen=True)
@@ -296,6 +297,16 @@ def analyse(
     fitting = Fitting(params, categories, source, router, default_expert)
     table, scores, problem = fitting.problem(grid)
     frontier = pareto_frontier(problem.table, problem.params, problem.frequencies, problem.pins)
+    notes: tuple[str, ...] = ()
+    cheapest = frontier[0].avg_active_params
+    if router.budget_params is not None and router.budget_params < cheapest * (1 - 1e-9):
+        notes = (
+            f"router.budget_params ({format_params(router.budget_params)}) is below the cheapest "
+            f"map of these experts ({format_params(cheapest)}): the maps are fitted without a "
+            "budget",
+        )
+        router = replace(router, budget_params=None)
+        fitting = replace(fitting, router=router)
     chosen = fitting.best(problem, router.budget_params)
     scorer = Scorer(grid, params, router.frequencies or None)
     points = [scorer.point(e, "single", _always(e)) for e in grid.experts]
@@ -325,7 +336,7 @@ def analyse(
         if params.get(best_single.name)
         else None,
     }
-    return Analysis(table, scores, frontier, points + fitted, chosen, comparison)
+    return Analysis(table, scores, frontier, points + fitted, chosen, comparison, notes)
 
 
 @dataclass(frozen=True)

@@ -43,6 +43,7 @@ def report_dict(
         "chosen_map": analysis.chosen.assignment,
         "map_scores": analysis.map_scores.to_dict(),
         "summary": summary(analysis.points, analysis.comparison),
+        "notes": list(analysis.notes),
     }
 
 
@@ -140,6 +141,7 @@ def markdown(report: dict) -> str:
         "fitted on these same items, so they are optimistic by construction; the single experts "
         "and the per-item oracle fit nothing.",
         f"- Routed policies include the router's {format_params(report['router_params'])} parameters.",
+        *(f"- {note}" for note in report.get("notes", [])),
         f"- Run: {json.dumps(report['run'])}",
         "",
     ]
