@@ -183,14 +183,7 @@ def expected_choice(
     if not candidates:
         return default_expert
 
-    def expected(expert: str) -> float:
-        return sum(
-            p * table.scores[c].get(expert, 0.0)
-            for c, p in probabilities.items()
-            if c in table.scores
-        )
-
-    return max(candidates, key=expected)
+    return max(candidates, key=lambda e: expected_score(probabilities, table, e))
 
 
 class Scorer:
@@ -346,7 +339,7 @@ class FoldFits:
 
     fold: Mapping[str, int]
     plans: Sequence[Mapping[float | None, ExpertMap]]  # per fold: budget -> best map
-    tables: Sequence[ScoreTable]  # per fold: the map problem's table
+    problems: Sequence[MapProblem]  # per fold: the map problem fitted on the other folds
     rates: Sequence[float]  # per fold: the price per active parameter that meets the budget
     routed: Mapping[str, Routed]
     fitting: Fitting
@@ -363,12 +356,12 @@ class FoldFits:
     ) -> FoldFits:
         fold = grid.folds(k)
         wanted = [fitting.router.budget_params, *budgets]
-        plans, tables, rates = [], [], []
+        plans, problems, rates = [], [], []
         for f in range(k):
             train = grid.only({i for i, g in fold.items() if g != f})
             _, _, problem = fitting.problem(train)
             plans.append({b: fitting.best(problem, b) for b in wanted})
-            tables.append(problem.table)
+            problems.append(problem)
             items = sorted(train.scores)
             share = Counter(train.category[i] for i in items)
             rates.append(
@@ -380,7 +373,7 @@ class FoldFits:
                     fitting.router.budget_params,
                 )
             )
-        return cls(fold, plans, tables, rates, routed, fitting)
+        return cls(fold, plans, problems, rates, routed, fitting)
 
     def _plan(self, item: str, budget: float | None) -> ExpertMap:
         return self.plans[self.fold[item]][budget]
@@ -410,7 +403,7 @@ class FoldFits:
         return expected_choice(
             self.routed[item].probabilities,
             plan.assignment,
-            self.tables[self.fold[item]],
+            self.problems[self.fold[item]].table,
             self.fitting.default_expert,
             plan.assignment.get(self.fitting.router.fallback_category),
         )
@@ -418,7 +411,10 @@ class FoldFits:
     def priced(self, item: str) -> str:
         f = self.fold[item]
         return priced_choice(
-            self.routed[item].probabilities, self.tables[f], self.fitting.params, self.rates[f]
+            self.routed[item].probabilities,
+            self.problems[f].table,
+            self.fitting.params,
+            self.rates[f],
         )
 
 
@@ -516,13 +512,17 @@ def priced_choice(
     request goes to the best deal for its category and an unsure one weighs every expert over the
     likely categories."""
 
-    def value(expert: str) -> float:
-        expected = sum(
-            p * table.scores[c][expert] for c, p in probabilities.items() if c in table.scores
-        )
-        return expected - rate * params.get(expert, 0.0)
+    return max(
+        table.experts,
+        key=lambda e: expected_score(probabilities, table, e) - rate * params.get(e, 0.0),
+    )
 
-    return max(table.experts, key=value)
+
+def expected_score(probabilities: Mapping[str, float], table: ScoreTable, expert: str) -> float:
+    """``expert``'s score in ``table`` averaged over the router's category probabilities."""
+    return sum(
+        p * table.scores[c].get(expert, 0.0) for c, p in probabilities.items() if c in table.scores
+    )
 
 
 def _refined(grid: Grid, fits: FoldFits, k: int) -> tuple[Chooser, int] | None:
@@ -538,8 +538,7 @@ def _refined(grid: Grid, fits: FoldFits, k: int) -> tuple[Chooser, int] | None:
     chosen: dict[str, str] = {}
     for f in range(k):
         train = grid.only({i for i, g in fits.fold.items() if g != f})
-        _, _, problem = fitting.problem(train)
-        fine, centroids = split_by_cluster(problem, train, routed)
+        fine, centroids = split_by_cluster(fits.problems[f], train, routed)
         plan = fitting.best(fine, budget)
         for item in (i for i, g in fits.fold.items() if g == f):
             cat = routed[item].category
