@@ -310,6 +310,8 @@ class LlamaCppParams(BackendParams):
     min_p: float = 0.05  # only temperature and top_p)
     repeat_penalty: float = 1.0
     n_gpu_layers: int = 0
+    # hot in a worker process of its own: a native crash ends the worker, not the server
+    isolate: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_ctx", "n_threads"):

@@ -164,3 +164,11 @@ class MissingExtra(CoEError):
 class GenerationError(CoEError):
     http_status = 500
     error_type = "generation_error"
+
+
+class ExpertCrashed(GenerationError):
+    """An expert's worker process died (a native crash, a kill) or was stopped for outgrowing
+    its memory: its requests end, it backs off, the server goes on."""
+
+    http_status = 503
+    code = "expert_crashed"

@@ -48,6 +48,11 @@ class FakeRunner(Runner):
         self.host = host
         self.footprint_bytes = footprint_bytes
         self.closed = False
+        self.dead = False  # a test's crash of its runtime
+
+    @property
+    def alive(self) -> bool:
+        return not self.dead
 
     def open_decoder(self) -> LetterDecoder:
         assert not self.closed, f"runner of {self.expert.name} used after close()"
@@ -880,3 +885,23 @@ def test_a_prefetched_expert_is_idle_from_its_arrival_not_from_its_last_use(fold
     assert cache.unload_idle() == []
     clock.now_s += 60
     assert cache.unload_idle() == [("a", "host")]
+
+
+# ---- runtimes that die (isolated experts' workers) -----------------------------------------------
+
+def test_a_runner_whose_runtime_died_leaves_the_device_tier_and_is_started_again(folders):
+    cache = make_cache(folders, host=10 * KB, footprints={"a": Footprint(host=1500, device=300)})
+    runner = cache.activate("a")
+    runner.dead = True  # its worker process died
+    assert cache.hot_experts() == []  # seen at once: nothing routes to it as hot
+    assert runner.closed and cache.tier_of("a") == "host"
+    assert cache.tiers["device"].used_bytes == 0 and cache.tiers["host"].used_bytes == 1500
+    (a, *_) = cache.states()
+    assert (a.crashes, a.restarts) == (1, 0)
+    again = cache.activate("a")  # warm -> hot again: no read
+    generates(again)
+    assert again is not runner and cache.fake.reads["a"] == 1 and cache.fake.materializes["a"] == 2
+    (a, *_) = cache.states()
+    assert (a.tier, a.crashes, a.restarts) == ("device", 1, 1)
+    cache.evict("a", "device")  # an eviction is not a crash
+    assert cache.states()[0].crashes == 1

@@ -255,7 +255,8 @@ def expert_yaml(source: str, params: str, backend: str | None = None) -> str:
 
 
 @pytest.mark.parametrize("params, message", [
-    ("{n_ctxx: 8192}", "experts[0].params.n_ctxx: unknown field (expected one of cache_prompt, max_sequences"),
+    ("{n_ctxx: 8192}", "experts[0].params.n_ctxx: unknown field (expected one of cache_prompt, isolate, max_sequences"),
+    ("{isolate: 1}", "experts[0].params.isolate: expected true or false, got 1"),
     ("{n_ctx: big}", "experts[0].params.n_ctx: expected an integer (or null), got 'big'"),
     ("{repack: 1}", "experts[0].params.repack: expected true or false, got 1"),
     ("{min_p: 2}", "experts[0].params.min_p: expected a number between 0 and 1, got 2"),
@@ -273,6 +274,7 @@ def test_a_bad_llama_cpp_param_names_the_file_and_the_field(tmp_path, params, me
     ("{max_sequences: '8'}", "experts[0].params.max_sequences: expected an integer, got '8'"),
     ("{device: tpu}", "experts[0].params.device: expected cpu, cuda or cuda:N, got 'tpu'"),
     ("{repack: true}", "experts[0].params.repack: unknown field"),  # a llama.cpp key on a torch expert
+    ("{isolate: true}", "experts[0].params.isolate: unknown field"),  # workers: llama.cpp experts only
 ])
 def test_a_bad_torch_param_names_the_file_and_the_field(tmp_path, params, message):
     path = write(tmp_path, expert_yaml("/m/x", params, backend="torch_hf"))

@@ -175,6 +175,17 @@ class Runner(ABC):
     @abstractmethod
     def open_decoder(self) -> Decoder: ...
 
+    @property
+    def alive(self) -> bool:
+        """False once the runtime is gone for good (an isolated expert's worker died): the cache
+        moves the expert out of the device tier."""
+        return True
+
+    @property
+    def pid(self) -> int | None:
+        """The process its runtime lives in, when that is not this one."""
+        return None
+
     def sampler(self, sampling: SamplingParams) -> TokenSampler:
         """A new sequence's sampler, with its grammar's mask when it has one (InvalidRequest if
         the grammar cannot be used with this vocabulary)."""
@@ -211,6 +222,17 @@ class Backend(ABC):
 
     @abstractmethod
     def materialize(self, host: HostWeights) -> Runner: ...
+
+    def vocab_of(self, host: HostWeights) -> Vocab:
+        """The vocabulary of warm weights, without a runtime (an isolated expert's runner keeps
+        it in the server while its runtime lives in a worker process)."""
+        raise ConfigError(
+            f"{host.expert.name}: the {self.name} backend cannot run in a worker process",
+            param="isolate",
+        )
+
+    def close(self) -> None:
+        """Free what the backend holds beyond its experts (an isolated one's spare workers)."""
 
     def check_adapter(self, base_path: Path, profile: Profile) -> int:
         """Check the profile's adapter against the base's weights from the headers alone (its

@@ -419,6 +419,9 @@ class LlamaCppBackend(Backend):
             on_release=lambda: lib.llama_adapter_lora_free(handle),
         )
 
+    def vocab_of(self, host: HostWeights) -> Vocab:
+        return LlamaVocab(host.payload, host.info.chat_template)
+
     def materialize(self, host: HostWeights) -> Runner:
         from llama_cpp import _internals
 

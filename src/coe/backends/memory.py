@@ -41,9 +41,15 @@ def anon_rss_bytes() -> int | None:
 
 def process_rss_bytes(pid: int) -> int:
     """Resident memory of process ``pid`` (its VmRSS), 0 when it is gone or /proc is missing."""
+    return process_status_bytes(pid, "VmRSS")
+
+
+def process_status_bytes(pid: int, field: str) -> int:
+    """A memory line of process ``pid``'s /proc status (VmRSS, RssAnon, ...) in bytes, 0 when it
+    is gone or /proc is missing."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass

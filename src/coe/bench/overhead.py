@@ -3,8 +3,11 @@ llama-cpp-python called directly on the same file, same prompt, greedy, in one p
 
 The coe side is served as `coe serve` serves it: the router loaded in the process and every token
 decoded on the engine's loop thread (a thread other than the one that loaded the router).
+``--isolated`` also serves each expert from a worker process (``params.isolate``) through a second
+engine, and compares its tokens/s and time to first token with the in-process engine's.
 
-Target: coe adds under 5% to generation time (ratio coe_s / direct_s <= 1.05).
+Targets: coe adds under 5% to generation time (ratio coe_s / direct_s <= 1.05); the isolated path
+is within 5% of the in-process tokens/s and 10% of its time to first token.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import statistics
 import time
 
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
-from coe.config import ExpertConfig, default_config
+from coe.config import CoEConfig, ExpertConfig, default_config
 from coe.engine import Engine
 from coe.models import path_of
 from coe.types import Request, SamplingParams
@@ -28,6 +31,11 @@ def add_arguments(parser) -> None:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument(
+        "--isolated",
+        action="store_true",
+        help="also serve each expert from a worker process and compare",
+    )
 
 
 def _rss_bytes() -> int:
@@ -67,38 +75,57 @@ def _through_coe(engine: Engine, name: str, args) -> dict:
     load_s = time.perf_counter() - started
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
 
-    def run():
+    def run() -> tuple[int, float]:
+        """Completion tokens and the time to the first one."""
+        started, first_s = time.perf_counter(), None
         for event in engine.stream(Request(expert=name, sampling=sampling, prompt=PROMPT)):
             if event.error is not None:
                 raise event.error
+            if first_s is None and event.delta:
+                first_s = time.perf_counter() - started
             if event.completion is not None:
-                return event.completion
+                return event.completion.completion_tokens, first_s or 0.0
+        raise RuntimeError("the stream ended without a completion")
 
     run()
-    times, tokens = [], 0
+    times, ttfts, tokens = [], [], 0
     for _ in range(args.repeats):
         started = time.perf_counter()
-        tokens = run().completion_tokens
+        tokens, ttft_s = run()
         times.append(time.perf_counter() - started)
+        ttfts.append(ttft_s)
     rss = _rss_bytes() - rss_before
     engine.cache.evict(name)
-    return {"load_s": load_s, "gen_s": statistics.median(times), "tokens": tokens, "rss_bytes": rss}
+    return {
+        "load_s": load_s,
+        "gen_s": statistics.median(times),
+        "ttft_s": statistics.median(ttfts),
+        "tokens": tokens,
+        "rss_bytes": rss,
+    }
 
 
 def run(args) -> dict:
     defaults = default_config()
     names = args.experts or [e.name for e in defaults.experts]
-    experts = tuple(
-        ExpertConfig(n, defaults.expert(n).source, params={"n_threads": args.threads})
-        for n in names
-    )
-    config = type(defaults)(experts=experts)
-    engine = Engine.from_config(config, args.home)
+
+    def config(isolate: bool) -> CoEConfig:
+        params = {"n_threads": args.threads, **({"isolate": True} if isolate else {})}
+        return CoEConfig(
+            experts=tuple(ExpertConfig(n, defaults.expert(n).source, params=params) for n in names)
+        )
+
+    engine = Engine.from_config(config(isolate=False), args.home)
+    isolated = Engine.from_config(config(isolate=True), args.home) if args.isolated else None
     engine.start()
+    if isolated is not None:
+        isolated.start()
     try:
-        rows = _rows(engine, config, names, args)
+        rows = _rows(engine, isolated, names, args)
     finally:
         engine.stop()
+        if isolated is not None:
+            isolated.stop()
     router_loaded = engine.routing.router is not None
     print(
         f"coe: served on the engine's loop thread, router {'loaded' if router_loaded else 'absent'}"
@@ -110,29 +137,37 @@ def run(args) -> dict:
         "repeats": args.repeats,
         "threads": args.threads,
         "router_loaded": router_loaded,
-        "target": "gen_ratio <= 1.05",
+        "target": "gen_ratio <= 1.05"
+        + (", isolated_tok_s_ratio >= 0.95, isolated_ttft_ratio <= 1.10" if args.isolated else ""),
         "rows": rows,
     }
 
 
-def _rows(engine: Engine, config, names: list[str], args) -> list[dict]:
+def _rows(engine: Engine, isolated: Engine | None, names: list[str], args) -> list[dict]:
     rows = []
     for name in names:
-        path = path_of(engine.cache.store, config.expert(name))
+        path = path_of(engine.cache.store, engine.config.expert(name))
         problem = probe_default_load(path)  # the direct side loads with llama-cpp-python's defaults
         direct = _direct(str(path), args) if problem is None else None
         coe = _through_coe(engine, name, args)
-        rows.append(
-            {
-                "expert": name,
-                "direct": direct,
-                "coe": coe,
-                "direct_unavailable": problem,
-                "gen_ratio": coe["gen_s"] / direct["gen_s"] if direct else None,
-                "direct_tok_s": direct["tokens"] / direct["gen_s"] if direct else None,
-                "coe_tok_s": coe["tokens"] / coe["gen_s"],
-            }
-        )
+        row = {
+            "expert": name,
+            "direct": direct,
+            "coe": coe,
+            "direct_unavailable": problem,
+            "gen_ratio": coe["gen_s"] / direct["gen_s"] if direct else None,
+            "direct_tok_s": direct["tokens"] / direct["gen_s"] if direct else None,
+            "coe_tok_s": coe["tokens"] / coe["gen_s"],
+        }
+        if isolated is not None:
+            worker = _through_coe(isolated, name, args)
+            row.update(
+                isolated=worker,
+                isolated_tok_s=worker["tokens"] / worker["gen_s"],
+                isolated_tok_s_ratio=(worker["tokens"] / worker["gen_s"]) / row["coe_tok_s"],
+                isolated_ttft_ratio=worker["ttft_s"] / coe["ttft_s"],
+            )
+        rows.append(row)
     return rows
 
 
@@ -156,3 +191,15 @@ def _print(rows: list[dict]) -> None:
             f"{r['coe_tok_s']:>10.1f} {r['gen_ratio']:>16.3f} "
             f"{d['rss_bytes'] / 1e6:>8.0f} / {c['rss_bytes'] / 1e6:<7.0f}"
         )
+    isolated = [r for r in rows if "isolated" in r]
+    if isolated:
+        print(
+            f"\n{'expert':<20} {'tok/s in-process':>16} {'tok/s worker':>12} {'ratio':>6} "
+            f"{'TTFT ms in-process':>18} {'TTFT ms worker':>14} {'ratio':>6}"
+        )
+        for r in isolated:
+            print(
+                f"{r['expert']:<20} {r['coe_tok_s']:>16.1f} {r['isolated_tok_s']:>12.1f} "
+                f"{r['isolated_tok_s_ratio']:>6.3f} {r['coe']['ttft_s'] * 1000:>18.1f} "
+                f"{r['isolated']['ttft_s'] * 1000:>14.1f} {r['isolated_ttft_ratio']:>6.3f}"
+            )

@@ -9,7 +9,8 @@
    - naive: load the file on demand with default settings (llama-cpp-python ``Llama(path)``;
      for safetensors ``load_file`` + build + load_state_dict), file not in the page cache;
    - cold->hot: through ModelCache from disk; warm->hot: the expert demoted to the host tier;
-   - hot: the steady-state TTFT of a loaded expert (the floor every switch pays).
+   - hot: the steady-state TTFT of a loaded expert (the floor every switch pays);
+   - packaged experts also warm->hot in a worker process (``params.isolate``), against in-process.
 3. Replay: a Zipf(1.0) request sequence over 16 experts with room for 3 hot and 8 more warm, run
    through the real ModelCache with simulated moves whose durations are the ones measured in
    step 2 (a virtual clock, so the replay takes seconds): total switch time and hit rates for LRU
@@ -25,7 +26,7 @@ import random
 import statistics
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vocab
@@ -317,14 +318,7 @@ def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
     cold_to_hot_s, cold_activate_s, _, _ = sorted(cold)[len(cold) // 2]
     moved = cache.state_of(name)
     hot_ttft_s = statistics.median(first_token_s(runner, next(prompts)) for _ in range(3))
-    warm = []
-    for _ in range(3):
-        cache.evict(name, Tier.DEVICE)
-        started = time.perf_counter()
-        runner = cache.activate(name)
-        activate_s = time.perf_counter() - started
-        warm.append((activate_s + first_token_s(runner, next(prompts)), activate_s))
-    warm_to_hot_s, warm_activate_s = sorted(warm)[1]
+    warm_to_hot_s, warm_activate_s = measure_warm(cache, name, prompts)
     return {
         "cold_to_hot_s": cold_to_hot_s,
         "cold_activate_s": cold_activate_s,
@@ -337,6 +331,21 @@ def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
         "host_bytes": moved.host_bytes,
         "device_bytes": moved.device_bytes,
     }
+
+
+def measure_warm(cache: ModelCache, name: str, prompts) -> tuple[float, float]:
+    """warm->hot (activation + first token) and the activation alone, medians of 3; the expert
+    is made warm first."""
+    cache.activate(name)
+    warm = []
+    for _ in range(3):
+        cache.evict(name, Tier.DEVICE)
+        started = time.perf_counter()
+        runner = cache.activate(name)
+        activate_s = time.perf_counter() - started
+        warm.append((activate_s + first_token_s(runner, next(prompts)), activate_s))
+    warm_to_hot_s, warm_activate_s = sorted(warm)[1]
+    return warm_to_hot_s, warm_activate_s
 
 
 def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
@@ -757,6 +766,9 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
     rows, settings = [], {}
     defaults = default_config()
     cache = standalone_cache(defaults.experts, store)
+    isolated = standalone_cache(
+        [replace(e, params={**e.params, "isolate": True}) for e in defaults.experts], store
+    )
     for expert in defaults.experts:
         path = path_of(cache.store, expert)
         row = {
@@ -776,8 +788,17 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
                 f"  {expert.name}: the naive baseline cannot run on this machine: {problem}",
                 flush=True,
             )
-        row.update(measure_cache(cache, expert.name, path, prompts))
+        measured = measure_cache(cache, expert.name, path, prompts)
+        row.update(measured)
         cache.evict(expert.name, Tier.HOST)
+        # the same expert in a worker process (params.isolate): warm -> hot against in-process
+        isolated_to_hot_s, isolated_activate_s = measure_warm(isolated, expert.name, prompts)
+        isolated.evict(expert.name, Tier.HOST)
+        row.update(
+            isolated_warm_to_hot_s=isolated_to_hot_s,
+            isolated_warm_activate_s=isolated_activate_s,
+            isolated_warm_ratio=isolated_to_hot_s / measured["warm_to_hot_s"],
+        )
         rows.append(row)
         print(f"  measured {expert.name}", flush=True)
         if with_settings:
@@ -785,6 +806,7 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
                 path, next(prompts), repack_works=problem is None
             )
     cache.close()
+    isolated.close()
     return rows, settings
 
 
@@ -830,6 +852,14 @@ def print_report(result: dict) -> None:
         )
         if r.get("naive_unavailable"):
             print(f"  {r['name']}: no naive baseline on this machine ({r['naive_unavailable']})")
+    for r in result["experts"]:
+        if "isolated_warm_to_hot_s" in r:
+            print(
+                f"{r['name']}: warm->hot in a worker process {r['isolated_warm_to_hot_s']:.3f}s "
+                f"(activation {r['isolated_warm_activate_s'] * 1000:.0f} ms) vs in-process "
+                f"{r['warm_to_hot_s']:.3f}s (activation {r['warm_activate_s'] * 1000:.0f} ms): "
+                f"{r['isolated_warm_ratio']:.2f}x"
+            )
     for name, rows in result["llama_settings"].items():
         print(
             f"llama.cpp settings, {name}: "

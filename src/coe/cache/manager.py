@@ -57,6 +57,9 @@ class ExpertState:
     replicas: tuple[tuple[str, str], ...] = ()  # Ray Serve: (replica, its state of this expert)
     base: str | None = None  # a profile: the expert whose weights (and tiers) it shares
     adapter_bytes: int = 0  # a profile's LoRA adapter, measured once loaded (0: none or not yet)
+    crashes: int = 0  # isolated experts: worker processes that died
+    restarts: int = 0  # isolated experts: workers started again after a crash
+    worker_pid: int | None = None  # isolated experts, while hot: the worker process
 
     @property
     def load_s(self) -> float | None:
@@ -103,6 +106,8 @@ class _Slot:
     idle_since_s: float = 0.0  # clock time of its last use, or of its last idle move down
     keep_s: float | None = None  # the last request's keep_alive (None: cache.idle_unload_s)
     adapters: dict[str, Adapter] = field(default_factory=dict)  # profiles' LoRAs read onto host
+    crashes: int = 0  # runtimes that died under it (isolated experts' workers)
+    restarts: int = 0  # runtimes started again after a crash
 
     @property
     def busy(self) -> bool:
@@ -182,10 +187,19 @@ class ModelCache:
             raise UnknownExpert(f"no expert named {name!r}") from None
 
     def _backend(self, expert: ExpertConfig, path: Path) -> Backend:
+        """The expert's backend; an isolated expert's (``params.isolate``) runs its hot tier in
+        worker processes."""
         name = backend_of(expert, path)
         if name not in self._backends:
             self._backends[name] = get_backend(name)
-        return self._backends[name]
+        if not expert.params.get("isolate", False):
+            return self._backends[name]
+        isolated = f"{name}+worker"
+        if isolated not in self._backends:
+            from coe.backends.worker import IsolatedBackend
+
+            self._backends[isolated] = IsolatedBackend(self._backends[name])
+        return self._backends[isolated]
 
     def check_adapters(self) -> None:
         """Every profile's adapter against its base, from the headers (start-up): ConfigError
@@ -210,6 +224,7 @@ class ModelCache:
         until a later move needs its room; hold a ``lease`` to keep it."""
         slot = self._slot(name)
         with self._state:
+            self._reap(slot)
             self._count_request(slot)
             self._activations[name] = self._activations.get(name, 0) + 1
             slot.idle_since_s = self._now_s()  # also when it is already hot (no move, no _touch)
@@ -366,6 +381,8 @@ class ModelCache:
                 self._demote(slot, Tier.HOST)
             self.pool.trim(0)
             self._sync_pool()
+            for backend in self._backends.values():
+                backend.close()
 
     # -- moves (callers hold self._moving) ---------------------------------------------------------
     def _to_host(self, slot: _Slot) -> None:
@@ -419,6 +436,7 @@ class ModelCache:
             undo=lambda runner: runner.close(),
         )
         with self._state:
+            slot.restarts = slot.crashes
             slot.runner, slot.materialize_s, slot.device_bytes_seen = (
                 runner,
                 elapsed,
@@ -615,16 +633,28 @@ class ModelCache:
     # -- visibility --------------------------------------------------------------------------------
     def is_resident(self, name: str) -> bool:
         """Hot: activating it costs nothing."""
-        return self._slot(name).runner is not None
+        return self.tier_of(name) == Tier.DEVICE
 
     def hot_experts(self) -> list[str]:
         """Experts ready to generate now (a profile is, when its base is)."""
+        with self._state:
+            for slot in self._slots.values():
+                self._reap(slot)
         return [
             name for name, base in self._runs_on.items() if self._slots[base].runner is not None
         ]
 
+    def _reap(self, slot: _Slot) -> None:
+        """A runner whose runtime died (an isolated expert's worker) leaves the device tier; the
+        next activation starts a new one. Holds ``_state``."""
+        if slot.runner is not None and not slot.runner.alive:
+            slot.crashes += 1
+            self._demote(slot, Tier.DEVICE)
+
     def tier_of(self, name: str) -> Tier:
         slot = self._slot(name)
+        with self._state:
+            self._reap(slot)
         return (
             Tier.DEVICE
             if slot.runner is not None
@@ -671,6 +701,7 @@ class ModelCache:
             device_bytes = self.tiers[Tier.DEVICE].held(expert.name) if own else 0
             adapter = slot.adapters.get(name)
             requests = self._activations.get(name, 0)
+            worker_pid = slot.runner.pid if slot.runner is not None and own else None
         backend = backend_of(expert, info.path) if info is not None else expert.backend
         num_params = info.num_params if info else None
         if num_params is not None and not own:  # active parameters: the base's and the adapter's
@@ -691,6 +722,9 @@ class ModelCache:
             slot.file_read_s,
             base=None if own else expert.name,
             adapter_bytes=adapter.num_bytes if adapter is not None else 0,
+            crashes=slot.crashes if own else 0,
+            restarts=slot.restarts if own else 0,
+            worker_pid=worker_pid,
         )
 
     def state_of(self, name: str) -> ExpertState:

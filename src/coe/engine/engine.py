@@ -34,6 +34,7 @@ from coe.engine.views import FleetViews
 from coe.errors import (
     CacheFull,
     CoEError,
+    ExpertCrashed,
     ExpertUnavailable,
     GenerationError,
     Overloaded,
@@ -290,7 +291,15 @@ class Engine:
         if crash is None:
             self.health.succeeded(batch.expert)
         elif isinstance(crash, GenerationError):
-            self.health.failed(batch.expert, time.monotonic(), crash.message)
+            backoff_s = self.health.failed(batch.expert, time.monotonic(), crash.message)
+            if isinstance(crash, ExpertCrashed):  # its clients may retry once it is back
+                crash.retry_after_s = backoff_s
+                log.warning(
+                    "expert %s crashed, backing off %.0f s: %s",
+                    batch.expert,
+                    backoff_s,
+                    crash.message,
+                )
         self.scheduler.record_service(time.perf_counter() - self._batch_started_s)
         self.metrics.running.set(0)
         return events

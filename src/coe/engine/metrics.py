@@ -197,6 +197,21 @@ class _ScrapeTime:
         for expert in snapshot.experts:
             tiers.add_metric([expert.name, expert.tier], 1)
         yield tiers
+        crashes = CounterMetricFamily(
+            "coe_expert_crashes",
+            "Worker processes of isolated experts that died (params.isolate)",
+            labels=["expert"],
+        )
+        restarts = CounterMetricFamily(
+            "coe_expert_restarts",
+            "Worker processes of isolated experts started again after a crash",
+            labels=["expert"],
+        )
+        for expert in snapshot.experts:
+            crashes.add_metric([expert.name], expert.crashes)
+            restarts.add_metric([expert.name], expert.restarts)
+        yield crashes
+        yield restarts
 
 
 def _counter(name: str, documentation: str, value: float) -> CounterMetricFamily:

@@ -32,6 +32,9 @@ def expert_json(state: ExpertState) -> dict:
         "read_s": state.read_s,
         "file_read_s": state.file_read_s,
         "materialize_s": state.materialize_s,
+        "crashes": state.crashes,
+        "restarts": state.restarts,
+        "worker_pid": state.worker_pid,
     }
     if state.base is not None:  # a profile: its base holds the weights in the tiers
         shape["base"] = state.base
@@ -60,6 +63,9 @@ def expert_from_json(row: dict) -> ExpertState:
         tuple(row.get("replicas", {}).items()),
         row.get("base"),
         row.get("adapter_bytes", 0),
+        row.get("crashes", 0),
+        row.get("restarts", 0),
+        row.get("worker_pid"),
     )
 
 
