@@ -173,3 +173,50 @@ def test_no_worker_outlives_the_server(tmp_path, how):
         assert gone(pids), f"workers left after {how}: {pids}"
     finally:
         stop_server(server)
+
+
+def test_sampling_grammars_and_logprobs_run_in_the_worker(isolated_server):
+    """What crosses the boundary is ids and log-probabilities; the grammar runs next to the model."""
+    reply = httpx.post(isolated_server.v1 + "/chat/completions", timeout=300, json={
+        "model": "smollm2-135m", "max_tokens": 40, "temperature": 0, "logprobs": True, "top_logprobs": 2,
+        "messages": [{"role": "user", "content": "Give a colour as JSON."}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+            "type": "object", "properties": {"colour": {"type": "string", "enum": ["red", "blue"]}},
+            "required": ["colour"], "additionalProperties": False}}}})
+    assert reply.status_code == 200, reply.text
+    choice = reply.json()["choices"][0]
+    assert json.loads(choice["message"]["content"])["colour"] in ("red", "blue")
+    content = choice["logprobs"]["content"]
+    assert content and all(len(t["top_logprobs"]) <= 2 and t["logprob"] <= 0 for t in content)
+
+
+def test_a_worker_that_outgrows_its_memory_is_stopped(coe_home):
+    from coe.backends.llama_cpp import LlamaCppBackend
+    from coe.backends.memory import HostBufferPool
+    from coe.backends.worker import MEMORY_CHECK_S, IsolatedBackend
+    from coe.config import ExpertConfig
+    from coe.errors import ExpertCrashed
+    from coe.models import ModelStore, path_of
+    from coe.types import SamplingParams
+
+    expert = ExpertConfig("smollm2-135m", "smollm2-135m", params={"isolate": True})
+    backend = IsolatedBackend(LlamaCppBackend())
+    host = backend.read(expert, path_of(ModelStore(coe_home), expert), HostBufferPool())
+    try:
+        runner = backend.materialize(host)
+        assert runner.footprint_bytes > 0 and host.footprint_bytes > runner.footprint_bytes
+        decoder = runner.open_decoder()
+        decoder.add(1, runner.vocab.encode("Once upon a time"), SamplingParams(max_tokens=50, temperature=0))
+        decoder.step()
+        runner.limit_bytes = 1  # as if it had grown past 1.5x its footprint
+        time.sleep(MEMORY_CHECK_S)
+        with pytest.raises(ExpertCrashed, match="grew to .* MiB, over its limit"):
+            decoder.step()
+        assert not runner.alive
+        runner.close()
+        again = backend.materialize(host)  # a new worker, from the page cache
+        assert again.alive and again.pid != runner.pid
+        again.close()
+    finally:
+        host.release()
+        backend.close()

@@ -8,6 +8,7 @@ parent (server, engine, cache)                 worker: python -m coe.backends.wo
                               meanwhile the parent reads them too, for the vocabulary
   IsolatedBackend.materialize Materialize       runner (context, KV cache) -> Ready
   WorkerDecoder.add           Add (+ removed)   decoder.add: sampler and grammar built here
+                                                (the first one opens the worker's decoder)
   WorkerDecoder.step          Step (+ removed)  decoder.step -> Tokens {seq: Token}
   WorkerRunner.close          Park              the runtime freed, the weights kept (warm)
   host weights released       the pipe closes   the worker exits
@@ -37,6 +38,7 @@ from typing import Any
 
 from coe import errors
 from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vocab
+from coe.backends.llama_cpp import cells_fit
 from coe.backends.memory import HostBufferPool, process_status_bytes
 from coe.backends.sampling import SamplerDefaults, Token
 from coe.config import ExpertConfig
@@ -75,11 +77,6 @@ class Ready:
     context_length: int
     max_sequences: int
     sampler_defaults: SamplerDefaults
-
-
-@dataclass(frozen=True)
-class OpenDecoder:
-    pass
 
 
 @dataclass(frozen=True)
@@ -204,7 +201,7 @@ class WorkerProcess:
         self.process.wait()
 
     def stop(self) -> None:
-        """Ask the worker to exit (it frees its runtime), then make sure it did."""
+        """Close the pipe (the worker exits when it closes), then make sure it did."""
         if self.alive:
             try:
                 self.conn.close()  # the worker exits when its pipe closes
@@ -287,7 +284,7 @@ class IsolatedBackend(Backend):
             self._workers[expert.name] = worker
         host.footprint_bytes += worker.private_bytes()
         release = host.on_release
-        host.on_release = lambda: self._release(expert.name, worker, release)
+        host.on_release = lambda: self._release(expert.name, release)
         return host
 
     @staticmethod
@@ -302,11 +299,12 @@ class IsolatedBackend(Backend):
             worker.stop()
             raise
 
-    def _release(self, name: str, worker: WorkerProcess, release: Any) -> None:
+    def _release(self, name: str, release: Any) -> None:
+        """Out of host memory: the expert's worker (the one started after a crash, if any) stops."""
         with self._lock:
-            if self._workers.get(name) is worker:
-                del self._workers[name]
-        worker.stop()
+            worker = self._workers.pop(name, None)
+        if worker is not None:
+            worker.stop()
         if release is not None:
             release()
 
@@ -377,7 +375,7 @@ class WorkerRunner(Runner):
         return self.worker.pid
 
     def open_decoder(self) -> Decoder:
-        self.worker.call(OpenDecoder())
+        """The worker opens its decoder with the first sequence (one round trip less)."""
         return WorkerDecoder(self)
 
     def close(self) -> None:
@@ -401,13 +399,15 @@ class WorkerDecoder(Decoder):
         self.max_sequences = runner.max_sequences
         self.need_tokens: dict[int, int] = {}
         self.removed: list[int] = []
+        self.used = False  # a sequence was sent: the worker's decoder is open
         self._memory_checked_s = time.monotonic()
 
     def has_room(self, need_tokens: int) -> bool:
-        held = sum(self.need_tokens.values())
-        return (
-            len(self.need_tokens) < self.max_sequences
-            and held + need_tokens <= self.runner.context_length
+        return cells_fit(
+            list(self.need_tokens.values()),
+            need_tokens,
+            self.max_sequences,
+            self.runner.context_length,
         )
 
     def add(
@@ -418,6 +418,7 @@ class WorkerDecoder(Decoder):
         adapter: Adapter | None = None,
     ) -> None:
         ref = AdapterRef(adapter.name, str(adapter.path), adapter.scale) if adapter else None
+        self.used = True
         self.worker.call(Add(seq, prompt_ids, sampling, ref, self._take_removed()))
         self.need_tokens[seq] = len(prompt_ids) + sampling.max_tokens
 
@@ -432,8 +433,9 @@ class WorkerDecoder(Decoder):
 
     def close(self) -> None:
         self.need_tokens.clear()
-        if self.worker.alive:
+        if self.used and self.worker.alive:
             self.worker.call(CloseDecoder())
+        self.used = False
         self.removed.clear()
 
     def _take_removed(self) -> tuple[int, ...]:
@@ -477,6 +479,11 @@ class _Worker:
         self.runner: Runner | None = None
         self.decoder: Decoder | None = None
         self.adapters: dict[str, Adapter] = {}
+        self.left: dict[int, int] = {}  # live sequences: tokens each may still generate
+        self.unstarted: set[int] = set()  # added, not stepped yet (their prefill is to come)
+        self.ahead: dict[int, Token] | None = None  # the next step, computed before it was asked
+        self.ahead_error: Exception | None = None
+        self.started_now = False  # the last step gave some sequence its first token
 
     def handle(self, message: Any) -> Any:
         try:
@@ -506,34 +513,82 @@ class _Worker:
             self._park()
             return Done()
         assert self.runner is not None, "the expert is not hot"
-        if isinstance(message, OpenDecoder):
+        if isinstance(message, CloseDecoder):
+            self._forget_sequences()
             if self.decoder is not None:
                 self.decoder.close()
+                self.decoder = None
+            return Done()
+        if self.decoder is None:  # the server's decoder opened: ours opens with its first message
             self.decoder = self.runner.open_decoder()
-            return Done()
         decoder = self.decoder
-        assert decoder is not None, "no decoder open"
-        if isinstance(message, CloseDecoder):
-            decoder.close()
-            self.decoder = None
-            return Done()
         for seq in message.removed:
             decoder.remove(seq)
+            self.left.pop(seq, None)
+            self.unstarted.discard(seq)
         if isinstance(message, Add):
             adapter = self._adapter(message.adapter) if message.adapter else None
             decoder.add(message.seq, message.prompt_ids, message.sampling, adapter)
+            self.left[message.seq] = message.sampling.max_tokens
+            self.unstarted.add(message.seq)
             return Done()
         if isinstance(message, Step):
-            return Tokens(decoder.step())
+            return Tokens(self._step(decoder))
         raise GenerationError(f"the worker does not know the message {message!r}")
 
+    def _step(self, decoder: Decoder) -> dict[int, Token]:
+        """The step computed ahead (less the sequences removed since), else one now."""
+        error, self.ahead_error = self.ahead_error, None
+        if error is not None:
+            raise error
+        self.started_now = False
+        if self.ahead is not None:
+            tokens = {seq: t for seq, t in self.ahead.items() if seq in self.left}
+            self.ahead = None
+        else:
+            tokens = decoder.step()
+            self.started_now = bool(self.unstarted)
+            self.unstarted.clear()
+        assert self.runner is not None
+        for seq, token in tokens.items():
+            self.left[seq] -= 1
+            if self.runner.vocab.is_end(token.id):
+                self.left[seq] = 0
+        return tokens
+
+    def run_ahead(self) -> None:
+        """After answering a step, compute the next one while the server postprocesses this one
+        (the round trip and the server's work hide behind the forward pass), unless:
+        a sequence may have ended (an end token, its max_tokens; only the server knows its stop
+        strings and cancellations, and drops their extra token); a new one awaits its prefill (it
+        starts at the step after); or the step just answered was some sequence's first token (on
+        a machine with no core to spare, the server would wait for one to deliver it: measured
+        +25% time to first token on 2 cores)."""
+        decoder = self.decoder
+        if decoder is None or self.ahead is not None or not self.left or self.unstarted:
+            return
+        if self.started_now:  # a first token: its client should get it before we take the cores
+            return
+        if min(self.left.values()) <= 0:
+            return
+        try:
+            self.ahead = decoder.step()
+        except Exception as exc:  # reported as the next step's failure
+            self.ahead_error = exc
+
     def _park(self) -> None:
+        self._forget_sequences()
         if self.decoder is not None:
             self.decoder.close()
             self.decoder = None
         if self.runner is not None:
             self.runner.close()
             self.runner = None
+
+    def _forget_sequences(self) -> None:
+        self.left.clear()
+        self.unstarted.clear()
+        self.ahead, self.ahead_error = None, None
 
     def _adapter(self, ref: AdapterRef) -> Adapter:
         adapter = self.adapters.get(ref.name)
@@ -574,10 +629,13 @@ def serve(fd: int) -> None:
             message = conn.recv()
         except (EOFError, OSError):
             break
+        reply = worker.handle(message)
         try:
-            conn.send(worker.handle(message))
+            conn.send(reply)
         except OSError:
             break
+        if isinstance(reply, Tokens):
+            worker.run_ahead()
     os._exit(0)  # the runtime's memory goes with the process; no teardown to crash in
 
 

@@ -18,6 +18,7 @@ import time
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.config import CoEConfig, ExpertConfig, default_config
 from coe.engine import Engine
+from coe.errors import CacheFull
 from coe.models import path_of
 from coe.types import Request, SamplingParams
 
@@ -95,7 +96,7 @@ def _through_coe(engine: Engine, name: str, args) -> dict:
         times.append(time.perf_counter() - started)
         ttfts.append(ttft_s)
     rss = _rss_bytes() - rss_before
-    engine.cache.evict(name)
+    _evict_when_idle(engine, name)
     return {
         "load_s": load_s,
         "gen_s": statistics.median(times),
@@ -103,6 +104,20 @@ def _through_coe(engine: Engine, name: str, args) -> dict:
         "tokens": tokens,
         "rss_bytes": rss,
     }
+
+
+def _evict_when_idle(engine: Engine, name: str, timeout_s: float = 30.0) -> None:
+    """Evict once the engine's loop has closed the last batch (its lease ends just after the final
+    event is delivered)."""
+    deadline_s = time.monotonic() + timeout_s
+    while True:
+        try:
+            engine.cache.evict(name)
+            return
+        except CacheFull:
+            if time.monotonic() > deadline_s:
+                raise
+            time.sleep(0.01)
 
 
 def run(args) -> dict:
