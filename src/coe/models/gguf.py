@@ -149,11 +149,18 @@ class _Cursor:
         return text
 
     def skip_strings(self, count: int) -> None:
-        unpack_from, pos = _U64.unpack_from, self.pos
-        for _ in range(count):
-            if pos + 8 > len(self.buf):
+        """Walk ``count`` strings (u64 length + bytes). The loop checks no bounds: a length read
+        past the window raises struct.error, and the window grows (or the header is truncated)."""
+        unpack_from, pos, left = _U64.unpack_from, self.pos, count
+        while left:
+            buf, done = self.buf, 0
+            try:
+                for done in range(left):  # noqa: B007 - how far it got is kept on purpose
+                    pos += 8 + unpack_from(buf, pos)[0]
+                left = 0
+            except struct.error:
+                left -= done
                 self._need(pos + 8)
-            pos += 8 + unpack_from(self.buf, pos)[0]
         self._need(pos)
         self.pos = pos
 
