@@ -432,9 +432,13 @@ class WorkerDecoder(Decoder):
         self.removed.append(seq)
 
     def close(self) -> None:
+        """Never raises: a worker that died here is seen dead by the cache (``alive``)."""
         self.need_tokens.clear()
         if self.used and self.worker.alive:
-            self.worker.call(CloseDecoder())
+            try:
+                self.worker.call(CloseDecoder())
+            except CoEError:
+                self.worker.kill()
         self.used = False
         self.removed.clear()
 
