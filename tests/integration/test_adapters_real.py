@@ -51,8 +51,10 @@ def logprobs(runner, prompt, adapter=None) -> np.ndarray:
         decoder.close()
 
 
-def test_llama_cpp_with_the_gguf_lora_equals_the_merged_model(files):
-    params = {"n_ctx": 256, "max_sequences": 2}
+@pytest.mark.parametrize("isolate", [False, True], ids=["in-process", "worker"])
+def test_llama_cpp_with_the_gguf_lora_equals_the_merged_model(files, isolate):
+    """Also with the base in a worker process: the adapter is read there, onto the worker's model."""
+    params = {"n_ctx": 256, "max_sequences": 2, "isolate": isolate}
     experts = (ExpertConfig("base", str(files["base.gguf"]), params=params),
                ExpertConfig("tuned", base="base", adapter=str(files["lora.gguf"])),
                ExpertConfig("merged", str(files["merged.gguf"]), params=params))

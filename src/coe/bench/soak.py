@@ -68,7 +68,7 @@ def soak_config(isolate: bool) -> str:
     return SOAK_CONFIG.replace("\n    source: ", "\n    params: {isolate: true}\n    source: ")
 
 
-# ---- the cases: (name, valid, call(client, http, base_url, rng, max_tokens) -> expected outcome) ----
+# ---- the cases: (name, valid, call(client, http, base_url, rng, max_tokens, model) -> outcome) ----
 def _chat(client, rng, max_tokens, model, **extra):
     return client.chat.completions.create(
         model=model,
