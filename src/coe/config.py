@@ -342,6 +342,9 @@ class TorchParams(BackendParams):
     top_k: int = 0  # sampling defaults: off unless set
     min_p: float = 0.0
     repeat_penalty: float = 1.0
+    # in a worker process of its own: its weights are read there (this process keeps the
+    # tokenizer); a native crash ends the worker, not the server
+    isolate: bool = False
 
     def __post_init__(self) -> None:
         _require(

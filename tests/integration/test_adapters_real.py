@@ -92,16 +92,18 @@ def test_a_lora_for_another_shape_fails_at_start_naming_the_field(files, make_ch
         ModelCache(CoEConfig(experts=(experts[0], not_lora)), ModelStore("unused")).check_adapters()
 
 
-def config_text(files) -> str:
+def config_text(files, isolate: bool = False) -> str:
+    flag = "true" if isolate else "false"
     return f"""experts:
   - name: base-gguf
     source: {files['base.gguf']}
-    params: {{n_ctx: 512, max_sequences: 4}}
+    params: {{n_ctx: 512, max_sequences: 4, isolate: {flag}}}
   - name: tuned-gguf
     base: base-gguf
     adapter: {files['lora.gguf']}
   - name: base-torch
     source: {files['checkpoint']}
+    params: {{isolate: {flag}}}
   - name: tuned-torch
     base: base-torch
     adapter: {files['adapter']}
@@ -127,6 +129,25 @@ def test_adapter_experts_serve_through_a_real_server(files, tmp_path):
         rows = {row["name"]: row for row in httpx.get(server.base_url + "/v1/experts", timeout=10).json()["experts"]}
         assert rows["tuned-torch"]["base"] == "base-torch" and rows["tuned-torch"]["adapter_bytes"] > 0
         assert rows["tuned-gguf"]["base"] == "base-gguf"
+
+
+def test_adapter_experts_in_worker_processes_answer_as_in_process(files, tmp_path):
+    """Both backends' bases isolated: the adapters are read in the workers; the log-probabilities
+    of a greedy completion are the in-process server's."""
+    names = ("base-gguf", "tuned-gguf", "base-torch", "tuned-torch")
+    first = {}
+    for isolate in (False, True):
+        with running(tmp_path / f"server-{isolate}", config_text(files, isolate)) as server:
+            replies = {name: complete(server.base_url, name) for name in names}
+            assert all(r.status_code == 200 for r in replies.values()), {k: r.text for k, r in replies.items()}
+            first[isolate] = {n: r.json()["choices"][0]["logprobs"]["token_logprobs"] for n, r in replies.items()}
+            if isolate:
+                rows = httpx.get(server.base_url + "/v1/experts", timeout=10).json()["experts"]
+                pids = {r["name"]: r["worker_pid"] for r in rows if r["name"].startswith("base")}
+                assert len(pids) == 2 and all(pids.values()), pids  # both bases hot, in workers
+    for name in names:
+        np.testing.assert_allclose(first[True][name], first[False][name], atol=2e-3)
+    assert abs(first[True]["tuned-torch"][0] - first[True]["base-torch"][0]) > 1e-3
 
 
 def test_a_bad_adapter_stops_the_server_at_start_naming_file_and_field(files, tmp_path):

@@ -220,3 +220,36 @@ def test_a_worker_that_outgrows_its_memory_is_stopped(coe_home):
     finally:
         host.release()
         backend.close()
+
+
+def test_a_torch_expert_in_a_worker_generates_what_it_does_in_process(tiny_checkpoint):
+    """The worker reads the checkpoint into its own buffer; this process keeps the tokenizer."""
+    from coe.backends.memory import HostBufferPool
+    from coe.backends.torch import TorchBackend
+    from coe.backends.worker import IsolatedBackend
+    from coe.config import ExpertConfig
+    from coe.engine.batch import generate
+    from coe.types import Request, SamplingParams
+
+    def text(backend, isolate: bool) -> str:
+        expert = ExpertConfig("tiny", str(tiny_checkpoint), backend="torch_hf",
+                              params={"n_ctx": 64, "isolate": isolate})
+        host = backend.read(expert, tiny_checkpoint, HostBufferPool())
+        runner = backend.materialize(host)
+        try:
+            requests = [Request("tiny", SamplingParams(max_tokens=12, temperature=0), prompt=p)
+                        for p in ("Hello", "Why?")]
+            events = [e for e in generate(runner, requests) if e.is_final]
+            assert all(e.error is None for e in events), events
+            return "|".join(e.completion.text for e in events)
+        finally:
+            runner.close()
+            host.release()
+
+    isolated = IsolatedBackend(TorchBackend())
+    try:
+        in_process = text(TorchBackend(), False)
+        assert len(in_process) > 2 and text(isolated, True) == in_process
+        assert not isolated._workers  # released with its host weights
+    finally:
+        isolated.close()

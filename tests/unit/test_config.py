@@ -274,7 +274,7 @@ def test_a_bad_llama_cpp_param_names_the_file_and_the_field(tmp_path, params, me
     ("{max_sequences: '8'}", "experts[0].params.max_sequences: expected an integer, got '8'"),
     ("{device: tpu}", "experts[0].params.device: expected cpu, cuda or cuda:N, got 'tpu'"),
     ("{repack: true}", "experts[0].params.repack: unknown field"),  # a llama.cpp key on a torch expert
-    ("{isolate: true}", "experts[0].params.isolate: unknown field"),  # workers: llama.cpp experts only
+    ("{isolate: 2}", "experts[0].params.isolate: expected true or false, got 2"),
 ])
 def test_a_bad_torch_param_names_the_file_and_the_field(tmp_path, params, message):
     path = write(tmp_path, expert_yaml("/m/x", params, backend="torch_hf"))

@@ -171,6 +171,9 @@ class Runner(ABC):
         self.max_sequences = max_sequences  # sequences one decoder steps together
         self.num_bytes = num_bytes  # weights on disk
         self.footprint_bytes = 0  # measured memory this runner holds beyond its host weights
+        # its sequences share one context of ``context_length`` cells (llama.cpp), or each has
+        # its own (torch): how a decoder decides it has room
+        self.shares_context = False
 
     @abstractmethod
     def open_decoder(self) -> Decoder: ...
@@ -222,6 +225,15 @@ class Backend(ABC):
 
     @abstractmethod
     def materialize(self, host: HostWeights) -> Runner: ...
+
+    def read_for_worker(
+        self, expert: ExpertConfig, path: Path, pool: HostBufferPool
+    ) -> HostWeights:
+        """What this process keeps of an expert whose weights live in a worker process: by
+        default the same warm weights (llama.cpp: a model over the page cache, whose pages the
+        worker's model shares); a backend whose warm weights are a private buffer keeps only what
+        ``vocab_of`` needs."""
+        return self.read(expert, path, pool)
 
     def vocab_of(self, host: HostWeights) -> Vocab:
         """The vocabulary of warm weights, without a runtime (an isolated expert's runner keeps

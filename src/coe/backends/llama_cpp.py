@@ -140,6 +140,7 @@ class LlamaRunner(Runner):
             SamplerDefaults.of(params),
         )
         self.lib = load_llama_cpp()
+        self.shares_context = True
         self.model, self.ctx = model, ctx
         self.n_batch = int(ctx.params.n_batch)
         self.n_vocab = model.n_vocab()

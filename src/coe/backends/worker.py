@@ -77,6 +77,8 @@ class Ready:
     context_length: int
     max_sequences: int
     sampler_defaults: SamplerDefaults
+    shares_context: bool
+    footprint_bytes: int  # what the runtime holds beyond the weights, as its backend measured it
 
 
 @dataclass(frozen=True)
@@ -252,9 +254,10 @@ class Spares:
 
 class IsolatedBackend(Backend):
     """``inner``'s expert in a worker process, warm and hot. Warm: the worker has read the
-    weights (llama.cpp: the model over the mmap'd file, pages shared with the page cache) and this
-    process holds ``inner``'s warm weights for the vocabulary; the host footprint is both.
-    Hot: the worker's runtime (a context); the device footprint is what it added. Back to warm
+    weights (llama.cpp: the model over the mmap'd file, pages shared with the page cache; torch:
+    the checkpoint in the worker's buffer) and this process keeps what the vocabulary needs
+    (``Backend.read_for_worker``); the host footprint is both. Hot: the worker's runtime (a
+    context, a module); the device footprint is what its backend measured there. Back to warm
     (``WorkerRunner.close``) frees the runtime and keeps the worker; out of host memory stops it.
     A dead worker is started again (its weights read again) by the next ``materialize``."""
 
@@ -271,7 +274,7 @@ class IsolatedBackend(Backend):
         worker = self.spares.take(expert.name)
         try:
             worker.send(Load(expert, path, self.inner.name))
-            host = self.inner.read(expert, path, pool)
+            host = self.inner.read_for_worker(expert, path, pool)
         except BaseException:
             worker.stop()
             raise
@@ -318,7 +321,14 @@ class IsolatedBackend(Backend):
         return self.inner.check_adapter(base_path, profile)
 
     def read_adapter(self, host: HostWeights, profile: Profile) -> Adapter:
-        return self.inner.read_adapter(host, profile)
+        """A reference: the worker reads the adapter onto its own weights at first use."""
+        assert profile.adapter is not None
+        return Adapter(
+            profile.name,
+            Path(profile.adapter).expanduser(),
+            profile.adapter_scale,
+            self.inner.check_adapter(host.info.path, profile),
+        )
 
     def materialize(self, host: HostWeights) -> Runner:
         name = host.expert.name
@@ -330,13 +340,12 @@ class IsolatedBackend(Backend):
             self._loaded(worker)
             with self._lock:
                 self._workers[name] = worker
-        warm_bytes = worker.private_bytes()
         try:
             ready = worker.call(Materialize())
         except ExpertCrashed as exc:
             raise LoadError(exc.message) from None
         runner = WorkerRunner(host, self.inner.vocab_of(host), ready, worker)
-        runner.footprint_bytes = max(0, worker.private_bytes() - warm_bytes)
+        runner.footprint_bytes = ready.footprint_bytes  # RSS on CPU, device memory on CUDA
         return runner
 
     def close(self) -> None:
@@ -361,6 +370,7 @@ class WorkerRunner(Runner):
             ready.sampler_defaults,
         )
         self.worker = worker
+        self.shares_context = ready.shares_context
         self.limit_bytes = (
             int(worker.private_bytes() * GROWTH_LIMIT) + GROWTH_SLACK_BYTES
         )  # beyond: stopped
@@ -391,8 +401,9 @@ class WorkerRunner(Runner):
 
 class WorkerDecoder(Decoder):
     """The worker's decoder, driven over the pipe: one round trip per step and per new sequence
-    (removals ride along with the next message). Room is decided here, by llama.cpp's rule: a
-    sequence fits while the cells the live ones may need (prompt + max_tokens each) do."""
+    (removals ride along with the next message). Room is decided here, by the worker's backend's
+    rule (llama.cpp: the cells the live sequences may need, prompt + max_tokens each, fit the
+    shared context; torch: a free row whose context holds the sequence)."""
 
     def __init__(self, runner: WorkerRunner):
         self.runner, self.worker = runner, runner.worker
@@ -403,6 +414,11 @@ class WorkerDecoder(Decoder):
         self._memory_checked_s = time.monotonic()
 
     def has_room(self, need_tokens: int) -> bool:
+        if not self.runner.shares_context:  # each sequence has its own context (torch)
+            return (
+                len(self.need_tokens) < self.max_sequences
+                and need_tokens <= self.runner.context_length
+            )
         return cells_fit(
             list(self.need_tokens.values()),
             need_tokens,
@@ -502,7 +518,8 @@ class _Worker:
             from coe.backends import get_backend
 
             self.backend = get_backend(message.backend)
-            self.host = self.backend.read(message.expert, message.path, HostBufferPool())
+            on_cuda = str(message.expert.params.get("device", "cpu")).startswith("cuda")
+            self.host = self.backend.read(message.expert, message.path, HostBufferPool(pin=on_cuda))
             return Done()
         assert self.backend is not None and self.host is not None, "no expert loaded"
         if isinstance(message, Materialize):
@@ -512,6 +529,8 @@ class _Worker:
                 self.runner.context_length,
                 self.runner.max_sequences,
                 self.runner.sampler_defaults,
+                self.runner.shares_context,
+                self.runner.footprint_bytes,
             )
         if isinstance(message, Park):
             self._park()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from coe.backends.base import Adapter, Backend, HostWeights, Runner
+from coe.backends.base import Adapter, Backend, HostWeights, Runner, Vocab
 from coe.backends.memory import HostBufferPool, anon_rss_bytes, read_sequential
 from coe.backends.torch import lora
 from coe.backends.torch.model import ModelArgs, attach_lora, build_model, read_model_args
@@ -82,6 +82,17 @@ class TorchBackend(Backend):
             read_s=read_s,
             on_release=lambda: pool.release(buffer),
         )
+
+    def read_for_worker(
+        self, expert: ExpertConfig, path: Path, pool: HostBufferPool
+    ) -> HostWeights:
+        """The weights live in the worker's buffer alone: this process keeps the tokenizer."""
+        vocab = load_vocab(path, read_model_args(path).vocab_size)
+        return HostWeights(expert=expert, info=describe(path), payload=vocab)
+
+    def vocab_of(self, host: HostWeights) -> Vocab:
+        payload = host.payload
+        return payload.vocab if isinstance(payload, WarmCheckpoint) else payload
 
     def materialize(self, host: HostWeights) -> Runner:
         warm: WarmCheckpoint = host.payload
