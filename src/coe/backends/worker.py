@@ -4,9 +4,11 @@
 ```
 parent (server, engine, cache)                 worker: python -m coe.backends.worker FD
   IsolatedBackend.read        Load              the backend reads the weights (llama.cpp: the
-                                                model over the mmap'd GGUF, pages shared)
-                              meanwhile the parent reads them too, for the vocabulary
-  IsolatedBackend.materialize Materialize       runner (context, KV cache) -> Ready
+                                                model over the mmap'd GGUF, pages shared;
+                                                torch: the checkpoint into its buffer)
+                              meanwhile the parent keeps what the vocabulary needs
+                              (Backend.read_for_worker)
+  IsolatedBackend.materialize Materialize       runner (context, KV cache; module) -> Ready
   WorkerDecoder.add           Add (+ removed)   decoder.add: sampler and grammar built here
                                                 (the first one opens the worker's decoder)
   WorkerDecoder.step          Step (+ removed)  decoder.step -> Tokens {seq: Token}
