@@ -52,6 +52,7 @@ GROWTH_SLACK_BYTES = 256 * 2**20  # ... plus this, before it is stopped
 MEMORY_CHECK_S = 0.5  # how often a decoding worker's memory is read
 STOP_WAIT_S = 2.0  # a worker asked to exit gets this long before SIGKILL
 PARENT_CHECK_S = 0.5  # how often a worker checks that its parent is alive
+SYNC_FIRST_TOKENS = 3  # a sequence's first tokens are not computed ahead (time to first token)
 
 
 # -- messages (pickled over the pipe) ------------------------------------------------------------
@@ -505,7 +506,7 @@ class _Worker:
         self.unstarted: set[int] = set()  # added, not stepped yet (their prefill is to come)
         self.ahead: dict[int, Token] | None = None  # the next step, computed before it was asked
         self.ahead_error: Exception | None = None
-        self.started_now = False  # the last step gave some sequence its first token
+        self.given: dict[int, int] = {}  # live sequences: tokens answered so far
 
     def handle(self, message: Any) -> Any:
         try:
@@ -550,11 +551,13 @@ class _Worker:
         for seq in message.removed:
             decoder.remove(seq)
             self.left.pop(seq, None)
+            self.given.pop(seq, None)
             self.unstarted.discard(seq)
         if isinstance(message, Add):
             adapter = self._adapter(message.adapter) if message.adapter else None
             decoder.add(message.seq, message.prompt_ids, message.sampling, adapter)
             self.left[message.seq] = message.sampling.max_tokens
+            self.given[message.seq] = 0
             self.unstarted.add(message.seq)
             return Done()
         if isinstance(message, Step):
@@ -566,16 +569,15 @@ class _Worker:
         error, self.ahead_error = self.ahead_error, None
         if error is not None:
             raise error
-        self.started_now = False
         if self.ahead is not None:
             tokens = {seq: t for seq, t in self.ahead.items() if seq in self.left}
             self.ahead = None
         else:
             tokens = decoder.step()
-            self.started_now = bool(self.unstarted)
             self.unstarted.clear()
         assert self.runner is not None
         for seq, token in tokens.items():
+            self.given[seq] += 1
             self.left[seq] -= 1
             if self.runner.vocab.is_end(token.id):
                 self.left[seq] = 0
@@ -586,13 +588,13 @@ class _Worker:
         (the round trip and the server's work hide behind the forward pass), unless:
         a sequence may have ended (an end token, its max_tokens; only the server knows its stop
         strings and cancellations, and drops their extra token); a new one awaits its prefill (it
-        starts at the step after); or the step just answered was some sequence's first token (on
-        a machine with no core to spare, the server would wait for one to deliver it: measured
-        +25% time to first token on 2 cores)."""
+        starts at the step after); or a sequence is within its first ``SYNC_FIRST_TOKENS`` (its
+        first text may wait for a second token; on a machine with no core to spare, the server
+        would wait for one to deliver it: measured +25% time to first token on 2 cores)."""
         decoder = self.decoder
         if decoder is None or self.ahead is not None or not self.left or self.unstarted:
             return
-        if self.started_now:  # a first token: its client should get it before we take the cores
+        if min(self.given.values()) < SYNC_FIRST_TOKENS:  # its client's first text comes first
             return
         if min(self.left.values()) <= 0:
             return
@@ -612,6 +614,7 @@ class _Worker:
 
     def _forget_sequences(self) -> None:
         self.left.clear()
+        self.given.clear()
         self.unstarted.clear()
         self.ahead, self.ahead_error = None, None
 
