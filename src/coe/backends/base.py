@@ -175,6 +175,13 @@ class Runner(ABC):
         # its own (torch): how a decoder decides it has room
         self.shares_context = False
 
+    def fits(self, live: int, held_tokens: int, need_tokens: int) -> bool:
+        """Whether a new sequence that may hold ``need_tokens`` cells (prompt + max_tokens) joins
+        ``live`` ones that may hold ``held_tokens`` together: a free sequence, and room in the
+        shared context (or in its own)."""
+        cells = held_tokens + need_tokens if self.shares_context else need_tokens
+        return live < self.max_sequences and cells <= self.context_length
+
     @abstractmethod
     def open_decoder(self) -> Decoder: ...
 

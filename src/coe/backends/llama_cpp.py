@@ -258,14 +258,6 @@ class LlamaRunner(Runner):
             self.ctx = None
 
 
-def cells_fit(
-    held_tokens: list[int], need_tokens: int, max_sequences: int, context_length: int
-) -> bool:
-    """Whether a sequence that may need ``need_tokens`` cells joins live ones that may need
-    ``held_tokens`` each: a free sequence id, and the context's cells for all of them."""
-    return len(held_tokens) < max_sequences and sum(held_tokens) + need_tokens <= context_length
-
-
 @dataclass
 class _Live:
     """A sequence in the decoder: its slot once prefilled, and the token to feed next."""
@@ -288,12 +280,8 @@ class LlamaDecoder(Decoder):
         self.live: dict[int, _Live] = {}
 
     def has_room(self, need_tokens: int) -> bool:
-        return cells_fit(
-            [s.need_tokens for s in self.live.values()],
-            need_tokens,
-            self.max_sequences,
-            self.runner.context_length,
-        )
+        held = sum(s.need_tokens for s in self.live.values())
+        return self.runner.fits(len(self.live), held, need_tokens)
 
     def add(
         self,

@@ -40,7 +40,6 @@ from typing import Any
 
 from coe import errors
 from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vocab
-from coe.backends.llama_cpp import cells_fit
 from coe.backends.memory import HostBufferPool, process_status_bytes
 from coe.backends.sampling import SamplerDefaults, Token
 from coe.config import ExpertConfig
@@ -52,7 +51,9 @@ GROWTH_SLACK_BYTES = 256 * 2**20  # ... plus this, before it is stopped
 MEMORY_CHECK_S = 0.5  # how often a decoding worker's memory is read
 STOP_WAIT_S = 2.0  # a worker asked to exit gets this long before SIGKILL
 PARENT_CHECK_S = 0.5  # how often a worker checks that its parent is alive
-SYNC_FIRST_TOKENS = 3  # a sequence's first tokens are not computed ahead (time to first token)
+SYNC_FIRST_TOKENS = (
+    3  # a sequence's first tokens are not computed ahead (time to first token; >= 1)
+)
 
 
 # -- messages (pickled over the pipe) ------------------------------------------------------------
@@ -404,9 +405,8 @@ class WorkerRunner(Runner):
 
 class WorkerDecoder(Decoder):
     """The worker's decoder, driven over the pipe: one round trip per step and per new sequence
-    (removals ride along with the next message). Room is decided here, by the worker's backend's
-    rule (llama.cpp: the cells the live sequences may need, prompt + max_tokens each, fit the
-    shared context; torch: a free row whose context holds the sequence)."""
+    (removals ride along with the next message). Room is decided here, by ``Runner.fits`` with
+    the worker's runner's ``shares_context``."""
 
     def __init__(self, runner: WorkerRunner):
         self.runner, self.worker = runner, runner.worker
@@ -417,17 +417,8 @@ class WorkerDecoder(Decoder):
         self._memory_checked_s = time.monotonic()
 
     def has_room(self, need_tokens: int) -> bool:
-        if not self.runner.shares_context:  # each sequence has its own context (torch)
-            return (
-                len(self.need_tokens) < self.max_sequences
-                and need_tokens <= self.runner.context_length
-            )
-        return cells_fit(
-            list(self.need_tokens.values()),
-            need_tokens,
-            self.max_sequences,
-            self.runner.context_length,
-        )
+        held = sum(self.need_tokens.values())
+        return self.runner.fits(len(self.need_tokens), held, need_tokens)
 
     def add(
         self,
@@ -503,10 +494,11 @@ class _Worker:
         self.decoder: Decoder | None = None
         self.adapters: dict[str, Adapter] = {}
         self.left: dict[int, int] = {}  # live sequences: tokens each may still generate
-        self.unstarted: set[int] = set()  # added, not stepped yet (their prefill is to come)
         self.ahead: dict[int, Token] | None = None  # the next step, computed before it was asked
         self.ahead_error: Exception | None = None
-        self.given: dict[int, int] = {}  # live sequences: tokens answered so far
+        self.given: dict[
+            int, int
+        ] = {}  # live sequences: tokens answered so far (0: prefill to come)
 
     def handle(self, message: Any) -> Any:
         try:
@@ -552,13 +544,11 @@ class _Worker:
             decoder.remove(seq)
             self.left.pop(seq, None)
             self.given.pop(seq, None)
-            self.unstarted.discard(seq)
         if isinstance(message, Add):
             adapter = self._adapter(message.adapter) if message.adapter else None
             decoder.add(message.seq, message.prompt_ids, message.sampling, adapter)
             self.left[message.seq] = message.sampling.max_tokens
             self.given[message.seq] = 0
-            self.unstarted.add(message.seq)
             return Done()
         if isinstance(message, Step):
             return Tokens(self._step(decoder))
@@ -574,7 +564,6 @@ class _Worker:
             self.ahead = None
         else:
             tokens = decoder.step()
-            self.unstarted.clear()
         assert self.runner is not None
         for seq, token in tokens.items():
             self.given[seq] += 1
@@ -592,9 +581,10 @@ class _Worker:
         first text may wait for a second token; on a machine with no core to spare, the server
         would wait for one to deliver it: measured +25% time to first token on 2 cores)."""
         decoder = self.decoder
-        if decoder is None or self.ahead is not None or not self.left or self.unstarted:
+        if decoder is None or self.ahead is not None or not self.left:
             return
-        if min(self.given.values()) < SYNC_FIRST_TOKENS:  # its client's first text comes first
+        # a new sequence (0 tokens: its prefill comes with the next step) or a young one
+        if min(self.given.values()) < SYNC_FIRST_TOKENS:
             return
         if min(self.left.values()) <= 0:
             return
@@ -615,7 +605,6 @@ class _Worker:
     def _forget_sequences(self) -> None:
         self.left.clear()
         self.given.clear()
-        self.unstarted.clear()
         self.ahead, self.ahead_error = None, None
 
     def _adapter(self, ref: AdapterRef) -> Adapter:

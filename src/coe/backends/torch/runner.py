@@ -128,7 +128,7 @@ class TorchDecoder(Decoder):
 
     def has_room(self, need_tokens: int) -> bool:
         live = len(self.rows) - len(self.removed) + len(self.pending)
-        return live < self.max_sequences and need_tokens <= self.runner.context_length
+        return self.runner.fits(live, 0, need_tokens)
 
     def add(
         self,
