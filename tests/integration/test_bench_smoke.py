@@ -87,3 +87,31 @@ def test_bench_lora_compares_per_row_adapters_with_one_batch_per_adapter(tmp_pat
     assert set(result["tokens_per_s"]) == {"base_one_batch", "per_row_one_batch", "batch_per_adapter"}
     assert all(value > 0 for value in result["tokens_per_s"].values())
     assert result["per_row_vs_batch_per_adapter_x"] > 0
+
+
+def test_bench_fleet_replays_one_trace_against_coe_naive_and_the_ideal(tmp_path, coe_home):
+    work = tmp_path / "work"
+    result = _bench(tmp_path, "fleet", "--experts", "4", "--disk-ratio", "0", "--models",
+                    "smollm2-135m", "--requests", "6", "--rate", "6", "--max-tokens-median", "4",
+                    "--only", "coe", "--only", "naive", "--only", "ideal", "--workdir", str(work))
+    assert result["experts"] == 4 and result["disk_bytes"] > 0 and result["ram_bytes"] > 0
+    assert result["budget_bytes"] == sum(result["budgets"].values())
+    assert set(result["servers"]) == {"coe", "naive", "ideal"}
+    for summary in result["servers"].values():
+        assert summary["completed"] + summary["errors"] == 6 and summary["lost"] == 0
+        assert summary["throughput_rps"] > 0 and summary["ttft_p99_s"] >= summary["ttft_p50_s"]
+        assert summary["startup_s"] > 0 and summary["peak_rss_bytes"] > 0
+    assert result["targets"]["naive"]["throughput_x"] > 0
+    assert not (work / "experts").exists()  # the copies are deleted
+    trace = [json.loads(line) for line in (work / "trace.jsonl").read_text().splitlines()]
+    assert {item["model"] for item in trace} <= {f"smollm2-135m-{k}" for k in range(1, 5)}
+
+
+def test_bench_fleet_refuses_without_the_disk_space_it_needs(tmp_path, coe_home):
+    out = tmp_path / "out.json"
+    done = subprocess.run([sys.executable, "-m", "coe", "bench", "fleet", "--disk-ratio", "1000",
+                           "--only", "coe", "--workdir", str(tmp_path), "--out", str(out)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert "GB under" in done.stderr and "is free" in done.stderr
+    assert not out.exists()

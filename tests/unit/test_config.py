@@ -299,3 +299,23 @@ def test_auto_experts_are_checked_for_the_backend_their_source_resolves_to(tmp_p
     with pytest.raises(ConfigError, match=r"experts\[0\]\.params\.repack: unknown field"):
         load_config(str(write(tmp_path, expert_yaml(str(folder), "{repack: true}"))))
     assert load_config(str(write(tmp_path, expert_yaml(str(folder), "{dtype: bfloat16}")))).expert("x").backend == "auto"
+
+
+def test_experts_dir_serves_every_gguf_in_a_folder_by_its_file_name(tmp_path):
+    from coe.config import from_dict, from_yaml
+
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name in ("qwen2.5-coder-1.5b-q4", "gemma", "mmproj-gemma", "notes"):
+        (folder / f"{name}.gguf" if name != "notes" else folder / "notes.txt").write_bytes(b"x")
+    config = tmp_path / "coe.yaml"
+    config.write_text("experts_dir: models\nexperts:\n  - {name: gemma, source: smollm2-135m}\n")
+    experts = {e.name: e.source for e in from_yaml(config).experts}  # relative to the config file
+    assert experts == {"gemma": "smollm2-135m", "qwen2.5-coder-1.5b-q4": str(folder / "qwen2.5-coder-1.5b-q4.gguf")}
+    assert [e.name for e in from_dict({"experts_dir": [str(folder)]}).experts] == ["gemma", "qwen2.5-coder-1.5b-q4"]
+    for bad, message in ((3, "a folder or a list"), ([], "a folder or a list"), (str(tmp_path / "no"), "is not a folder")):
+        with pytest.raises(ConfigError, match=message) as error:
+            from_dict({"experts_dir": bad})
+        assert error.value.param == "experts_dir"
+    with pytest.raises(ConfigError, match="at least one expert"):
+        from_dict({"experts_dir": str(tmp_path)})  # a folder without GGUFs

@@ -266,6 +266,27 @@ def test_submit_prefetches_the_expert_while_it_queues(tmp_path, tiny_checkpoint)
     engine.stop()
 
 
+def test_a_queued_expert_is_moved_up_early_only_if_it_fits_with_those_waiting_ahead(tmp_path, two_checkpoints):
+    a, b = two_checkpoints
+    one = checkpoint_bytes(a)
+    engine = make_engine(tmp_path, [torch_expert("a", a), torch_expert("b", b)], cache=CacheConfig(prefetch="host"),
+                         budgets=Budgets(device_bytes=2**30, host_bytes=one + one // 2, device_kind="cpu"))
+    engine.submit(Request("a", SamplingParams(max_tokens=2), prompt="first"))
+    assert engine.cache.stats.prefetches == 1  # a alone fits
+    engine.submit(Request("b", SamplingParams(max_tokens=2), prompt="behind a"))
+    assert engine.cache.stats.prefetches == 1  # a and b do not: loading b now would evict a
+    engine.cache.prefetch("a", "host").result(timeout=60)
+    assert engine.cache.tier_of("a") == "host" and engine.cache.tier_of("b") == "disk"
+    assert engine.cache.host_bytes_needed(["a", "b", "a"]) == one + checkpoint_bytes(b)
+    assert serve_batch(engine) and serve_batch(engine)  # both served; b loaded when its turn came
+    assert engine.cache.tier_of("b") == "device"
+    hints = engine.cache.stats.prefetches
+    engine.submit(Request("b", SamplingParams(max_tokens=2), prompt="nothing ahead"))
+    assert engine.cache.stats.prefetches == hints  # b is hot already: no hint needed
+    assert serve_batch(engine)
+    engine.stop()
+
+
 def test_prefetch_none_leaves_the_expert_on_disk_until_it_runs(tmp_path, tiny_checkpoint):
     engine = make_engine(tmp_path, [torch_expert("tiny", tiny_checkpoint)], cache=CacheConfig(prefetch="none"))
     engine.submit(Request("tiny", SamplingParams(max_tokens=2), prompt="queued"))

@@ -101,3 +101,33 @@ def test_the_header_cache_keeps_its_newest_entries_when_it_outgrows_its_bound(tm
     kept = list(cache.glob("*.json"))
     assert 2 <= len(kept) <= 4
     assert describe(tmp_path / "m4.gguf", cache).architecture == "llama"
+
+
+def test_a_large_fleets_new_headers_are_parsed_in_one_process_per_core(tmp_path, monkeypatch):
+    import os
+
+    from test_gguf import gguf_bytes
+
+    from coe.models import info
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    cache = tmp_path / "headers"
+    models = [tmp_path / f"m{k}.gguf" for k in range(20)]
+    for model in models:
+        model.write_bytes(gguf_bytes())
+    broken = tmp_path / "broken.gguf"
+    broken.write_bytes(b"not a gguf")
+    assert info.parse_headers([*models, broken, tmp_path / "missing.gguf"], cache) == 21
+    assert len(list(cache.glob("*.json"))) == 20  # the other process wrote its half too
+    expected = info._describe_cached(models[0], info._stamp(models[0]))
+    info._describe_cached.cache_clear()
+
+    def unread(path):
+        raise AssertionError("the header was parsed again")
+
+    monkeypatch.setattr(info, "read_gguf_header", unread)
+    assert [describe(m, cache) for m in models] == [
+        info.ModelInfo(**{**info.asdict(expected), "path": m}) for m in models
+    ]
+    assert info.parse_headers(models, cache) == 0  # all cached: nothing to do
+    assert info.parse_headers(models[:3] + [broken], tmp_path / "other") == 0  # too few to fork

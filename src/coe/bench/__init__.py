@@ -40,6 +40,10 @@ BENCHES = {
         "coe.bench.scale",
         "start-up time and per-request router/scheduler/policy work at 10 vs 150 experts",
     ),
+    "fleet": (
+        "coe.bench.fleet",
+        "100+ experts totalling 2x RAM on disk: coe vs naive vs llama-server's router mode",
+    ),
     "structured": (
         "coe.bench.structured",
         "JSON-schema constraint cost (tokens/s) per expert; BFCL accuracy, native tools vs prompt-only",

@@ -108,10 +108,13 @@ def add_arguments(parser) -> None:
 # ---- setup -------------------------------------------------------------------------------------
 
 
-def expert_files(home: str | Path, count: int, workdir: Path) -> list[tuple[str, Path]]:
-    """``count`` experts cycling through the packaged models, each a copy of its file."""
+def expert_files(
+    home: str | Path, count: int, workdir: Path, models: Sequence[str] = ()
+) -> list[tuple[str, Path]]:
+    """``count`` experts cycling through packaged models (default: the default experts'), each
+    a copy of its file."""
     store = ModelStore(home)
-    models = [e.source for e in default_config().experts]
+    models = list(models) or [e.source for e in default_config().experts]
     folder = workdir / "experts"
     folder.mkdir(parents=True, exist_ok=True)
     experts = []
@@ -198,6 +201,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def wait_until_ready(
+    process: subprocess.Popen, url: str, log_name: str, what: str = "the server"
+) -> None:
+    """Poll ``url`` until it answers 200; RuntimeError naming the log if the process exits or
+    ``_START_TIMEOUT_S`` passes."""
+    import httpx
+
+    deadline_s = time.monotonic() + _START_TIMEOUT_S
+    while time.monotonic() < deadline_s:
+        if process.poll() is not None:
+            raise RuntimeError(f"{what} exited with {process.returncode}; see {log_name}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise RuntimeError(f"{what} did not start in {_START_TIMEOUT_S} s; see {log_name}")
+
+
 class ServerProcess:
     """`coe serve` in a child process, with its log in the work folder."""
 
@@ -228,21 +251,7 @@ class ServerProcess:
         )
 
     def wait_ready(self) -> None:
-        import httpx
-
-        deadline_s = time.monotonic() + _START_TIMEOUT_S
-        while time.monotonic() < deadline_s:
-            if self.process.poll() is not None:
-                raise RuntimeError(
-                    f"the server exited with {self.process.returncode}; see {self.log.name}"
-                )
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the server did not start in {_START_TIMEOUT_S} s; see {self.log.name}")
+        wait_until_ready(self.process, self.url + "/health", self.log.name)
 
     def stop(self) -> None:
         if self.process.poll() is None:
@@ -366,18 +375,21 @@ def _read_chunk(chunk: dict, result: dict, sent_s: float, answer: list[str]) -> 
         result["expert"] = chunk["coe"].get("expert")
         result["planned_expert"] = chunk["coe"].get("planned_expert")
         result["score_given_up"] = chunk["coe"].get("score_given_up", 0.0)
+    for choice in chunk.get("choices", []):
+        content = choice.get("delta", {}).get("content")
+        if content:
+            answer.append(content)
+            result["completion_tokens"] += 1  # one token per chunk until the usage chunk says
+        if result["ttft_s"] is None and (content or choice.get("finish_reason")):
+            result["ttft_s"] = now_s - sent_s
+        if choice.get("finish_reason") and result["latency_s"] is None:
+            result["latency_s"] = now_s - sent_s  # a server sending no usage chunk ends here
     if chunk.get("usage"):
         usage = chunk["usage"]
         result["completion_tokens"] = usage["completion_tokens"]
         result["prompt_tokens"] = usage.get("prompt_tokens", 0)
         result["cached_tokens"] = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
         result["latency_s"] = now_s - sent_s
-    for choice in chunk.get("choices", []):
-        content = choice.get("delta", {}).get("content")
-        if content:
-            answer.append(content)
-        if result["ttft_s"] is None and (content or choice.get("finish_reason")):
-            result["ttft_s"] = now_s - sent_s
 
 
 async def replay(url: str, trace: list[TraceItem]) -> tuple[list[dict], float]:
@@ -395,14 +407,18 @@ async def replay(url: str, trace: list[TraceItem]) -> tuple[list[dict], float]:
 
 
 def scrape(url: str) -> dict[str, float]:
-    """The server's Prometheus counters, summed over labels."""
+    """The server's Prometheus samples: each under its name summed over labels, and each
+    labelled one under its full key (``name{label="value"}``) too."""
     import httpx
 
     totals: dict[str, float] = {}
     for line in httpx.get(url + "/metrics", timeout=10).text.splitlines():
         if line and not line.startswith("#"):
-            name = line.split("{", 1)[0].split(" ", 1)[0]
-            totals[name] = totals.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+            key, value = line.rsplit(" ", 1)
+            name = key.split("{", 1)[0]
+            totals[name] = totals.get(name, 0.0) + float(value)
+            if key != name:
+                totals[key] = float(value)
     return totals
 
 

@@ -13,7 +13,7 @@ import contextlib
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -631,6 +631,22 @@ class ModelCache:
         )
 
     # -- visibility --------------------------------------------------------------------------------
+    def host_bytes_needed(self, names: Iterable[str]) -> int:
+        """What the host tier needs to hold these experts at once (a base shared by profiles
+        counts once): each as measured when it was last there, else its weights' size on disk."""
+        total = 0
+        for base in {self._runs_on[name] for name in names if name in self._runs_on}:
+            slot = self._slots[base]
+            if slot.host_bytes_seen:
+                total += slot.host_bytes_seen
+            else:
+                info, _ = disk_info(self.store, slot.expert)
+                total += info.num_bytes if info is not None else 0
+        return total
+
+    def budget_bytes(self, tier: Tier) -> int:
+        return self.tiers[tier].budget_bytes
+
     def is_resident(self, name: str) -> bool:
         """Hot: activating it costs nothing."""
         return self.tier_of(name) == Tier.DEVICE

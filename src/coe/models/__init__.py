@@ -3,7 +3,7 @@
 from coe.models.catalog import PACKAGED, ModelStore, PackagedModel, get_packaged
 from coe.models.gguf import GGUFHeader, read_gguf_header
 from coe.models.info import ModelInfo, describe
-from coe.models.sources import backend_of, check_params, disk_info, path_of
+from coe.models.sources import backend_of, check_params, disk_info, parse_fleet_headers, path_of
 
 __all__ = [
     "PACKAGED",
@@ -17,5 +17,6 @@ __all__ = [
     "backend_of",
     "check_params",
     "disk_info",
+    "parse_fleet_headers",
     "path_of",
 ]

@@ -12,7 +12,7 @@ from pathlib import Path
 from coe.config import BACKEND_PARAMS, CoEConfig, ExpertConfig
 from coe.errors import ConfigError, ModelNotAvailable
 from coe.models.catalog import PACKAGED, ModelStore
-from coe.models.info import ModelInfo, describe
+from coe.models.info import ModelInfo, describe, parse_headers
 
 
 def path_of(store: ModelStore, expert: ExpertConfig) -> Path:
@@ -50,6 +50,22 @@ def check_params(config: CoEConfig) -> None:
             BACKEND_PARAMS[backend_of(expert)].parse(expert.params)
         except ConfigError as exc:
             raise exc.within(f"experts[{i}]") from None
+
+
+def parse_fleet_headers(store: ModelStore, config: CoEConfig) -> int:
+    """Start-up: the GGUF headers of every expert file not parsed before, into the header cache,
+    in parallel for a large fleet (``parse_headers``); returns how many were parsed."""
+    cache_dir = store.header_cache_dir
+    if cache_dir is None:
+        return 0
+    paths = [
+        Path(expert.source).expanduser()
+        for expert in config.experts
+        if not expert.is_remote and expert.source not in PACKAGED
+    ]
+    files = sorted({path for path in paths if path.is_file()})
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    return parse_headers(files, cache_dir)
 
 
 def disk_info(store: ModelStore, expert: ExpertConfig) -> tuple[ModelInfo | None, str]:
