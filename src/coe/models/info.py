@@ -44,23 +44,7 @@ def describe(path: str | Path, cache_dir: Path | None = None) -> ModelInfo:
         stamp = _stamp(path)
     except OSError:
         raise ModelNotAvailable(f"{path}: no such file or folder") from None
-    if cache_dir is None:
-        return _describe_cached(path, stamp)
-    file = _cache_file(cache_dir, path, stamp)
-    try:
-        return _info_from_json(path, json.loads(file.read_text()))
-    except (OSError, ValueError, KeyError, TypeError):
-        pass  # not cached yet (or unreadable: read the header again)
-    info = _describe_cached(path, stamp)
-    try:
-        cache_dir.mkdir(parents=True, exist_ok=True)
-        partial = file.with_suffix(f".{os.getpid()}.tmp")
-        partial.write_text(json.dumps({**asdict(info), "path": str(info.path)}))
-        partial.replace(file)
-        _prune(cache_dir)
-    except OSError:
-        pass  # a read-only home: no disk cache
-    return info
+    return _describe_cached(path, stamp, cache_dir)
 
 
 def _cache_file(cache_dir: Path, path: Path, stamp: tuple) -> Path:
@@ -139,7 +123,29 @@ def _stamp(path: Path) -> tuple:
 # cache smaller than the fleet misses on every one of them in a sequential walk (at 150 experts
 # and 64 entries, /health re-read every header: seconds per call).
 @lru_cache(maxsize=4096)
-def _describe_cached(path: Path, stamp: tuple) -> ModelInfo:
+def _describe_cached(path: Path, stamp: tuple, cache_dir: Path | None = None) -> ModelInfo:
+    """In memory, per path and stamp; below that, ``cache_dir``'s file (parsed by an earlier run
+    or by ``parse_headers``' other processes); the header itself last."""
+    if cache_dir is None:
+        return _parse(path)
+    file = _cache_file(cache_dir, path, stamp)
+    try:
+        return _info_from_json(path, json.loads(file.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # not cached yet (or unreadable: read the header again)
+    info = _parse(path)
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        partial = file.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps({**asdict(info), "path": str(info.path)}))
+        partial.replace(file)
+        _prune(cache_dir)
+    except OSError:
+        pass  # a read-only home: no disk cache
+    return info
+
+
+def _parse(path: Path) -> ModelInfo:
     if path.is_dir():
         return _describe_checkpoint(path)
     header = read_gguf_header(path)
