@@ -49,6 +49,7 @@ from coe.bench.serve import (
     ServerProcess,
     expert_files,
     free_port,
+    ratios,
     replay,
     scrape,
     summarise,
@@ -536,19 +537,16 @@ def targets(result: dict) -> dict:
         other = servers.get(peer)
         if not other:
             continue
-        throughput_x = (
-            coe["throughput_rps"] / other["throughput_rps"] if other["throughput_rps"] else None
-        )
-        ttft_p99_x = (
-            coe["ttft_p99_s"] / other["ttft_p99_s"]
-            if coe["ttft_p99_s"] and other["ttft_p99_s"]
-            else None
-        )
+        both = ratios(other, coe)
         out[peer] = {
-            "throughput_x": round(throughput_x, 3) if throughput_x else None,
-            "ttft_p99_x": round(ttft_p99_x, 3) if ttft_p99_x else None,
+            "throughput_x": both["throughput_x"],
+            "ttft_p99_x": both["ttft_p99_x"],
             "met": bool(
-                throughput_x and throughput_x >= times and ttft_p99_x and ttft_p99_x <= 0.5
+                other["throughput_rps"]
+                and coe["throughput_rps"] >= times * other["throughput_rps"]
+                and coe["ttft_p99_s"]
+                and other["ttft_p99_s"]
+                and coe["ttft_p99_s"] <= 0.5 * other["ttft_p99_s"]
             ),
         }
     out["coe_lost"] = coe["lost"]
