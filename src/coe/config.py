@@ -213,6 +213,11 @@ class ExpertConfig:
         """Served elsewhere behind an OpenAI-compatible API; ``source`` is its URL."""
         return self.backend == "remote"
 
+    @property
+    def uses_cuda(self) -> bool:
+        """Its ``params.device`` names a CUDA device (its host weights are then pinned)."""
+        return str(self.params.get("device", "cpu")).startswith("cuda")
+
     def sampling_defaults(self) -> dict:
         """``sampling`` as SamplingParams fields (``stop`` a tuple), checked like a request's."""
         defaults = dict(self.sampling)
@@ -885,23 +890,15 @@ def from_yaml(path: str | Path) -> CoEConfig:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: not valid YAML ({exc})") from None
-    if isinstance(data, dict) and isinstance(data.get("experts_dir"), (str, list)):
-        folders = data["experts_dir"]  # relative folders are relative to the config file
-        data["experts_dir"] = (
-            str(path.parent / Path(folders).expanduser())
-            if isinstance(folders, str)
-            else [
-                str(path.parent / Path(f).expanduser()) if isinstance(f, str) else f
-                for f in folders
-            ]
-        )
     try:
-        return from_dict(data)
+        return from_dict(data, base=path.parent)  # experts_dir: relative to the config file
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc.message}", param=exc.param) from None
 
 
-def from_dict(data: Any) -> CoEConfig:
+def from_dict(data: Any, base: Path = Path()) -> CoEConfig:
+    """``base``: the folder a relative ``experts_dir`` is in (the config file's, or the current
+    one)."""
     if not isinstance(data, dict):
         raise ConfigError(f"top level: expected a mapping, got {type(data).__name__}")
     _reject_unknown(data, {"experts", "experts_dir", *_SECTIONS}, "")
@@ -914,12 +911,12 @@ def from_dict(data: Any) -> CoEConfig:
         _build(ExpertConfig, item, f"experts[{i}]") for i, item in enumerate(raw_experts)
     )
     if "experts_dir" in data:
-        experts += experts_in_folders(data["experts_dir"], {e.name for e in experts})
+        experts += experts_in_folders(data["experts_dir"], {e.name for e in experts}, base)
     sections = {key: _build(cls, data.get(key) or {}, key) for key, cls in _SECTIONS.items()}
     return _construct(CoEConfig, {"experts": experts, **sections}, "")
 
 
-def experts_in_folders(value: Any, named: set[str]) -> tuple[ExpertConfig, ...]:
+def experts_in_folders(value: Any, named: set[str], base: Path) -> tuple[ExpertConfig, ...]:
     """``experts_dir``: one expert per ``.gguf`` file in the folder(s), named by the file's stem
     (llama-server's ``--models-dir``); an expert listed under ``experts`` with that name wins.
     Multimodal projectors (``mmproj*``) are not experts."""
@@ -931,7 +928,7 @@ def experts_in_folders(value: Any, named: set[str]) -> tuple[ExpertConfig, ...]:
         )
     found: list[ExpertConfig] = []
     for folder in folders:
-        path = Path(folder).expanduser()
+        path = base / Path(folder).expanduser()
         if not path.is_dir():
             raise ConfigError(f"experts_dir: {folder!r} is not a folder", param="experts_dir")
         for file in sorted(path.glob("*.gguf")):

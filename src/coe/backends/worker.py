@@ -51,9 +51,8 @@ GROWTH_SLACK_BYTES = 256 * 2**20  # ... plus this, before it is stopped
 MEMORY_CHECK_S = 0.5  # how often a decoding worker's memory is read
 STOP_WAIT_S = 2.0  # a worker asked to exit gets this long before SIGKILL
 PARENT_CHECK_S = 0.5  # how often a worker checks that its parent is alive
-SYNC_FIRST_TOKENS = (
-    3  # a sequence's first tokens are not computed ahead (time to first token; >= 1)
-)
+# a sequence's first tokens are not computed ahead (time to first token; >= 1)
+SYNC_FIRST_TOKENS = 3
 
 
 # -- messages (pickled over the pipe) ------------------------------------------------------------
@@ -513,8 +512,8 @@ class _Worker:
             from coe.backends import get_backend
 
             self.backend = get_backend(message.backend)
-            on_cuda = str(message.expert.params.get("device", "cpu")).startswith("cuda")
-            self.host = self.backend.read(message.expert, message.path, HostBufferPool(pin=on_cuda))
+            pool = HostBufferPool(pin=message.expert.uses_cuda)
+            self.host = self.backend.read(message.expert, message.path, pool)
             return Done()
         assert self.backend is not None and self.host is not None, "no expert loaded"
         if isinstance(message, Materialize):

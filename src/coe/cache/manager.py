@@ -148,9 +148,7 @@ class ModelCache:
         self.store = store
         self._backends = dict(backends or {})
         if budgets is None:
-            uses_cuda = any(
-                str(e.params.get("device", "cpu")).startswith("cuda") for e in self._local(config)
-            )
+            uses_cuda = any(e.uses_cuda for e in self._local(config))
             budgets = resolve_budgets(config.cache.device_bytes, config.cache.host_bytes, uses_cuda)
         self.budgets = budgets
         self.policy = config.cache.policy
