@@ -388,16 +388,21 @@ def cmd_router_train(args) -> int:
 
     config = load_config(args.config)
     out = Path(args.out) if args.out else router_folder(config)
-    if args.if_missing and not args.data and args.precision == "int8" and is_current(out):
-        print(f"router in {out} is current; nothing to do")
-        return 0
     settings = TrainSettings(
         **{
             k: v
-            for k, v in (("epochs", args.epochs), ("hidden_size", args.hidden))
+            for k, v in (
+                ("epochs", args.epochs),
+                ("hidden_size", args.hidden),
+                ("tune_layers", args.tune_layers),
+            )
             if v is not None
         }
     )
+    default_recipe = not args.data and args.precision == "int8" and settings == TrainSettings()
+    if args.if_missing and default_recipe and is_current(out):
+        print(f"router in {out} is current; nothing to do")
+        return 0
     result = train_and_save(
         out,
         coe_home() / "router" / "cache",
@@ -673,6 +678,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config")
     p.add_argument("--epochs", type=int)
     p.add_argument("--hidden", type=int, help="hidden units of the head (0: softmax regression)")
+    p.add_argument(
+        "--tune-layers",
+        type=int,
+        choices=range(7),
+        metavar="N",
+        help="tune the encoder's top N of 6 layers on the data before fitting the head "
+        "(default 2; 0: the packaged encoder as it is)",
+    )
     p.add_argument(
         "--precision",
         default="int8",

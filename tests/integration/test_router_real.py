@@ -58,6 +58,20 @@ def test_artifact_records_its_evaluation(router):
     assert len(metrics["test"]["confusion"]) == len(router.categories)
 
 
+def test_default_router_serves_its_tuned_encoder_layers(router, coe_home):
+    """`coe router train` tunes the encoder's top 2 layers; the served encoder is built with them
+    (int8), and they are not the packaged weights."""
+    from coe.router.encoder import SentenceEncoder
+    from coe.router.head import LAYERS_FILE
+
+    assert router.head.meta.encoder["tuned_layers"] == 2
+    assert router.encoder.tuned_layers == 2 and router.encoder.precision == "int8"
+    assert (default_artifact_dir(coe_home) / LAYERS_FILE).is_file()
+    texts = ["Summarise this abstract for me: 'Participants were randomly assigned to two diets.'"]
+    packaged = SentenceEncoder(max_tokens=router.encoder.max_tokens).encode(texts)
+    assert torch.nn.functional.cosine_similarity(packaged, router.encoder.encode(texts)).item() < 0.99
+
+
 def test_route_cli_prints_probabilities_and_expert():
     out = coe_cli("route", CODE_PROMPT)
     assert out.returncode == 0, out.stderr

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from coe.router.encoder import RowInt8Linear, _int8_linears, _length_batches, _pad
+from coe.router.encoder import RowInt8Linear, _int8_linears, _length_batches, pad_rows
 
 
 def test_row_int8_linear_is_close_to_float():
@@ -46,6 +46,6 @@ def test_length_batches_cover_every_index_once_within_the_token_budget():
 
 
 def test_pad_builds_ids_and_mask():
-    ids, mask = _pad([[1, 2, 3], [4]])
+    ids, mask = pad_rows([[1, 2, 3], [4]])
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]]
     assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]

