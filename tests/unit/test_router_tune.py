@@ -21,7 +21,7 @@ TOPICS = {
     "writing": ["Write a {}-line poem about the sea", "Draft a short email, about {} lines, asking for leave",
                 "Rewrite this sentence in {} words: the meeting is moved"],
 }
-SETTINGS = dict(layers=2, epochs=1, lr=1e-4, batch_size=8, seed=0)
+SETTINGS = dict(layers=2, epochs=1, lr=1e-4, head_lr=2e-3, head_weight_decay=1e-4, batch_size=8, seed=0)
 
 
 def prompts() -> tuple[list[str], torch.Tensor]:

@@ -289,8 +289,11 @@ def file_read_gbps(path: Path, target: memoryview) -> float:
     return path.stat().st_size / (time.perf_counter() - started) / 1e9
 
 
-def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
-    """cold->hot, warm->hot and steady TTFT of one expert through the real cache.
+def measure_cache(
+    cache: ModelCache, name: str, path: Path, prompts, warm_prompts: list[str] | None = None
+) -> dict:
+    """cold->hot, warm->hot and steady TTFT of one expert through the real cache; warm->hot on
+    ``warm_prompts`` when given (to compare with another measurement on the same ones).
 
     The disk under this machine is noisy (the same file reads at 0.6-2 GB/s from one minute to the
     next), so each cold activation is paired with a raw read of the same file just before it, and
@@ -318,7 +321,8 @@ def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
     cold_to_hot_s, cold_activate_s, _, _ = sorted(cold)[len(cold) // 2]
     moved = cache.state_of(name)
     hot_ttft_s = statistics.median(first_token_s(runner, next(prompts)) for _ in range(3))
-    warm_to_hot_s, warm_activate_s = measure_warm(cache, name, prompts)
+    warm = iter(warm_prompts) if warm_prompts is not None else prompts
+    warm_to_hot_s, warm_activate_s = measure_warm(cache, name, warm)
     return {
         "cold_to_hot_s": cold_to_hot_s,
         "cold_activate_s": cold_activate_s,
@@ -788,21 +792,18 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
                 f"  {expert.name}: the naive baseline cannot run on this machine: {problem}",
                 flush=True,
             )
-        measured = measure_cache(cache, expert.name, path, prompts)
-        row.update(measured)
-        # the same expert in a worker process (params.isolate): warm -> hot against in-process,
-        # both sides on the same prompts (a first token's time follows its prompt's length)
+        # warm -> hot in-process and in a worker process (params.isolate) on the same prompts
+        # (a first token's time follows its prompt's length)
         same = [next(prompts) for _ in range(3)]
-        in_process_s, in_process_activate_s = measure_warm(cache, expert.name, iter(same))
+        measured = measure_cache(cache, expert.name, path, prompts, warm_prompts=same)
+        row.update(measured)
         cache.evict(expert.name, Tier.HOST)
         isolated_to_hot_s, isolated_activate_s = measure_warm(isolated, expert.name, iter(same))
         isolated.evict(expert.name, Tier.HOST)
         row.update(
             isolated_warm_to_hot_s=isolated_to_hot_s,
             isolated_warm_activate_s=isolated_activate_s,
-            in_process_warm_to_hot_s=in_process_s,
-            in_process_warm_activate_s=in_process_activate_s,
-            isolated_warm_ratio=isolated_to_hot_s / in_process_s,
+            isolated_warm_ratio=isolated_to_hot_s / measured["warm_to_hot_s"],
         )
         rows.append(row)
         print(f"  measured {expert.name}", flush=True)
@@ -862,8 +863,8 @@ def print_report(result: dict) -> None:
             print(
                 f"{r['name']}: warm->hot in a worker process {r['isolated_warm_to_hot_s']:.3f}s "
                 f"(activation {r['isolated_warm_activate_s'] * 1000:.0f} ms) vs in-process "
-                f"{r['in_process_warm_to_hot_s']:.3f}s (activation "
-                f"{r['in_process_warm_activate_s'] * 1000:.0f} ms), same prompts: "
+                f"{r['warm_to_hot_s']:.3f}s (activation {r['warm_activate_s'] * 1000:.0f} ms), "
+                f"same prompts: "
                 f"{r['isolated_warm_ratio']:.2f}x"
             )
     for name, rows in result["llama_settings"].items():

@@ -254,7 +254,6 @@ class SentenceEncoder:
 
         self.model_dir = Path(model_dir) if model_dir else default_encoder_dir()
         self.layers = layers or {}
-        self.tuned_layers = tuned_layer_count(self.layers)
         self.model = load_bert(self.model_dir, self.layers)
         self.precision = precision
         if precision == "int8":
@@ -278,6 +277,10 @@ class SentenceEncoder:
         self._cache_entries = cache_entries
         self._lock = threading.Lock()
         self._cls, self._sep = self._special_id("[CLS]"), self._special_id("[SEP]")
+
+    @property
+    def tuned_layers(self) -> int:
+        return tuned_layer_count(self.layers)
 
     def with_layers(self, layers: dict[str, torch.Tensor]) -> SentenceEncoder:
         """The same encoder with tuned layers in place of the packaged ones."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,9 +40,8 @@ from coe.router.head import (
     ngram_bag,
     save_layers,
 )
-from coe.router.tune import tune_top_layers
+from coe.router.tune import Progress, tune_top_layers
 
-Progress = Callable[[str, int, int], None]  # (stage, done, total)
 FEATURES_VERSION = 1  # bump when the features the head reads change
 CALIBRATION_MIN = 20  # chat-style validation prompts needed to calibrate the threshold on them
 # prompts below a threshold needed to trust their accuracy: on the chat-style validation prompts
@@ -240,6 +239,8 @@ def tune_encoder(
         layers=settings.tune_layers,
         epochs=settings.tune_epochs,
         lr=settings.tune_lr,
+        head_lr=settings.lr,
+        head_weight_decay=settings.weight_decay,
         batch_size=settings.tune_batch_size,
         seed=settings.seed,
         progress=progress,

@@ -32,7 +32,6 @@ from coe.router.head import Features, HeadNet, balanced_loss, class_weights, ngr
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 STATE_BATCH = 32  # prompts per batch through the frozen layers
-HEAD_LR = 2e-3  # the throwaway head's learning rate (the head's own, fit_head's default)
 
 
 def tune_top_layers(
@@ -45,12 +44,15 @@ def tune_top_layers(
     layers: int,
     epochs: int,
     lr: float,
+    head_lr: float,
+    head_weight_decay: float,
     batch_size: int,
     seed: int,
     progress: Progress | None = None,
 ) -> dict[str, torch.Tensor]:
     """The top ``layers`` layers' weights after tuning, named as in the encoder's state_dict
-    (for ``SentenceEncoder.with_layers``)."""
+    (for ``SentenceEncoder.with_layers``). ``lr`` is the layers' learning rate; the throwaway
+    head trains at ``head_lr`` with ``head_weight_decay``."""
     torch.manual_seed(seed)
     model = load_bert(encoder.model_dir, encoder.layers)
     stack = model.encoder.layer
@@ -62,13 +64,13 @@ def tune_top_layers(
     weights = class_weights(y, num_classes)
     opt = torch.optim.AdamW(
         [
-            {"params": head.parameters(), "lr": HEAD_LR, "weight_decay": 1e-4},
+            {"params": head.parameters(), "lr": head_lr, "weight_decay": head_weight_decay},
             {"params": top.parameters(), "lr": lr, "weight_decay": 0.01},
         ]
     )
     steps = epochs * math.ceil(len(y) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
-        opt, max_lr=[HEAD_LR, lr], total_steps=steps, pct_start=0.1
+        opt, max_lr=[head_lr, lr], total_steps=steps, pct_start=0.1
     )
     done = 0
     for _ in range(epochs):
