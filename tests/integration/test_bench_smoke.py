@@ -56,6 +56,20 @@ def test_bench_prefix_reuses_the_first_turn_on_a_packaged_expert(tmp_path, coe_h
     assert row["second_turn_speedup"] > 0
 
 
+def test_bench_overhead_isolated_compares_a_worker_with_in_process(tmp_path, coe_home):
+    from coe.models import ModelStore
+
+    pytest.importorskip("llama_cpp")
+    if ModelStore(coe_home).status("smollm2-135m") == "not installed":
+        pytest.skip("packaged model smollm2-135m is not installed (make setup)")
+    result = _bench(tmp_path, "overhead", "--isolated", "--experts", "smollm2-135m", "--repeats", "2",
+                    "--max-tokens", "8")
+    row = result["rows"][0]
+    assert len(row["coe"]["runs_s"]) == len(row["isolated"]["runs_s"]) == 2
+    assert row["isolated"]["tokens"] == row["coe"]["tokens"] > 0  # greedy: the same completion
+    assert row["isolated_tok_s_ratio"] > 0 and row["isolated_ttft_ratio"] > 0
+
+
 def test_bench_shared_writes_a_row_per_n_with_both_forms(tmp_path, coe_home):
     result = _bench(tmp_path, "shared", "--n", "2", "--requests", "6", "--rate", "6",
                     "--max-tokens-median", "4", "--workdir", str(tmp_path / "work"))

@@ -24,3 +24,25 @@ def test_sigterm_raises_system_exit_so_finally_blocks_run():
     finally:
         signal.signal(signal.SIGTERM, previous)
     assert cleaned == [True]  # the finally ran, the line after the kill did not
+
+
+def test_alternating_ratio_cancels_the_penalty_of_running_second():
+    from coe.bench import alternating_ratio
+
+    # B is 1.10x A; whichever runs second in a pair pays 1.5x (pairs alternate: A first, B first)
+    a_s, b_s = [], []
+    for i in range(8):
+        a_second, b_second = i % 2 == 1, i % 2 == 0
+        a_s.append(1.0 * (1.5 if a_second else 1.0))
+        b_s.append(1.1 * (1.5 if b_second else 1.0))
+    assert alternating_ratio(a_s, b_s) == pytest.approx(1.1)
+    naive = sorted(b / a for a, b in zip(a_s, b_s))
+    assert naive[len(naive) // 2] != pytest.approx(1.1)  # a median of the raw pair ratios is not
+
+
+def test_alternating_ratio_ignores_one_disturbed_block():
+    from coe.bench import alternating_ratio
+
+    a_s, b_s = [1.0] * 8, [1.0] * 8
+    b_s[3] = 4.0  # one run 4x slow (this VM's slow spells)
+    assert alternating_ratio(a_s, b_s) == pytest.approx(1.0)

@@ -51,6 +51,11 @@ GROWTH_SLACK_BYTES = 256 * 2**20  # ... plus this, before it is stopped
 MEMORY_CHECK_S = 0.5  # how often a decoding worker's memory is read
 STOP_WAIT_S = 2.0  # a worker asked to exit gets this long before SIGKILL
 PARENT_CHECK_S = 0.5  # how often a worker checks that its parent is alive
+# While a reply is awaited, the waiting thread wakes this often. On a 2-vCPU VM (AMD EPYC),
+# blocking outright let half the requests that followed another process's decode run 3-4x
+# slower (the worker's two compute threads spun at their barriers with a CPU idle: a vCPU slow
+# to wake); waking every millisecond kept them at speed (docs/benchmarks.md).
+RECEIVE_POLL_S = 0.001
 # a sequence's first tokens are not computed ahead (time to first token; >= 1)
 SYNC_FIRST_TOKENS = 3
 
@@ -178,6 +183,8 @@ class WorkerProcess:
     def receive(self) -> Any:
         """The reply to the oldest message sent; a Failed reply is raised as its error."""
         try:
+            while not self.conn.poll(RECEIVE_POLL_S):
+                pass
             reply = self.conn.recv()
         except (EOFError, OSError):
             raise self.crashed() from None

@@ -7,8 +7,10 @@ machine: parallel builds or tests distort them.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import signal
+import statistics
 import time
 from pathlib import Path
 
@@ -101,6 +103,17 @@ def write_json(path: Path, name: str, result: dict) -> None:
         **result,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def alternating_ratio(first_s: list[float], second_s: list[float]) -> float:
+    """``second_s`` over ``first_s`` for paired runs taken in turn, the order of each pair the
+    opposite of the previous one's (pair 0: one side first, pair 1: the other). Whichever side
+    runs second in a pair pays for following the other (measured: a first token 30-50% slower
+    after another model's decode), so each two consecutive pairs make a block whose orders cancel
+    (the geometric mean of its two ratios); the result is the median over blocks."""
+    ratios = [s / f for f, s in zip(first_s, second_s)]
+    blocks = [math.sqrt(a * b) for a, b in zip(ratios[::2], ratios[1::2])]
+    return statistics.median(blocks)
 
 
 def _import(module: str):

@@ -4,7 +4,8 @@ llama-cpp-python called directly on the same file, same prompt, greedy, in one p
 The coe side is served as `coe serve` serves it: the router loaded in the process and every token
 decoded on the engine's loop thread (a thread other than the one that loaded the router).
 ``--isolated`` also serves each expert from a worker process (``params.isolate``) through a second
-engine, and compares its tokens/s and time to first token with the in-process engine's.
+engine, and compares its tokens/s and time to first token with the in-process engine's, the two
+engines' requests taken in turn.
 
 Targets: coe adds under 5% to generation time (ratio coe_s / direct_s <= 1.05); the isolated path
 is within 5% of the in-process tokens/s and 10% of its time to first token.
@@ -16,6 +17,7 @@ import statistics
 import time
 
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
+from coe.bench import alternating_ratio
 from coe.config import CoEConfig, ExpertConfig, default_config
 from coe.engine import Engine
 from coe.errors import CacheFull
@@ -30,7 +32,12 @@ def add_arguments(parser) -> None:
         "--experts", nargs="*", help="packaged expert names (default: the four defaults)"
     )
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--repeats",
+        type=int,
+        default=16,
+        help="timed requests per side (even: see alternating_ratio)",
+    )
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument(
         "--isolated",
@@ -69,41 +76,61 @@ def _direct(path: str, args) -> dict:
     return {"load_s": load_s, "gen_s": statistics.median(times), "tokens": tokens, "rss_bytes": rss}
 
 
-def _through_coe(engine: Engine, name: str, args) -> dict:
-    rss_before = _rss_bytes()
-    started = time.perf_counter()
-    engine.cache.activate(name)
-    load_s = time.perf_counter() - started
+def _request(engine: Engine, name: str, sampling: SamplingParams) -> tuple[int, float, float]:
+    """One greedy request: completion tokens, time to the first one, time to the last."""
+    started, first_s = time.perf_counter(), None
+    for event in engine.stream(Request(expert=name, sampling=sampling, prompt=PROMPT)):
+        if event.error is not None:
+            raise event.error
+        if first_s is None and event.delta:
+            first_s = time.perf_counter() - started
+        if event.completion is not None:
+            total_s = time.perf_counter() - started
+            return event.completion.completion_tokens, first_s or 0.0, total_s
+    raise RuntimeError("the stream ended without a completion")
+
+
+def _in_turn(
+    engines: list[Engine], name: str, sampling: SamplingParams, pairs: int
+) -> list[list[tuple[int, float, float]]]:
+    """``pairs`` rounds of one request per engine, the order rotating: a drift in this machine's
+    speed falls on each side alike and each side follows the other as often as it leads
+    (``alternating_ratio``)."""
+    runs: list[list[tuple[int, float, float]]] = [[] for _ in engines]
+    for i in range(pairs):
+        for k in range(len(engines)):
+            side = (i + k) % len(engines)
+            runs[side].append(_request(engines[side], name, sampling))
+    return runs
+
+
+def _through_coe(engines: list[Engine], name: str, args) -> list[dict]:
+    """Each engine loads the expert and warms it up; then ``args.repeats`` requests per engine,
+    the engines in turn."""
     sampling = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
-
-    def run() -> tuple[int, float]:
-        """Completion tokens and the time to the first one."""
-        started, first_s = time.perf_counter(), None
-        for event in engine.stream(Request(expert=name, sampling=sampling, prompt=PROMPT)):
-            if event.error is not None:
-                raise event.error
-            if first_s is None and event.delta:
-                first_s = time.perf_counter() - started
-            if event.completion is not None:
-                return event.completion.completion_tokens, first_s or 0.0
-        raise RuntimeError("the stream ended without a completion")
-
-    run()
-    times, ttfts, tokens = [], [], 0
-    for _ in range(args.repeats):
+    loads = []
+    for engine in engines:
+        rss_before = _rss_bytes()
         started = time.perf_counter()
-        tokens, ttft_s = run()
-        times.append(time.perf_counter() - started)
-        ttfts.append(ttft_s)
-    rss = _rss_bytes() - rss_before
-    _evict_when_idle(engine, name)
-    return {
-        "load_s": load_s,
-        "gen_s": statistics.median(times),
-        "ttft_s": statistics.median(ttfts),
-        "tokens": tokens,
-        "rss_bytes": rss,
-    }
+        engine.cache.activate(name)
+        load_s = time.perf_counter() - started
+        _request(engine, name, sampling)
+        loads.append((load_s, _rss_bytes() - rss_before))
+    runs = _in_turn(engines, name, sampling, args.repeats)
+    for engine in engines:
+        _evict_when_idle(engine, name)
+    return [
+        {
+            "load_s": load_s,
+            "gen_s": statistics.median(total_s for _, _, total_s in done),
+            "ttft_s": statistics.median(ttft_s for _, ttft_s, _ in done),
+            "tokens": done[-1][0],
+            "rss_bytes": rss_bytes,
+            "runs_s": [total_s for _, _, total_s in done],
+            "ttfts_s": [ttft_s for _, ttft_s, _ in done],
+        }
+        for (load_s, rss_bytes), done in zip(loads, runs)
+    ]
 
 
 def _evict_when_idle(engine: Engine, name: str, timeout_s: float = 30.0) -> None:
@@ -164,7 +191,8 @@ def _rows(engine: Engine, isolated: Engine | None, names: list[str], args) -> li
         path = path_of(engine.cache.store, engine.config.expert(name))
         problem = probe_default_load(path)  # the direct side loads with llama-cpp-python's defaults
         direct = _direct(str(path), args) if problem is None else None
-        coe = _through_coe(engine, name, args)
+        served = _through_coe([engine] + ([isolated] if isolated else []), name, args)
+        coe = served[0]
         row = {
             "expert": name,
             "direct": direct,
@@ -175,12 +203,12 @@ def _rows(engine: Engine, isolated: Engine | None, names: list[str], args) -> li
             "coe_tok_s": coe["tokens"] / coe["gen_s"],
         }
         if isolated is not None:
-            worker = _through_coe(isolated, name, args)
+            worker = served[1]
             row.update(
                 isolated=worker,
                 isolated_tok_s=worker["tokens"] / worker["gen_s"],
-                isolated_tok_s_ratio=(worker["tokens"] / worker["gen_s"]) / row["coe_tok_s"],
-                isolated_ttft_ratio=worker["ttft_s"] / coe["ttft_s"],
+                isolated_tok_s_ratio=alternating_ratio(worker["runs_s"], coe["runs_s"]),
+                isolated_ttft_ratio=alternating_ratio(coe["ttfts_s"], worker["ttfts_s"]),
             )
         rows.append(row)
     return rows

@@ -10,7 +10,8 @@
      for safetensors ``load_file`` + build + load_state_dict), file not in the page cache;
    - cold->hot: through ModelCache from disk; warm->hot: the expert demoted to the host tier;
    - hot: the steady-state TTFT of a loaded expert (the floor every switch pays);
-   - packaged experts also warm->hot in a worker process (``params.isolate``), against in-process.
+   - packaged experts also warm->hot in a worker process (``params.isolate``) against in-process,
+     in pairs taken in turn on the same prompts.
 3. Replay: a Zipf(1.0) request sequence over 16 experts with room for 3 hot and 8 more warm, run
    through the real ModelCache with simulated moves whose durations are the ones measured in
    step 2 (a virtual clock, so the replay takes seconds): total switch time and hit rates for LRU
@@ -33,6 +34,7 @@ from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vo
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.backends.memory import drop_file_cache, read_sequential
 from coe.backends.sampling import Token
+from coe.bench import alternating_ratio
 from coe.cache.manager import ModelCache
 from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, default_config
@@ -289,11 +291,8 @@ def file_read_gbps(path: Path, target: memoryview) -> float:
     return path.stat().st_size / (time.perf_counter() - started) / 1e9
 
 
-def measure_cache(
-    cache: ModelCache, name: str, path: Path, prompts, warm_prompts: list[str] | None = None
-) -> dict:
-    """cold->hot, warm->hot and steady TTFT of one expert through the real cache; warm->hot on
-    ``warm_prompts`` when given (to compare with another measurement on the same ones).
+def measure_cache(cache: ModelCache, name: str, path: Path, prompts) -> dict:
+    """cold->hot, warm->hot and steady TTFT of one expert through the real cache.
 
     The disk under this machine is noisy (the same file reads at 0.6-2 GB/s from one minute to the
     next), so each cold activation is paired with a raw read of the same file just before it, and
@@ -321,8 +320,7 @@ def measure_cache(
     cold_to_hot_s, cold_activate_s, _, _ = sorted(cold)[len(cold) // 2]
     moved = cache.state_of(name)
     hot_ttft_s = statistics.median(first_token_s(runner, next(prompts)) for _ in range(3))
-    warm = iter(warm_prompts) if warm_prompts is not None else prompts
-    warm_to_hot_s, warm_activate_s = measure_warm(cache, name, warm)
+    warm_to_hot_s, warm_activate_s = measure_warm(cache, name, prompts)
     return {
         "cold_to_hot_s": cold_to_hot_s,
         "cold_activate_s": cold_activate_s,
@@ -350,6 +348,39 @@ def measure_warm(cache: ModelCache, name: str, prompts) -> tuple[float, float]:
         warm.append((activate_s + first_token_s(runner, next(prompts)), activate_s))
     warm_to_hot_s, warm_activate_s = sorted(warm)[1]
     return warm_to_hot_s, warm_activate_s
+
+
+def warm_to_hot_once(cache: ModelCache, name: str, prompt: str) -> float:
+    """One warm -> hot activation plus its first token; the expert is warm or hot before."""
+    cache.evict(name, Tier.DEVICE)
+    started = time.perf_counter()
+    runner = cache.activate(name)
+    return time.perf_counter() - started + first_token_s(runner, prompt)
+
+
+ISOLATED_PAIRS = 16  # even: see alternating_ratio
+
+
+def isolated_warm_ratio(in_process: ModelCache, isolated: ModelCache, name: str, prompts) -> dict:
+    """warm->hot in a worker process against in-process, in ``ISOLATED_PAIRS`` pairs taken in
+    turn on the same prompt (a first token's time follows its prompt's length, and this machine's
+    speed drifts from one second to the next), the order alternating: each side's median, and
+    the ratio by ``alternating_ratio``."""
+    in_process.activate(name)
+    isolated.activate(name)
+    in_s, isolated_s = [], []
+    for i in range(ISOLATED_PAIRS):
+        prompt = next(prompts)
+        sides = [(in_process, in_s), (isolated, isolated_s)]
+        for cache, times in sides if i % 2 else sides[::-1]:
+            times.append(warm_to_hot_once(cache, name, prompt))
+    in_process.evict(name, Tier.HOST)
+    isolated.evict(name, Tier.HOST)
+    return {
+        "isolated_warm_to_hot_s": statistics.median(isolated_s),
+        "in_process_warm_to_hot_s": statistics.median(in_s),
+        "isolated_warm_ratio": alternating_ratio(in_s, isolated_s),
+    }
 
 
 def naive_gguf_s(path: Path, prompt: str, params: dict, cached: bool) -> float:
@@ -792,19 +823,8 @@ def packaged_rows(store, prompts, with_settings: bool) -> tuple[list[dict], dict
                 f"  {expert.name}: the naive baseline cannot run on this machine: {problem}",
                 flush=True,
             )
-        # warm -> hot in-process and in a worker process (params.isolate) on the same prompts
-        # (a first token's time follows its prompt's length)
-        same = [next(prompts) for _ in range(3)]
-        measured = measure_cache(cache, expert.name, path, prompts, warm_prompts=same)
-        row.update(measured)
-        cache.evict(expert.name, Tier.HOST)
-        isolated_to_hot_s, isolated_activate_s = measure_warm(isolated, expert.name, iter(same))
-        isolated.evict(expert.name, Tier.HOST)
-        row.update(
-            isolated_warm_to_hot_s=isolated_to_hot_s,
-            isolated_warm_activate_s=isolated_activate_s,
-            isolated_warm_ratio=isolated_to_hot_s / measured["warm_to_hot_s"],
-        )
+        row.update(measure_cache(cache, expert.name, path, prompts))
+        row.update(isolated_warm_ratio(cache, isolated, expert.name, prompts))
         rows.append(row)
         print(f"  measured {expert.name}", flush=True)
         if with_settings:
@@ -862,10 +882,8 @@ def print_report(result: dict) -> None:
         if "isolated_warm_to_hot_s" in r:
             print(
                 f"{r['name']}: warm->hot in a worker process {r['isolated_warm_to_hot_s']:.3f}s "
-                f"(activation {r['isolated_warm_activate_s'] * 1000:.0f} ms) vs in-process "
-                f"{r['warm_to_hot_s']:.3f}s (activation {r['warm_activate_s'] * 1000:.0f} ms), "
-                f"same prompts: "
-                f"{r['isolated_warm_ratio']:.2f}x"
+                f"vs in-process {r['in_process_warm_to_hot_s']:.3f}s, {ISOLATED_PAIRS} pairs in "
+                f"turn on the same prompts: {r['isolated_warm_ratio']:.2f}x"
             )
     for name, rows in result["llama_settings"].items():
         print(
