@@ -253,3 +253,36 @@ def test_a_torch_expert_in_a_worker_generates_what_it_does_in_process(tiny_check
         assert not isolated._workers  # released with its host weights
     finally:
         isolated.close()
+
+
+def test_a_sequence_the_worker_refuses_ends_alone(tiny_checkpoint):
+    """Adds are answered with the next step: one the worker refuses (a grammar that does not
+    compile) ends that request with the worker's error; its batch-mate completes, and the same
+    decoder goes on serving."""
+    from coe.backends.memory import HostBufferPool
+    from coe.backends.torch import TorchBackend
+    from coe.backends.worker import IsolatedBackend
+    from coe.config import ExpertConfig
+    from coe.engine.batch import generate
+    from coe.errors import InvalidRequest
+    from coe.types import Request, SamplingParams
+
+    expert = ExpertConfig("tiny", str(tiny_checkpoint), backend="torch_hf",
+                          params={"n_ctx": 64, "isolate": True})
+    backend = IsolatedBackend(TorchBackend())
+    host = backend.read(expert, tiny_checkpoint, HostBufferPool())
+    runner = backend.materialize(host)
+    try:
+        good = Request("tiny", SamplingParams(max_tokens=6, temperature=0), prompt="Hello")
+        bad = Request("tiny", SamplingParams(max_tokens=6, temperature=0, grammar="%%% not a grammar"),
+                      prompt="Why?")
+        final = {e.request_id: e for e in generate(runner, [bad, good]) if e.is_final}
+        assert isinstance(final[bad.id].error, InvalidRequest), final[bad.id]
+        assert final[good.id].error is None and final[good.id].completion.completion_tokens > 0
+        again = Request("tiny", SamplingParams(max_tokens=6, temperature=0), prompt="Hello")
+        [done] = [e for e in generate(runner, [again]) if e.is_final]
+        assert done.error is None and done.completion.text == final[good.id].completion.text
+    finally:
+        runner.close()
+        host.release()
+        backend.close()

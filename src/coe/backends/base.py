@@ -21,7 +21,7 @@ from typing import Any
 from coe.backends.memory import HostBufferPool
 from coe.backends.sampling import PLAIN, SamplerDefaults, Token, TokenSampler
 from coe.config import ExpertConfig
-from coe.errors import ConfigError
+from coe.errors import CoEError, ConfigError
 from coe.models.info import ModelInfo, describe
 from coe.types import Profile, SamplingParams
 
@@ -112,8 +112,11 @@ class Decoder(ABC):
     Contract (engine thread only; a runner has at most one open decoder): ``add`` takes a new
     sequence, keyed by the caller's ``seq`` number, when ``has_room`` says it fits; the next
     ``step`` prefills it and returns its first token, together with the next token of every
-    sequence already running. ``remove`` ends a sequence (finished or cancelled): it is never
-    stepped again. ``close`` ends them all and frees the decoder's state; it may be called twice.
+    sequence already running. ``add`` raises a CoEError for a sequence it refuses, or (a decoder
+    across a process boundary) defers it: a sequence refused at the next ``step`` gets no token
+    there and is returned once by ``take_refused`` after it. ``remove`` ends a sequence (finished
+    or cancelled): it is never stepped again. ``close`` ends them all and frees the decoder's
+    state; it may be called twice.
     A step exchanges token ids and small per-token results, never logit vectors, so a decoder can
     sit on the other side of a process boundary.
     """
@@ -142,6 +145,10 @@ class Decoder(ABC):
 
     @abstractmethod
     def remove(self, seq: int) -> None: ...
+
+    def take_refused(self) -> dict[int, CoEError]:
+        """Sequences whose deferred ``add`` was refused at the last step, with the reason."""
+        return {}
 
     def close(self) -> None:
         """End every sequence and free per-decoder state."""

@@ -410,15 +410,19 @@ class WorkerRunner(Runner):
 
 
 class WorkerDecoder(Decoder):
-    """The worker's decoder, driven over the pipe: one round trip per step and per new sequence
-    (removals ride along with the next message). Room is decided here, by ``Runner.fits`` with
-    the worker's runner's ``shares_context``."""
+    """The worker's decoder, driven over the pipe: one round trip per step. A new sequence's Add
+    is sent without waiting; its answer is read with the next step's (a refused Add, e.g. a
+    grammar that does not compile for this vocabulary, is then ``take_refused``'s), and removals
+    ride along with the next message. Room is decided here, by ``Runner.fits`` with the worker's
+    runner's ``shares_context``."""
 
     def __init__(self, runner: WorkerRunner):
         self.runner, self.worker = runner, runner.worker
         self.max_sequences = runner.max_sequences
         self.need_tokens: dict[int, int] = {}
         self.removed: list[int] = []
+        self.unanswered: list[int] = []  # sequences whose Add was sent, its answer not yet read
+        self.refused: dict[int, CoEError] = {}
         self.used = False  # a sequence was sent: the worker's decoder is open
         self._memory_checked_s = time.monotonic()
 
@@ -435,13 +439,33 @@ class WorkerDecoder(Decoder):
     ) -> None:
         ref = AdapterRef(adapter.name, str(adapter.path), adapter.scale) if adapter else None
         self.used = True
-        self.worker.call(Add(seq, prompt_ids, sampling, ref, self._take_removed()))
+        self.worker.send(Add(seq, prompt_ids, sampling, ref, self._take_removed()))
+        self.unanswered.append(seq)
         self.need_tokens[seq] = len(prompt_ids) + sampling.max_tokens
 
     def step(self) -> dict[int, Token]:
-        reply: Tokens = self.worker.call(Step(self._take_removed()))
+        self.worker.send(Step(self._take_removed()))
+        self._read_add_answers()
+        reply: Tokens = self.worker.receive()
         self._check_memory()
         return reply.tokens
+
+    def take_refused(self) -> dict[int, CoEError]:
+        refused, self.refused = self.refused, {}
+        return refused
+
+    def _read_add_answers(self) -> None:
+        """The answers to the Adds sent since the last step, in order: a refused sequence was
+        never added there, so it is dropped here; a crash is raised."""
+        unanswered, self.unanswered = self.unanswered, []
+        for seq in unanswered:
+            try:
+                self.worker.receive()
+            except ExpertCrashed:
+                raise
+            except CoEError as exc:
+                self.refused[seq] = exc
+                self.need_tokens.pop(seq, None)
 
     def remove(self, seq: int) -> None:
         self.need_tokens.pop(seq, None)
@@ -452,11 +476,14 @@ class WorkerDecoder(Decoder):
         self.need_tokens.clear()
         if self.used and self.worker.alive:
             try:
+                self._read_add_answers()
                 self.worker.call(CloseDecoder())
             except CoEError:
                 self.worker.kill()
         self.used = False
         self.removed.clear()
+        self.unanswered.clear()
+        self.refused.clear()
 
     def _take_removed(self) -> tuple[int, ...]:
         removed, self.removed = tuple(self.removed), []
@@ -547,7 +574,8 @@ class _Worker:
             self.decoder = self.runner.open_decoder()
         decoder = self.decoder
         for seq in message.removed:
-            decoder.remove(seq)
+            if seq in self.left:  # not one whose Add was refused
+                decoder.remove(seq)
             self.left.pop(seq, None)
             self.given.pop(seq, None)
         if isinstance(message, Add):

@@ -257,6 +257,10 @@ class RunningBatch:
         if not self.running:
             return events
         tokens = self.decoder.step()
+        for number, error in self.decoder.take_refused().items():
+            refused = self.running.pop(number, None)  # None: it was removed meanwhile
+            if refused is not None:
+                events.append(StreamEvent(refused.request.id, error=error))
         for number, token in tokens.items():
             seq = self.running[number]
             event = seq.feed(token, self.vocab)
