@@ -276,7 +276,13 @@ def test_a_sequence_the_worker_refuses_ends_alone(tiny_checkpoint):
         good = Request("tiny", SamplingParams(max_tokens=6, temperature=0), prompt="Hello")
         bad = Request("tiny", SamplingParams(max_tokens=6, temperature=0, grammar="%%% not a grammar"),
                       prompt="Why?")
-        final = {e.request_id: e for e in generate(runner, [bad, good]) if e.is_final}
+        events: list = []
+        batch = threading.Thread(target=lambda: events.extend(generate(runner, [bad, good])),
+                                 daemon=True)
+        batch.start()
+        batch.join(120)  # a refused sequence left running would step forever
+        assert not batch.is_alive(), "the batch did not end"
+        final = {e.request_id: e for e in events if e.is_final}
         assert isinstance(final[bad.id].error, InvalidRequest), final[bad.id]
         assert final[good.id].error is None and final[good.id].completion.completion_tokens > 0
         again = Request("tiny", SamplingParams(max_tokens=6, temperature=0), prompt="Hello")
