@@ -368,7 +368,8 @@ def isolated_warm_ratio(in_process: ModelCache, isolated: ModelCache, name: str,
     the ratio by ``alternating_ratio``."""
     in_process.activate(name)
     isolated.activate(name)
-    in_s, isolated_s = [], []
+    in_s: list[float] = []
+    isolated_s: list[float] = []
     for i in range(ISOLATED_PAIRS):
         prompt = next(prompts)
         sides = [(in_process, in_s), (isolated, isolated_s)]
