@@ -339,23 +339,19 @@ def measure_warm(cache: ModelCache, name: str, prompts) -> tuple[float, float]:
     """warm->hot (activation + first token) and the activation alone, medians of 3; the expert
     is made warm first."""
     cache.activate(name)
-    warm = []
-    for _ in range(3):
-        cache.evict(name, Tier.DEVICE)
-        started = time.perf_counter()
-        runner = cache.activate(name)
-        activate_s = time.perf_counter() - started
-        warm.append((activate_s + first_token_s(runner, next(prompts)), activate_s))
+    warm = [warm_to_hot_once(cache, name, next(prompts)) for _ in range(3)]
     warm_to_hot_s, warm_activate_s = sorted(warm)[1]
     return warm_to_hot_s, warm_activate_s
 
 
-def warm_to_hot_once(cache: ModelCache, name: str, prompt: str) -> float:
-    """One warm -> hot activation plus its first token; the expert is warm or hot before."""
+def warm_to_hot_once(cache: ModelCache, name: str, prompt: str) -> tuple[float, float]:
+    """One warm -> hot: activation plus first token, and the activation alone; the expert is warm
+    or hot before."""
     cache.evict(name, Tier.DEVICE)
     started = time.perf_counter()
     runner = cache.activate(name)
-    return time.perf_counter() - started + first_token_s(runner, prompt)
+    activate_s = time.perf_counter() - started
+    return activate_s + first_token_s(runner, prompt), activate_s
 
 
 ISOLATED_PAIRS = 16  # even: see alternating_ratio
@@ -374,7 +370,7 @@ def isolated_warm_ratio(in_process: ModelCache, isolated: ModelCache, name: str,
         prompt = next(prompts)
         sides = [(in_process, in_s), (isolated, isolated_s)]
         for cache, times in sides if i % 2 else sides[::-1]:
-            times.append(warm_to_hot_once(cache, name, prompt))
+            times.append(warm_to_hot_once(cache, name, prompt)[0])
     in_process.evict(name, Tier.HOST)
     isolated.evict(name, Tier.HOST)
     return {
