@@ -148,6 +148,11 @@ def _evict_when_idle(engine: Engine, name: str, timeout_s: float = 30.0) -> None
 
 
 def run(args) -> dict:
+    if args.isolated and (args.repeats < 2 or args.repeats % 2):
+        raise SystemExit(
+            f"--repeats: an even number >= 2 with --isolated (the sides alternate in pairs of "
+            f"pairs), got {args.repeats}"
+        )
     defaults = default_config()
     names = args.experts or [e.name for e in defaults.experts]
 
