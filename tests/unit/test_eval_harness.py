@@ -281,6 +281,12 @@ def test_per_cluster_refinement_sends_each_kind_of_question_to_its_expert():
     assert category.score == pytest.approx(40 / 60, abs=1e-4)
     assert refined.score == pytest.approx(1.0) and refined.crossfit
     assert refined.detail["changed_items"] == 30  # the first kind moved from big to small
+    against = refined.detail["minus_category_map"]  # paired: the same items under both maps
+    assert against["difference"] == pytest.approx(20 / 60, abs=1e-4)
+    low, high = against["paired_ci95"]
+    assert 0 < low <= against["difference"] <= high
+    data = report.report_dict(analysis, PARAMS, 0.0, {"seconds": 1}, {"s": 60}, {}, None)
+    assert "per-cluster map minus the category map, both cross-fitted: +0.333" in report.markdown(data)
 
 
 def test_no_refinement_point_without_embeddings():

@@ -431,7 +431,8 @@ def crossfit_points(
     decision under the configured budget (the ``chosen`` point) and under each in-sample frontier
     point's cost; under the configured budget also the expected-score choice, the expected score
     less a price per parameter, hard fallbacks below ``FALLBACK_THRESHOLDS`` and the per-cluster
-    refinement. Returns the points (the configured budget's first) and that first one's chooser."""
+    refinement (with its paired difference from the category map). Returns the points (the
+    configured budget's first) and that first one's chooser."""
     fits = FoldFits.fit(grid, routed, fitting, scorer.weights, budgets, k)
     budget = fitting.router.budget_params
     label = "no budget" if budget is None else f"budget {budget / 1e9:.2f}B"
@@ -464,6 +465,7 @@ def crossfit_points(
                 refined[0],
                 clusters=CLUSTERS,
                 changed_items=refined[1],
+                minus_category_map=paired_difference(scorer, refined[0], fits.top(budget)),
             )
         )
     points += [

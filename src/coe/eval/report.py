@@ -202,6 +202,18 @@ def _summary(report: dict) -> str:
                 else "."
             )
         )
+    refined = next(
+        (p for p in report["points"] if "minus_category_map" in p.get("detail", {})), None
+    )
+    if refined:
+        against = refined["detail"]["minus_category_map"]
+        low, high = against["paired_ci95"]
+        text += (
+            f" The per-cluster map minus the category map, both cross-fitted: "
+            f"{against['difference']:+.3f} (paired 95% interval {low:+.3f} to {high:+.3f}) at "
+            f"{format_params(refined['avg_active_params'])} against "
+            f"{format_params(chosen['avg_active_params'])}; serving uses the category map."
+        )
     return text
 
 
