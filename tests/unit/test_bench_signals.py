@@ -46,3 +46,12 @@ def test_alternating_ratio_ignores_one_disturbed_block():
     a_s, b_s = [1.0] * 8, [1.0] * 8
     b_s[3] = 4.0  # one run 4x slow (this VM's slow spells)
     assert alternating_ratio(a_s, b_s) == pytest.approx(1.0)
+
+
+def test_in_turn_rotates_which_side_leads():
+    from coe.bench import in_turn
+
+    order: list[tuple[int, int]] = []
+    runs = in_turn(lambda side, i: order.append((side, i)) or f"{side}:{i}", 2, 4)
+    assert runs == [["0:0", "0:1", "0:2", "0:3"], ["1:0", "1:1", "1:2", "1:3"]]
+    assert [side for side, _ in order] == [0, 1, 1, 0, 0, 1, 1, 0]  # each side leads every other round

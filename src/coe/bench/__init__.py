@@ -12,7 +12,11 @@ import platform
 import signal
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 BENCHES = {
     "overhead": ("coe.bench.overhead", "coe's generation path vs llama-cpp-python called directly"),
@@ -103,6 +107,18 @@ def write_json(path: Path, name: str, result: dict) -> None:
         **result,
     }
     path.write_text(json.dumps(record, indent=2) + "\n")
+
+
+def in_turn(run: Callable[[int, int], T], sides: int, pairs: int) -> list[list[T]]:
+    """``pairs`` rounds of ``run(side, round)`` once per side, the order rotating from round to
+    round: a drift in this machine's speed falls on every side alike, and each side follows the
+    others as often as it leads (for two sides: ``alternating_ratio``). One list of runs per side."""
+    runs: list[list[T]] = [[] for _ in range(sides)]
+    for i in range(pairs):
+        for k in range(sides):
+            side = (i + k) % sides
+            runs[side].append(run(side, i))
+    return runs
 
 
 def alternating_ratio(first_s: list[float], second_s: list[float]) -> float:

@@ -17,7 +17,7 @@ import statistics
 import time
 
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
-from coe.bench import alternating_ratio
+from coe.bench import alternating_ratio, in_turn
 from coe.config import CoEConfig, ExpertConfig, default_config
 from coe.engine import Engine
 from coe.errors import CacheFull
@@ -90,20 +90,6 @@ def _request(engine: Engine, name: str, sampling: SamplingParams) -> tuple[int, 
     raise RuntimeError("the stream ended without a completion")
 
 
-def _in_turn(
-    engines: list[Engine], name: str, sampling: SamplingParams, pairs: int
-) -> list[list[tuple[int, float, float]]]:
-    """``pairs`` rounds of one request per engine, the order rotating: a drift in this machine's
-    speed falls on each side alike and each side follows the other as often as it leads
-    (``alternating_ratio``)."""
-    runs: list[list[tuple[int, float, float]]] = [[] for _ in engines]
-    for i in range(pairs):
-        for k in range(len(engines)):
-            side = (i + k) % len(engines)
-            runs[side].append(_request(engines[side], name, sampling))
-    return runs
-
-
 def _through_coe(engines: list[Engine], name: str, args) -> list[dict]:
     """Each engine loads the expert and warms it up; then ``args.repeats`` requests per engine,
     the engines in turn."""
@@ -116,7 +102,9 @@ def _through_coe(engines: list[Engine], name: str, args) -> list[dict]:
         load_s = time.perf_counter() - started
         _request(engine, name, sampling)
         loads.append((load_s, _rss_bytes() - rss_before))
-    runs = _in_turn(engines, name, sampling, args.repeats)
+    runs = in_turn(
+        lambda side, _round: _request(engines[side], name, sampling), len(engines), args.repeats
+    )
     for engine in engines:
         _evict_when_idle(engine, name)
     return [

@@ -34,7 +34,7 @@ from coe.backends.base import Adapter, Backend, Decoder, HostWeights, Runner, Vo
 from coe.backends.llama_lib import load_llama_cpp, probe_default_load
 from coe.backends.memory import drop_file_cache, read_sequential
 from coe.backends.sampling import Token
-from coe.bench import alternating_ratio
+from coe.bench import alternating_ratio, in_turn
 from coe.cache.manager import ModelCache
 from coe.cache.tiers import Budgets
 from coe.config import CacheConfig, CoEConfig, ExpertConfig, RouterConfig, default_config
@@ -364,13 +364,13 @@ def isolated_warm_ratio(in_process: ModelCache, isolated: ModelCache, name: str,
     the ratio by ``alternating_ratio``."""
     in_process.activate(name)
     isolated.activate(name)
-    in_s: list[float] = []
-    isolated_s: list[float] = []
-    for i in range(ISOLATED_PAIRS):
-        prompt = next(prompts)
-        sides = [(in_process, in_s), (isolated, isolated_s)]
-        for cache, times in sides if i % 2 else sides[::-1]:
-            times.append(warm_to_hot_once(cache, name, prompt)[0])
+    same = [next(prompts) for _ in range(ISOLATED_PAIRS)]
+    caches = (in_process, isolated)
+    in_s, isolated_s = in_turn(
+        lambda side, i: warm_to_hot_once(caches[side], name, same[i])[0],
+        len(caches),
+        ISOLATED_PAIRS,
+    )
     in_process.evict(name, Tier.HOST)
     isolated.evict(name, Tier.HOST)
     return {
